@@ -1,0 +1,463 @@
+//! Client requests: framing under limits, parsing, and re-encoding for a site.
+//!
+//! Framing and parsing are separate steps. [`Framer::scan`] looks at a growing
+//! buffer and says where the next request ends (at its empty line), enforcing
+//! the [`Limits`] while bytes arrive, so an oversized request is refused before
+//! it is buffered whole. [`Request::parse`] then turns the framed block into a
+//! [`Query`] or a [`CommandRequest`].
+//!
+//! The proxy acts on five headers: `KeepAlive`, `ResponseHeader`,
+//! `OutputFormat`, `AuthUser` and `Cache`. Every other line is passed through
+//! to the site byte for byte and in order (filter and stats stacks depend on
+//! the order). `KeepAlive`, `ResponseHeader` and `Cache` belong to the
+//! client-to-proxy hop and are removed; [`Query::encode_for_site`] writes the
+//! proxy's own `ResponseHeader: fixed16` and `KeepAlive: on` directly after the
+//! `GET` line, because Icinga 2 stops reading headers at the first bad line.
+
+use bytes::Bytes;
+use memchr::memchr;
+
+/// Default for [`Limits::max_request_bytes`]: 4 MiB per request.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Default for [`Limits::max_header_lines`]: header lines after the first line.
+pub const DEFAULT_MAX_HEADER_LINES: usize = 50_000;
+/// Default for [`Limits::max_line_bytes`]: 1 MiB per line.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Bounds on what one client request may contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes in one request, from its first line to its empty line.
+    pub max_request_bytes: usize,
+    /// Header lines in one request (not counting the first line).
+    pub max_header_lines: usize,
+    /// Bytes in one line, without its line terminator.
+    pub max_line_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_header_lines: DEFAULT_MAX_HEADER_LINES,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+        }
+    }
+}
+
+/// Which of the [`Limits`] a request exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// [`Limits::max_request_bytes`].
+    RequestBytes,
+    /// [`Limits::max_header_lines`].
+    HeaderLines,
+    /// [`Limits::max_line_bytes`].
+    LineBytes,
+}
+
+impl Limit {
+    /// The configuration key that sets this limit.
+    pub fn config_key(self) -> &'static str {
+        match self {
+            Limit::RequestBytes => "max_request_bytes",
+            Limit::HeaderLines => "max_header_lines",
+            Limit::LineBytes => "max_line_bytes",
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Limit::RequestBytes | Limit::LineBytes => "bytes",
+            Limit::HeaderLines => "header lines",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Limit::RequestBytes => "request",
+            Limit::HeaderLines => "request",
+            Limit::LineBytes => "request line",
+        }
+    }
+}
+
+/// Why a request was refused. Each variant maps to a Livestatus status code
+/// through [`RequestError::status`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The request exceeds one of the [`Limits`] (413).
+    #[error("{} too large: more than {limit} {} ({})", .which.what(), .which.unit(), .which.config_key())]
+    TooLarge {
+        /// The limit that was exceeded.
+        which: Limit,
+        /// Its configured value.
+        limit: usize,
+    },
+    /// The first line is neither `GET <table>` nor `COMMAND ...` (452).
+    #[error("invalid request method '{0}' (expected GET or COMMAND)")]
+    InvalidMethod(String),
+    /// `GET` without a table name (452).
+    #[error("invalid GET request, missing table name")]
+    MissingTable,
+    /// The table name or a header the proxy interprets is not UTF-8 (452).
+    #[error("invalid request: {0} is not valid UTF-8")]
+    NotUtf8(&'static str),
+    /// A header the proxy interprets has a value it does not understand (400).
+    #[error("invalid value '{value}' for header {name} (expected {expected})")]
+    BadHeader {
+        /// Header name, e.g. `KeepAlive`.
+        name: &'static str,
+        /// The value the client sent (truncated).
+        value: String,
+        /// What would have been accepted.
+        expected: &'static str,
+    },
+}
+
+impl RequestError {
+    /// The Livestatus status code for this error, as mk-livestatus uses them.
+    pub fn status(&self) -> crate::Status {
+        use crate::Status;
+        match self {
+            RequestError::TooLarge { .. } => Status::PayloadTooLarge,
+            RequestError::BadHeader { .. } => Status::BadRequest,
+            RequestError::InvalidMethod(_) | RequestError::MissingTable | RequestError::NotUtf8(_) => {
+                Status::InvalidRequest
+            }
+        }
+    }
+}
+
+/// How the client wants to be answered: with or without the fixed16 header,
+/// and whether the connection stays open afterwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplyStyle {
+    /// `ResponseHeader: fixed16` was requested.
+    pub fixed16: bool,
+    /// `KeepAlive: on` was requested.
+    pub keepalive: bool,
+}
+
+impl ReplyStyle {
+    /// Best-effort reply style of a request that could not be parsed, so that
+    /// even the error is answered in the form the client asked for.
+    pub fn sniff(block: &[u8]) -> ReplyStyle {
+        let mut style = ReplyStyle::default();
+        for line in lines(block) {
+            style.observe(line);
+        }
+        style
+    }
+
+    fn observe(&mut self, line: &[u8]) {
+        if let Some((name, value)) = split_header(line) {
+            match name {
+                b"ResponseHeader" => self.fixed16 = value == b"fixed16",
+                b"KeepAlive" => self.keepalive = value == b"on",
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Where a complete request lies in the buffer given to [`Framer::scan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameEnd {
+    /// First byte of the request (leading empty lines are skipped).
+    pub start: usize,
+    /// One past the last byte, including the terminating empty line.
+    pub end: usize,
+}
+
+/// Finds request boundaries in a byte stream, incrementally.
+///
+/// Feed it the same growing buffer on every call; it remembers how far it has
+/// looked, so each byte is examined once. After a request is returned the
+/// caller removes `..end` from the buffer; the framer has already reset itself.
+#[derive(Debug, Default, Clone)]
+pub struct Framer {
+    /// Start of the current request (after skipped empty lines).
+    start: usize,
+    /// Start of the line not yet terminated by `\n`.
+    line_start: usize,
+    /// Non-empty lines seen in the current request.
+    lines: usize,
+    /// Reply style seen so far, for answering a request that breaks a limit.
+    style: ReplyStyle,
+}
+
+impl Framer {
+    /// A framer at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The reply style of the request being framed, as far as seen.
+    pub fn style(&self) -> ReplyStyle {
+        self.style
+    }
+
+    /// Look for the end of the next request in `buf`.
+    ///
+    /// Returns `Ok(None)` while the request is incomplete; an error as soon as
+    /// the bytes seen so far break a limit. Empty lines before a request are
+    /// skipped (Icinga 2 would drop the connection on them).
+    pub fn scan(&mut self, buf: &[u8], limits: &Limits) -> Result<Option<FrameEnd>, RequestError> {
+        while let Some(pos) = memchr(b'\n', &buf[self.line_start..]) {
+            let nl = self.line_start + pos;
+            if pos > limits.max_line_bytes {
+                return Err(too_large(Limit::LineBytes, limits.max_line_bytes));
+            }
+            let line = trim_cr(&buf[self.line_start..nl]);
+            self.line_start = nl + 1;
+            if line.is_empty() {
+                if self.lines == 0 {
+                    self.start = self.line_start;
+                    continue;
+                }
+                let frame = FrameEnd { start: self.start, end: nl + 1 };
+                self.check_size(frame.end, limits)?;
+                *self = Framer::default();
+                return Ok(Some(frame));
+            }
+            self.lines += 1;
+            if self.lines > limits.max_header_lines.saturating_add(1) {
+                return Err(too_large(Limit::HeaderLines, limits.max_header_lines));
+            }
+            self.style.observe(line);
+            self.check_size(self.line_start, limits)?;
+        }
+        if buf.len() - self.line_start > limits.max_line_bytes {
+            return Err(too_large(Limit::LineBytes, limits.max_line_bytes));
+        }
+        self.check_size(buf.len(), limits)?;
+        Ok(None)
+    }
+
+    /// At end of input: the unterminated request in `buf`, if any.
+    ///
+    /// Classic clients (`echo 'GET hosts' | unixcat`) end the request with EOF
+    /// instead of an empty line; like mk-livestatus, such a request is answered.
+    pub fn finish(&mut self, buf: &[u8]) -> Option<FrameEnd> {
+        let start = self.start;
+        *self = Framer::default();
+        let rest = buf.get(start..)?;
+        rest.iter().any(|b| !b.is_ascii_whitespace()).then_some(FrameEnd { start, end: buf.len() })
+    }
+
+    fn check_size(&self, upto: usize, limits: &Limits) -> Result<(), RequestError> {
+        if upto - self.start > limits.max_request_bytes {
+            return Err(too_large(Limit::RequestBytes, limits.max_request_bytes));
+        }
+        Ok(())
+    }
+}
+
+fn too_large(which: Limit, limit: usize) -> RequestError {
+    RequestError::TooLarge { which, limit }
+}
+
+/// A parsed client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `GET <table>` with its headers.
+    Get(Query),
+    /// One or more `COMMAND` lines.
+    Command(CommandRequest),
+}
+
+/// How a `Cache:` header asks the proxy to treat a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheDirective {
+    /// `Cache: reload`: may be answered from the cache until the site's core reloads.
+    Reload,
+}
+
+/// A `GET` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    /// The table name, as the client wrote it.
+    pub table: String,
+    /// Header lines forwarded to the site, each ending in `\n`, in client order.
+    headers: Bytes,
+    /// How the client wants the answer framed.
+    pub style: ReplyStyle,
+    /// `OutputFormat:` value (also forwarded to the site).
+    pub output_format: Option<String>,
+    /// `AuthUser:` value (also forwarded to the site).
+    pub auth_user: Option<String>,
+    /// `Cache:` directive (never forwarded).
+    pub cache: Option<CacheDirective>,
+}
+
+/// One or more `COMMAND` lines sent as one request.
+///
+/// Each command is forwarded to the site with its own empty line, because a
+/// second `COMMAND` line before the empty line would be read as a header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRequest {
+    /// Every `COMMAND ...` line, without its terminator.
+    pub commands: Vec<Bytes>,
+    /// How the client wants the (empty) answer framed.
+    pub style: ReplyStyle,
+}
+
+impl Request {
+    /// Parse a request framed by [`Framer`] (with or without its empty line).
+    pub fn parse(block: &[u8]) -> Result<Request, RequestError> {
+        let mut it = lines(block);
+        let first = it.next().unwrap_or_default();
+        if let Some(rest) = first.strip_prefix(b"GET") {
+            if !(rest.is_empty() || rest.starts_with(b" ")) {
+                return Err(invalid_method(first));
+            }
+            let table = std::str::from_utf8(rest.trim_ascii()).map_err(|_| RequestError::NotUtf8("the table name"))?;
+            if table.is_empty() {
+                return Err(RequestError::MissingTable);
+            }
+            return Query::from_headers(table, it).map(Request::Get);
+        }
+        if first.starts_with(b"COMMAND ") {
+            let mut commands = vec![Bytes::copy_from_slice(first)];
+            let mut style = ReplyStyle { fixed16: false, keepalive: true };
+            for line in it {
+                if line.starts_with(b"COMMAND ") {
+                    commands.push(Bytes::copy_from_slice(line));
+                } else if let Some((b"ResponseHeader", value)) = split_header(line) {
+                    style.fixed16 = value == b"fixed16";
+                }
+            }
+            return Ok(Request::Command(CommandRequest { commands, style }));
+        }
+        Err(invalid_method(first))
+    }
+}
+
+fn invalid_method(line: &[u8]) -> RequestError {
+    let word = line.split(|b| *b == b' ').next().unwrap_or_default();
+    let word = &word[..word.len().min(40)];
+    RequestError::InvalidMethod(String::from_utf8_lossy(word).into_owned())
+}
+
+impl Query {
+    /// Parse a query from text, e.g. `"GET status\nColumns: program_start\n"`.
+    ///
+    /// Used for the proxy's own queries (heartbeats, internal clients).
+    pub fn from_text(text: &str) -> Result<Query, RequestError> {
+        match Request::parse(text.as_bytes())? {
+            Request::Get(q) => Ok(q),
+            Request::Command(_) => Err(RequestError::InvalidMethod("COMMAND".into())),
+        }
+    }
+
+    fn from_headers<'a>(table: &str, lines: impl Iterator<Item = &'a [u8]>) -> Result<Query, RequestError> {
+        let mut q = Query {
+            table: table.to_owned(),
+            headers: Bytes::new(),
+            style: ReplyStyle::default(),
+            output_format: None,
+            auth_user: None,
+            cache: None,
+        };
+        let mut pass = Vec::new();
+        for line in lines {
+            let keep = match split_header(line) {
+                Some((b"KeepAlive", v)) => {
+                    q.style.keepalive = on_off(v, "KeepAlive", "'on' or 'off'", b"on")?;
+                    false
+                }
+                Some((b"ResponseHeader", v)) => {
+                    q.style.fixed16 = on_off(v, "ResponseHeader", "'fixed16' or 'off'", b"fixed16")?;
+                    false
+                }
+                Some((b"Cache", v)) => {
+                    if v != b"reload" {
+                        return Err(bad_header("Cache", v, "'reload'"));
+                    }
+                    q.cache = Some(CacheDirective::Reload);
+                    false
+                }
+                Some((b"OutputFormat", v)) => {
+                    q.output_format = Some(utf8_value(v, "the OutputFormat value")?);
+                    true
+                }
+                Some((b"AuthUser", v)) => {
+                    q.auth_user = Some(utf8_value(v, "the AuthUser value")?);
+                    true
+                }
+                _ => true,
+            };
+            if keep {
+                pass.extend_from_slice(line);
+                pass.push(b'\n');
+            }
+        }
+        q.headers = pass.into();
+        Ok(q)
+    }
+
+    /// The header lines forwarded to the site, each ending in `\n`.
+    pub fn forwarded_headers(&self) -> &[u8] {
+        &self.headers
+    }
+
+    /// The request as sent to a site: the `GET` line, then
+    /// `ResponseHeader: fixed16` and `KeepAlive: on`, then the forwarded
+    /// headers, then the empty line.
+    pub fn encode_for_site(&self, out: &mut Vec<u8>) {
+        out.reserve(self.table.len() + self.headers.len() + 48);
+        out.extend_from_slice(b"GET ");
+        out.extend_from_slice(self.table.as_bytes());
+        out.extend_from_slice(b"\nResponseHeader: fixed16\nKeepAlive: on\n");
+        out.extend_from_slice(&self.headers);
+        out.push(b'\n');
+    }
+}
+
+impl CommandRequest {
+    /// The commands as sent to a site: each line followed by an empty line.
+    pub fn encode_for_site(&self, out: &mut Vec<u8>) {
+        for c in &self.commands {
+            out.extend_from_slice(c);
+            out.extend_from_slice(b"\n\n");
+        }
+    }
+}
+
+fn on_off(v: &[u8], name: &'static str, expected: &'static str, yes: &[u8]) -> Result<bool, RequestError> {
+    if v == yes {
+        Ok(true)
+    } else if v == b"off" {
+        Ok(false)
+    } else {
+        Err(bad_header(name, v, expected))
+    }
+}
+
+fn bad_header(name: &'static str, value: &[u8], expected: &'static str) -> RequestError {
+    let value = &value[..value.len().min(40)];
+    RequestError::BadHeader { name, value: String::from_utf8_lossy(value).into_owned(), expected }
+}
+
+fn utf8_value(v: &[u8], what: &'static str) -> Result<String, RequestError> {
+    std::str::from_utf8(v).map(str::to_owned).map_err(|_| RequestError::NotUtf8(what))
+}
+
+/// Non-empty lines of a block, without `\r\n` / `\n` terminators.
+fn lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
+    block.split(|b| *b == b'\n').map(trim_cr).filter(|l| !l.is_empty())
+}
+
+fn trim_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Split `Name: value` (the space after the colon is optional).
+fn split_header(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = memchr(b':', line)?;
+    Some((&line[..colon], line[colon + 1..].trim_ascii()))
+}
+
+#[cfg(test)]
+mod tests;

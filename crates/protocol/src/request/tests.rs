@@ -1,0 +1,196 @@
+//! Unit and property tests for framing and parsing.
+
+use super::*;
+use proptest::prelude::*;
+
+fn frame_all(input: &[u8], limits: &Limits) -> Result<Vec<Vec<u8>>, RequestError> {
+    let mut f = Framer::new();
+    let mut buf = input.to_vec();
+    let mut out = Vec::new();
+    while let Some(end) = f.scan(&buf, limits)? {
+        out.push(buf[end.start..end.end].to_vec());
+        buf.drain(..end.end);
+    }
+    Ok(out)
+}
+
+fn get(text: &str) -> Query {
+    match Request::parse(text.as_bytes()).unwrap() {
+        Request::Get(q) => q,
+        other => panic!("not a GET: {other:?}"),
+    }
+}
+
+#[test]
+fn frames_pipelined_requests_and_skips_stray_blank_lines() {
+    let input = b"\nGET hosts\nColumns: name\n\n\r\nGET status\r\n\r\nGET servi";
+    let frames = frame_all(input, &Limits::default()).unwrap();
+    assert_eq!(frames, vec![b"GET hosts\nColumns: name\n\n".to_vec(), b"GET status\r\n\r\n".to_vec()]);
+}
+
+#[test]
+fn unterminated_request_is_complete_at_eof() {
+    let mut f = Framer::new();
+    let buf = b"GET hosts\nColumns: name\n";
+    assert_eq!(f.scan(buf, &Limits::default()).unwrap(), None);
+    assert_eq!(f.finish(buf), Some(FrameEnd { start: 0, end: buf.len() }));
+    assert_eq!(Framer::new().finish(b"\n \n"), None);
+}
+
+#[test]
+fn limits_are_enforced_before_the_request_is_complete() {
+    let limits = Limits { max_request_bytes: 64, max_header_lines: 3, max_line_bytes: 20 };
+    let long_line = b"GET hosts\nFilter: name = aaaaaaaaaaaaaaaaaaaaaaaa";
+    assert_eq!(
+        Framer::new().scan(long_line, &limits),
+        Err(RequestError::TooLarge { which: Limit::LineBytes, limit: 20 })
+    );
+    let many = b"GET hosts\nA: 1\nB: 2\nC: 3\nD: 4\n";
+    assert_eq!(Framer::new().scan(many, &limits), Err(RequestError::TooLarge { which: Limit::HeaderLines, limit: 3 }));
+    let big = b"GET hosts\nColumns: a b c\nColumns: d e f\nColumns: g h i\nColumns: j";
+    assert_eq!(Framer::new().scan(big, &limits), Err(RequestError::TooLarge { which: Limit::RequestBytes, limit: 64 }));
+    // Exactly at the limits is fine.
+    let ok = b"GET hosts\nA: 1\nB: 2\nC: 3\n\n";
+    assert!(Framer::new().scan(ok, &limits).unwrap().is_some());
+}
+
+#[test]
+fn error_messages_name_the_limit() {
+    let e = RequestError::TooLarge { which: Limit::RequestBytes, limit: 10 };
+    assert_eq!(e.to_string(), "request too large: more than 10 bytes (max_request_bytes)");
+    assert_eq!(e.status(), crate::Status::PayloadTooLarge);
+}
+
+#[test]
+fn proxy_headers_are_understood_and_removed() {
+    let q = get("GET hosts\nColumns: name\nKeepAlive: on\nCache: reload\nAuthUser: alice\n\
+                 OutputFormat: json\nResponseHeader: fixed16\nFilter: state = 1\n\n");
+    assert_eq!(q.table, "hosts");
+    assert_eq!(q.style, ReplyStyle { fixed16: true, keepalive: true });
+    assert_eq!(q.cache, Some(CacheDirective::Reload));
+    assert_eq!(q.auth_user.as_deref(), Some("alice"));
+    assert_eq!(q.output_format.as_deref(), Some("json"));
+    let mut out = Vec::new();
+    q.encode_for_site(&mut out);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "GET hosts\nResponseHeader: fixed16\nKeepAlive: on\nColumns: name\nAuthUser: alice\n\
+         OutputFormat: json\nFilter: state = 1\n\n"
+    );
+}
+
+#[test]
+fn unknown_lines_pass_through_untouched() {
+    let q = get("GET services\nStats: state = 0\nno colon here\nFoo:bar \nColumns:  a  b\n\n");
+    assert_eq!(q.forwarded_headers(), b"Stats: state = 0\nno colon here\nFoo:bar \nColumns:  a  b\n");
+    assert_eq!(q.style, ReplyStyle::default());
+}
+
+#[test]
+fn bad_values_of_interpreted_headers_are_400() {
+    let e = Request::parse(b"GET hosts\nKeepAlive: On\n\n").unwrap_err();
+    assert_eq!(e.status(), crate::Status::BadRequest);
+    assert_eq!(e.to_string(), "invalid value 'On' for header KeepAlive (expected 'on' or 'off')");
+    let e = Request::parse(b"GET hosts\nResponseHeader: fixed32\n\n").unwrap_err();
+    assert!(matches!(e, RequestError::BadHeader { name: "ResponseHeader", .. }));
+    let e = Request::parse(b"GET hosts\nCache: forever\n\n").unwrap_err();
+    assert!(matches!(e, RequestError::BadHeader { name: "Cache", .. }));
+}
+
+#[test]
+fn invalid_requests_are_452() {
+    for (input, want) in [
+        (&b"get hosts\n\n"[..], RequestError::InvalidMethod("get".into())),
+        (b"GEThosts\n\n", RequestError::InvalidMethod("GEThosts".into())),
+        (b"GET\n\n", RequestError::MissingTable),
+        (b"GET   \n\n", RequestError::MissingTable),
+        (b"PUT x\n\n", RequestError::InvalidMethod("PUT".into())),
+        (b"GET \xff\n\n", RequestError::NotUtf8("the table name")),
+    ] {
+        let e = Request::parse(input).unwrap_err();
+        assert_eq!(e, want, "{:?}", String::from_utf8_lossy(input));
+        assert_eq!(e.status(), crate::Status::InvalidRequest);
+    }
+}
+
+#[test]
+fn commands_are_split_and_each_gets_its_own_blank_line() {
+    let r = Request::parse(b"COMMAND [1] A;h\nCOMMAND [2] B;h\nResponseHeader: fixed16\n\n").unwrap();
+    let Request::Command(c) = r else { panic!("not a command") };
+    assert!(c.style.fixed16 && c.style.keepalive);
+    let mut out = Vec::new();
+    c.encode_for_site(&mut out);
+    assert_eq!(out, b"COMMAND [1] A;h\n\nCOMMAND [2] B;h\n\n");
+}
+
+#[test]
+fn sniffed_style_of_unparseable_request() {
+    let s = ReplyStyle::sniff(b"GET\nResponseHeader: fixed16\nKeepAlive: on\n\n");
+    assert_eq!(s, ReplyStyle { fixed16: true, keepalive: true });
+}
+
+proptest! {
+    /// However the bytes are split into reads, the same requests come out.
+    #[test]
+    fn framing_does_not_depend_on_chunking(
+        reqs in proptest::collection::vec("[A-Za-z:= ]{0,12}(\n[A-Za-z:= ]{1,12}){0,4}", 1..5),
+        cuts in proptest::collection::vec(1usize..7, 0..40),
+    ) {
+        let mut input = Vec::new();
+        for r in &reqs {
+            input.extend_from_slice(format!("GET t{r}\n\n").as_bytes());
+        }
+        let limits = Limits::default();
+        let whole = frame_all(&input, &limits).unwrap();
+        let mut f = Framer::new();
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        let mut pos = 0;
+        for c in cuts.iter().cycle() {
+            if pos >= input.len() { break; }
+            let next = (pos + c).min(input.len());
+            buf.extend_from_slice(&input[pos..next]);
+            pos = next;
+            while let Some(end) = f.scan(&buf, &limits).unwrap() {
+                got.push(buf[end.start..end.end].to_vec());
+                buf.drain(..end.end);
+            }
+        }
+        if pos < input.len() {
+            buf.extend_from_slice(&input[pos..]);
+            while let Some(end) = f.scan(&buf, &limits).unwrap() {
+                got.push(buf[end.start..end.end].to_vec());
+                buf.drain(..end.end);
+            }
+        }
+        prop_assert_eq!(got, whole);
+    }
+
+    /// Parsing never panics, whatever the bytes.
+    #[test]
+    fn parse_never_panics(input in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = Request::parse(&input);
+        let mut f = Framer::new();
+        let _ = f.scan(&input, &Limits { max_request_bytes: 100, max_header_lines: 5, max_line_bytes: 30 });
+    }
+
+    /// What the proxy sends to a site parses back to the same query.
+    #[test]
+    fn site_encoding_round_trips(
+        table in "[a-z]{1,10}",
+        lines in proptest::collection::vec("(Columns|Filter|Stats|Limit): [a-z0-9 =]{1,20}", 0..6),
+        keepalive in any::<bool>(), fixed16 in any::<bool>(),
+    ) {
+        let mut text = format!("GET {table}\n");
+        for l in &lines { text.push_str(l); text.push('\n'); }
+        if keepalive { text.push_str("KeepAlive: on\n"); }
+        if fixed16 { text.push_str("ResponseHeader: fixed16\n"); }
+        let q = get(&text);
+        let mut wire = Vec::new();
+        q.encode_for_site(&mut wire);
+        let back = get(std::str::from_utf8(&wire).unwrap());
+        prop_assert_eq!(&back.table, &q.table);
+        prop_assert_eq!(back.forwarded_headers(), q.forwarded_headers());
+        prop_assert_eq!(back.style, ReplyStyle { fixed16: true, keepalive: true });
+    }
+}

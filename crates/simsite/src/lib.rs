@@ -1,0 +1,548 @@
+//! A simulated Livestatus site for tests, the demo and benchmarks.
+//!
+//! It speaks enough Livestatus to stand in for a monitoring core (synthetic
+//! `hosts`, `services`, `hostgroups` and `status` tables; see [`query`] for the
+//! query language it understands) and has fault knobs ([`Knobs`]) that tests
+//! turn at run time: delays, never answering, closing mid-response, slow
+//! writes, refusing connections, responses of any size (`GET bulk`), and a
+//! changed `program_start`. It is *not* a substitute for a real core: the
+//! proxy's integration tests also run against Icinga 2.
+//!
+//! Knobs can be set through the Rust API ([`SimSite::set_knobs`]) or, for a
+//! site running as its own process, with a control command on any connection:
+//! `COMMAND [0] LIVEMUX_SIM;<key>=<value>` (keys as in [`Knobs::apply`]).
+//!
+//! # Layout
+//! - [`data`]: the synthetic objects, computed from their indices.
+//! - [`query`]: the query engine (columns, filters, stats, output formats).
+//! - [`bulk`]: the deterministic body of `GET bulk` and its checker.
+//! - this file: the server, its knobs and counters.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod bulk;
+pub mod data;
+pub mod query;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BytesMut};
+use livemux_protocol::{Framer, Limits, Query, Request, ResponseHeader, Status, error_response};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::data::{Dataset, StatusCounters};
+
+/// How many raw requests [`SimSite::requests`] remembers.
+const REQUEST_LOG_LEN: usize = 256;
+/// Default size of one write of a response body.
+const DEFAULT_WRITE_CHUNK: usize = 256 * 1024;
+
+/// Where a simulated site listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// A TCP address; port 0 picks a free port.
+    Tcp(SocketAddr),
+    /// A UNIX socket path (a stale file is replaced).
+    Unix(PathBuf),
+}
+
+/// What a simulated site serves and where.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Site name (appears in host aliases).
+    pub name: String,
+    /// Number of hosts.
+    pub hosts: usize,
+    /// Services per host.
+    pub services_per_host: usize,
+    /// Listening address.
+    pub listen: Listen,
+}
+
+impl SimConfig {
+    /// A site called `name` with 100 hosts of 10 services on 127.0.0.1, free port.
+    pub fn tcp(name: &str) -> Self {
+        SimConfig {
+            name: name.to_owned(),
+            hosts: 100,
+            services_per_host: 10,
+            listen: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
+        }
+    }
+}
+
+/// Fault knobs. They apply to every query, or only to queries on
+/// `fault_table` when that is set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Knobs {
+    /// Wait this long before answering a query.
+    pub delay: Duration,
+    /// Read queries but never answer them (the core hangs, the port is open).
+    pub hang: bool,
+    /// Close the connection without a byte for the next N queries
+    /// (as Icinga 2 does for some bad queries).
+    pub close_without_answer: u32,
+    /// Close the connection after this many bytes of a response.
+    pub close_after_bytes: Option<u64>,
+    /// Bytes per write of a response (0: 256 KiB).
+    pub write_chunk: usize,
+    /// Pause between two writes of a response (slow writes).
+    pub write_pause: Duration,
+    /// When set, the faults above apply only to queries on this table.
+    pub fault_table: Option<String>,
+    /// Body size of `GET bulk`.
+    pub bulk_bytes: u64,
+}
+
+impl Knobs {
+    /// Set one knob from text, as the control command and the command line do.
+    ///
+    /// Keys: `delay_ms`, `hang` (0/1), `close_without_answer`,
+    /// `close_after_bytes` (or `none`), `write_chunk`, `write_pause_ms`,
+    /// `fault_table` (or `none`), `bulk_bytes`.
+    pub fn apply(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let num = |v: &str| v.parse::<u64>().map_err(|_| format!("{key}: '{v}' is not a number"));
+        match key {
+            "delay_ms" => self.delay = Duration::from_millis(num(value)?),
+            "hang" => self.hang = num(value)? != 0,
+            "close_without_answer" => self.close_without_answer = num(value)? as u32,
+            "close_after_bytes" if value == "none" => self.close_after_bytes = None,
+            "close_after_bytes" => self.close_after_bytes = Some(num(value)?),
+            "write_chunk" => self.write_chunk = num(value)? as usize,
+            "write_pause_ms" => self.write_pause = Duration::from_millis(num(value)?),
+            "fault_table" if value == "none" => self.fault_table = None,
+            "fault_table" => self.fault_table = Some(value.to_owned()),
+            "bulk_bytes" => self.bulk_bytes = num(value)?,
+            _ => return Err(format!("unknown knob '{key}'")),
+        }
+        Ok(())
+    }
+
+    fn applies_to(&self, table: &str) -> bool {
+        self.fault_table.as_deref().is_none_or(|t| t == table)
+    }
+}
+
+/// Counters of a simulated site.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections open now.
+    pub open: u64,
+    /// `GET` requests received.
+    pub queries: u64,
+    /// `COMMAND` lines received.
+    pub commands: u64,
+}
+
+struct Shared {
+    data: RwLock<Dataset>,
+    knobs: Mutex<Knobs>,
+    program_start: AtomicU64,
+    accepted: AtomicU64,
+    open: AtomicU64,
+    queries: AtomicU64,
+    commands: AtomicU64,
+    requests: Mutex<VecDeque<Vec<u8>>>,
+    command_log: Mutex<Vec<String>>,
+    /// Wakes connections that are waiting for a request, to close them.
+    kick_idle: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short-lived locks would be a bug in
+    // this test server; keep serving rather than cascade it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running simulated site.
+pub struct SimSite {
+    shared: Arc<Shared>,
+    listen: Listen,
+    running: Mutex<CancellationToken>,
+}
+
+impl SimSite {
+    /// Bind and start serving.
+    pub async fn start(cfg: SimConfig) -> io::Result<SimSite> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let shared = Arc::new(Shared {
+            data: RwLock::new(Dataset::new(&cfg.name, cfg.hosts, cfg.services_per_host)),
+            knobs: Mutex::new(Knobs { bulk_bytes: 1 << 20, ..Knobs::default() }),
+            program_start: AtomicU64::new(now),
+            accepted: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            queries: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+            requests: Mutex::new(VecDeque::new()),
+            command_log: Mutex::new(Vec::new()),
+            kick_idle: Notify::new(),
+        });
+        let token = CancellationToken::new();
+        let listen = bind_and_serve(&shared, &cfg.listen, token.clone()).await?;
+        Ok(SimSite { shared, listen, running: Mutex::new(token) })
+    }
+
+    /// The address in livemux's notation: `tcp://127.0.0.1:PORT` or `unix:///path`.
+    pub fn address(&self) -> String {
+        match &self.listen {
+            Listen::Tcp(a) => format!("tcp://{a}"),
+            Listen::Unix(p) => format!("unix://{}", p.display()),
+        }
+    }
+
+    /// The bound TCP address, if TCP.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match &self.listen {
+            Listen::Tcp(a) => Some(*a),
+            Listen::Unix(_) => None,
+        }
+    }
+
+    /// Change knobs.
+    pub fn set_knobs(&self, f: impl FnOnce(&mut Knobs)) {
+        f(&mut lock(&self.shared.knobs));
+    }
+
+    /// Current knobs.
+    pub fn knobs(&self) -> Knobs {
+        lock(&self.shared.knobs).clone()
+    }
+
+    /// Set `program_start` (as a core reload would).
+    pub fn set_program_start(&self, ts: u64) {
+        self.shared.program_start.store(ts, Ordering::Relaxed);
+    }
+
+    /// Current `program_start`.
+    pub fn program_start(&self) -> u64 {
+        self.shared.program_start.load(Ordering::Relaxed)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SimStats {
+        let s = &self.shared;
+        SimStats {
+            accepted: s.accepted.load(Ordering::Relaxed),
+            open: s.open.load(Ordering::Relaxed),
+            queries: s.queries.load(Ordering::Relaxed),
+            commands: s.commands.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The last raw requests received (up to 256), oldest first.
+    pub fn requests(&self) -> Vec<Vec<u8>> {
+        lock(&self.shared.requests).iter().cloned().collect()
+    }
+
+    /// Every `COMMAND` line received, oldest first.
+    pub fn commands(&self) -> Vec<String> {
+        lock(&self.shared.command_log).clone()
+    }
+
+    /// Close every connection that is waiting for its next request.
+    pub fn close_idle_connections(&self) {
+        self.shared.kick_idle.notify_waiters();
+    }
+
+    /// Stop listening and drop every connection: connects are refused from now on.
+    pub fn stop(&self) {
+        lock(&self.running).cancel();
+    }
+
+    /// Listen again on the same address after [`SimSite::stop`].
+    pub async fn restart(&self) -> io::Result<()> {
+        let token = CancellationToken::new();
+        bind_and_serve(&self.shared, &self.listen, token.clone()).await?;
+        *lock(&self.running) = token;
+        Ok(())
+    }
+}
+
+impl Drop for SimSite {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn bind_and_serve(shared: &Arc<Shared>, listen: &Listen, token: CancellationToken) -> io::Result<Listen> {
+    match listen {
+        Listen::Tcp(addr) => {
+            let l = TcpListener::bind(addr).await?;
+            let bound = l.local_addr()?;
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    let conn = tokio::select! {
+                        _ = token.cancelled() => return,
+                        c = l.accept() => c,
+                    };
+                    if let Ok((s, _)) = conn {
+                        let _ = s.set_nodelay(true);
+                        spawn_conn(&shared, s, token.child_token());
+                    }
+                }
+            });
+            Ok(Listen::Tcp(bound))
+        }
+        Listen::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let l = UnixListener::bind(path)?;
+            let shared = shared.clone();
+            let path2 = path.clone();
+            tokio::spawn(async move {
+                loop {
+                    let conn = tokio::select! {
+                        _ = token.cancelled() => { let _ = std::fs::remove_file(&path2); return }
+                        c = l.accept() => c,
+                    };
+                    if let Ok((s, _)) = conn {
+                        spawn_conn(&shared, s, token.child_token());
+                    }
+                }
+            });
+            Ok(Listen::Unix(path.clone()))
+        }
+    }
+}
+
+fn spawn_conn<S>(shared: &Arc<Shared>, stream: S, token: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = shared.clone();
+    shared.accepted.fetch_add(1, Ordering::Relaxed);
+    shared.open.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = serve(&shared, stream) => {}
+        }
+        shared.open.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// What to do after answering a request.
+enum Next {
+    Continue,
+    Close,
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> io::Result<()> {
+    let limits = Limits { max_request_bytes: 64 << 20, max_header_lines: 1 << 20, max_line_bytes: 16 << 20 };
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut framer = Framer::new();
+    loop {
+        let frame = loop {
+            match framer.scan(&buf, &limits) {
+                Ok(Some(f)) => break Some(f),
+                Ok(None) => {}
+                Err(e) => {
+                    s.write_all(&error_response(e.status(), &e.to_string(), true)).await?;
+                    return Ok(());
+                }
+            }
+            let idle = buf.is_empty();
+            let n = tokio::select! {
+                n = s.read_buf(&mut buf) => n?,
+                _ = shared.kick_idle.notified(), if idle => return Ok(()),
+            };
+            if n == 0 {
+                break framer.finish(&buf);
+            }
+        };
+        let Some(frame) = frame else { return Ok(()) };
+        let block = buf[frame.start..frame.end].to_vec();
+        buf.advance(frame.end);
+        {
+            let mut log = lock(&shared.requests);
+            if log.len() == REQUEST_LOG_LEN {
+                log.pop_front();
+            }
+            log.push_back(block.clone());
+        }
+        let next = match Request::parse(&block) {
+            Ok(Request::Get(q)) => answer(shared, &mut s, &q).await?,
+            Ok(Request::Command(c)) => {
+                for line in &c.commands {
+                    command(shared, &String::from_utf8_lossy(line));
+                }
+                if c.style.fixed16 {
+                    s.write_all(&ResponseHeader::new(Status::Ok, 0).encode()).await?;
+                }
+                Next::Continue
+            }
+            Err(e) => {
+                s.write_all(&error_response(e.status(), &e.to_string(), true)).await?;
+                Next::Close
+            }
+        };
+        if let Next::Close = next {
+            s.shutdown().await.ok();
+            return Ok(());
+        }
+    }
+}
+
+fn command(shared: &Shared, line: &str) {
+    shared.commands.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.command_log).push(line.to_owned());
+    // "COMMAND [ts] NAME;args"
+    let Some(body) = line.split_once("] ").map(|(_, b)| b) else { return };
+    let mut parts = body.split(';');
+    match parts.next() {
+        Some("LIVEMUX_SIM") => {
+            for kv in parts {
+                if let Some((k, v)) = kv.split_once('=') {
+                    match k {
+                        "program_start" => {
+                            if let Ok(ts) = v.parse() {
+                                shared.program_start.store(ts, Ordering::Relaxed);
+                            }
+                        }
+                        "close_idle" => shared.kick_idle.notify_waiters(),
+                        _ => {
+                            let _ = lock(&shared.knobs).apply(k, v);
+                        }
+                    }
+                }
+            }
+        }
+        Some("PROCESS_HOST_CHECK_RESULT") => {
+            let args: Vec<&str> = parts.collect();
+            if let [host, state, output, ..] = args[..] {
+                let mut data = shared.data.write().unwrap_or_else(|e| e.into_inner());
+                if let (Some(h), Ok(st)) = (data.host_index(host), state.parse()) {
+                    data.set_host_state(h, st, output.to_owned());
+                }
+            }
+        }
+        Some("PROCESS_SERVICE_CHECK_RESULT") => {
+            let args: Vec<&str> = parts.collect();
+            if let [host, svc, state, output, ..] = args[..] {
+                let mut data = shared.data.write().unwrap_or_else(|e| e.into_inner());
+                if let (Some(h), Ok(st)) = (data.host_index(host), state.parse()) {
+                    data.set_service_state(h, svc, st, output.to_owned());
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The body of an answer: built in memory, or generated (`GET bulk`).
+enum Body {
+    Bytes(Vec<u8>),
+    Bulk(u64),
+}
+
+async fn answer<S: AsyncWrite + Unpin>(shared: &Shared, s: &mut S, q: &Query) -> io::Result<Next> {
+    shared.queries.fetch_add(1, Ordering::Relaxed);
+    let knobs = {
+        let mut k = lock(&shared.knobs);
+        if !k.applies_to(&q.table) {
+            Knobs { bulk_bytes: k.bulk_bytes, ..Knobs::default() }
+        } else {
+            let snapshot = k.clone();
+            k.close_without_answer = k.close_without_answer.saturating_sub(1);
+            snapshot
+        }
+    };
+    if knobs.close_without_answer > 0 {
+        return Ok(Next::Close);
+    }
+    if knobs.hang {
+        std::future::pending::<()>().await;
+    }
+    if !knobs.delay.is_zero() {
+        tokio::time::sleep(knobs.delay).await;
+    }
+    let counters = StatusCounters {
+        program_start: shared.program_start.load(Ordering::Relaxed) as i64,
+        connections: shared.accepted.load(Ordering::Relaxed),
+        requests: shared.queries.load(Ordering::Relaxed),
+    };
+    let (status, body) = if q.table == "bulk" {
+        (Status::Ok, Body::Bulk(knobs.bulk_bytes))
+    } else {
+        let data = shared.data.read().unwrap_or_else(|e| e.into_inner());
+        match query::run(&data, q, &counters) {
+            Ok(b) => (Status::Ok, Body::Bytes(b)),
+            Err(e) => (e.status, Body::Bytes(livemux_protocol::response::error_body(&e.message))),
+        }
+    };
+    let len = match &body {
+        Body::Bytes(b) => b.len() as u64,
+        Body::Bulk(n) => *n,
+    };
+    let mut w = FaultyWriter { s, sent: 0, knobs: &knobs };
+    if q.style.fixed16 {
+        let header = ResponseHeader::new(status, len).encode();
+        if !w.write(&header).await? {
+            return Ok(Next::Close);
+        }
+    }
+    let complete = match body {
+        Body::Bytes(b) => w.write(&b).await?,
+        Body::Bulk(n) => {
+            let chunk = if knobs.write_chunk == 0 { DEFAULT_WRITE_CHUNK } else { knobs.write_chunk };
+            let mut block = vec![0u8; chunk];
+            let mut off = 0u64;
+            let mut ok = true;
+            while ok && off < n {
+                let take = (n - off).min(chunk as u64) as usize;
+                bulk::fill(off, &mut block[..take]);
+                ok = w.write(&block[..take]).await?;
+                off += take as u64;
+            }
+            ok
+        }
+    };
+    Ok(if complete && q.style.keepalive && status == Status::Ok { Next::Continue } else { Next::Close })
+}
+
+/// Writes a response under the write knobs: chunked, paused, cut short.
+struct FaultyWriter<'a, S> {
+    s: &'a mut S,
+    sent: u64,
+    knobs: &'a Knobs,
+}
+
+impl<S: AsyncWrite + Unpin> FaultyWriter<'_, S> {
+    /// Write `data`; `Ok(false)` when the response was cut by `close_after_bytes`.
+    async fn write(&mut self, mut data: &[u8]) -> io::Result<bool> {
+        let chunk = if self.knobs.write_chunk == 0 { usize::MAX } else { self.knobs.write_chunk };
+        while !data.is_empty() {
+            if self.sent > 0 && !self.knobs.write_pause.is_zero() {
+                tokio::time::sleep(self.knobs.write_pause).await;
+            }
+            let mut n = data.len().min(chunk);
+            let mut cut = false;
+            if let Some(limit) = self.knobs.close_after_bytes {
+                let left = limit.saturating_sub(self.sent);
+                if (n as u64) >= left {
+                    n = left as usize;
+                    cut = true;
+                }
+            }
+            self.s.write_all(&data[..n]).await?;
+            self.sent += n as u64;
+            data = &data[n..];
+            if cut {
+                self.s.flush().await?;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}

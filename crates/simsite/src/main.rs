@@ -1,0 +1,75 @@
+//! `livemux-simsite`: run a simulated Livestatus site as its own process.
+//!
+//! Prints one line, `listening <address>`, on stdout once it accepts
+//! connections, then serves until SIGINT or SIGTERM. Running as a separate
+//! process lets tests stop it with SIGSTOP or measure the proxy alone.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use livemux_simsite::{Listen, SimConfig, SimSite};
+
+#[derive(Parser)]
+#[command(version, about = "A simulated Livestatus site with fault knobs")]
+struct Args {
+    /// tcp://HOST:PORT (port 0 picks one) or unix:///path
+    #[arg(long, default_value = "tcp://127.0.0.1:0")]
+    listen: String,
+    /// Site name (appears in host aliases).
+    #[arg(long, default_value = "sim")]
+    name: String,
+    /// Number of hosts.
+    #[arg(long, default_value_t = 100)]
+    hosts: usize,
+    /// Services per host.
+    #[arg(long, default_value_t = 10)]
+    services: usize,
+    /// A fault knob, KEY=VALUE (repeatable): delay_ms, hang, close_without_answer,
+    /// close_after_bytes, write_chunk, write_pause_ms, fault_table, bulk_bytes.
+    #[arg(long = "knob", value_name = "KEY=VALUE")]
+    knobs: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let listen = if let Some(a) = args.listen.strip_prefix("tcp://") {
+        match a.parse() {
+            Ok(a) => Listen::Tcp(a),
+            Err(e) => return fail(&format!("bad --listen address '{a}': {e}")),
+        }
+    } else if let Some(p) = args.listen.strip_prefix("unix://") {
+        Listen::Unix(PathBuf::from(p))
+    } else {
+        return fail("--listen must start with tcp:// or unix://");
+    };
+    let cfg = SimConfig { name: args.name, hosts: args.hosts, services_per_host: args.services, listen };
+    let site = match SimSite::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),
+    };
+    for kv in &args.knobs {
+        let Some((k, v)) = kv.split_once('=') else { return fail(&format!("--knob '{kv}' is not KEY=VALUE")) };
+        let mut result = Ok(());
+        site.set_knobs(|knobs| result = knobs.apply(k, v));
+        if let Err(e) = result {
+            return fail(&e);
+        }
+    }
+    println!("listening {}", site.address());
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => return fail(&format!("cannot install SIGTERM handler: {e}")),
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    site.stop();
+    std::process::ExitCode::SUCCESS
+}
+
+fn fail(msg: &str) -> std::process::ExitCode {
+    eprintln!("livemux-simsite: error: {msg}");
+    std::process::ExitCode::from(2)
+}

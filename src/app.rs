@@ -1,0 +1,118 @@
+//! Assembling the daemon: config → bind → spawn → run → bounded drain.
+//!
+//! [`App::start`] binds every site's socket before anything else runs, so a
+//! configuration that cannot be served fails at once and leaves nothing
+//! behind. [`App::shutdown`] stops accepting, lets sessions finish the
+//! responses they are sending (up to `shutdown_grace`), writes the state file
+//! a last time and removes the sockets.
+
+use std::path::PathBuf;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::listener::{self, BindError};
+use crate::config::Config;
+use crate::error::fmt_duration;
+use crate::site::SiteHandle;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A directory could not be created.
+    #[error("cannot create directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A site's socket could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+/// The running daemon.
+pub struct App {
+    config: Config,
+    sites: Vec<SiteHandle>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl App {
+    /// Bind all sockets, then start every site, listener and the state writer.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        create_dir(&config.socket_dir)?;
+        if let Some(dir) = config.state_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_dir(dir)?;
+        }
+        let mut bound = Vec::with_capacity(config.sites.len());
+        for site in &config.sites {
+            let path = config.socket_path(&site.name);
+            match listener::bind(&path) {
+                Ok(l) => bound.push((l, path)),
+                Err(e) => {
+                    for (_, p) in &bound {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut sites = Vec::with_capacity(config.sites.len());
+        for (site, (l, path)) in config.sites.iter().zip(bound) {
+            let handle = SiteHandle::spawn(site.clone(), shutdown.child_token(), &tracker);
+            tracker.spawn(listener::serve(l, path, handle.clone(), shutdown.clone(), tracker.clone()));
+            sites.push(handle);
+        }
+        tracker.spawn(crate::state::run(
+            config.state_file.clone(),
+            config.state_interval,
+            sites.clone(),
+            shutdown.clone(),
+        ));
+        tracing::info!(sites = sites.len(), socket_dir = %config.socket_dir.display(), "livemux started");
+        Ok(App { config, sites, shutdown, tracker })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// All sites, in configuration order.
+    pub fn sites(&self) -> &[SiteHandle] {
+        &self.sites
+    }
+
+    /// A site by name.
+    pub fn site(&self, name: &str) -> Option<&SiteHandle> {
+        self.sites.iter().find(|s| s.name() == name)
+    }
+
+    /// Stop: refuse new clients, let responses in progress finish within
+    /// `shutdown_grace`, write the state file, remove the sockets.
+    pub async fn shutdown(self) {
+        tracing::info!("livemux shutting down");
+        self.shutdown.cancel();
+        self.tracker.close();
+        let grace = self.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!(
+                "shutdown grace period of {} passed with work in progress; stopping anyway",
+                fmt_duration(grace)
+            );
+        }
+        for site in &self.config.sites {
+            let _ = std::fs::remove_file(self.config.socket_path(&site.name));
+        }
+    }
+}
+
+fn create_dir(path: &std::path::Path) -> Result<(), StartError> {
+    std::fs::create_dir_all(path).map_err(|source| StartError::Dir { path: path.to_owned(), source })
+}

@@ -1,0 +1,192 @@
+//! One client connection.
+//!
+//! A session reads one request at a time (pipelined requests wait in the
+//! buffer or the kernel until their turn), answers it, and keeps the
+//! connection only if the client asked for `KeepAlive: on`. Errors are
+//! answered in the form the client asked for: with fixed16, a status code and
+//! a one-line reason; without it, the reason alone, and the connection closes.
+//!
+//! Timing: waiting for the next request is bounded by `client_idle_timeout`;
+//! answering one by `query_timeout` from the moment it was received. On
+//! shutdown an idle session ends at once; a session in the middle of a
+//! response finishes it first.
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::QueryError;
+use crate::events;
+use crate::relay::{RelayBuf, Relayed, relay};
+use crate::site::{SiteHandle, send_commands, send_query};
+use livemux_protocol::{
+    CommandRequest, Framer, Query, ReplyStyle, Request, RequestError, ResponseHeader, Status, error_response,
+};
+
+/// Bytes read from the client per read call.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// One client connection to a site's socket.
+pub struct Session<S> {
+    site: SiteHandle,
+    stream: S,
+    buf: BytesMut,
+    framer: Framer,
+    /// The client half-closed (or closed); answer what is buffered, then stop.
+    eof: bool,
+    relay_buf: RelayBuf,
+    wire: Vec<u8>,
+    shutdown: CancellationToken,
+}
+
+enum ReadError {
+    Limit(RequestError),
+    Io(std::io::Error),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A session for `stream`, a client of `site`.
+    pub fn new(site: SiteHandle, stream: S, shutdown: CancellationToken) -> Self {
+        Session {
+            site,
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            framer: Framer::new(),
+            eof: false,
+            relay_buf: RelayBuf::default(),
+            wire: Vec::new(),
+            shutdown,
+        }
+    }
+
+    /// Serve the connection until the client leaves or must be dropped.
+    pub async fn run(mut self) {
+        let _count = self.site.client_connected();
+        loop {
+            let block = match self.next_request().await {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(ReadError::Limit(e)) => {
+                    events::RequestRejected { site: self.site.name(), error: &e }.emit();
+                    let style = self.framer.style();
+                    self.write_error(e.status(), &e.to_string(), style).await;
+                    break;
+                }
+                Err(ReadError::Io(e)) => {
+                    tracing::debug!(site = self.site.name(), error = %e, "client read failed");
+                    break;
+                }
+            };
+            let deadline = Instant::now() + self.site.params().query_timeout;
+            let keep = match Request::parse(&block) {
+                Ok(Request::Get(q)) => self.answer(&q, deadline).await,
+                Ok(Request::Command(c)) => self.command(&c, deadline).await,
+                Err(e) => {
+                    events::RequestRejected { site: self.site.name(), error: &e }.emit();
+                    let style = ReplyStyle::sniff(&block);
+                    self.write_error(e.status(), &e.to_string(), style).await;
+                    style.keepalive && style.fixed16
+                }
+            };
+            if !keep {
+                break;
+            }
+        }
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// The next request block, or `None` at end of input, idle timeout or
+    /// shutdown while idle.
+    async fn next_request(&mut self) -> Result<Option<Bytes>, ReadError> {
+        let limits = self.site.params().limits;
+        loop {
+            if let Some(f) = self.framer.scan(&self.buf, &limits).map_err(ReadError::Limit)? {
+                let block = self.buf.split_to(f.end).freeze();
+                return Ok(Some(block.slice(f.start..)));
+            }
+            if self.eof {
+                return Ok(self.framer.finish(&self.buf).map(|f| {
+                    let block = self.buf.split_to(f.end).freeze();
+                    block.slice(f.start..)
+                }));
+            }
+            self.buf.reserve(READ_CHUNK);
+            let idle = self.site.params().client_idle_timeout;
+            let waiting_for_new = self.buf.iter().all(|b| b.is_ascii_whitespace());
+            let n = tokio::select! {
+                r = tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf)) => match r {
+                    Ok(r) => r.map_err(ReadError::Io)?,
+                    Err(_) => {
+                        tracing::debug!(site = self.site.name(), "closing client connection idle for {}",
+                            crate::error::fmt_duration(idle));
+                        return Ok(None);
+                    }
+                },
+                _ = self.shutdown.cancelled(), if waiting_for_new => return Ok(None),
+            };
+            if n == 0 {
+                self.eof = true;
+            }
+        }
+    }
+
+    /// Answer a `GET`; returns whether the connection stays open.
+    async fn answer(&mut self, q: &Query, deadline: Instant) -> bool {
+        self.wire.clear();
+        q.encode_for_site(&mut self.wire);
+        let style = q.style;
+        let resp = match send_query(&self.site, &self.wire, deadline).await {
+            Ok(r) => r,
+            Err(e) => return self.query_failed(&e, style).await,
+        };
+        let status = resp.header.status;
+        match relay(&self.site, resp, &mut self.stream, style, deadline, &mut self.relay_buf).await {
+            Relayed::Complete => style.keepalive && (style.fixed16 || status == Status::Ok),
+            Relayed::NothingSent(e) => self.query_failed(&e, style).await,
+            Relayed::ClientGone { sent, total } => {
+                events::ClientClosedMidResponse { site: self.site.name(), sent, total }.emit();
+                false
+            }
+            Relayed::Cut { error, sent, total } => {
+                events::ResponseCut { site: self.site.name(), sent, total, error: &error }.emit();
+                false
+            }
+        }
+    }
+
+    async fn query_failed(&mut self, e: &QueryError, style: ReplyStyle) -> bool {
+        events::QueryFailed { site: self.site.name(), error: e }.emit();
+        self.write_error(e.status(), &e.to_string(), style).await
+    }
+
+    /// Forward `COMMAND`s. Like a core, the proxy sends no answer, except the
+    /// empty `200` that a client asking for fixed16 expects (as Icinga 2
+    /// sends). The connection stays open, as a core keeps it.
+    async fn command(&mut self, c: &CommandRequest, deadline: Instant) -> bool {
+        self.wire.clear();
+        c.encode_for_site(&mut self.wire);
+        match send_commands(&self.site, &self.wire, deadline).await {
+            Ok(()) if c.style.fixed16 => {
+                let ok = ResponseHeader::new(Status::Ok, 0).encode();
+                self.write_within_query_timeout(&ok).await
+            }
+            Ok(()) => true,
+            Err(e) => {
+                events::CommandFailed { site: self.site.name(), commands: c.commands.len(), error: &e }.emit();
+                if c.style.fixed16 { self.write_error(e.status(), &e.to_string(), c.style).await } else { true }
+            }
+        }
+    }
+
+    /// Send an error response; returns whether the connection can stay open.
+    async fn write_error(&mut self, status: Status, message: &str, style: ReplyStyle) -> bool {
+        let answer = error_response(status, message, style.fixed16);
+        self.write_within_query_timeout(&answer).await && style.keepalive && style.fixed16
+    }
+
+    async fn write_within_query_timeout(&mut self, data: &[u8]) -> bool {
+        let limit = self.site.params().query_timeout;
+        matches!(tokio::time::timeout(limit, self.stream.write_all(data)).await, Ok(Ok(())))
+    }
+}

@@ -1,0 +1,402 @@
+//! Configuration: TOML text → [`RawConfig`] (serde, spans kept) → [`Config`]
+//! (typed, validated, no `Option` where a default exists).
+//!
+//! Precedence: a key inside a `[[site]]` table overrides the same key in
+//! `[defaults]`, which overrides the built-in default. Every error names the
+//! key and the line it is on. Unknown keys, bad durations, duplicate site
+//! names and out-of-range values are rejected; nothing is bound or connected
+//! before the whole file has been validated.
+//!
+//! Durations are strings such as `"5s"`, `"250ms"` or `"2m"`.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use livemux_protocol::Limits;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Longest UNIX socket path the kernel accepts (`sun_path` is 108 bytes).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A configuration error, with the key and line it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The key (e.g. `site[2].channels`), when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Per-site parameters as written in `[defaults]` or a `[[site]]` table.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSite {
+    name: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    channels: Option<Spanned<i64>>,
+    heartbeat_interval: Option<Spanned<String>>,
+    heartbeat_timeout: Option<Spanned<String>>,
+    channel_timeout: Option<Spanned<String>>,
+    query_timeout: Option<Spanned<String>>,
+    connect_retry: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    client_idle_timeout: Option<Spanned<String>>,
+    max_clients: Option<Spanned<i64>>,
+    max_request_bytes: Option<Spanned<i64>>,
+    max_header_lines: Option<Spanned<i64>>,
+    max_line_bytes: Option<Spanned<i64>>,
+}
+
+/// The file as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    socket_dir: Option<Spanned<String>>,
+    state_file: Option<Spanned<String>>,
+    state_interval: Option<Spanned<String>>,
+    shutdown_grace: Option<Spanned<String>>,
+    defaults: Option<Spanned<RawSite>>,
+    site: Option<Vec<Spanned<RawSite>>>,
+}
+
+/// Where a site's Livestatus is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SiteAddress {
+    /// `tcp://host:port`; the host may be a name, resolved at each connect.
+    Tcp {
+        /// Host name or address (IPv6 without brackets).
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// `unix:///path/to/socket`.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for SiteAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SiteAddress::Tcp { host, port } if host.contains(':') => write!(f, "tcp://[{host}]:{port}"),
+            SiteAddress::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            SiteAddress::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for SiteAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(format!("'{s}': the path after unix:// must be absolute"));
+            }
+            return Ok(SiteAddress::Unix(PathBuf::from(path)));
+        }
+        let Some(hostport) = s.strip_prefix("tcp://") else {
+            return Err(format!("'{s}' must start with tcp:// or unix://"));
+        };
+        let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
+            let (h, p) = rest.split_once("]:").ok_or_else(|| format!("'{s}': expected tcp://[v6addr]:port"))?;
+            (h, p)
+        } else {
+            hostport.rsplit_once(':').ok_or_else(|| format!("'{s}': missing :port"))?
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("'{s}': missing or invalid host"));
+        }
+        let port: u16 = port.parse().map_err(|_| format!("'{s}': invalid port '{port}'"))?;
+        if port == 0 {
+            return Err(format!("'{s}': port 0 is not a valid site port"));
+        }
+        Ok(SiteAddress::Tcp { host: host.to_owned(), port })
+    }
+}
+
+/// Settings of one site, every default applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteParams {
+    /// Persistent connections kept open to the site (1..=50).
+    pub channels: usize,
+    /// Time between two heartbeats.
+    pub heartbeat_interval: Duration,
+    /// A heartbeat must be answered within this time.
+    pub heartbeat_timeout: Duration,
+    /// How long a query may wait for a free channel.
+    pub channel_timeout: Duration,
+    /// Deadline for answering a query, from the moment it was received.
+    pub query_timeout: Duration,
+    /// Cooling period after a failed connect or heartbeat before reconnecting.
+    pub connect_retry: Duration,
+    /// Limit for establishing one connection to the site.
+    pub connect_timeout: Duration,
+    /// A client connection that sends no request for this long is closed.
+    pub client_idle_timeout: Duration,
+    /// Concurrent client connections on the site's socket.
+    pub max_clients: usize,
+    /// Request size limits.
+    pub limits: Limits,
+}
+
+impl Default for SiteParams {
+    fn default() -> Self {
+        SiteParams {
+            channels: 5,
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(2),
+            channel_timeout: Duration::from_secs(3),
+            query_timeout: Duration::from_secs(120),
+            connect_retry: Duration::from_secs(4),
+            connect_timeout: Duration::from_secs(5),
+            client_idle_timeout: Duration::from_secs(3600),
+            max_clients: 1000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// One configured site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteConfig {
+    /// Name; also the file name of its socket in `socket_dir`.
+    pub name: String,
+    /// Where its Livestatus is.
+    pub address: SiteAddress,
+    /// Its settings.
+    pub params: SiteParams,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Directory holding one socket per site.
+    pub socket_dir: PathBuf,
+    /// JSON state file, rewritten every `state_interval`.
+    pub state_file: PathBuf,
+    /// How often the state file is rewritten.
+    pub state_interval: Duration,
+    /// How long shutdown waits for responses in progress.
+    pub shutdown_grace: Duration,
+    /// The sites, in file order.
+    pub sites: Vec<SiteConfig>,
+}
+
+impl Config {
+    /// The socket path of a site.
+    pub fn socket_path(&self, site: &str) -> PathBuf {
+        self.socket_dir.join(site)
+    }
+
+    /// Parse and validate configuration text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            line: e.span().map(|s| line_of(text, s.start)),
+            key: None,
+            message: e.message().trim().to_owned(),
+        })?;
+        Validator { text }.config(raw)
+    }
+
+    /// Read and validate a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            line: None,
+            key: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Config::from_toml(&text)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+}
+
+/// Turns raw values into typed ones, reporting errors with their lines.
+struct Validator<'a> {
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError { line: Some(line_of(self.text, span.start)), key: Some(key.to_owned()), message: message.into() }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let path = |v: Option<Spanned<String>>, key: &str, default: &str| -> Result<PathBuf, ConfigError> {
+            match v {
+                None => Ok(PathBuf::from(default)),
+                Some(s) if s.get_ref().is_empty() => Err(self.err(s.span(), key, "must not be empty")),
+                Some(s) => Ok(PathBuf::from(s.into_inner())),
+            }
+        };
+        let socket_dir = path(raw.socket_dir, "socket_dir", "/run/livemux")?;
+        let state_file = path(raw.state_file, "state_file", "/var/lib/livemux/state.json")?;
+        let state_interval = self.duration(raw.state_interval.as_ref(), "state_interval", Duration::from_secs(5))?;
+        let shutdown_grace = self.duration(raw.shutdown_grace.as_ref(), "shutdown_grace", Duration::from_secs(10))?;
+
+        let defaults_raw = raw.defaults.map(|d| (d.span(), d.into_inner())).unwrap_or_default();
+        for (field, what) in [(&defaults_raw.1.name, "name"), (&defaults_raw.1.address, "address")] {
+            if let Some(v) = field {
+                return Err(self.err(
+                    v.span(),
+                    &format!("defaults.{what}"),
+                    "belongs in a [[site]] table, not in [defaults]",
+                ));
+            }
+        }
+        let defaults = self.params(&defaults_raw.1, &SiteParams::default(), "defaults")?;
+
+        let raw_sites = raw.site.unwrap_or_default();
+        if raw_sites.is_empty() {
+            return Err(ConfigError {
+                line: None,
+                key: Some("site".into()),
+                message: "no [[site]] is configured".into(),
+            });
+        }
+        let mut sites: Vec<SiteConfig> = Vec::with_capacity(raw_sites.len());
+        for (i, s) in raw_sites.into_iter().enumerate() {
+            let span = s.span();
+            let s = s.into_inner();
+            let prefix = format!("site[{}]", i + 1);
+            let name =
+                s.name.as_ref().ok_or_else(|| self.err(span.clone(), &format!("{prefix}.name"), "is required"))?;
+            self.site_name(name, &prefix)?;
+            if sites.iter().any(|o| o.name == *name.get_ref()) {
+                return Err(self.err(
+                    name.span(),
+                    &format!("{prefix}.name"),
+                    format!("duplicate site name '{}'", name.get_ref()),
+                ));
+            }
+            let sock = socket_dir.join(name.get_ref());
+            if sock.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(self.err(
+                    name.span(),
+                    &format!("{prefix}.name"),
+                    format!(
+                        "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter socket_dir",
+                        sock.display()
+                    ),
+                ));
+            }
+            let address = s
+                .address
+                .as_ref()
+                .ok_or_else(|| self.err(span.clone(), &format!("{prefix}.address"), "is required"))?;
+            let parsed: SiteAddress = address
+                .get_ref()
+                .parse()
+                .map_err(|m: String| self.err(address.span(), &format!("{prefix}.address"), m))?;
+            let params = self.params(&s, &defaults, &prefix)?;
+            sites.push(SiteConfig { name: name.get_ref().clone(), address: parsed, params });
+        }
+        Ok(Config { socket_dir, state_file, state_interval, shutdown_grace, sites })
+    }
+
+    fn site_name(&self, name: &Spanned<String>, prefix: &str) -> Result<(), ConfigError> {
+        let n = name.get_ref();
+        let ok = !n.is_empty()
+            && n.len() <= 64
+            && n.as_bytes()[0].is_ascii_alphanumeric()
+            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(
+                name.span(),
+                &format!("{prefix}.name"),
+                format!("'{n}' is not a valid site name (letters, digits, '_', '.', '-'; at most 64; starting with a letter or digit)"),
+            ))
+        }
+    }
+
+    fn params(&self, raw: &RawSite, base: &SiteParams, prefix: &str) -> Result<SiteParams, ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let mut p = base.clone();
+        p.channels = self.int(raw.channels.as_ref(), &key("channels"), p.channels, 1..=50)?;
+        p.heartbeat_interval =
+            self.duration(raw.heartbeat_interval.as_ref(), &key("heartbeat_interval"), p.heartbeat_interval)?;
+        p.heartbeat_timeout =
+            self.duration(raw.heartbeat_timeout.as_ref(), &key("heartbeat_timeout"), p.heartbeat_timeout)?;
+        p.channel_timeout = self.duration(raw.channel_timeout.as_ref(), &key("channel_timeout"), p.channel_timeout)?;
+        p.query_timeout = self.duration(raw.query_timeout.as_ref(), &key("query_timeout"), p.query_timeout)?;
+        p.connect_retry = self.duration(raw.connect_retry.as_ref(), &key("connect_retry"), p.connect_retry)?;
+        p.connect_timeout = self.duration(raw.connect_timeout.as_ref(), &key("connect_timeout"), p.connect_timeout)?;
+        p.client_idle_timeout =
+            self.duration(raw.client_idle_timeout.as_ref(), &key("client_idle_timeout"), p.client_idle_timeout)?;
+        p.max_clients = self.int(raw.max_clients.as_ref(), &key("max_clients"), p.max_clients, 1..=1_000_000)?;
+        let l = &mut p.limits;
+        l.max_request_bytes =
+            self.int(raw.max_request_bytes.as_ref(), &key("max_request_bytes"), l.max_request_bytes, 1024..=1 << 30)?;
+        l.max_header_lines =
+            self.int(raw.max_header_lines.as_ref(), &key("max_header_lines"), l.max_header_lines, 1..=10_000_000)?;
+        l.max_line_bytes =
+            self.int(raw.max_line_bytes.as_ref(), &key("max_line_bytes"), l.max_line_bytes, 64..=1 << 30)?;
+        if let Some(t) = raw.heartbeat_timeout.as_ref().or(raw.heartbeat_interval.as_ref())
+            && p.heartbeat_timeout > p.heartbeat_interval
+        {
+            return Err(self.err(
+                t.span(),
+                &key("heartbeat_timeout"),
+                format!(
+                    "{} is longer than heartbeat_interval ({})",
+                    humantime::format_duration(p.heartbeat_timeout),
+                    humantime::format_duration(p.heartbeat_interval)
+                ),
+            ));
+        }
+        Ok(p)
+    }
+
+    fn int(
+        &self,
+        v: Option<&Spanned<i64>>,
+        key: &str,
+        default: usize,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> Result<usize, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let n = *v.get_ref();
+        match usize::try_from(n) {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(self.err(v.span(), key, format!("{n} is out of range {}..={}", range.start(), range.end()))),
+        }
+    }
+
+    fn duration(&self, v: Option<&Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let d = humantime::parse_duration(v.get_ref()).map_err(|e| {
+            self.err(
+                v.span(),
+                key,
+                format!("'{}' is not a duration ({e}); write e.g. \"5s\" or \"250ms\"", v.get_ref()),
+            )
+        })?;
+        if d < Duration::from_millis(1) || d > Duration::from_secs(7 * 86400) {
+            return Err(self.err(v.span(), key, format!("'{}' is out of range 1ms..=7d", v.get_ref())));
+        }
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests;

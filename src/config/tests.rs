@@ -1,0 +1,135 @@
+//! Config parsing and validation tests: every rejection names key and line.
+
+use super::*;
+
+const GOOD: &str = r#"
+socket_dir = "/tmp/lm"
+state_file = "/tmp/lm/state.json"
+[defaults]
+channels = 3
+heartbeat_interval = "2s"
+[[site]]
+name = "berlin"
+address = "tcp://10.1.2.3:6557"
+[[site]]
+name = "paris"
+address = "unix:///omd/sites/paris/tmp/run/live"
+channels = 7
+query_timeout = "30s"
+"#;
+
+fn error(text: &str) -> ConfigError {
+    Config::from_toml(text).expect_err("config should be rejected")
+}
+
+#[test]
+fn defaults_and_overrides() {
+    let c = Config::from_toml(GOOD).unwrap();
+    assert_eq!(c.socket_dir, PathBuf::from("/tmp/lm"));
+    assert_eq!(c.state_interval, Duration::from_secs(5));
+    assert_eq!(c.sites.len(), 2);
+    let berlin = &c.sites[0];
+    assert_eq!(berlin.address, SiteAddress::Tcp { host: "10.1.2.3".into(), port: 6557 });
+    assert_eq!(berlin.params.channels, 3);
+    assert_eq!(berlin.params.heartbeat_interval, Duration::from_secs(2));
+    assert_eq!(berlin.params.heartbeat_timeout, Duration::from_secs(2));
+    assert_eq!(berlin.params.channel_timeout, Duration::from_secs(3));
+    assert_eq!(berlin.params.query_timeout, Duration::from_secs(120));
+    assert_eq!(berlin.params.connect_retry, Duration::from_secs(4));
+    let paris = &c.sites[1];
+    assert_eq!(paris.address, SiteAddress::Unix("/omd/sites/paris/tmp/run/live".into()));
+    assert_eq!(paris.params.channels, 7);
+    assert_eq!(paris.params.query_timeout, Duration::from_secs(30));
+    assert_eq!(c.socket_path("paris"), PathBuf::from("/tmp/lm/paris"));
+}
+
+#[test]
+fn built_in_defaults_match_the_reference_proxy() {
+    let c = Config::from_toml("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n").unwrap();
+    let p = &c.sites[0].params;
+    assert_eq!(p.channels, 5);
+    assert_eq!(p.heartbeat_interval, Duration::from_secs(5));
+    assert_eq!(p.heartbeat_timeout, Duration::from_secs(2));
+    assert_eq!(p.channel_timeout, Duration::from_secs(3));
+    assert_eq!(p.query_timeout, Duration::from_secs(120));
+    assert_eq!(p.connect_retry, Duration::from_secs(4));
+    assert_eq!(c.socket_dir, PathBuf::from("/run/livemux"));
+    assert_eq!(c.state_file, PathBuf::from("/var/lib/livemux/state.json"));
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let e = error("[defaults]\nchannels = 2\nchanels = 3\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n");
+    assert_eq!(e.line, Some(3));
+    assert!(e.message.contains("unknown field `chanels`"), "{e}");
+}
+
+#[test]
+fn bad_duration_names_key_and_line() {
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nheartbeat_timeout = \"2 parsecs\"\n");
+    assert_eq!(e.line, Some(4));
+    assert_eq!(e.key.as_deref(), Some("site[1].heartbeat_timeout"));
+    assert!(e.to_string().starts_with("line 4: site[1].heartbeat_timeout: '2 parsecs' is not a duration"), "{e}");
+}
+
+#[test]
+fn duplicate_names_are_rejected() {
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:2\"\n");
+    assert_eq!(e.line, Some(5));
+    assert_eq!(e.message, "duplicate site name 'a'");
+}
+
+#[test]
+fn out_of_range_values_are_rejected() {
+    let e = error("[defaults]\nchannels = 51\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n");
+    assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("defaults.channels")));
+    assert_eq!(e.message, "51 is out of range 1..=50");
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nchannels = 0\n");
+    assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("site[1].channels")));
+    let e = error(
+        "[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"3s\"\n",
+    );
+    assert_eq!(e.key.as_deref(), Some("site[1].heartbeat_timeout"));
+    assert!(e.message.contains("longer than heartbeat_interval"), "{e}");
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nquery_timeout = \"0s\"\n");
+    assert!(e.message.contains("out of range"), "{e}");
+}
+
+#[test]
+fn addresses_and_names_are_checked() {
+    for (addr, want) in [
+        ("http://h:1", "must start with tcp:// or unix://"),
+        ("tcp://h", "missing :port"),
+        ("tcp://h:99999", "invalid port"),
+        ("tcp://:5", "missing or invalid host"),
+        ("unix://relative/x", "must be absolute"),
+    ] {
+        let e = error(&format!("[[site]]\nname = \"a\"\naddress = \"{addr}\"\n"));
+        assert_eq!(e.line, Some(3), "{addr}");
+        assert!(e.message.contains(want), "{addr}: {e}");
+    }
+    let v6: SiteAddress = "tcp://[::1]:6557".parse().unwrap();
+    assert_eq!(v6, SiteAddress::Tcp { host: "::1".into(), port: 6557 });
+    assert_eq!(v6.to_string(), "tcp://[::1]:6557");
+    let e = error("[[site]]\nname = \"../etc\"\naddress = \"tcp://h:1\"\n");
+    assert!(e.message.contains("not a valid site name"), "{e}");
+    let e = error("[[site]]\naddress = \"tcp://h:1\"\n");
+    assert_eq!(e.key.as_deref(), Some("site[1].name"));
+    let e = error("socket_dir = \"/tmp\"\n");
+    assert!(e.message.contains("no [[site]]"), "{e}");
+    let e = error("[defaults]\nname = \"x\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n");
+    assert_eq!(e.line, Some(2));
+}
+
+#[test]
+fn socket_path_length_is_checked() {
+    let dir = "/".to_string() + &"d".repeat(100);
+    let e = error(&format!("socket_dir = \"{dir}\"\n[[site]]\nname = \"abcdefghij\"\naddress = \"tcp://h:1\"\n"));
+    assert!(e.message.contains("longer than 107 bytes"), "{e}");
+}
+
+#[test]
+fn syntax_errors_have_lines() {
+    let e = error("[[site]]\nname = \"a\nother = 1\n");
+    assert_eq!(e.line, Some(2));
+}

@@ -1,0 +1,156 @@
+//! Observable events: each is a struct that writes its own log line (and,
+//! later, its metric), so a call site reads `SiteStateChanged { .. }.emit()`
+//! and every occurrence of an event looks the same in the log.
+//!
+//! Levels: site state changes are `warn` (down) or `info`; a client's
+//! malformed request or a client leaving mid-response is `info` (it is the
+//! client's business, not an alarm); per-query failures caused by a site that
+//! is already known to be down are `debug` (the state change said it once).
+
+use std::time::Duration;
+
+use crate::error::{QueryError, fmt_duration};
+use crate::site::SiteState;
+use livemux_protocol::RequestError;
+
+/// A site changed state.
+pub struct SiteStateChanged<'a> {
+    /// Site name.
+    pub site: &'a str,
+    /// Previous state.
+    pub from: SiteState,
+    /// New state.
+    pub to: SiteState,
+    /// Why.
+    pub reason: &'a str,
+    /// Time spent in the previous state.
+    pub after: Duration,
+}
+
+impl SiteStateChanged<'_> {
+    /// Write the log line.
+    pub fn emit(self) {
+        let after = fmt_duration(self.after);
+        match self.to {
+            SiteState::Down => {
+                tracing::warn!(site = self.site, from = %self.from, reason = self.reason, "site is down (was {} for {after}): {}", self.from, self.reason)
+            }
+            SiteState::Ready => {
+                tracing::info!(site = self.site, from = %self.from, "site is ready (was {} for {after}): {}", self.from, self.reason)
+            }
+            SiteState::Starting => tracing::info!(site = self.site, "site is starting"),
+        }
+    }
+}
+
+/// A client's query ended with an error response from the proxy.
+pub struct QueryFailed<'a> {
+    /// Site name.
+    pub site: &'a str,
+    /// The error sent to the client.
+    pub error: &'a QueryError,
+}
+
+impl QueryFailed<'_> {
+    /// Write the log line.
+    pub fn emit(self) {
+        let (site, kind, error) = (self.site, self.error.kind(), self.error);
+        match error {
+            QueryError::SiteDown { .. } | QueryError::ShuttingDown => {
+                tracing::debug!(site, kind, "query answered with an error: {error}")
+            }
+            QueryError::NotConnected { .. } => tracing::info!(site, kind, "query answered with an error: {error}"),
+            _ => tracing::warn!(site, kind, "query answered with an error: {error}"),
+        }
+    }
+}
+
+/// A client sent a request the proxy refused.
+pub struct RequestRejected<'a> {
+    /// Site name.
+    pub site: &'a str,
+    /// Why.
+    pub error: &'a RequestError,
+}
+
+impl RequestRejected<'_> {
+    /// Write the log line.
+    pub fn emit(self) {
+        tracing::info!(site = self.site, status = %self.error.status(), "client request rejected: {}", self.error);
+    }
+}
+
+/// A client went away while its response was being sent.
+pub struct ClientClosedMidResponse<'a> {
+    /// Site name.
+    pub site: &'a str,
+    /// Bytes of the response sent.
+    pub sent: u64,
+    /// Bytes of the response in total.
+    pub total: u64,
+}
+
+impl ClientClosedMidResponse<'_> {
+    /// Write the log line.
+    pub fn emit(self) {
+        tracing::info!(
+            site = self.site,
+            sent = self.sent,
+            total = self.total,
+            "client closed connection while sending response ({} of {} bytes sent)",
+            self.sent,
+            self.total
+        );
+    }
+}
+
+/// A response was cut off after part of it had been sent.
+pub struct ResponseCut<'a> {
+    /// Site name.
+    pub site: &'a str,
+    /// Bytes of the response sent.
+    pub sent: u64,
+    /// Bytes of the response in total.
+    pub total: u64,
+    /// Why.
+    pub error: &'a QueryError,
+}
+
+impl ResponseCut<'_> {
+    /// Write the log line.
+    pub fn emit(self) {
+        tracing::warn!(
+            site = self.site,
+            sent = self.sent,
+            total = self.total,
+            kind = self.error.kind(),
+            "response cut after {} of {} bytes, closing the client connection: {}",
+            self.sent,
+            self.total,
+            self.error
+        );
+    }
+}
+
+/// A `COMMAND` could not be forwarded.
+pub struct CommandFailed<'a> {
+    /// Site name.
+    pub site: &'a str,
+    /// Number of commands in the request.
+    pub commands: usize,
+    /// Why.
+    pub error: &'a QueryError,
+}
+
+impl CommandFailed<'_> {
+    /// Write the log line.
+    pub fn emit(self) {
+        tracing::warn!(
+            site = self.site,
+            commands = self.commands,
+            kind = self.error.kind(),
+            "COMMAND not forwarded: {}",
+            self.error
+        );
+    }
+}

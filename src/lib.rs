@@ -1,0 +1,35 @@
+//! livemux: a Livestatus proxy daemon.
+//!
+//! GUI workers connect to one local UNIX socket per remote site; livemux
+//! hands each query to one of a few persistent connections ("channels") to
+//! that site, knows from heartbeats whether the site is up, and answers
+//! queries for a down site at once with an error instead of a connect timeout.
+//!
+//! # Layout
+//! - [`config`]: TOML → validated [`config::Config`].
+//! - [`app`]: bind, spawn, run, drain.
+//! - [`site`]: one actor per remote site (channels, heartbeat, state) and the
+//!   [`site::SiteHandle`] every client of a site uses.
+//! - [`client`]: the per-site UNIX sockets and client sessions.
+//! - [`relay`]: moving a site's answer to a client under one deadline.
+//! - [`state`]: the JSON state file.
+//! - [`events`]: one struct per observable event (log line).
+//! - [`error`]: error types, classified by who failed.
+//! - [`cli`], [`demo`]: the `query` and `demo` commands.
+//!
+//! The wire format lives in the sans-I/O crate [`livemux_protocol`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod events;
+pub mod relay;
+pub mod site;
+pub mod state;
+
+pub use livemux_protocol as protocol;

@@ -1,0 +1,149 @@
+//! The `livemux` command: parse arguments, set up logging, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use livemux::app::App;
+use livemux::config::Config;
+
+#[derive(Parser)]
+#[command(version, about = "A Livestatus proxy daemon")]
+struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `livemux=debug` (default: $LIVEMUX_LOG or info).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy in the foreground (logs go to stderr).
+    Run {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file (exit 0, or 1 with the error).
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start three simulated sites and the proxy in front of them.
+    Demo {
+        /// Directory for sockets and state (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Send one query to a Livestatus socket and print the answer.
+    Query {
+        /// The socket, e.g. /run/livemux/berlin.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The query; `\n` separates lines. Read from stdin when absent.
+        query: Option<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "130s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level.as_deref());
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(format_args!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::CheckConfig { config } => match Config::load(&config) {
+                Ok(c) => {
+                    println!("{}: OK ({} sites)", config.display(), c.sites.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(format_args!("{}: {e}", config.display())),
+            },
+            Command::Demo { dir } => match livemux::demo::run(dir, stop_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format_args!("demo failed: {e}")),
+            },
+            Command::Query { socket, query, timeout } => query_command(socket, query, timeout).await,
+        }
+    })
+}
+
+async fn run(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return fail(format_args!("{}: {e}", path.display())),
+    };
+    let app = match App::start(config).await {
+        Ok(a) => a,
+        Err(e) => return fail(format_args!("cannot start: {e}")),
+    };
+    stop_signal().await;
+    app.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// Completes on SIGINT or SIGTERM. SIGHUP is logged and otherwise ignored
+/// until configuration reload exists, so it cannot kill the daemon.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+        tracing::warn!("cannot install signal handlers; stop with Ctrl-C");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => tracing::warn!("SIGHUP received: configuration reload is not supported yet; keeping the current configuration"),
+        }
+    }
+}
+
+async fn query_command(socket: PathBuf, query: Option<String>, timeout: Duration) -> ExitCode {
+    let text = match query {
+        Some(q) => q,
+        None => match std::io::read_to_string(std::io::stdin()) {
+            Ok(t) => t,
+            Err(e) => return fail(format_args!("cannot read the query from stdin: {e}")),
+        },
+    };
+    match livemux::cli::query(&socket, &text, timeout).await {
+        Ok(body) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            if out.write_all(&body).and_then(|()| out.flush()).is_err() {
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format_args!("{e}")),
+    }
+}
+
+fn init_logging(level: Option<&str>) {
+    let filter =
+        level.map(str::to_owned).or_else(|| std::env::var("LIVEMUX_LOG").ok()).unwrap_or_else(|| "info".to_owned());
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn fail(msg: std::fmt::Arguments<'_>) -> ExitCode {
+    eprintln!("livemux: {msg}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,486 @@
+//! The site actor: one task per site that owns its channels, its heartbeat
+//! and its state.
+//!
+//! Everything that changes a site's state happens in this task, in one
+//! `select!` over: shutdown, events from its own helpers (channels returned,
+//! connects finished, heartbeats answered), requests from handles (acquire a
+//! channel, snapshot), an idle channel becoming readable (the site closed it),
+//! and the next timer (heartbeat, reconnect, stall check). The actor never
+//! waits for I/O itself: connects and heartbeats run in helper tasks that
+//! report back as events, so a slow site never delays another request.
+//!
+//! States: `starting` (first connect and heartbeat in progress; queries wait
+//! for a channel), `ready`, `down` (answers every query at once with the last
+//! failure, and reconnects on its own after `connect_retry`). A site counts as
+//! ready again only when a fresh connection has answered a heartbeat, so a
+//! core that accepts connections but hangs does not flap.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::channel::{Activity, Channel, Lease, looks_alive, poll_dead_idle};
+use super::connector::{SiteStream, connect};
+use super::heartbeat;
+use super::{ChannelSnapshot, SiteSnapshot, SiteState, SiteStatus, timestamp};
+use crate::config::SiteConfig;
+use crate::error::{SiteError, fmt_duration};
+
+/// Requests from [`SiteHandle`](super::SiteHandle)s.
+pub(crate) enum Request {
+    /// Lend a channel; `fresh` asks for one that never carried a query.
+    Acquire { fresh: bool, reply: oneshot::Sender<Result<Lease, AcquireError>> },
+    /// Describe the site for the state file.
+    Snapshot { reply: oneshot::Sender<SiteSnapshot> },
+}
+
+/// Why the actor refused to lend a channel.
+#[derive(Debug, Clone)]
+pub(crate) enum AcquireError {
+    /// The site is down; the last failure.
+    Down(String),
+    /// The proxy is shutting down.
+    ShuttingDown,
+}
+
+/// Reports from the actor's helpers and leases.
+pub(crate) enum Event {
+    /// A lease ended.
+    Returned { channel: Channel, reusable: bool, reason: Option<String> },
+    /// A connect attempt finished.
+    Connected { generation: u64, probe: bool, result: Result<SiteStream, SiteError> },
+    /// A heartbeat finished; the channel comes back only if it answered.
+    Heartbeat { generation: u64, probe: bool, channel: Option<Channel>, result: Result<i64, SiteError> },
+}
+
+struct Waiter {
+    fresh: bool,
+    reply: oneshot::Sender<Result<Lease, AcquireError>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Busy {
+    Query,
+    Heartbeat,
+}
+
+pub(crate) struct Actor {
+    cfg: SiteConfig,
+    requests: mpsc::Receiver<Request>,
+    events: mpsc::UnboundedReceiver<Event>,
+    /// Cloned into leases and helper tasks. Unbounded by type, bounded in
+    /// practice: each lease, connect and heartbeat sends exactly one event.
+    events_tx: mpsc::UnboundedSender<Event>,
+    status_tx: watch::Sender<SiteStatus>,
+    shutdown: CancellationToken,
+    activity: Arc<Activity>,
+
+    /// Idle channels; front = least recently used (heartbeats take it),
+    /// back = most recently used (queries take it).
+    idle: VecDeque<Channel>,
+    /// Lent channels: id → what for and since when.
+    busy: BTreeMap<u64, (Busy, SystemTime)>,
+    /// Connect attempts in flight.
+    connecting: usize,
+    /// Queries waiting for a channel, in arrival order.
+    waiters: VecDeque<Waiter>,
+
+    state: SiteState,
+    state_since: SystemTime,
+    last_error: Option<String>,
+    last_failed_connect: Option<SystemTime>,
+    heartbeats: u64,
+    program_start: Option<i64>,
+    /// Bumped each time the site goes down; channels of older generations
+    /// are closed when they come back.
+    generation: u64,
+    /// Cancelled when the site goes down, to stop queries in flight.
+    down_token: CancellationToken,
+    next_heartbeat: Option<Instant>,
+    heartbeat_in_flight: bool,
+    /// A heartbeat is due but every channel is busy (since when).
+    heartbeat_pending: Option<Instant>,
+    retry_at: Option<Instant>,
+    next_id: u64,
+}
+
+impl Actor {
+    pub(crate) fn new(
+        cfg: SiteConfig,
+        requests: mpsc::Receiver<Request>,
+        status_tx: watch::Sender<SiteStatus>,
+        shutdown: CancellationToken,
+    ) -> Actor {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Actor {
+            cfg,
+            requests,
+            events,
+            events_tx,
+            status_tx,
+            shutdown,
+            activity: Arc::new(Activity::new()),
+            idle: VecDeque::new(),
+            busy: BTreeMap::new(),
+            connecting: 0,
+            waiters: VecDeque::new(),
+            state: SiteState::Starting,
+            state_since: SystemTime::now(),
+            last_error: None,
+            last_failed_connect: None,
+            heartbeats: 0,
+            program_start: None,
+            generation: 0,
+            down_token: CancellationToken::new(),
+            next_heartbeat: None,
+            heartbeat_in_flight: false,
+            heartbeat_pending: None,
+            retry_at: None,
+            next_id: 1,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        self.start_connect(true);
+        loop {
+            let timer = self.next_deadline();
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                Some(ev) = self.events.recv() => self.on_event(ev),
+                req = self.requests.recv() => match req {
+                    Some(r) => self.on_request(r),
+                    None => break,
+                },
+                i = std::future::poll_fn(|cx| poll_dead_idle(self.idle.make_contiguous(), cx)) => {
+                    if let Some(ch) = self.idle.remove(i) {
+                        tracing::debug!(site = %self.cfg.name, channel = ch.id, "idle channel closed by the site; replacing it");
+                    }
+                    self.ensure_channels();
+                }
+                _ = sleep_until(timer) => self.on_timer(),
+            }
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(Err(AcquireError::ShuttingDown));
+        }
+        self.down_token.cancel();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let stall = self.heartbeat_pending.map(|since| self.stall_deadline(since));
+        [self.retry_at, self.next_heartbeat, stall].into_iter().flatten().min()
+    }
+
+    fn stall_deadline(&self, pending_since: Instant) -> Instant {
+        let p = &self.cfg.params;
+        pending_since.max(self.activity.last_rx()) + p.heartbeat_interval + p.heartbeat_timeout
+    }
+
+    // === requests ===
+
+    fn on_request(&mut self, req: Request) {
+        match req {
+            Request::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Request::Acquire { fresh, reply } => {
+                if self.state == SiteState::Down {
+                    let reason = self.last_error.clone().unwrap_or_default();
+                    let _ = reply.send(Err(AcquireError::Down(reason)));
+                    return;
+                }
+                self.waiters.push_back(Waiter { fresh, reply });
+                self.dispatch();
+            }
+        }
+    }
+
+    /// Hand idle channels to the pending heartbeat, then to waiters in order.
+    fn dispatch(&mut self) {
+        let before = self.idle.len();
+        self.idle.retain_mut(looks_alive);
+        if self.idle.len() < before {
+            self.ensure_channels();
+        }
+        if self.heartbeat_pending.is_some()
+            && !self.heartbeat_in_flight
+            && let Some(ch) = self.idle.pop_front()
+        {
+            self.start_heartbeat(ch, false);
+        }
+        let mut i = 0;
+        while i < self.waiters.len() && !self.idle.is_empty() {
+            if self.waiters[i].reply.is_closed() {
+                self.waiters.remove(i);
+                continue;
+            }
+            let fresh = self.waiters[i].fresh;
+            let pick = if fresh { self.idle.iter().rposition(|c| c.uses == 0) } else { Some(self.idle.len() - 1) };
+            let Some(pos) = pick else {
+                i += 1;
+                continue;
+            };
+            let Some(w) = self.waiters.remove(i) else { break };
+            let Some(ch) = self.idle.remove(pos) else { break };
+            let id = ch.id;
+            let lease = Lease::new(ch, self.events_tx.clone(), self.activity.clone(), self.down_token.clone());
+            self.busy.insert(id, (Busy::Query, SystemTime::now()));
+            if let Err(Ok(lease)) = w.reply.send(Ok(lease)) {
+                // The client stopped waiting just now: the channel is untouched.
+                self.busy.remove(&id);
+                if let Some(ch) = lease.unlend() {
+                    self.idle.push_back(ch);
+                }
+            }
+        }
+        self.make_fresh_channel_if_needed();
+    }
+
+    /// A retry waits for a never-used channel. If none is on its way, trade
+    /// the least recently used idle channel for a new connection.
+    fn make_fresh_channel_if_needed(&mut self) {
+        if self.state != SiteState::Ready || self.connecting > 0 || !self.waiters.iter().any(|w| w.fresh) {
+            return;
+        }
+        if self.idle.pop_front().is_some() || self.open_channels() < self.cfg.params.channels {
+            self.start_connect(false);
+        }
+    }
+
+    // === events ===
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Returned { channel, reusable, reason } => {
+                self.busy.remove(&channel.id);
+                if !reusable || channel.generation != self.generation || self.state == SiteState::Down {
+                    if let Some(reason) = reason {
+                        tracing::debug!(site = %self.cfg.name, channel = channel.id, %reason, "channel closed");
+                    }
+                    drop(channel);
+                    self.ensure_channels();
+                } else {
+                    self.idle.push_back(channel);
+                }
+                self.dispatch();
+            }
+            Event::Connected { generation, probe, result } => {
+                self.connecting -= 1;
+                if generation != self.generation {
+                    self.ensure_channels();
+                    return;
+                }
+                match result {
+                    Ok(stream) => {
+                        let ch = self.new_channel(stream);
+                        if probe {
+                            self.start_heartbeat(ch, true);
+                        } else {
+                            self.idle.push_back(ch);
+                            self.dispatch();
+                        }
+                    }
+                    Err(e) => {
+                        self.last_failed_connect = Some(SystemTime::now());
+                        self.go_down(e.to_string());
+                    }
+                }
+            }
+            Event::Heartbeat { generation, probe, channel, result } => {
+                self.heartbeat_in_flight = false;
+                if generation != self.generation {
+                    return;
+                }
+                match (result, channel) {
+                    (Ok(program_start), Some(mut ch)) => {
+                        self.busy.remove(&ch.id);
+                        ch.uses += 1;
+                        ch.since = SystemTime::now();
+                        self.heartbeats += 1;
+                        self.note_program_start(program_start);
+                        self.idle.push_back(ch);
+                        if probe {
+                            self.set_state(SiteState::Ready, "connected and answering heartbeats".into());
+                            self.next_heartbeat = Some(Instant::now() + self.cfg.params.heartbeat_interval);
+                            self.ensure_channels();
+                        }
+                        self.dispatch();
+                    }
+                    (Err(e), _) => self.go_down(e.to_string()),
+                    (Ok(_), None) => self.go_down("heartbeat channel lost".into()),
+                }
+            }
+        }
+    }
+
+    fn note_program_start(&mut self, ps: i64) {
+        if let Some(old) = self.program_start
+            && old != ps
+        {
+            tracing::info!(site = %self.cfg.name, old, new = ps, "site's core restarted or reloaded (program_start changed)");
+        }
+        self.program_start = Some(ps);
+        self.publish();
+    }
+
+    // === timers ===
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            self.start_connect(true);
+        }
+        if self.state == SiteState::Ready
+            && let Some(t) = self.next_heartbeat
+            && now >= t
+        {
+            self.next_heartbeat = Some(now + self.cfg.params.heartbeat_interval);
+            self.waiters.retain(|w| !w.reply.is_closed());
+            if !self.heartbeat_in_flight {
+                self.heartbeat_pending.get_or_insert(now);
+                self.dispatch();
+            }
+        }
+        if let Some(since) = self.heartbeat_pending
+            && now >= self.stall_deadline(since)
+        {
+            let quiet = now.saturating_duration_since(since.max(self.activity.last_rx()));
+            let channels = self.busy.len();
+            self.go_down(SiteError::Stalled { channels, quiet }.to_string());
+        }
+    }
+
+    // === connections and heartbeats ===
+
+    fn open_channels(&self) -> usize {
+        self.idle.len() + self.busy.len() + self.connecting
+    }
+
+    /// While ready, keep `channels` connections open or opening.
+    fn ensure_channels(&mut self) {
+        if self.state != SiteState::Ready {
+            return;
+        }
+        for _ in self.open_channels()..self.cfg.params.channels {
+            self.start_connect(false);
+        }
+    }
+
+    fn start_connect(&mut self, probe: bool) {
+        self.connecting += 1;
+        let (address, timeout) = (self.cfg.address.clone(), self.cfg.params.connect_timeout);
+        let (tx, generation) = (self.events_tx.clone(), self.generation);
+        tokio::spawn(async move {
+            let result = connect(&address, timeout).await;
+            let _ = tx.send(Event::Connected { generation, probe, result });
+        });
+    }
+
+    fn new_channel(&mut self, stream: SiteStream) -> Channel {
+        let id = self.next_id;
+        self.next_id += 1;
+        Channel { id, stream, uses: 0, generation: self.generation, since: SystemTime::now() }
+    }
+
+    fn start_heartbeat(&mut self, mut ch: Channel, probe: bool) {
+        self.heartbeat_in_flight = true;
+        self.heartbeat_pending = None;
+        self.busy.insert(ch.id, (Busy::Heartbeat, SystemTime::now()));
+        let (tx, generation) = (self.events_tx.clone(), self.generation);
+        let timeout = self.cfg.params.heartbeat_timeout;
+        tokio::spawn(async move {
+            let (channel, result) = match tokio::time::timeout(timeout, heartbeat::exchange(&mut ch.stream)).await {
+                Ok(Ok(ps)) => (Some(ch), Ok(ps)),
+                Ok(Err(e)) => (None, Err(e)),
+                Err(_) => (None, Err(SiteError::HeartbeatTimeout(timeout))),
+            };
+            let _ = tx.send(Event::Heartbeat { generation, probe, channel, result });
+        });
+    }
+
+    // === state ===
+
+    fn go_down(&mut self, reason: String) {
+        let was = self.state;
+        self.last_error = Some(reason.clone());
+        self.generation += 1;
+        self.down_token.cancel();
+        self.down_token = CancellationToken::new();
+        self.idle.clear();
+        self.busy.clear();
+        self.heartbeat_in_flight = false;
+        self.heartbeat_pending = None;
+        self.next_heartbeat = None;
+        self.retry_at = Some(Instant::now() + self.cfg.params.connect_retry);
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(Err(AcquireError::Down(reason.clone())));
+        }
+        if was == SiteState::Down {
+            tracing::debug!(site = %self.cfg.name, %reason, "reconnect failed; retrying in {}", fmt_duration(self.cfg.params.connect_retry));
+            self.publish();
+        } else {
+            self.set_state(SiteState::Down, reason);
+        }
+    }
+
+    fn set_state(&mut self, to: SiteState, reason: String) {
+        let from = self.state;
+        if from == to {
+            return;
+        }
+        let was_for = SystemTime::now().duration_since(self.state_since).unwrap_or_default();
+        self.state = to;
+        self.state_since = SystemTime::now();
+        crate::events::SiteStateChanged { site: &self.cfg.name, from, to, reason: &reason, after: was_for }.emit();
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.status_tx.send_replace(SiteStatus {
+            state: self.state,
+            generation: self.generation,
+            program_start: self.program_start,
+            heartbeats: self.heartbeats,
+        });
+    }
+
+    fn snapshot(&self) -> SiteSnapshot {
+        let mut channels: Vec<ChannelSnapshot> =
+            self.idle.iter().map(|c| ChannelSnapshot { id: c.id, state: "idle", since: timestamp(c.since) }).collect();
+        for (id, (kind, since)) in &self.busy {
+            let state = match kind {
+                Busy::Query => "busy",
+                Busy::Heartbeat => "heartbeat",
+            };
+            channels.push(ChannelSnapshot { id: *id, state, since: timestamp(*since) });
+        }
+        channels.sort_by_key(|c| c.id);
+        SiteSnapshot {
+            name: self.cfg.name.clone(),
+            address: self.cfg.address.to_string(),
+            state: self.state,
+            since: timestamp(self.state_since),
+            last_error: self.last_error.clone(),
+            last_failed_connect: self.last_failed_connect.map(timestamp),
+            heartbeats_received: self.heartbeats,
+            program_start: self.program_start,
+            channels,
+            channels_connecting: self.connecting,
+            clients_waiting: self.waiters.iter().filter(|w| !w.reply.is_closed()).count(),
+            clients_connected: 0,
+        }
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

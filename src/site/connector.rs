@@ -1,0 +1,102 @@
+//! Opening connections to a site, each under `connect_timeout`.
+//!
+//! [`SiteStream`] is the connection type of a channel: TCP or UNIX. On TCP
+//! the proxy sets `TCP_NODELAY` (a query goes out in one write) and re-arms
+//! `TCP_QUICKACK` before every read: Icinga 2 writes the fixed16 header and
+//! the body in two writes without `TCP_NODELAY`, so with delayed ACKs on our
+//! side its Nagle algorithm holds the body for ~40 ms on every keep-alive
+//! query. Quick ACKs make that stall impossible.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::config::SiteAddress;
+use crate::error::SiteError;
+
+/// A connection to a site.
+#[derive(Debug)]
+pub enum SiteStream {
+    /// Livestatus over TCP.
+    Tcp(TcpStream),
+    /// Livestatus over a UNIX socket.
+    Unix(UnixStream),
+}
+
+impl SiteStream {
+    fn rearm_quickack(&self) {
+        #[cfg(target_os = "linux")]
+        if let SiteStream::Tcp(s) = self {
+            // Best effort: on failure we only lose the latency optimisation.
+            let _ = socket2::SockRef::from(s).set_tcp_quickack(true);
+        }
+    }
+}
+
+impl AsyncRead for SiteStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.rearm_quickack();
+        match this {
+            SiteStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            SiteStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for SiteStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            SiteStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            SiteStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SiteStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            SiteStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SiteStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            SiteStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Open one connection to `address` within `timeout`.
+///
+/// A TCP host name is resolved on every connect, and each resolved address is
+/// tried in turn until one answers; the timeout covers all of it.
+pub async fn connect(address: &SiteAddress, timeout: Duration) -> Result<SiteStream, SiteError> {
+    let attempt = async {
+        match address {
+            SiteAddress::Unix(path) => UnixStream::connect(path).await.map(SiteStream::Unix),
+            SiteAddress::Tcp { host, port } => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
+                for addr in tokio::net::lookup_host((host.as_str(), *port)).await? {
+                    match TcpStream::connect(addr).await {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(SiteStream::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(SiteError::Connect { address: address.to_string(), source }),
+        Err(_) => Err(SiteError::ConnectTimeout { address: address.to_string(), after: timeout }),
+    }
+}

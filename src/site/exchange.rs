@@ -1,0 +1,125 @@
+//! One query's trip to a site: get a channel, send, read the response header.
+//!
+//! [`send_query`] is what every client of a site uses, whether a socket
+//! client's session or an internal client (inventory sync, a federated
+//! query): it returns the site's header and the lease, positioned at the start
+//! of the body, and the caller reads the body at its own pace. A query that
+//! fails on a reused channel before a single answer byte arrived is sent once
+//! more on a fresh channel: a stale keep-alive connection looks exactly like
+//! that. `COMMAND`s are never retried (they may have been executed).
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::SiteHandle;
+use super::channel::Lease;
+use crate::error::{QueryError, SiteError};
+use livemux_protocol::{FIXED16_LEN, ResponseHeader};
+
+/// A failure while waiting for the response header.
+pub(crate) struct HeaderFailure {
+    /// At least one byte of the answer had arrived.
+    pub any_byte: bool,
+    /// What happened.
+    pub error: SiteError,
+}
+
+/// Read the 16-byte response header.
+pub(crate) async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<([u8; FIXED16_LEN], ResponseHeader), HeaderFailure> {
+    let mut raw = [0u8; FIXED16_LEN];
+    let mut got = 0;
+    while got < FIXED16_LEN {
+        match r.read(&mut raw[got..]).await {
+            Ok(0) if got == 0 => return Err(HeaderFailure { any_byte: false, error: SiteError::ClosedWithoutAnswer }),
+            Ok(0) => {
+                let error = SiteError::Truncated { got: got as u64, expected: FIXED16_LEN as u64 };
+                return Err(HeaderFailure { any_byte: true, error });
+            }
+            Ok(n) => got += n,
+            Err(e) => return Err(HeaderFailure { any_byte: got > 0, error: SiteError::Io(e) }),
+        }
+    }
+    let header = ResponseHeader::decode(&raw).map_err(|e| HeaderFailure { any_byte: true, error: e.into() })?;
+    Ok((raw, header))
+}
+
+/// A site's answer whose header has arrived; the body is still on the channel.
+pub struct SiteResponse {
+    /// The header as the site sent it (its last byte may be a custom separator).
+    pub raw_header: [u8; FIXED16_LEN],
+    /// The decoded header.
+    pub header: ResponseHeader,
+    /// The channel, positioned at the first body byte.
+    pub lease: Lease,
+}
+
+/// Send a query (already encoded for the site) and wait for its header.
+///
+/// Waits for a channel at most `channel_timeout`, and for everything at most
+/// until `deadline`.
+pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Result<SiteResponse, QueryError> {
+    let mut fresh = false;
+    loop {
+        let mut lease = site.acquire(fresh, deadline).await?;
+        let reused = lease.reused();
+        let down = lease.down_signal();
+        let attempt = async {
+            lease.write_all(wire).await.map_err(|e| HeaderFailure { any_byte: false, error: e.into() })?;
+            read_header(&mut lease).await
+        };
+        let outcome = tokio::select! {
+            r = tokio::time::timeout_at(deadline, attempt) => r,
+            _ = down.cancelled() => return Err(site.down_error()),
+        };
+        match outcome {
+            Ok(Ok((raw_header, header))) => return Ok(SiteResponse { raw_header, header, lease }),
+            Ok(Err(f)) if !f.any_byte && reused && !fresh => {
+                tracing::debug!(site = %site.name(), channel = lease.channel_id(), error = %f.error,
+                    "reused channel failed before answering; retrying once on a fresh channel");
+                lease.discard(f.error.to_string());
+                fresh = true;
+            }
+            Ok(Err(f)) => {
+                lease.discard(f.error.to_string());
+                return Err(QueryError::Site { site: site.name().to_owned(), source: f.error });
+            }
+            Err(_) => {
+                lease.discard("query timeout");
+                return Err(site.timeout_error());
+            }
+        }
+    }
+}
+
+/// Forward `COMMAND`s (already encoded, each with its empty line). There is
+/// no answer to wait for; the channel is free again as soon as they are written.
+pub async fn send_commands(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Result<(), QueryError> {
+    let mut lease = site.acquire(false, deadline).await?;
+    let write = tokio::time::timeout_at(deadline, async {
+        lease.write_all(wire).await?;
+        lease.flush().await
+    });
+    match write.await {
+        Ok(Ok(())) => {
+            lease.release();
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            lease.discard(e.to_string());
+            Err(QueryError::Site { site: site.name().to_owned(), source: SiteError::Io(e) })
+        }
+        Err(_) => {
+            lease.discard("command write timeout");
+            Err(site.timeout_error())
+        }
+    }
+}
+
+/// Classify an I/O error on the proxy→site hop during the body.
+pub(crate) fn body_error(e: io::Error, got: u64, expected: u64) -> SiteError {
+    if e.kind() == io::ErrorKind::UnexpectedEof { SiteError::Truncated { got, expected } } else { SiteError::Io(e) }
+}

@@ -1,0 +1,248 @@
+//! Remote sites: one actor task per site, reached through a [`SiteHandle`].
+//!
+//! The handle is cheap to clone and is all that clients of a site need:
+//! socket sessions, the state writer, and (later) internal clients such as
+//! inventory sync or a federated query that fans out to many handles at once.
+//!
+//! - [`actor`]: the task that owns channels, heartbeat and state.
+//! - [`channel`]: channels and the leases that lend them to queries.
+//! - [`connector`]: opening TCP/UNIX connections under a timeout.
+//! - [`heartbeat`]: the protocol-level liveness query.
+//! - [`exchange`]: one query's trip (acquire, send, read header, retry once).
+
+pub(crate) mod actor;
+pub mod channel;
+pub mod connector;
+pub mod exchange;
+pub(crate) mod heartbeat;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{SiteConfig, SiteParams};
+use crate::error::QueryError;
+use actor::{AcquireError, Actor, Request};
+pub use channel::Lease;
+pub use exchange::{SiteResponse, send_commands, send_query};
+
+/// Capacity of a site's request queue. Requests are tiny and the actor
+/// answers each at once; the bound only matters if it is stuck.
+const REQUEST_QUEUE: usize = 256;
+
+/// A site's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteState {
+    /// The first connection is being made; queries wait for a channel.
+    Starting,
+    /// Connected and answering heartbeats.
+    Ready,
+    /// Unreachable or not answering; queries fail at once.
+    Down,
+}
+
+impl std::fmt::Display for SiteState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SiteState::Starting => "starting",
+            SiteState::Ready => "ready",
+            SiteState::Down => "down",
+        })
+    }
+}
+
+/// What a handle can see of a site without asking the actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiteStatus {
+    /// Current state.
+    pub state: SiteState,
+    /// Bumped each time the site goes down.
+    pub generation: u64,
+    /// The core's start time from the last heartbeat.
+    pub program_start: Option<i64>,
+    /// Heartbeats answered so far.
+    pub heartbeats: u64,
+}
+
+/// One channel in a [`SiteSnapshot`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelSnapshot {
+    /// Channel number.
+    pub id: u64,
+    /// `idle`, `busy` or `heartbeat`.
+    pub state: &'static str,
+    /// Since when (RFC 3339).
+    pub since: String,
+}
+
+/// A site as written to the state file.
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteSnapshot {
+    /// Site name.
+    pub name: String,
+    /// Site address.
+    pub address: String,
+    /// Current state.
+    pub state: SiteState,
+    /// Since when (RFC 3339).
+    pub since: String,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// When a connect last failed (RFC 3339).
+    pub last_failed_connect: Option<String>,
+    /// Heartbeats answered.
+    pub heartbeats_received: u64,
+    /// The core's start time (Unix seconds).
+    pub program_start: Option<i64>,
+    /// Open channels.
+    pub channels: Vec<ChannelSnapshot>,
+    /// Connections being opened.
+    pub channels_connecting: usize,
+    /// Queries waiting for a channel.
+    pub clients_waiting: usize,
+    /// Client connections on the site's socket.
+    pub clients_connected: u64,
+}
+
+pub(crate) fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The way to a site's actor.
+#[derive(Clone)]
+pub struct SiteHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    name: String,
+    params: SiteParams,
+    requests: mpsc::Sender<Request>,
+    status: watch::Receiver<SiteStatus>,
+    clients: AtomicU64,
+}
+
+impl SiteHandle {
+    /// Start a site's actor on `tracker`; it stops when `shutdown` is cancelled.
+    pub fn spawn(cfg: SiteConfig, shutdown: CancellationToken, tracker: &TaskTracker) -> SiteHandle {
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        let initial = SiteStatus { state: SiteState::Starting, generation: 0, program_start: None, heartbeats: 0 };
+        let (status_tx, status_rx) = watch::channel(initial);
+        let inner = HandleInner {
+            name: cfg.name.clone(),
+            params: cfg.params.clone(),
+            requests: tx,
+            status: status_rx,
+            clients: AtomicU64::new(0),
+        };
+        let actor = Actor::new(cfg, rx, status_tx, shutdown);
+        tracker.spawn(actor.run());
+        SiteHandle { inner: Arc::new(inner) }
+    }
+
+    /// Site name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Site settings.
+    pub fn params(&self) -> &SiteParams {
+        &self.inner.params
+    }
+
+    /// The site's current status.
+    pub fn status(&self) -> SiteStatus {
+        *self.inner.status.borrow()
+    }
+
+    /// Wait until the status satisfies `f` (returns at once if it already does).
+    pub async fn wait_for(&self, mut f: impl FnMut(&SiteStatus) -> bool) -> SiteStatus {
+        let mut rx = self.inner.status.clone();
+        match rx.wait_for(|s| f(s)).await {
+            Ok(s) => *s,
+            Err(_) => self.status(),
+        }
+    }
+
+    /// Borrow a channel: at most `channel_timeout`, and not past `deadline`.
+    pub async fn acquire(&self, fresh: bool, deadline: Instant) -> Result<Lease, QueryError> {
+        let params = &self.inner.params;
+        let start = Instant::now();
+        let wait_until = deadline.min(start + params.channel_timeout);
+        let (reply, rx) = oneshot::channel();
+        let sent = tokio::time::timeout_at(wait_until, self.inner.requests.send(Request::Acquire { fresh, reply }));
+        match sent.await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(QueryError::ShuttingDown),
+            Err(_) => return Err(self.wait_error(start, wait_until, deadline)),
+        }
+        match tokio::time::timeout_at(wait_until, rx).await {
+            Ok(Ok(Ok(lease))) => Ok(lease),
+            Ok(Ok(Err(AcquireError::Down(reason)))) => {
+                Err(QueryError::SiteDown { site: self.inner.name.clone(), reason })
+            }
+            Ok(Ok(Err(AcquireError::ShuttingDown))) | Ok(Err(_)) => Err(QueryError::ShuttingDown),
+            Err(_) => Err(self.wait_error(start, wait_until, deadline)),
+        }
+    }
+
+    fn wait_error(&self, start: Instant, wait_until: Instant, deadline: Instant) -> QueryError {
+        let site = self.inner.name.clone();
+        let waited = wait_until.saturating_duration_since(start);
+        if wait_until >= deadline {
+            return self.timeout_error();
+        }
+        match self.status().state {
+            SiteState::Starting => QueryError::NotConnected { site, waited },
+            SiteState::Down => self.down_error(),
+            SiteState::Ready => QueryError::NoFreeChannel { site, waited },
+        }
+    }
+
+    pub(crate) fn timeout_error(&self) -> QueryError {
+        QueryError::Timeout { site: self.inner.name.clone(), after: self.inner.params.query_timeout }
+    }
+
+    /// The error for queries cut off because the site went down.
+    pub(crate) fn down_error(&self) -> QueryError {
+        QueryError::SiteDown {
+            site: self.inner.name.clone(),
+            reason: "the site went down while the query was running".into(),
+        }
+    }
+
+    /// Ask the actor for a snapshot; `None` if it is gone or does not answer
+    /// within `timeout`.
+    pub async fn snapshot(&self, timeout: Duration) -> Option<SiteSnapshot> {
+        let (reply, rx) = oneshot::channel();
+        let ask = async {
+            self.inner.requests.send(Request::Snapshot { reply }).await.ok()?;
+            rx.await.ok()
+        };
+        let mut snap = tokio::time::timeout(timeout, ask).await.ok().flatten()?;
+        snap.clients_connected = self.inner.clients.load(Ordering::Relaxed);
+        Some(snap)
+    }
+
+    /// Count a client connection for the state file; the guard uncounts it.
+    pub fn client_connected(&self) -> ClientCount {
+        self.inner.clients.fetch_add(1, Ordering::Relaxed);
+        ClientCount(self.clone())
+    }
+}
+
+/// Keeps a client counted while alive.
+pub struct ClientCount(SiteHandle);
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.inner.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,107 @@
+//! The state file: a JSON snapshot of every site, rewritten atomically every
+//! `state_interval` (and once more at shutdown).
+//!
+//! The file is written to a temporary file in the same directory, flushed to
+//! disk and renamed over the old one, so a reader never sees half a file.
+//! Its `version` field changes only with incompatible layout changes.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::site::{SiteHandle, SiteSnapshot, timestamp};
+
+/// Layout version of the state file.
+pub const VERSION: u32 = 1;
+
+/// How long one site may take to describe itself.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The file's content.
+#[derive(Debug, Serialize)]
+pub struct StateFile {
+    /// Layout version.
+    pub version: u32,
+    /// Process id of the daemon.
+    pub pid: u32,
+    /// When this snapshot was taken (RFC 3339).
+    pub written_at: String,
+    /// One entry per site, in configuration order; a site whose actor did
+    /// not answer in time is listed with state `unknown`.
+    pub sites: Vec<SiteEntry>,
+}
+
+/// A site in the state file.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum SiteEntry {
+    /// A site that answered.
+    Known(SiteSnapshot),
+    /// A site whose actor did not answer.
+    Unknown {
+        /// Site name.
+        name: String,
+        /// Always `unknown`.
+        state: &'static str,
+    },
+}
+
+/// Take a snapshot of all sites.
+pub async fn collect(sites: &[SiteHandle]) -> StateFile {
+    let mut entries = Vec::with_capacity(sites.len());
+    for s in sites {
+        entries.push(match s.snapshot(SNAPSHOT_TIMEOUT).await {
+            Some(snap) => SiteEntry::Known(snap),
+            None => SiteEntry::Unknown { name: s.name().to_owned(), state: "unknown" },
+        });
+    }
+    StateFile { version: VERSION, pid: std::process::id(), written_at: timestamp(SystemTime::now()), sites: entries }
+}
+
+/// Write `state` to `path` atomically.
+pub fn write_atomically(path: &Path, state: &StateFile) -> std::io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".state.").suffix(".tmp").tempfile_in(dir)?;
+    serde_json::to_writer_pretty(&mut tmp, state)?;
+    tmp.write_all(b"\n")?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Rewrite the state file every `interval` until `shutdown`, then once more.
+pub async fn run(path: PathBuf, interval: Duration, sites: Vec<SiteHandle>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown.cancelled() => true,
+        };
+        let state = collect(&sites).await;
+        let p = path.clone();
+        let result = tokio::task::spawn_blocking(move || write_atomically(&p, &state)).await;
+        match result {
+            Ok(Ok(())) if failing => {
+                tracing::info!(path = %path.display(), "state file written again");
+                failing = false;
+            }
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if !failing => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write state file");
+                failing = true;
+            }
+            Ok(Err(_)) => {}
+            Err(e) => tracing::warn!(error = %e, "state file writer failed"),
+        }
+        if last {
+            break;
+        }
+    }
+}
