@@ -66,14 +66,6 @@ pub enum SiteError {
     /// A heartbeat was answered with an error or an unreadable body.
     #[error("heartbeat failed: {0}")]
     HeartbeatAnswer(String),
-    /// No heartbeat could be sent and the site sent nothing for too long.
-    #[error("all {channels} channels busy and no data from the site for {}", fmt_duration(*quiet))]
-    Stalled {
-        /// Channels in use.
-        channels: usize,
-        /// How long the site has been silent.
-        quiet: Duration,
-    },
 }
 
 /// Why a client's query was not answered by the site.

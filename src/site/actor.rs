@@ -14,6 +14,13 @@
 //! failure, and reconnects on its own after `connect_retry`). A site counts as
 //! ready again only when a fresh connection has answered a heartbeat, so a
 //! core that accepts connections but hangs does not flap.
+//!
+//! A heartbeat normally borrows the least recently used idle channel. When
+//! every channel is busy the heartbeat waits for one; if meanwhile the site
+//! sends nothing for `heartbeat_interval + heartbeat_timeout`, the heartbeat
+//! goes out on one extra, temporary connection. A site busy with slow queries
+//! answers it and stays ready (its queries are not disturbed); a hung core
+//! does not, and is declared down.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -47,14 +54,27 @@ pub(crate) enum AcquireError {
     ShuttingDown,
 }
 
+/// What a new connection or a heartbeat is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A pool channel for queries.
+    Pool,
+    /// The first connection while starting or after the site was down: the
+    /// site is ready once it answers a heartbeat.
+    Probe,
+    /// A temporary connection for the heartbeat while every pool channel is
+    /// busy and the site has been silent: it tells a busy site from a hung one.
+    Extra,
+}
+
 /// Reports from the actor's helpers and leases.
 pub(crate) enum Event {
     /// A lease ended.
     Returned { channel: Channel, reusable: bool, reason: Option<String> },
     /// A connect attempt finished.
-    Connected { generation: u64, probe: bool, result: Result<SiteStream, SiteError> },
+    Connected { generation: u64, purpose: Purpose, result: Result<SiteStream, SiteError> },
     /// A heartbeat finished; the channel comes back only if it answered.
-    Heartbeat { generation: u64, probe: bool, channel: Option<Channel>, result: Result<i64, SiteError> },
+    Heartbeat { generation: u64, purpose: Purpose, channel: Option<Channel>, result: Result<i64, SiteError> },
 }
 
 struct Waiter {
@@ -84,7 +104,7 @@ pub(crate) struct Actor {
     idle: VecDeque<Channel>,
     /// Lent channels: id → what for and since when.
     busy: BTreeMap<u64, (Busy, SystemTime)>,
-    /// Connect attempts in flight.
+    /// Connect attempts in flight for the pool (and the probe).
     connecting: usize,
     /// Queries waiting for a channel, in arrival order.
     waiters: VecDeque<Waiter>,
@@ -102,7 +122,9 @@ pub(crate) struct Actor {
     down_token: CancellationToken,
     next_heartbeat: Option<Instant>,
     heartbeat_in_flight: bool,
-    /// A heartbeat is due but every channel is busy (since when).
+    /// A heartbeat is due but every channel is busy (since when). If the
+    /// site stays silent for a heartbeat period, the heartbeat goes out on an
+    /// extra connection.
     heartbeat_pending: Option<Instant>,
     retry_at: Option<Instant>,
     next_id: u64,
@@ -145,7 +167,7 @@ impl Actor {
     }
 
     pub(crate) async fn run(mut self) {
-        self.start_connect(true);
+        self.start_connect(Purpose::Probe);
         loop {
             let timer = self.next_deadline();
             tokio::select! {
@@ -211,7 +233,7 @@ impl Actor {
             && !self.heartbeat_in_flight
             && let Some(ch) = self.idle.pop_front()
         {
-            self.start_heartbeat(ch, false);
+            self.start_heartbeat(ch, Purpose::Pool);
         }
         let mut i = 0;
         while i < self.waiters.len() && !self.idle.is_empty() {
@@ -248,7 +270,7 @@ impl Actor {
             return;
         }
         if self.idle.pop_front().is_some() || self.open_channels() < self.cfg.params.channels {
-            self.start_connect(false);
+            self.start_connect(Purpose::Pool);
         }
     }
 
@@ -269,8 +291,10 @@ impl Actor {
                 }
                 self.dispatch();
             }
-            Event::Connected { generation, probe, result } => {
-                self.connecting -= 1;
+            Event::Connected { generation, purpose, result } => {
+                if purpose != Purpose::Extra {
+                    self.connecting -= 1;
+                }
                 if generation != self.generation {
                     self.ensure_channels();
                     return;
@@ -278,11 +302,11 @@ impl Actor {
                 match result {
                     Ok(stream) => {
                         let ch = self.new_channel(stream);
-                        if probe {
-                            self.start_heartbeat(ch, true);
-                        } else {
+                        if purpose == Purpose::Pool {
                             self.idle.push_back(ch);
                             self.dispatch();
+                        } else {
+                            self.start_heartbeat(ch, purpose);
                         }
                     }
                     Err(e) => {
@@ -291,7 +315,7 @@ impl Actor {
                     }
                 }
             }
-            Event::Heartbeat { generation, probe, channel, result } => {
+            Event::Heartbeat { generation, purpose, channel, result } => {
                 self.heartbeat_in_flight = false;
                 if generation != self.generation {
                     return;
@@ -303,8 +327,10 @@ impl Actor {
                         ch.since = SystemTime::now();
                         self.heartbeats += 1;
                         self.note_program_start(program_start);
-                        self.idle.push_back(ch);
-                        if probe {
+                        if purpose != Purpose::Extra || self.open_channels() < self.cfg.params.channels {
+                            self.idle.push_back(ch);
+                        }
+                        if purpose == Purpose::Probe {
                             self.set_state(SiteState::Ready, "connected and answering heartbeats".into());
                             self.next_heartbeat = Some(Instant::now() + self.cfg.params.heartbeat_interval);
                             self.ensure_channels();
@@ -334,7 +360,7 @@ impl Actor {
         let now = Instant::now();
         if self.retry_at.is_some_and(|t| now >= t) {
             self.retry_at = None;
-            self.start_connect(true);
+            self.start_connect(Purpose::Probe);
         }
         if self.state == SiteState::Ready
             && let Some(t) = self.next_heartbeat
@@ -349,10 +375,12 @@ impl Actor {
         }
         if let Some(since) = self.heartbeat_pending
             && now >= self.stall_deadline(since)
+            && !self.heartbeat_in_flight
         {
-            let quiet = now.saturating_duration_since(since.max(self.activity.last_rx()));
-            let channels = self.busy.len();
-            self.go_down(SiteError::Stalled { channels, quiet }.to_string());
+            tracing::debug!(site = %self.cfg.name, "all channels busy and the site silent; heartbeat on an extra connection");
+            self.heartbeat_pending = None;
+            self.heartbeat_in_flight = true;
+            self.start_connect(Purpose::Extra);
         }
     }
 
@@ -368,17 +396,19 @@ impl Actor {
             return;
         }
         for _ in self.open_channels()..self.cfg.params.channels {
-            self.start_connect(false);
+            self.start_connect(Purpose::Pool);
         }
     }
 
-    fn start_connect(&mut self, probe: bool) {
-        self.connecting += 1;
+    fn start_connect(&mut self, purpose: Purpose) {
+        if purpose != Purpose::Extra {
+            self.connecting += 1;
+        }
         let (address, timeout) = (self.cfg.address.clone(), self.cfg.params.connect_timeout);
         let (tx, generation) = (self.events_tx.clone(), self.generation);
         tokio::spawn(async move {
             let result = connect(&address, timeout).await;
-            let _ = tx.send(Event::Connected { generation, probe, result });
+            let _ = tx.send(Event::Connected { generation, purpose, result });
         });
     }
 
@@ -388,7 +418,7 @@ impl Actor {
         Channel { id, stream, uses: 0, generation: self.generation, since: SystemTime::now() }
     }
 
-    fn start_heartbeat(&mut self, mut ch: Channel, probe: bool) {
+    fn start_heartbeat(&mut self, mut ch: Channel, purpose: Purpose) {
         self.heartbeat_in_flight = true;
         self.heartbeat_pending = None;
         self.busy.insert(ch.id, (Busy::Heartbeat, SystemTime::now()));
@@ -400,7 +430,7 @@ impl Actor {
                 Ok(Err(e)) => (None, Err(e)),
                 Err(_) => (None, Err(SiteError::HeartbeatTimeout(timeout))),
             };
-            let _ = tx.send(Event::Heartbeat { generation, probe, channel, result });
+            let _ = tx.send(Event::Heartbeat { generation, purpose, channel, result });
         });
     }
 

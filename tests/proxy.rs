@@ -1,0 +1,293 @@
+//! The proxy in front of simulated sites: framing, header rewriting,
+//! commands, pipelining, channel waits, timeouts, retries.
+
+mod support;
+
+use std::time::Duration;
+
+use livemux::site::SiteState;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Ask the simulated site directly over TCP; everything until EOF.
+async fn direct(site: &livemux_simsite::SimSite, request: &str) -> Vec<u8> {
+    let mut s = TcpStream::connect(site.tcp_addr().unwrap()).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    s.shutdown().await.unwrap();
+    read_to_eof(&mut s).await
+}
+
+const BATTERY: &[&str] = &[
+    "GET hosts\nColumns: name state plugin_output\n",
+    "GET hosts\nColumns: name groups\nFilter: groups >= db\nOutputFormat: json\n",
+    "GET services\nColumns: host_name description state\nFilter: state = 2\nLimit: 7\n",
+    "GET services\nStats: state = 0\nStats: state = 1\nStats: state = 2\nStats: state = 3\n",
+    "GET services\nColumns: host_name\nStats: state != 0\nFilter: host_name ~ host-000\nOutputFormat: json\n",
+    "GET hosts\nFilter: name = host-0001\nFilter: name = host-0002\nOr: 2\n",
+    "GET hostgroups\nColumns: name num_hosts\n",
+    "GET nosuchtable\n",
+    "GET hosts\nColumns: nosuchcolumn\n",
+];
+
+#[tokio::test]
+async fn answers_equal_direct_answers_byte_for_byte() {
+    let (p, s) = Proxy::with_sim("s1", fast_params()).await;
+    for q in BATTERY {
+        // With fixed16: exact header and body.
+        let want = direct(&s, &format!("{q}ResponseHeader: fixed16\n\n")).await;
+        let mut c = p.client("s1").await;
+        c.write_all(format!("{q}ResponseHeader: fixed16\n\n").as_bytes()).await.unwrap();
+        let got = read_to_eof(&mut c).await;
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "fixed16: {q:?}");
+
+        // Without fixed16 and without keep-alive: the body, then EOF.
+        let want = direct(&s, &format!("{q}\n")).await;
+        let mut c = p.client("s1").await;
+        c.write_all(format!("{q}\n").as_bytes()).await.unwrap();
+        let got = read_to_eof(&mut c).await;
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "plain: {q:?}");
+    }
+    // Keep-alive with fixed16: the whole battery on one connection.
+    let mut c = p.client("s1").await;
+    for q in BATTERY {
+        let want = direct(&s, &format!("{q}ResponseHeader: fixed16\n\n")).await;
+        let (code, body) = ask(&mut c, &format!("{q}ResponseHeader: fixed16\nKeepAlive: on\n\n")).await;
+        let mut got =
+            livemux_protocol::ResponseHeader::new(livemux_protocol::Status::from_code(code), body.len() as u64)
+                .encode()
+                .to_vec();
+        got.extend_from_slice(body.as_bytes());
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "keepalive: {q:?}");
+    }
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn site_gets_fixed16_and_keepalive_right_after_get_and_no_client_copies() {
+    let (p, s) = Proxy::with_sim("s1", fast_params()).await;
+    let mut c = p.client("s1").await;
+    let req = "GET hosts\nColumns: name\nCache: reload\nKeepAlive: on\nAuthUser: alice\nFilter: state = 1\n\
+               ResponseHeader: fixed16\nOutputFormat: json\n\n";
+    let (code, _) = ask(&mut c, req).await;
+    assert_eq!(code, 200);
+    let sent = s.requests().into_iter().rev().find(|r| r.starts_with(b"GET hosts")).unwrap();
+    assert_eq!(
+        String::from_utf8(sent).unwrap(),
+        "GET hosts\nResponseHeader: fixed16\nKeepAlive: on\nColumns: name\nAuthUser: alice\nFilter: state = 1\n\
+         OutputFormat: json\n\n"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn commands_are_forwarded_one_by_one_and_not_answered() {
+    let (p, s) = Proxy::with_sim("s1", fast_params()).await;
+    let mut c = p.client("s1").await;
+    // Two commands in one request, then a query on the same connection: the
+    // only bytes that come back are the query's answer.
+    c.write_all(b"COMMAND [1] PROCESS_HOST_CHECK_RESULT;host-0003;1;down now\nCOMMAND [2] NOP;x\n\n").await.unwrap();
+    let (code, body) = ask(
+        &mut c,
+        "GET hosts\nColumns: name state plugin_output\nFilter: name = host-0003\nResponseHeader: fixed16\n\n",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "host-0003;1;down now\n"));
+    let raw: Vec<Vec<u8>> = s.requests().into_iter().filter(|r| r.starts_with(b"COMMAND")).collect();
+    assert_eq!(
+        raw,
+        vec![
+            b"COMMAND [1] PROCESS_HOST_CHECK_RESULT;host-0003;1;down now\n\n".to_vec(),
+            b"COMMAND [2] NOP;x\n\n".to_vec()
+        ]
+    );
+    assert_eq!(s.stats().commands, 2);
+
+    // A client that asks for fixed16 on a COMMAND gets the empty 200 a core sends.
+    let mut c = p.client("s1").await;
+    c.write_all(b"COMMAND [3] NOP;y\nResponseHeader: fixed16\n\n").await.unwrap();
+    let (code, body) = read_answer(&mut c).await;
+    assert_eq!((code, body.as_str()), (200, ""));
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn many_pipelining_clients_share_two_channels() {
+    let (p, s) = Proxy::with_sim("s1", fast_params()).await;
+    let mut tasks = Vec::new();
+    for client in 0..40 {
+        let path = p.socket("s1");
+        tasks.push(tokio::spawn(async move {
+            let mut c = tokio::net::UnixStream::connect(path).await.unwrap();
+            let mut batch = String::new();
+            let hosts: Vec<usize> = (0..25).map(|i| (client * 7 + i * 3) % 100).collect();
+            for h in &hosts {
+                batch.push_str(&format!(
+                    "GET hosts\nColumns: name alias\nFilter: name = host-{h:04}\nKeepAlive: on\nResponseHeader: fixed16\n\n"
+                ));
+            }
+            c.write_all(batch.as_bytes()).await.unwrap();
+            for h in hosts {
+                let (code, body) = read_answer(&mut c).await;
+                assert_eq!(code, 200);
+                assert_eq!(body, format!("host-{h:04};Host {h} of s1\n"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(s.stats().accepted, 2, "only the two channels ever connected");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn reused_channel_failing_before_any_byte_is_retried_once_on_a_fresh_one() {
+    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, ..fast_params() }).await;
+    let (code, _) = query(&p, "s1", "GET status\nColumns: num_hosts").await;
+    assert_eq!(code, 200);
+    let before = s.stats();
+    s.set_knobs(|k| {
+        k.close_without_answer = 1;
+        k.fault_table = Some("hosts".into());
+    });
+    let (code, body) = query(&p, "s1", "GET hosts\nColumns: name\nLimit: 1").await;
+    assert_eq!((code, body.as_str()), (200, "host-0000\n"));
+    let after = s.stats();
+    assert_eq!(after.queries - before.queries, 2, "the query was sent twice");
+    assert_eq!(after.accepted - before.accepted, 1, "the retry used one new connection");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn site_closing_without_answer_costs_a_clear_error_not_a_hang() {
+    let (p, s) = Proxy::with_sim("s1", fast_params()).await;
+    s.set_knobs(|k| {
+        k.close_without_answer = 100;
+        k.fault_table = Some("hosts".into());
+    });
+    let (code, body) = query(&p, "s1", "GET hosts\nColumns: name").await;
+    assert_eq!(code, 502);
+    assert_eq!(body, "site 's1': the site closed the connection without answering\n");
+    // The site itself is fine: other tables still answer.
+    let (code, _) = query(&p, "s1", "GET status\nColumns: num_hosts").await;
+    assert_eq!(code, 200);
+    p.shutdown().await;
+}
+
+use livemux::config::SiteParams;
+
+#[tokio::test]
+async fn idle_channels_closed_by_the_site_are_replaced_before_a_client_gets_them() {
+    let params = SiteParams { channels: 2, heartbeat_interval: Duration::from_secs(60), ..fast_params() };
+    let (p, s) = Proxy::with_sim("s1", params).await;
+    eventually("both channels open", || s.stats().open == 2).await;
+    assert_eq!(s.stats().accepted, 2);
+    s.close_idle_connections();
+    eventually("the proxy reopened both channels", || s.stats().accepted == 4 && s.stats().open == 2).await;
+    let queries = s.stats().queries;
+    let (code, _) = query(&p, "s1", "GET hosts\nColumns: name\nLimit: 1").await;
+    assert_eq!(code, 200);
+    assert_eq!(s.stats().queries, queries + 1, "answered on the first try");
+    assert_eq!(s.stats().accepted, 4, "no retry connection was needed");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn queries_wait_for_a_channel_in_order_and_give_up_after_channel_timeout() {
+    let params = SiteParams { channels: 1, channel_timeout: Duration::from_millis(400), ..fast_params() };
+    let (p, s) = Proxy::with_sim("s1", params).await;
+    s.set_knobs(|k| {
+        k.delay = Duration::from_secs(2);
+        k.fault_table = Some("hosts".into());
+    });
+    let mut slow = p.client("s1").await;
+    slow.write_all(b"GET hosts\nColumns: name\nLimit: 1\nResponseHeader: fixed16\n\n").await.unwrap();
+    eventually_snapshot(&p, "s1", "the slow query holds the channel", |s| s.channels.iter().any(|c| c.state == "busy"))
+        .await;
+    let started = tokio::time::Instant::now();
+    let (code, body) = query(&p, "s1", "GET status\nColumns: num_hosts").await;
+    assert_eq!(code, 503);
+    assert_eq!(body, "no channel to site 's1' became free within 400ms\n");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let (code, body) = read_answer(&mut slow).await;
+    assert_eq!((code, body.as_str()), (200, "host-0000\n"));
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn waiting_queries_are_served_first_come_first_served() {
+    let params = SiteParams { channels: 1, channel_timeout: Duration::from_secs(10), ..fast_params() };
+    let (p, s) = Proxy::with_sim("s1", params).await;
+    s.set_knobs(|k| {
+        k.delay = Duration::from_millis(300);
+        k.fault_table = Some("hosts".into());
+    });
+    let mut first = p.client("s1").await;
+    first.write_all(b"GET hosts\nColumns: name\nLimit: 1\nResponseHeader: fixed16\n\n").await.unwrap();
+    eventually_snapshot(&p, "s1", "first query running", |s| s.channels.iter().any(|c| c.state == "busy")).await;
+    let mut waiting = Vec::new();
+    for i in 0..4 {
+        let mut c = p.client("s1").await;
+        c.write_all(format!("GET status\nColumns: num_hosts\nLimit: {i}\nResponseHeader: fixed16\n\n").as_bytes())
+            .await
+            .unwrap();
+        eventually_snapshot(&p, "s1", "query queued", |s| s.clients_waiting == i + 1).await;
+        waiting.push(c);
+    }
+    read_answer(&mut first).await;
+    for c in &mut waiting {
+        assert_eq!(read_answer(c).await.0, 200);
+    }
+    let order: Vec<String> = s
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with(b"GET status\nResponseHeader"))
+        .filter_map(|r| String::from_utf8_lossy(r).lines().find(|l| l.starts_with("Limit")).map(str::to_owned))
+        .collect();
+    assert_eq!(order, vec!["Limit: 0", "Limit: 1", "Limit: 2", "Limit: 3"]);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hanging_query_is_cut_at_query_timeout() {
+    let params = SiteParams { query_timeout: Duration::from_millis(700), ..fast_params() };
+    let (p, s) = Proxy::with_sim("s1", params).await;
+    s.set_knobs(|k| {
+        k.hang = true;
+        k.fault_table = Some("hosts".into());
+    });
+    let started = tokio::time::Instant::now();
+    let (code, body) = query(&p, "s1", "GET hosts\nColumns: name").await;
+    let took = started.elapsed();
+    assert_eq!((code, body.as_str()), (504, "query to site 's1' not answered within 700ms\n"));
+    assert!(took >= Duration::from_millis(700), "cut at the deadline, not before: {took:?}");
+    // Heartbeats keep working (status is not hung): the site stays ready.
+    assert_eq!(p.site("s1").status().state, SiteState::Ready);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn unterminated_request_at_eof_is_answered() {
+    let (p, _s) = Proxy::with_sim("s1", fast_params()).await;
+    let mut c = p.client("s1").await;
+    c.write_all(b"GET hosts\nColumns: name\nLimit: 2").await.unwrap();
+    c.shutdown().await.unwrap();
+    assert_eq!(read_to_eof(&mut c).await, b"host-0000\nhost-0001\n");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_idle_timeout_closes_quiet_connections() {
+    let params = SiteParams { client_idle_timeout: Duration::from_millis(300), ..fast_params() };
+    let (p, _s) = Proxy::with_sim("s1", params).await;
+    let mut c = p.client("s1").await;
+    let (code, _) = ask(&mut c, "GET status\nColumns: num_hosts\nKeepAlive: on\nResponseHeader: fixed16\n\n").await;
+    assert_eq!(code, 200);
+    let started = tokio::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(PATIENCE, c.read(&mut byte)).await.unwrap().unwrap();
+    assert_eq!(n, 0, "closed by the proxy");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    p.shutdown().await;
+}

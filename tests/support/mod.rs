@@ -1,0 +1,168 @@
+//! Test helpers: a proxy in a temporary directory in front of simulated
+//! sites, raw Livestatus clients, and condition waits with deadlines.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use livemux::app::App;
+use livemux::config::{Config, SiteAddress, SiteConfig, SiteParams};
+use livemux::site::{SiteHandle, SiteState};
+use livemux_protocol::{FIXED16_LEN, ResponseHeader};
+use livemux_simsite::{SimConfig, SimSite};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// Upper bound for any single wait in a test; generous for a loaded 2-core CI box.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Site settings with short timers, so time-driven behaviour shows quickly.
+pub fn fast_params() -> SiteParams {
+    SiteParams {
+        channels: 2,
+        heartbeat_interval: Duration::from_millis(300),
+        heartbeat_timeout: Duration::from_millis(200),
+        channel_timeout: Duration::from_secs(3),
+        query_timeout: Duration::from_secs(10),
+        connect_retry: Duration::from_millis(300),
+        connect_timeout: Duration::from_secs(2),
+        ..SiteParams::default()
+    }
+}
+
+/// A simulated site on a free loopback port.
+pub async fn sim(name: &str) -> SimSite {
+    SimSite::start(SimConfig::tcp(name)).await.expect("start simulated site")
+}
+
+/// A configuration with sockets in `<dir>/s` and a fast state file.
+pub fn test_config(dir: &std::path::Path, sites: Vec<(&str, String, SiteParams)>) -> Config {
+    Config {
+        socket_dir: dir.join("s"),
+        state_file: dir.join("state.json"),
+        state_interval: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(5),
+        sites: sites
+            .into_iter()
+            .map(|(name, addr, params)| SiteConfig {
+                name: name.into(),
+                address: addr.parse::<SiteAddress>().expect("address"),
+                params,
+            })
+            .collect(),
+    }
+}
+
+/// A running proxy in a temporary directory.
+pub struct Proxy {
+    pub app: Option<App>,
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+}
+
+impl Proxy {
+    /// Start a proxy for `sites`: (name, address, params).
+    pub async fn start(sites: Vec<(&str, String, SiteParams)>) -> Proxy {
+        let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
+        let config = test_config(dir.path(), sites);
+        let app = App::start(config.clone()).await.expect("start proxy");
+        Proxy { app: Some(app), dir, config }
+    }
+
+    /// One simulated site behind the proxy, with `params`; waits until ready.
+    pub async fn with_sim(name: &str, params: SiteParams) -> (Proxy, SimSite) {
+        let s = sim(name).await;
+        let p = Proxy::start(vec![(name, s.address(), params)]).await;
+        p.wait_state(name, SiteState::Ready).await;
+        (p, s)
+    }
+
+    pub fn socket(&self, site: &str) -> PathBuf {
+        self.config.socket_path(site)
+    }
+
+    pub fn site(&self, name: &str) -> SiteHandle {
+        self.app.as_ref().and_then(|a| a.site(name)).expect("site exists").clone()
+    }
+
+    /// Wait (bounded) until the site reaches `state`.
+    pub async fn wait_state(&self, site: &str, state: SiteState) {
+        let h = self.site(site);
+        tokio::time::timeout(PATIENCE, h.wait_for(|s| s.state == state))
+            .await
+            .unwrap_or_else(|_| panic!("site {site} did not become {state}, is {:?}", h.status()));
+    }
+
+    pub async fn client(&self, site: &str) -> UnixStream {
+        UnixStream::connect(self.socket(site)).await.expect("connect to proxy socket")
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(app) = self.app.take() {
+            app.shutdown().await;
+        }
+    }
+}
+
+/// Send `request` (must end with the empty line) and read one fixed16 answer.
+pub async fn ask(s: &mut UnixStream, request: &str) -> (u16, String) {
+    s.write_all(request.as_bytes()).await.expect("write request");
+    read_answer(s).await
+}
+
+/// Read one fixed16 answer: (status, body).
+pub async fn read_answer<R: tokio::io::AsyncRead + Unpin>(s: &mut R) -> (u16, String) {
+    let (code, body) = read_answer_bytes(s).await;
+    (code, String::from_utf8(body).expect("utf-8 body"))
+}
+
+pub async fn read_answer_bytes<R: tokio::io::AsyncRead + Unpin>(s: &mut R) -> (u16, Vec<u8>) {
+    let mut raw = [0u8; FIXED16_LEN];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut raw)).await.expect("answer in time").expect("read header");
+    let h = ResponseHeader::decode(&raw).expect("valid header");
+    let mut body = vec![0u8; h.length as usize];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut body)).await.expect("body in time").expect("read body");
+    (h.status.code(), body)
+}
+
+/// One query on a new connection to the proxy's socket for `site`, fixed16.
+pub async fn query(p: &Proxy, site: &str, q: &str) -> (u16, String) {
+    let mut c = p.client(site).await;
+    ask(&mut c, &format!("{q}\nResponseHeader: fixed16\n\n")).await
+}
+
+/// Everything until EOF (for answers without fixed16).
+pub async fn read_to_eof<R: tokio::io::AsyncRead + Unpin>(s: &mut R) -> Vec<u8> {
+    let mut out = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await.expect("EOF in time").expect("read");
+    out
+}
+
+/// Wait until `cond` holds, checking every 10 ms, at most [`PATIENCE`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Wait until the proxy's snapshot of `site` satisfies `cond`.
+pub async fn eventually_snapshot(
+    p: &Proxy,
+    site: &str,
+    what: &str,
+    mut cond: impl FnMut(&livemux::site::SiteSnapshot) -> bool,
+) -> livemux::site::SiteSnapshot {
+    let h = p.site(site);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(s) = h.snapshot(Duration::from_secs(1)).await
+            && cond(&s)
+        {
+            return s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
