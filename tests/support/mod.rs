@@ -2,6 +2,8 @@
 //! sites, raw Livestatus clients, and condition waits with deadlines.
 #![allow(dead_code)]
 
+pub mod icinga;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
