@@ -14,7 +14,7 @@ use livemux::config::SiteParams;
 use livemux::site::SiteState;
 use support::icinga::IcingaSite;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixStream};
 
 fn params() -> SiteParams {
