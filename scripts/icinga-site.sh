@@ -7,12 +7,13 @@
 #       script), start Icinga 2, force the first check of every object, wait
 #       until Livestatus answers with all objects checked. Prints the daemon's
 #       PID on stdout; everything else goes to stderr.
-#   icinga-site.sh stop --dir DIR
-#       Stop the site (SIGTERM, then SIGKILL after 20 s). Idempotent.
+#   icinga-site.sh stop --dir DIR [--fast]
+#       Stop the site (SIGTERM, then SIGKILL after 20 s; --fast: SIGKILL at
+#       once). Idempotent.
 #   icinga-site.sh run --dir DIR --port PORT [--hosts N] [--services M]
 #       start, print "ready <pid>" on stdout, then wait until stdin reaches
-#       EOF (the parent went away) and stop. Tests use this so that a site
-#       never outlives the test process, however it ends.
+#       EOF (the parent went away) and kill the site. Tests use this so that
+#       a site never outlives the test process, however it ends.
 #   icinga-site.sh signal --dir DIR --sig STOP|CONT
 #       Send a signal to every process of the site (SIGSTOP hangs the core
 #       while its port stays open).
@@ -32,7 +33,7 @@ prog=${0##*/}
 say() { printf '%s: %s\n' "$prog" "$*" >&2; }
 die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
 
-dir="" port="" hosts=100 services=10 sig=""
+dir="" port="" hosts=100 services=10 sig="" fast=0
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 while [ $# -gt 0 ]; do
@@ -42,6 +43,7 @@ while [ $# -gt 0 ]; do
         --hosts) hosts=$2; shift 2 ;;
         --services) services=$2; shift 2 ;;
         --sig) sig=$2; shift 2 ;;
+        --fast) fast=1; shift ;;
         *) die "unknown argument '$1'" ;;
     esac
 done
@@ -79,11 +81,17 @@ need_dir() {
 # PIDs of every process of this site (umbrella, worker, helper, orphans),
 # recognised by this site's config path on their command line.
 site_pids() {
-    local p
-    for p in /proc/[0-9]*; do
-        { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF -- "-c $dir/etc/icinga2.conf " && echo "${p#/proc/}"
+    pgrep -f -- "-c $dir/etc/icinga2.conf( |\$)" || true
+}
+
+# The umbrella: the site process whose parent is not a site process.
+umbrella() {
+    local pids p ppid
+    pids=" $(site_pids | xargs) "
+    for p in $pids; do
+        ppid=$(ps -o ppid= -p "$p" 2>/dev/null | tr -d ' ')
+        [[ $pids == *" $ppid "* ]] || echo "$p"
     done
-    return 0
 }
 
 # Send one query over TCP (bash /dev/tcp), print the body; status 0 on 200.
@@ -267,17 +275,27 @@ start_site() {
     echo "$pid"
 }
 
+# Stop the site: SIGTERM and up to 20 s for a clean exit, then SIGKILL.
+# With --fast (throw-away teardown) SIGKILL at once.
 stop_site() {
     need_dir
-    local pids p i
-    pids=$(site_pids)
-    [ -n "$pids" ] || return 0
-    for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done
-    for ((i = 0; i < 200; i++)); do
+    local i
+    [ -n "$(site_pids)" ] || return 0
+    if [ "$fast" -eq 0 ]; then
+        # Only the umbrella process: it forwards SIGTERM to its worker.
+        # Signalling every process at once wedges Icinga's shutdown.
+        umbrella | xargs -r kill -TERM 2>/dev/null || true
+        for ((i = 0; i < 200; i++)); do
+            [ -n "$(site_pids)" ] || return 0
+            sleep 0.1
+        done
+    fi
+    site_pids | xargs -r kill -KILL 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
         [ -n "$(site_pids)" ] || return 0
         sleep 0.1
     done
-    for p in $(site_pids); do kill -KILL "$p" 2>/dev/null || true; done
+    die "could not stop the processes of $dir: $(site_pids | xargs)"
 }
 
 case $cmd in
@@ -286,7 +304,7 @@ case $cmd in
     run)
         pid=$(start_site)
         echo "ready $pid"
-        trap 'stop_site' EXIT
+        trap 'fast=1; stop_site' EXIT
         trap '' INT
         cat >/dev/null || true
         ;;
@@ -294,7 +312,7 @@ case $cmd in
         # signal --dir DIR --sig STOP|CONT|...: signal every process of the site.
         need_dir
         [ -n "$sig" ] || die "--sig is required"
-        for p in $(site_pids); do kill -"$sig" "$p"; done
+        site_pids | xargs -r kill -"$sig"
         ;;
     install) install_icinga ;;
     *) die "usage: $prog start|stop|run|signal|install --dir DIR [--port PORT] [--hosts N] [--services M] [--sig SIG]" ;;

@@ -291,3 +291,35 @@ async fn client_idle_timeout_closes_quiet_connections() {
     assert!(started.elapsed() >= Duration::from_millis(300));
     p.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_site_cutting_its_answer_gives_an_error_or_a_short_body_never_a_complete_looking_one() {
+    let (p, s) = Proxy::with_sim("s1", fast_params()).await;
+    // Cut inside the header: nothing was forwarded yet, so a clean error.
+    s.set_knobs(|k| {
+        k.close_after_bytes = Some(10);
+        k.fault_table = Some("bulk".into());
+        k.bulk_bytes = 1 << 20;
+    });
+    let (code, body) = query(&p, "s1", "GET bulk").await;
+    assert_eq!(code, 502);
+    assert_eq!(body, "site 's1': the site closed the connection after 10 of 16 bytes of the answer\n");
+
+    // Cut after 300 KiB of a 1 MiB body: the client sees the announced
+    // length and then the end of the connection.
+    s.set_knobs(|k| k.close_after_bytes = Some(16 + 300 * 1024));
+    let mut c = p.client("s1").await;
+    c.write_all(b"GET bulk\nResponseHeader: fixed16\n\n").await.unwrap();
+    let raw = read_to_eof(&mut c).await;
+    assert_eq!(&raw[..16], b"200     1048576\n");
+    assert!(raw.len() < 16 + (1 << 20), "short: {} bytes", raw.len());
+    let mut check = livemux_simsite::bulk::Checker::new();
+    check.update(&raw[16..]);
+    assert!(check.first_error.is_none(), "what did arrive is exact");
+
+    // The site is still in service for the next client.
+    s.set_knobs(|k| k.close_after_bytes = None);
+    let (code, _) = query(&p, "s1", "GET bulk").await;
+    assert_eq!(code, 200);
+    p.shutdown().await;
+}

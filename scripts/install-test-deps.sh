@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# install-test-deps.sh - install what livemux's tests need, from Debian, when
+# it is missing: Icinga 2 (the real Livestatus server), Monitoring::Livestatus
+# (the real third-party client), nftables (fault injection), HAProxy (the
+# benchmark's comparison proxy). Needs root (or sudo) and apt-get.
+# Safe to run repeatedly and concurrently.
+set -euo pipefail
+say() { printf 'install-test-deps: %s\n' "$*" >&2; }
+
+missing=()
+command -v icinga2 >/dev/null 2>&1 && [ -d /usr/share/icinga2/include ] || missing+=(icinga2-bin icinga2-common)
+perl -MMonitoring::Livestatus -e1 >/dev/null 2>&1 || missing+=(libmonitoring-livestatus-perl)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+[ ${#missing[@]} -gt 0 ] || exit 0
+
+command -v apt-get >/dev/null 2>&1 || { say "missing ${missing[*]} and no apt-get"; exit 1; }
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+exec 9>>/tmp/.livemux-apt.lock
+flock -w 900 9
+say "installing ${missing[*]}"
+# Packages must not start system-wide services (icinga2, haproxy).
+policy=/usr/sbin/policy-rc.d made_policy=0
+if [ ! -e $policy ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee $policy >/dev/null && $sudo chmod 755 $policy && made_policy=1
+fi
+restore() { [ $made_policy -eq 0 ] || $sudo rm -f $policy; }
+trap restore EXIT
+apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600)
+if ! $sudo "${apt[@]}" "${missing[@]}" >&2; then
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q -o DPkg::Lock::Timeout=600 >&2
+    $sudo "${apt[@]}" "${missing[@]}" >&2
+fi
+say "done"
