@@ -60,9 +60,7 @@ async fn fixed16<R: tokio::io::AsyncRead + Unpin>(s: &mut R) -> (u16, Vec<u8>) {
 
 /// One request on a new direct TCP connection; everything until EOF.
 async fn direct_raw(site: &IcingaSite, request: &str) -> Vec<u8> {
-    let mut s = TcpStream::connect(("127.0.0.1", site.port)).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    read_to_eof(&mut s).await
+    direct_tcp(([127, 0, 0, 1], site.port).into(), request).await
 }
 
 async fn proxy_raw(p: &Proxy, site: &str, request: &str) -> Vec<u8> {

@@ -8,14 +8,10 @@ use std::time::Duration;
 use livemux::site::SiteState;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Ask the simulated site directly over TCP; everything until EOF.
 async fn direct(site: &livemux_simsite::SimSite, request: &str) -> Vec<u8> {
-    let mut s = TcpStream::connect(site.tcp_addr().unwrap()).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    s.shutdown().await.unwrap();
-    read_to_eof(&mut s).await
+    direct_tcp(site.tcp_addr().unwrap(), request).await
 }
 
 const BATTERY: &[&str] = &[

@@ -113,7 +113,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             self.buf.reserve(READ_CHUNK);
             let idle = self.site.params().client_idle_timeout;
-            let waiting_for_new = self.buf.iter().all(|b| b.is_ascii_whitespace());
+            // Between requests (nothing buffered) a shutdown ends the session;
+            // a request being received is finished first.
+            let waiting_for_new = self.buf.is_empty();
             let n = tokio::select! {
                 r = tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf)) => match r {
                     Ok(r) => r.map_err(ReadError::Io)?,

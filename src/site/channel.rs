@@ -172,7 +172,7 @@ impl AsyncWrite for Lease {
 /// index of the first such channel; registers for wake-ups on all others.
 pub(crate) fn poll_dead_idle(idle: &mut [Channel], cx: &mut Context<'_>) -> Poll<usize> {
     for (i, ch) in idle.iter_mut().enumerate() {
-        if probe(&mut ch.stream, cx).is_ready() {
+        if ch.stream.poll_idle_event(cx).is_ready() {
             return Poll::Ready(i);
         }
     }
@@ -182,11 +182,5 @@ pub(crate) fn poll_dead_idle(idle: &mut [Channel], cx: &mut Context<'_>) -> Poll
 /// True if an idle channel can be handed out: nothing is readable on it.
 pub(crate) fn looks_alive(ch: &mut Channel) -> bool {
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    probe(&mut ch.stream, &mut cx).is_pending()
-}
-
-fn probe(stream: &mut SiteStream, cx: &mut Context<'_>) -> Poll<()> {
-    let mut byte = [0u8; 1];
-    let mut buf = ReadBuf::new(&mut byte);
-    Pin::new(stream).poll_read(cx, &mut buf).map(|_| ())
+    ch.stream.poll_idle_event(&mut cx).is_pending()
 }

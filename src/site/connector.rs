@@ -28,6 +28,18 @@ pub enum SiteStream {
 }
 
 impl SiteStream {
+    /// Poll for readability without consuming data meant for a query and
+    /// without the quick-ACK syscall: `Ready` means the idle connection got
+    /// EOF, an error or stray bytes, so it cannot be used.
+    pub(crate) fn poll_idle_event(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        match self {
+            SiteStream::Tcp(s) => Pin::new(s).poll_read(cx, &mut buf).map(|_| ()),
+            SiteStream::Unix(s) => Pin::new(s).poll_read(cx, &mut buf).map(|_| ()),
+        }
+    }
+
     fn rearm_quickack(&self) {
         #[cfg(target_os = "linux")]
         if let SiteStream::Tcp(s) = self {

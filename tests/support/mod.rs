@@ -140,6 +140,14 @@ pub async fn read_to_eof<R: tokio::io::AsyncRead + Unpin>(s: &mut R) -> Vec<u8> 
     out
 }
 
+/// One request straight to a site over TCP (the request should end with its
+/// empty line); everything until EOF.
+pub async fn direct_tcp(addr: std::net::SocketAddr, request: &str) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to site");
+    s.write_all(request.as_bytes()).await.expect("write request");
+    read_to_eof(&mut s).await
+}
+
 /// Wait until `cond` holds, checking every 10 ms, at most [`PATIENCE`].
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
