@@ -28,6 +28,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The spool directory cannot hold spool files.
+    #[error("spool_dir {path} is not usable (set spool_disk_budget = 0 to run without spool files): {source}")]
+    Spool {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A site's socket could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
@@ -45,6 +54,9 @@ impl App {
     /// Bind all sockets, then start every site, listener and the state writer.
     pub async fn start(config: Config) -> Result<App, StartError> {
         create_dir(&config.socket_dir)?;
+        if config.spool.disk_budget > 0 {
+            prepare_spool_dir(&config.spool.dir)?;
+        }
         if let Some(dir) = config.state_file.parent().filter(|d| !d.as_os_str().is_empty()) {
             create_dir(dir)?;
         }
@@ -63,16 +75,18 @@ impl App {
         }
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let budget = crate::spool::SpoolBudget::new(config.spool.clone());
         let mut sites = Vec::with_capacity(config.sites.len());
         for (site, (l, path)) in config.sites.iter().zip(bound) {
             let handle = SiteHandle::spawn(site.clone(), shutdown.child_token(), &tracker);
-            tracker.spawn(listener::serve(l, path, handle.clone(), shutdown.clone(), tracker.clone()));
+            tracker.spawn(listener::serve(l, path, handle.clone(), shutdown.clone(), tracker.clone(), budget.clone()));
             sites.push(handle);
         }
         tracker.spawn(crate::state::run(
             config.state_file.clone(),
             config.state_interval,
             sites.clone(),
+            budget.clone(),
             shutdown.clone(),
         ));
         tracing::info!(sites = sites.len(), socket_dir = %config.socket_dir.display(), "livemux started");
@@ -111,6 +125,15 @@ impl App {
             let _ = std::fs::remove_file(self.config.socket_path(&site.name));
         }
     }
+}
+
+/// Create the spool directory (0700) and prove a spool file can be made in it.
+fn prepare_spool_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    create_dir(dir)?;
+    let check = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .and_then(|()| tempfile::tempfile_in(dir).map(drop));
+    check.map_err(|source| StartError::Spool { path: dir.to_owned(), source })
 }
 
 fn create_dir(path: &std::path::Path) -> Result<(), StartError> {

@@ -44,6 +44,37 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// A size as written: a number of bytes, or a string with a unit ("64MiB").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    /// Bytes.
+    Bytes(i64),
+    /// With a unit: B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB: powers of 1000).
+    Text(String),
+}
+
+/// Parse a size such as `"512KiB"`, `"64 MiB"`, `"1GB"` or `"4096"`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{text}' is not a size; write e.g. \"64MiB\" or 4096"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "tib" | "t" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        u => return Err(format!("'{text}': unknown unit '{u}' (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{text}' is too large"))
+}
+
 /// Per-site parameters as written in `[defaults]` or a `[[site]]` table.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,9 +90,9 @@ pub struct RawSite {
     connect_timeout: Option<Spanned<String>>,
     client_idle_timeout: Option<Spanned<String>>,
     max_clients: Option<Spanned<i64>>,
-    max_request_bytes: Option<Spanned<i64>>,
+    max_request_bytes: Option<Spanned<RawSize>>,
     max_header_lines: Option<Spanned<i64>>,
-    max_line_bytes: Option<Spanned<i64>>,
+    max_line_bytes: Option<Spanned<RawSize>>,
 }
 
 /// The file as written.
@@ -72,6 +103,10 @@ pub struct RawConfig {
     state_file: Option<Spanned<String>>,
     state_interval: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
+    spool_dir: Option<Spanned<String>>,
+    spool_memory_per_response: Option<Spanned<RawSize>>,
+    spool_memory_budget: Option<Spanned<RawSize>>,
+    spool_disk_budget: Option<Spanned<RawSize>>,
     defaults: Option<Spanned<RawSite>>,
     site: Option<Vec<Spanned<RawSite>>>,
 }
@@ -183,6 +218,37 @@ pub struct SiteConfig {
     pub params: SiteParams,
 }
 
+/// Where and how much of site answers is buffered while clients are slow.
+///
+/// An answer is read from the site at the site's speed, so its channel is
+/// free again as soon as the site has answered. It is kept in memory up to
+/// `memory_per_response`, beyond that in a file in `dir`; all answers
+/// together stay within `memory_budget` and `disk_budget`. When the budgets
+/// are used up, the proxy streams instead: it reads from the site only as
+/// fast as the client takes the data (holding the channel meanwhile).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolConfig {
+    /// Directory for spool files (created 0700; files are unlinked at once).
+    pub dir: PathBuf,
+    /// Memory one answer may use before it spills to a file.
+    pub memory_per_response: usize,
+    /// Memory all answers together may use.
+    pub memory_budget: usize,
+    /// Disk space all spool files together may use; 0 turns files off.
+    pub disk_budget: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: PathBuf::from("/var/lib/livemux/spool"),
+            memory_per_response: 2 << 20,
+            memory_budget: 32 << 20,
+            disk_budget: 4 << 30,
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -194,6 +260,8 @@ pub struct Config {
     pub state_interval: Duration,
     /// How long shutdown waits for responses in progress.
     pub shutdown_grace: Duration,
+    /// Buffering of answers for slow clients.
+    pub spool: SpoolConfig,
     /// The sites, in file order.
     pub sites: Vec<SiteConfig>,
 }
@@ -251,6 +319,23 @@ impl Validator<'_> {
         let state_file = path(raw.state_file, "state_file", "/var/lib/livemux/state.json")?;
         let state_interval = self.duration(raw.state_interval.as_ref(), "state_interval", Duration::from_secs(5))?;
         let shutdown_grace = self.duration(raw.shutdown_grace.as_ref(), "shutdown_grace", Duration::from_secs(10))?;
+        let d = SpoolConfig::default();
+        let spool = SpoolConfig {
+            dir: path(raw.spool_dir, "spool_dir", &d.dir.to_string_lossy())?,
+            memory_per_response: self.size(
+                raw.spool_memory_per_response.as_ref(),
+                "spool_memory_per_response",
+                d.memory_per_response as u64,
+                0..=1 << 40,
+            )? as usize,
+            memory_budget: self.size(
+                raw.spool_memory_budget.as_ref(),
+                "spool_memory_budget",
+                d.memory_budget as u64,
+                0..=1 << 40,
+            )? as usize,
+            disk_budget: self.size(raw.spool_disk_budget.as_ref(), "spool_disk_budget", d.disk_budget, 0..=1 << 50)?,
+        };
 
         let defaults_raw = raw.defaults.map(|d| (d.span(), d.into_inner())).unwrap_or_default();
         for (field, what) in [(&defaults_raw.1.name, "name"), (&defaults_raw.1.address, "address")] {
@@ -309,7 +394,7 @@ impl Validator<'_> {
             let params = self.params(&s, &defaults, &prefix)?;
             sites.push(SiteConfig { name: name.get_ref().clone(), address: parsed, params });
         }
-        Ok(Config { socket_dir, state_file, state_interval, shutdown_grace, sites })
+        Ok(Config { socket_dir, state_file, state_interval, shutdown_grace, spool, sites })
     }
 
     fn site_name(&self, name: &Spanned<String>, prefix: &str) -> Result<(), ConfigError> {
@@ -345,12 +430,17 @@ impl Validator<'_> {
             self.duration(raw.client_idle_timeout.as_ref(), &key("client_idle_timeout"), p.client_idle_timeout)?;
         p.max_clients = self.int(raw.max_clients.as_ref(), &key("max_clients"), p.max_clients, 1..=1_000_000)?;
         let l = &mut p.limits;
-        l.max_request_bytes =
-            self.int(raw.max_request_bytes.as_ref(), &key("max_request_bytes"), l.max_request_bytes, 1024..=1 << 30)?;
+        l.max_request_bytes = self.size(
+            raw.max_request_bytes.as_ref(),
+            &key("max_request_bytes"),
+            l.max_request_bytes as u64,
+            1024..=1 << 30,
+        )? as usize;
         l.max_header_lines =
             self.int(raw.max_header_lines.as_ref(), &key("max_header_lines"), l.max_header_lines, 1..=10_000_000)?;
         l.max_line_bytes =
-            self.int(raw.max_line_bytes.as_ref(), &key("max_line_bytes"), l.max_line_bytes, 64..=1 << 30)?;
+            self.size(raw.max_line_bytes.as_ref(), &key("max_line_bytes"), l.max_line_bytes as u64, 64..=1 << 30)?
+                as usize;
         if let Some(t) = raw.heartbeat_timeout.as_ref().or(raw.heartbeat_interval.as_ref())
             && p.heartbeat_timeout > p.heartbeat_interval
         {
@@ -380,6 +470,28 @@ impl Validator<'_> {
             Ok(n) if range.contains(&n) => Ok(n),
             _ => Err(self.err(v.span(), key, format!("{n} is out of range {}..={}", range.start(), range.end()))),
         }
+    }
+
+    fn size(
+        &self,
+        v: Option<&Spanned<RawSize>>,
+        key: &str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let n = match v.get_ref() {
+            RawSize::Bytes(n) => u64::try_from(*n).map_err(|_| self.err(v.span(), key, format!("{n} is negative")))?,
+            RawSize::Text(t) => parse_size(t).map_err(|m| self.err(v.span(), key, m))?,
+        };
+        if !range.contains(&n) {
+            return Err(self.err(
+                v.span(),
+                key,
+                format!("{n} bytes is out of range {}..={}", range.start(), range.end()),
+            ));
+        }
+        Ok(n)
     }
 
     fn duration(&self, v: Option<&Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {

@@ -115,6 +115,9 @@ pub enum QueryError {
     /// The proxy is shutting down.
     #[error("livemux is shutting down")]
     ShuttingDown,
+    /// The proxy lost part of the answer it was holding for the client.
+    #[error("livemux failed to hold the answer: {0}")]
+    Spool(String),
 }
 
 impl QueryError {
@@ -126,6 +129,7 @@ impl QueryError {
                 Status::Busy
             }
             QueryError::Timeout { .. } => Status::Timeout,
+            QueryError::Spool(_) => Status::Internal,
         }
     }
 
@@ -138,6 +142,7 @@ impl QueryError {
             QueryError::Timeout { .. } => "query_timeout",
             QueryError::Site { .. } => "site_failed",
             QueryError::ShuttingDown => "shutting_down",
+            QueryError::Spool(_) => "spool_failed",
         }
     }
 
@@ -148,7 +153,7 @@ impl QueryError {
             | QueryError::NotConnected { .. }
             | QueryError::Timeout { .. }
             | QueryError::Site { .. } => Side::Site,
-            QueryError::NoFreeChannel { .. } | QueryError::ShuttingDown => Side::Proxy,
+            QueryError::NoFreeChannel { .. } | QueryError::ShuttingDown | QueryError::Spool(_) => Side::Proxy,
         }
     }
 }

@@ -12,6 +12,7 @@
 //!   [`site::SiteHandle`] every client of a site uses.
 //! - [`client`]: the per-site UNIX sockets and client sessions.
 //! - [`relay`]: moving a site's answer to a client under one deadline.
+//! - [`spool`]: holding answers for slow clients, within memory and disk budgets.
 //! - [`state`]: the JSON state file.
 //! - [`events`]: one struct per observable event (log line).
 //! - [`error`]: error types, classified by who failed.
@@ -30,6 +31,7 @@ pub mod error;
 pub mod events;
 pub mod relay;
 pub mod site;
+pub mod spool;
 pub mod state;
 
 pub use livemux_protocol as protocol;

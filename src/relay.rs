@@ -1,25 +1,33 @@
-//! Moving a site's answer to the client.
+//! Moving a site's answer to the client: two halves around a [`Spool`].
 //!
-//! The body is read from the channel in chunks and written to the client;
-//! there is one deadline for the whole query (`query_timeout` from the moment
-//! the query was received) and no other timer. Slowness of the client is
-//! back-pressure, not an error. The response header is held back until the
-//! first body chunk has arrived, so a site that fails before sending any body
-//! still lets the proxy answer with a proper error response; once bytes have
-//! gone to the client, a failure can only close the connection (the fixed16
-//! length then tells the client the body is short).
+//! The *reader* half reads the body from the channel at the site's speed
+//! and pushes it into the spool; the moment the last byte is read it
+//! releases the channel, however far the client still is behind. The
+//! *writer* half takes data out of the spool at the client's speed. Both
+//! run in the session's task, bounded by one deadline: `query_timeout` from
+//! the moment the query was received. No other timer can end a response; a
+//! client that is slow or pauses is back-pressure, not an error.
 //!
-//! The channel is released the moment the last body byte is read from it.
+//! What the client can be sure of:
+//! - nothing is sent before the first body bytes (or the whole answer, for a
+//!   client without fixed16) are here, so a site that fails early still lets
+//!   the proxy answer with a proper error;
+//! - with fixed16, a body cut short is visible from the announced length;
+//! - without fixed16 the end of the connection is the only end marker, so the
+//!   answer is held until it is complete (or the spool is full), and a site
+//!   failure before that becomes an error message instead of a short body.
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::error::QueryError;
 use crate::site::exchange::body_error;
 use crate::site::{Lease, SiteHandle, SiteResponse};
+use crate::spool::{Next, Spool, SpoolBudget};
 use livemux_protocol::{FIXED16_LEN, ReplyStyle};
 
-/// Bytes read from a site per step.
+/// Bytes read from a site per step (also the streaming window per answer).
 pub const CHUNK: usize = 64 * 1024;
 
 /// When a client leaves mid-response, a remainder up to this size is read
@@ -51,15 +59,6 @@ pub enum Relayed {
     },
 }
 
-/// A reusable buffer for [`relay`]: the header slot plus one chunk.
-pub struct RelayBuf(Box<[u8]>);
-
-impl Default for RelayBuf {
-    fn default() -> Self {
-        RelayBuf(vec![0u8; FIXED16_LEN + CHUNK].into_boxed_slice())
-    }
-}
-
 /// Send `resp` to `client` in the form `style` asks for.
 pub async fn relay<C: AsyncWrite + Unpin>(
     site: &SiteHandle,
@@ -67,73 +66,133 @@ pub async fn relay<C: AsyncWrite + Unpin>(
     client: &mut C,
     style: ReplyStyle,
     deadline: Instant,
-    buf: &mut RelayBuf,
+    budget: &std::sync::Arc<SpoolBudget>,
 ) -> Relayed {
     let SiteResponse { raw_header, header, lease } = resp;
+    let spool = Spool::new(budget.clone());
+    let total = header.length + if style.fixed16 { FIXED16_LEN as u64 } else { 0 };
+    let head = style.fixed16.then_some(raw_header);
+    let (_, written) = tokio::join!(
+        read_half(site, lease, header.length, deadline, &spool),
+        write_half(site, client, head, style, deadline, &spool),
+    );
+    match written {
+        Written::Complete => Relayed::Complete,
+        Written::Failed { error, sent: 0 } => Relayed::NothingSent(error),
+        Written::Failed { error, sent } => Relayed::Cut { error, sent, total },
+        Written::ClientGone { sent } => Relayed::ClientGone { sent, total },
+    }
+}
+
+/// Read `length` body bytes from the channel into the spool.
+async fn read_half(site: &SiteHandle, lease: Lease, length: u64, deadline: Instant, spool: &Spool) {
     let down = lease.down_signal();
     let mut lease = Some(lease);
-    let head = if style.fixed16 { FIXED16_LEN } else { 0 };
-    let total = head as u64 + header.length;
-    buf.0[..FIXED16_LEN].copy_from_slice(&raw_header);
-    let (mut got, mut sent) = (0u64, 0u64);
-    let mut first = true;
-    loop {
-        let start = if first { FIXED16_LEN - head } else { FIXED16_LEN };
-        let mut end = FIXED16_LEN;
-        if let Some(l) = lease.as_mut().filter(|_| got < header.length) {
-            let want = (header.length - got).min(CHUNK as u64) as usize;
-            let read = tokio::select! {
-                r = tokio::time::timeout_at(deadline, l.read(&mut buf.0[FIXED16_LEN..FIXED16_LEN + want])) => r,
-                _ = down.cancelled() => return fail(site.down_error(), sent, total),
-            };
-            let n = match read {
-                Ok(Ok(0)) => {
-                    let e = body_error(
-                        std::io::ErrorKind::UnexpectedEof.into(),
-                        FIXED16_LEN as u64 + got,
-                        FIXED16_LEN as u64 + header.length,
-                    );
-                    return fail(site_error(site, e), sent, total);
-                }
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => {
-                    let e = body_error(e, FIXED16_LEN as u64 + got, FIXED16_LEN as u64 + header.length);
-                    return fail(site_error(site, e), sent, total);
-                }
-                Err(_) => return fail(site.timeout_error(), sent, total),
-            };
-            got += n as u64;
-            end += n;
-        }
-        if got == header.length
+    let mut buf = BytesMut::new();
+    let mut got = 0u64;
+    while got < length {
+        let Some(l) = lease.as_mut() else { break };
+        buf.reserve(CHUNK);
+        let want = (length - got).min(CHUNK as u64);
+        let mut limited = l.take(want);
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, limited.read_buf(&mut buf)) => r,
+            _ = down.cancelled() => return fail(spool, &mut lease, site.down_error()),
+        };
+        let n = match read {
+            Ok(Ok(0)) => {
+                let e = std::io::ErrorKind::UnexpectedEof.into();
+                return fail(spool, &mut lease, site_error(site, e, got, length));
+            }
+            Ok(Ok(n)) => n as u64,
+            Ok(Err(e)) => return fail(spool, &mut lease, site_error(site, e, got, length)),
+            Err(_) => return fail(spool, &mut lease, site.timeout_error()),
+        };
+        got += n;
+        if got == length
             && let Some(l) = lease.take()
         {
             l.release();
         }
-        let out = &buf.0[start..end];
-        match tokio::time::timeout_at(deadline, client.write_all(out)).await {
-            Ok(Ok(())) => sent += out.len() as u64,
-            Ok(Err(_)) => {
+        let chunk = buf.split().freeze();
+        match tokio::time::timeout_at(deadline, spool.push(chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_gone)) => {
                 if let Some(l) = lease.take() {
-                    drain(l, header.length - got, deadline).await;
+                    drain(l, length - got, deadline).await;
                 }
-                return Relayed::ClientGone { sent, total };
+                return;
             }
-            Err(_) => return fail(site.timeout_error(), sent, total),
-        }
-        first = false;
-        if got == header.length {
-            return Relayed::Complete;
+            Err(_) => return fail(spool, &mut lease, site.timeout_error()),
         }
     }
+    spool.finish(Ok(()));
 }
 
-fn site_error(site: &SiteHandle, source: crate::error::SiteError) -> QueryError {
-    QueryError::Site { site: site.name().to_owned(), source }
+fn site_error(site: &SiteHandle, e: std::io::Error, got: u64, length: u64) -> QueryError {
+    let head = FIXED16_LEN as u64;
+    QueryError::Site { site: site.name().to_owned(), source: body_error(e, head + got, head + length) }
 }
 
-fn fail(error: QueryError, sent: u64, total: u64) -> Relayed {
-    if sent == 0 { Relayed::NothingSent(error) } else { Relayed::Cut { error, sent, total } }
+fn fail(spool: &Spool, lease: &mut Option<Lease>, error: QueryError) {
+    if let Some(l) = lease.take() {
+        l.discard(error.to_string());
+    }
+    spool.finish(Err(error));
+}
+
+enum Written {
+    Complete,
+    Failed { error: QueryError, sent: u64 },
+    ClientGone { sent: u64 },
+}
+
+/// Take the answer out of the spool and write it to the client.
+async fn write_half<C: AsyncWrite + Unpin>(
+    site: &SiteHandle,
+    client: &mut C,
+    mut head: Option<[u8; FIXED16_LEN]>,
+    style: ReplyStyle,
+    deadline: Instant,
+    spool: &Spool,
+) -> Written {
+    let mut sent = 0u64;
+    if !style.fixed16 && tokio::time::timeout_at(deadline, spool.wait_complete_or_full()).await.is_err() {
+        spool.close();
+        return Written::Failed { error: site.timeout_error(), sent };
+    }
+    loop {
+        let next = match tokio::time::timeout_at(deadline, spool.next()).await {
+            Ok(n) => n,
+            Err(_) => {
+                spool.close();
+                return Written::Failed { error: site.timeout_error(), sent };
+            }
+        };
+        let (data, last) = match next {
+            Next::Data(d) => (d, false),
+            // An empty body: only the header is left to send.
+            Next::End(Ok(())) => match head.take() {
+                Some(h) => (bytes::Bytes::copy_from_slice(&h), true),
+                None => return Written::Complete,
+            },
+            Next::End(Err(error)) => return Written::Failed { error, sent },
+        };
+        let mut out = head.take().map(|h| bytes::Bytes::copy_from_slice(&h)).unwrap_or_default().chain(data);
+        let want = out.remaining() as u64;
+        match tokio::time::timeout_at(deadline, client.write_all_buf(&mut out)).await {
+            Ok(Ok(())) if last => return Written::Complete,
+            Ok(Ok(())) => sent += want,
+            Ok(Err(_)) => {
+                spool.close();
+                return Written::ClientGone { sent: sent + want - out.remaining() as u64 };
+            }
+            Err(_) => {
+                spool.close();
+                return Written::Failed { error: site.timeout_error(), sent: sent + want - out.remaining() as u64 };
+            }
+        }
+    }
 }
 
 /// Read and drop what is left of an answer whose client is gone, so the

@@ -30,6 +30,8 @@ pub struct StateFile {
     pub pid: u32,
     /// When this snapshot was taken (RFC 3339).
     pub written_at: String,
+    /// Answers held for slow clients.
+    pub spool: crate::spool::SpoolUsage,
     /// One entry per site, in configuration order; a site whose actor did
     /// not answer in time is listed with state `unknown`.
     pub sites: Vec<SiteEntry>,
@@ -51,7 +53,7 @@ pub enum SiteEntry {
 }
 
 /// Take a snapshot of all sites.
-pub async fn collect(sites: &[SiteHandle]) -> StateFile {
+pub async fn collect(sites: &[SiteHandle], budget: &crate::spool::SpoolBudget) -> StateFile {
     let mut entries = Vec::with_capacity(sites.len());
     for s in sites {
         entries.push(match s.snapshot(SNAPSHOT_TIMEOUT).await {
@@ -59,7 +61,13 @@ pub async fn collect(sites: &[SiteHandle]) -> StateFile {
             None => SiteEntry::Unknown { name: s.name().to_owned(), state: "unknown" },
         });
     }
-    StateFile { version: VERSION, pid: std::process::id(), written_at: timestamp(SystemTime::now()), sites: entries }
+    StateFile {
+        version: VERSION,
+        pid: std::process::id(),
+        written_at: timestamp(SystemTime::now()),
+        spool: budget.usage(),
+        sites: entries,
+    }
 }
 
 /// Write `state` to `path` atomically.
@@ -75,7 +83,13 @@ pub fn write_atomically(path: &Path, state: &StateFile) -> std::io::Result<()> {
 }
 
 /// Rewrite the state file every `interval` until `shutdown`, then once more.
-pub async fn run(path: PathBuf, interval: Duration, sites: Vec<SiteHandle>, shutdown: CancellationToken) {
+pub async fn run(
+    path: PathBuf,
+    interval: Duration,
+    sites: Vec<SiteHandle>,
+    budget: std::sync::Arc<crate::spool::SpoolBudget>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -84,7 +98,7 @@ pub async fn run(path: PathBuf, interval: Duration, sites: Vec<SiteHandle>, shut
             _ = tick.tick() => false,
             _ = shutdown.cancelled() => true,
         };
-        let state = collect(&sites).await;
+        let state = collect(&sites, &budget).await;
         let p = path.clone();
         let result = tokio::task::spawn_blocking(move || write_atomically(&p, &state)).await;
         match result {

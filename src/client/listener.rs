@@ -72,6 +72,7 @@ pub async fn serve(
     site: SiteHandle,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    budget: Arc<crate::spool::SpoolBudget>,
 ) {
     let limit = Arc::new(Semaphore::new(site.params().max_clients));
     loop {
@@ -91,7 +92,7 @@ pub async fn serve(
         };
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
-                let session = Session::new(site.clone(), stream, shutdown.clone());
+                let session = Session::new(site.clone(), stream, shutdown.clone(), budget.clone());
                 tracker.spawn(async move {
                     session.run().await;
                     drop(permit);

@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::QueryError;
 use crate::events;
-use crate::relay::{RelayBuf, Relayed, relay};
+use crate::relay::{Relayed, relay};
 use crate::site::{SiteHandle, send_commands, send_query};
+use crate::spool::SpoolBudget;
 use livemux_protocol::{
     CommandRequest, Framer, Query, ReplyStyle, Request, RequestError, ResponseHeader, Status, error_response,
 };
@@ -35,7 +36,7 @@ pub struct Session<S> {
     framer: Framer,
     /// The client half-closed (or closed); answer what is buffered, then stop.
     eof: bool,
-    relay_buf: RelayBuf,
+    budget: std::sync::Arc<SpoolBudget>,
     wire: Vec<u8>,
     shutdown: CancellationToken,
 }
@@ -47,14 +48,14 @@ enum ReadError {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A session for `stream`, a client of `site`.
-    pub fn new(site: SiteHandle, stream: S, shutdown: CancellationToken) -> Self {
+    pub fn new(site: SiteHandle, stream: S, shutdown: CancellationToken, budget: std::sync::Arc<SpoolBudget>) -> Self {
         Session {
             site,
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
             framer: Framer::new(),
             eof: false,
-            relay_buf: RelayBuf::default(),
+            budget,
             wire: Vec::new(),
             shutdown,
         }
@@ -143,7 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.query_failed(&e, style).await,
         };
         let status = resp.header.status;
-        match relay(&self.site, resp, &mut self.stream, style, deadline, &mut self.relay_buf).await {
+        match relay(&self.site, resp, &mut self.stream, style, deadline, &self.budget).await {
             Relayed::Complete => style.keepalive && (style.fixed16 || status == Status::Ok),
             Relayed::NothingSent(e) => self.query_failed(&e, style).await,
             Relayed::ClientGone { sent, total } => {

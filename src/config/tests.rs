@@ -133,3 +133,34 @@ fn syntax_errors_have_lines() {
     let e = error("[[site]]\nname = \"a\nother = 1\n");
     assert_eq!(e.line, Some(2));
 }
+
+#[test]
+fn sizes_take_units_or_plain_bytes() {
+    assert_eq!(parse_size("4096"), Ok(4096));
+    assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+    assert_eq!(parse_size("64 mib"), Ok(64 << 20));
+    assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+    assert!(parse_size("12 parsecs").unwrap_err().contains("unknown unit"));
+    assert!(parse_size("lots").unwrap_err().contains("is not a size"));
+    let c = Config::from_toml(
+        "spool_dir = \"/var/spool/lm\"\nspool_memory_per_response = \"1MiB\"\nspool_memory_budget = 0\n\
+         spool_disk_budget = \"10GiB\"\n[defaults]\nmax_request_bytes = \"64KiB\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.spool.dir, PathBuf::from("/var/spool/lm"));
+    assert_eq!(c.spool.memory_per_response, 1 << 20);
+    assert_eq!(c.spool.memory_budget, 0);
+    assert_eq!(c.spool.disk_budget, 10 << 30);
+    assert_eq!(c.sites[0].params.limits.max_request_bytes, 64 << 10);
+    let e = error("spool_disk_budget = \"huge\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n");
+    assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("spool_disk_budget")));
+}
+
+#[test]
+fn spool_defaults() {
+    let c = Config::from_toml("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n").unwrap();
+    assert_eq!(c.spool, SpoolConfig::default());
+    assert_eq!(c.spool.memory_per_response, 2 << 20);
+    assert_eq!(c.spool.memory_budget, 32 << 20);
+    assert_eq!(c.spool.disk_budget, 4 << 30);
+}
