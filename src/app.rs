@@ -46,6 +46,7 @@ pub enum StartError {
 pub struct App {
     config: Config,
     sites: Vec<SiteHandle>,
+    budget: std::sync::Arc<crate::spool::SpoolBudget>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -90,7 +91,7 @@ impl App {
             shutdown.clone(),
         ));
         tracing::info!(sites = sites.len(), socket_dir = %config.socket_dir.display(), "livemux started");
-        Ok(App { config, sites, shutdown, tracker })
+        Ok(App { config, sites, budget, shutdown, tracker })
     }
 
     /// The configuration in use.
@@ -101,6 +102,11 @@ impl App {
     /// All sites, in configuration order.
     pub fn sites(&self) -> &[SiteHandle] {
         &self.sites
+    }
+
+    /// How much of the spool budget is in use.
+    pub fn spool_usage(&self) -> crate::spool::SpoolUsage {
+        self.budget.usage()
     }
 
     /// A site by name.

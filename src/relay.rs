@@ -116,7 +116,10 @@ async fn read_half(site: &SiteHandle, lease: Lease, length: u64, deadline: Insta
         }
         let chunk = buf.split().freeze();
         match tokio::time::timeout_at(deadline, spool.push(chunk)).await {
-            Ok(Ok(())) => {}
+            // Both halves share this task: let the writer take the chunk out
+            // before reading more, or a fast site would fill the spool (and
+            // spill to disk) even for a client that keeps up.
+            Ok(Ok(())) => tokio::task::yield_now().await,
             Ok(Err(_gone)) => {
                 if let Some(l) = lease.take() {
                     drain(l, length - got, deadline).await;
@@ -157,9 +160,15 @@ async fn write_half<C: AsyncWrite + Unpin>(
     spool: &Spool,
 ) -> Written {
     let mut sent = 0u64;
-    if !style.fixed16 && tokio::time::timeout_at(deadline, spool.wait_complete_or_full()).await.is_err() {
-        spool.close();
-        return Written::Failed { error: site.timeout_error(), sent };
+    if !style.fixed16 {
+        if tokio::time::timeout_at(deadline, spool.wait_complete_or_full()).await.is_err() {
+            spool.close();
+            return Written::Failed { error: site.timeout_error(), sent };
+        }
+        if let Some(error) = spool.take_failure() {
+            spool.close();
+            return Written::Failed { error, sent };
+        }
     }
     loop {
         let next = match tokio::time::timeout_at(deadline, spool.next()).await {

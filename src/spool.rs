@@ -3,11 +3,13 @@
 //!
 //! A [`Spool`] is the queue between the two halves of a relay: the reader
 //! half pushes what arrives from the site, the writer half takes it out at
-//! the client's pace. Data lives in memory up to `memory_per_response`, then
-//! in an unlinked temporary file in `spool_dir`; all spools together stay
-//! within the daemon-wide [`SpoolBudget`]. Order is kept by one rule: memory
-//! holds the older data, the file the newer, and memory is appended to only
-//! while the file part is empty.
+//! the client's pace. The queue is a sequence of segments, each either in
+//! memory or a range of an unlinked temporary file in `spool_dir`. A chunk
+//! goes to memory while this answer holds less than `memory_per_response`
+//! there and the daemon-wide memory budget allows, otherwise to the file
+//! within the disk budget; so a client that keeps up never touches the disk,
+//! and one that falls behind sends the overflow there. All spools together
+//! stay within the daemon-wide [`SpoolBudget`].
 //!
 //! When neither memory nor disk may take more, the reader waits for the
 //! writer to make room: that is streaming with back-pressure toward the site.
@@ -157,21 +159,24 @@ pub enum Next {
     End(Result<(), QueryError>),
 }
 
-struct Segment {
-    bytes: Bytes,
-    /// Counted against the memory budget (the streaming window is not).
-    budgeted: bool,
+enum Segment {
+    /// Bytes in memory; `budgeted` if counted against the memory budget
+    /// (the streaming window is not).
+    Mem { bytes: Bytes, budgeted: bool },
+    /// A range of the spool file.
+    File { offset: u64, len: u64 },
 }
 
 #[derive(Default)]
 struct State {
-    /// Older data, in memory.
-    mem: VecDeque<Segment>,
+    /// The answer's bytes not yet taken out, in order.
+    queue: VecDeque<Segment>,
+    /// Bytes of `Mem` segments in the queue.
     mem_bytes: usize,
-    /// Newer data, in a file: `file_pos..file_end` is not yet taken out.
+    /// The spool file, its length, and how many `File` segments still refer to it.
     file: Option<Arc<File>>,
-    file_end: u64,
-    file_pos: u64,
+    file_len: u64,
+    file_segments: usize,
     /// Disk budget held for the current file.
     disk_reserved: u64,
     /// A file write is in flight (the file must stay).
@@ -182,12 +187,6 @@ struct State {
     reader_waiting: bool,
     spilled: bool,
     streamed: bool,
-}
-
-impl State {
-    fn file_part_empty(&self) -> bool {
-        self.file_pos == self.file_end && !self.writing
-    }
 }
 
 /// The queue between the reader and the writer half of one relay.
@@ -227,22 +226,19 @@ impl Spool {
                 if st.writer_gone {
                     return Err(WriterGone);
                 }
-                if st.file_part_empty() {
-                    let budgeted =
-                        st.mem_bytes + n <= self.budget.cfg.memory_per_response && self.budget.reserve_mem(n);
-                    if budgeted || st.mem_bytes == 0 {
-                        st.mem_bytes += n;
-                        st.mem.push_back(Segment { bytes: chunk, budgeted });
-                        drop(st);
-                        self.data.notify_one();
-                        return Ok(());
-                    }
+                let budgeted = st.mem_bytes + n <= self.budget.cfg.memory_per_response && self.budget.reserve_mem(n);
+                if budgeted || st.mem_bytes == 0 {
+                    st.mem_bytes += n;
+                    st.queue.push_back(Segment::Mem { bytes: chunk, budgeted });
+                    drop(st);
+                    self.data.notify_one();
+                    return Ok(());
                 }
                 if !st.writing && self.budget.reserve_disk(n as u64) {
                     st.writing = true;
                     st.disk_reserved += n as u64;
                     match &st.file {
-                        Some(f) => Place::File(f.clone(), st.file_end),
+                        Some(f) => Place::File(f.clone(), st.file_len),
                         None => Place::NewFile,
                     }
                 } else {
@@ -254,24 +250,27 @@ impl Spool {
                     Place::Wait
                 }
             };
-            let written = match place {
+            let (offset, written) = match place {
                 Place::Wait => {
                     self.data.notify_one();
                     self.room.notified().await;
                     self.lock().reader_waiting = false;
                     continue;
                 }
-                Place::File(file, offset) => self.write_file(file, offset, chunk.clone()).await,
+                Place::File(file, offset) => (offset, self.write_file(file, offset, chunk.clone()).await),
                 Place::NewFile => {
                     let dir = self.budget.cfg.dir.clone();
-                    match tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir)).await {
-                        Ok(Ok(f)) => {
+                    let created = match tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir)).await {
+                        Ok(r) => r,
+                        Err(e) => Err(std::io::Error::other(e)),
+                    };
+                    match created {
+                        Ok(f) => {
                             let f = Arc::new(f);
                             self.lock().file = Some(f.clone());
-                            self.write_file(f, 0, chunk.clone()).await
+                            (0, self.write_file(f, 0, chunk.clone()).await)
                         }
-                        Ok(Err(e)) => Err(e),
-                        Err(e) => Err(std::io::Error::other(e)),
+                        Err(e) => (0, Err(e)),
                     }
                 }
             };
@@ -279,7 +278,9 @@ impl Spool {
             st.writing = false;
             match written {
                 Ok(()) => {
-                    st.file_end += n as u64;
+                    st.queue.push_back(Segment::File { offset, len: n as u64 });
+                    st.file_len = offset + n as u64;
+                    st.file_segments += 1;
                     if !st.spilled {
                         st.spilled = true;
                         self.budget.spilled.fetch_add(1, Ordering::Relaxed);
@@ -289,8 +290,8 @@ impl Spool {
                     return Ok(());
                 }
                 Err(e) => {
-                    // The data already in the file stays readable; this chunk
-                    // goes to memory or waits for room.
+                    // What is in the file stays readable; this chunk goes to
+                    // memory or waits for room.
                     st.disk_reserved -= n as u64;
                     self.budget.release_disk(n as u64);
                     self.budget.file_failed(&e);
@@ -321,14 +322,21 @@ impl Spool {
     }
 
     fn release(&self, st: &mut State) {
-        for seg in st.mem.drain(..) {
-            if seg.budgeted {
-                self.budget.release_mem(seg.bytes.len());
+        for seg in st.queue.drain(..) {
+            if let Segment::Mem { bytes, budgeted: true } = seg {
+                self.budget.release_mem(bytes.len());
             }
         }
         st.mem_bytes = 0;
-        if !st.writing {
+        st.file_segments = 0;
+        self.drop_file_if_unused(st);
+    }
+
+    /// Close the spool file (giving its space back) once nothing refers to it.
+    fn drop_file_if_unused(&self, st: &mut State) {
+        if st.file_segments == 0 && !st.writing && st.file.is_some() {
             st.file = None;
+            st.file_len = 0;
             self.budget.release_disk(st.disk_reserved);
             st.disk_reserved = 0;
         }
@@ -349,60 +357,72 @@ impl Spool {
         }
     }
 
+    /// If the answer has ended with an error, take that error; the data
+    /// before it is not worth sending to a client that cannot tell a short
+    /// answer from a complete one.
+    pub fn take_failure(&self) -> Option<QueryError> {
+        let mut st = self.lock();
+        match st.end.take() {
+            Some(Err(e)) => Some(e),
+            other => {
+                st.end = other;
+                None
+            }
+        }
+    }
+
     /// The next bytes for the client, or the end.
     pub async fn next(&self) -> Next {
         loop {
             let read = {
                 let mut st = self.lock();
-                if let Some(seg) = st.mem.pop_front() {
-                    st.mem_bytes -= seg.bytes.len();
-                    if seg.budgeted {
-                        self.budget.release_mem(seg.bytes.len());
-                    }
-                    drop(st);
-                    self.room.notify_one();
-                    return Next::Data(seg.bytes);
-                }
-                if st.file_pos < st.file_end {
-                    let Some(f) = st.file.clone() else {
-                        return Next::End(Err(QueryError::Spool("spool file missing".into())));
-                    };
-                    Some((f, st.file_pos, (st.file_end - st.file_pos).min(FILE_READ_CHUNK as u64) as usize))
-                } else {
-                    if st.file_part_empty() && st.file.is_some() {
-                        // Drained: close the file to give its space back.
-                        st.file = None;
-                        st.file_pos = 0;
-                        st.file_end = 0;
-                        self.budget.release_disk(st.disk_reserved);
-                        st.disk_reserved = 0;
+                match st.queue.pop_front() {
+                    Some(Segment::Mem { bytes, budgeted }) => {
+                        st.mem_bytes -= bytes.len();
+                        if budgeted {
+                            self.budget.release_mem(bytes.len());
+                        }
                         drop(st);
                         self.room.notify_one();
-                        continue;
+                        return Next::Data(bytes);
                     }
-                    if let Some(end) = st.end.take() {
-                        return Next::End(end);
+                    Some(Segment::File { offset, len }) => {
+                        let take = len.min(FILE_READ_CHUNK as u64);
+                        if take < len {
+                            st.queue.push_front(Segment::File { offset: offset + take, len: len - take });
+                        }
+                        let Some(f) = st.file.clone() else {
+                            return Next::End(Err(QueryError::Spool("the spool file is gone".into())));
+                        };
+                        Some((f, offset, take as usize, take == len))
                     }
-                    None
+                    None => match st.end.take() {
+                        Some(end) => return Next::End(end),
+                        None => None,
+                    },
                 }
             };
-            let Some((file, pos, n)) = read else {
+            let Some((file, offset, len, last)) = read else {
                 self.data.notified().await;
                 continue;
             };
             let got = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; n];
-                file.read_exact_at(&mut buf, pos).map(|()| buf)
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, offset).map(|()| buf)
             })
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            match got {
-                Ok(buf) => {
-                    self.lock().file_pos += n as u64;
-                    return Next::Data(Bytes::from(buf));
-                }
-                Err(e) => return Next::End(Err(QueryError::Spool(format!("cannot read the spool file: {e}")))),
+            if last {
+                let mut st = self.lock();
+                st.file_segments -= 1;
+                self.drop_file_if_unused(&mut st);
+                drop(st);
+                self.room.notify_one();
             }
+            return match got {
+                Ok(buf) => Next::Data(Bytes::from(buf)),
+                Err(e) => Next::End(Err(QueryError::Spool(format!("cannot read the spool file: {e}")))),
+            };
         }
     }
 }

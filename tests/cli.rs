@@ -2,77 +2,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::io::Write;
+use std::process::{Command, Stdio};
 
+use support::process::*;
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_livemux");
 
 fn livemux(args: &[&str]) -> std::process::Output {
     Command::new(BIN).args(args).output().expect("run livemux")
-}
-
-/// Lines of a child's stream, collected by a thread.
-struct Lines {
-    rx: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Lines {
-    fn new(stream: impl std::io::Read + Send + 'static) -> Lines {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Lines { rx, seen: Vec::new() }
-    }
-
-    /// Wait for a line containing `needle`; returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no line containing {needle:?}; seen:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    /// Everything received so far.
-    fn drain(&mut self) -> &[String] {
-        while let Ok(l) = self.rx.try_recv() {
-            self.seen.push(l);
-        }
-        &self.seen
-    }
-}
-
-fn interrupt(child: &Child, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            return st;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "livemux did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

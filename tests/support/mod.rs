@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod icinga;
+pub mod process;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -68,6 +69,19 @@ impl Proxy {
     pub async fn start(sites: Vec<(&str, String, SiteParams)>) -> Proxy {
         let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
         let config = test_config(dir.path(), sites);
+        let app = App::start(config.clone()).await.expect("start proxy");
+        Proxy { app: Some(app), dir, config }
+    }
+
+    /// Like [`Proxy::start`] with a different spool configuration (its `dir`
+    /// is replaced by one in the proxy's temporary directory).
+    pub async fn start_with_spool(
+        sites: Vec<(&str, String, SiteParams)>,
+        spool: livemux::config::SpoolConfig,
+    ) -> Proxy {
+        let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
+        let mut config = test_config(dir.path(), sites);
+        config.spool = livemux::config::SpoolConfig { dir: dir.path().join("spool"), ..spool };
         let app = App::start(config.clone()).await.expect("start proxy");
         Proxy { app: Some(app), dir, config }
     }

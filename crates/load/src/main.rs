@@ -106,29 +106,43 @@ impl Conn {
         }
     }
 
-    async fn exchange(&mut self, req: &[u8], body: &mut Vec<u8>) -> std::io::Result<()> {
+    async fn exchange(&mut self, req: &[u8], buf: &mut [u8]) -> std::io::Result<u64> {
         match self {
-            Conn::Unix(s) => exchange(s, req, body).await,
-            Conn::Tcp(s) => exchange(s, req, body).await,
+            Conn::Unix(s) => exchange(s, req, buf).await,
+            Conn::Tcp(s) => exchange(s, req, buf).await,
         }
     }
 }
 
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &[u8], body: &mut Vec<u8>) -> std::io::Result<()> {
+/// One query; the body is read through `buf` and dropped (only its length
+/// and status matter). Returns the body length.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &[u8], buf: &mut [u8]) -> std::io::Result<u64> {
     s.write_all(req).await?;
     let mut raw = [0u8; FIXED16_LEN];
     s.read_exact(&mut raw).await?;
     let h = ResponseHeader::decode(&raw).map_err(std::io::Error::other)?;
-    body.resize(h.length as usize, 0);
-    s.read_exact(body).await?;
-    if h.status != Status::Ok {
-        return Err(std::io::Error::other(format!("status {}: {}", h.status, String::from_utf8_lossy(body).trim())));
+    let mut left = h.length;
+    let mut first = Vec::new();
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = s.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if h.status != Status::Ok && first.len() < 200 {
+            first.extend_from_slice(&buf[..n.min(200)]);
+        }
+        left -= n as u64;
     }
-    Ok(())
+    if h.status != Status::Ok {
+        return Err(std::io::Error::other(format!("status {}: {}", h.status, String::from_utf8_lossy(&first).trim())));
+    }
+    Ok(h.length)
 }
 
 struct Outcome {
     hist: Histogram<u64>,
+    bytes: u64,
     errors: u64,
     first_error: Option<String>,
 }
@@ -141,9 +155,9 @@ async fn client(args: Args, start: Instant, end: Instant) -> Outcome {
     }
     text.push('\n');
     let req = text.into_bytes();
-    let mut out = Outcome { hist: Histogram::new(3).expect("histogram"), errors: 0, first_error: None };
+    let mut out = Outcome { hist: Histogram::new(3).expect("histogram"), bytes: 0, errors: 0, first_error: None };
     let mut conn: Option<Conn> = None;
-    let mut body = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
     loop {
         let t0 = Instant::now();
         if t0 >= end {
@@ -159,12 +173,13 @@ async fn client(args: Args, start: Instant, end: Instant) -> Outcome {
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        let r = c.exchange(&req, &mut body).await;
+        let r = c.exchange(&req, &mut buf).await;
         let t1 = Instant::now();
         match r {
-            Ok(()) => {
+            Ok(len) => {
                 if t0 >= start {
                     let _ = out.hist.record((t1 - t0).as_micros() as u64);
+                    out.bytes += len;
                 }
                 if args.connect_per_query {
                     conn = None;
@@ -193,22 +208,26 @@ async fn main() {
     let end = start + args.duration;
     let tasks: Vec<_> = (0..args.clients).map(|_| tokio::spawn(client(args.clone(), start, end))).collect();
     let mut hist: Histogram<u64> = Histogram::new(3).expect("histogram");
-    let (mut errors, mut first_error) = (0, None);
+    let (mut errors, mut first_error, mut bytes) = (0, None, 0u64);
     for t in tasks {
         let o = t.await.expect("client task");
         hist.add(&o.hist).expect("merge histograms");
+        bytes += o.bytes;
         errors += o.errors;
         first_error = first_error.or(o.first_error);
     }
-    let secs = args.duration.as_secs_f64();
+    // Queries that started in the window are counted whole, even if they
+    // ended after it; measure against the time until the last one ended.
+    let secs = (Instant::now().max(end) - start).as_secs_f64();
     let rate = hist.len() as f64 / secs;
     let (p50, p99) = (hist.value_at_quantile(0.5), hist.value_at_quantile(0.99));
     println!(
-        "{:<28} clients={:<3} {} queries/s={:>9.0} p50={:>7}us p99={:>7}us errors={}",
+        "{:<28} clients={:<3} {} queries/s={:>9.0} MB/s={:>8.1} p50={:>7}us p99={:>7}us errors={}",
         args.label,
         args.clients,
         if args.connect_per_query { "conn/query" } else { "keepalive " },
         rate,
+        bytes as f64 / secs / 1e6,
         p50,
         p99,
         errors
@@ -218,7 +237,7 @@ async fn main() {
         serde_json::json!({
             "label": args.label, "target": args.target, "clients": args.clients,
             "connect_per_query": args.connect_per_query, "queries": hist.len(), "seconds": secs,
-            "rate": rate, "p50_us": p50, "p99_us": p99, "max_us": hist.max(), "errors": errors,
+            "rate": rate, "bytes": bytes, "mb_per_s": bytes as f64 / secs / 1e6, "p50_us": p50, "p99_us": p99, "max_us": hist.max(), "errors": errors,
             "first_error": first_error,
         })
     );
