@@ -103,6 +103,7 @@ pub struct RawConfig {
     state_file: Option<Spanned<String>>,
     state_interval: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
+    worker_threads: Option<Spanned<i64>>,
     spool_dir: Option<Spanned<String>>,
     spool_memory_per_response: Option<Spanned<RawSize>>,
     spool_memory_budget: Option<Spanned<RawSize>>,
@@ -260,6 +261,9 @@ pub struct Config {
     pub state_interval: Duration,
     /// How long shutdown waits for responses in progress.
     pub shutdown_grace: Duration,
+    /// Threads of the async runtime. One is fastest unless a core is
+    /// saturated: cross-thread wake-ups cost more than they save.
+    pub worker_threads: usize,
     /// Buffering of answers for slow clients.
     pub spool: SpoolConfig,
     /// The sites, in file order.
@@ -319,6 +323,7 @@ impl Validator<'_> {
         let state_file = path(raw.state_file, "state_file", "/var/lib/livemux/state.json")?;
         let state_interval = self.duration(raw.state_interval.as_ref(), "state_interval", Duration::from_secs(5))?;
         let shutdown_grace = self.duration(raw.shutdown_grace.as_ref(), "shutdown_grace", Duration::from_secs(10))?;
+        let worker_threads = self.int(raw.worker_threads.as_ref(), "worker_threads", 1, 1..=256)?;
         let d = SpoolConfig::default();
         let spool = SpoolConfig {
             dir: path(raw.spool_dir, "spool_dir", &d.dir.to_string_lossy())?,
@@ -394,7 +399,7 @@ impl Validator<'_> {
             let params = self.params(&s, &defaults, &prefix)?;
             sites.push(SiteConfig { name: name.get_ref().clone(), address: parsed, params });
         }
-        Ok(Config { socket_dir, state_file, state_interval, shutdown_grace, spool, sites })
+        Ok(Config { socket_dir, state_file, state_interval, shutdown_grace, worker_threads, spool, sites })
     }
 
     fn site_name(&self, name: &Spanned<String>, prefix: &str) -> Result<(), ConfigError> {

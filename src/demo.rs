@@ -53,6 +53,7 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
         state_file: dir.join("state.json"),
         state_interval: std::time::Duration::from_secs(5),
         shutdown_grace: std::time::Duration::from_secs(5),
+        worker_threads: 1,
         spool: crate::config::SpoolConfig { dir: dir.join("spool"), ..Default::default() },
         sites,
     };

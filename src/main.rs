@@ -54,34 +54,48 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
-    let runtime = match tokio::runtime::Runtime::new() {
+    // `run` sizes the runtime from its configuration; everything else needs one thread.
+    let (command, threads) = match cli.command {
+        Command::Run { config } => match Config::load(&config) {
+            Ok(c) => {
+                let threads = c.worker_threads;
+                (Job::Run(c), threads)
+            }
+            Err(e) => return fail(format_args!("{}: {e}", config.display())),
+        },
+        other => (Job::Other(other), 1),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(format_args!("cannot start the async runtime: {e}")),
     };
     runtime.block_on(async {
-        match cli.command {
-            Command::Run { config } => run(config).await,
-            Command::CheckConfig { config } => match Config::load(&config) {
+        match command {
+            Job::Run(config) => run(config).await,
+            Job::Other(Command::CheckConfig { config }) => match Config::load(&config) {
                 Ok(c) => {
                     println!("{}: OK ({} sites)", config.display(), c.sites.len());
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(format_args!("{}: {e}", config.display())),
             },
-            Command::Demo { dir } => match livemux::demo::run(dir, stop_signal()).await {
+            Job::Other(Command::Demo { dir }) => match livemux::demo::run(dir, stop_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(format_args!("demo failed: {e}")),
             },
-            Command::Query { socket, query, timeout } => query_command(socket, query, timeout).await,
+            Job::Other(Command::Query { socket, query, timeout }) => query_command(socket, query, timeout).await,
+            Job::Other(Command::Run { .. }) => ExitCode::FAILURE,
         }
     })
 }
 
-async fn run(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => return fail(format_args!("{}: {e}", path.display())),
-    };
+/// What `main` runs once the runtime exists.
+enum Job {
+    Run(Config),
+    Other(Command),
+}
+
+async fn run(config: Config) -> ExitCode {
     let app = match App::start(config).await {
         Ok(a) => a,
         Err(e) => return fail(format_args!("cannot start: {e}")),

@@ -17,7 +17,7 @@
 //!   answer is held until it is complete (or the spool is full), and a site
 //!   failure before that becomes an error message instead of a short body.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -68,12 +68,12 @@ pub async fn relay<C: AsyncWrite + Unpin>(
     deadline: Instant,
     budget: &std::sync::Arc<SpoolBudget>,
 ) -> Relayed {
-    let SiteResponse { raw_header, header, lease } = resp;
+    let SiteResponse { raw_header, header, prefix, lease } = resp;
     let spool = Spool::new(budget.clone());
     let total = header.length + if style.fixed16 { FIXED16_LEN as u64 } else { 0 };
     let head = style.fixed16.then_some(raw_header);
     let (_, written) = tokio::join!(
-        read_half(site, lease, header.length, deadline, &spool),
+        read_half(site, lease, prefix, header.length, deadline, &spool),
         write_half(site, client, head, style, deadline, &spool),
     );
     match written {
@@ -84,12 +84,24 @@ pub async fn relay<C: AsyncWrite + Unpin>(
     }
 }
 
-/// Read `length` body bytes from the channel into the spool.
-async fn read_half(site: &SiteHandle, lease: Lease, length: u64, deadline: Instant, spool: &Spool) {
+/// Read `length` body bytes (the first of them already in `prefix`) from
+/// the channel into the spool.
+async fn read_half(site: &SiteHandle, lease: Lease, prefix: Bytes, length: u64, deadline: Instant, spool: &Spool) {
     let down = lease.down_signal();
     let mut lease = Some(lease);
     let mut buf = BytesMut::new();
-    let mut got = 0u64;
+    let mut got = prefix.len() as u64;
+    if got == length
+        && let Some(l) = lease.take()
+    {
+        l.release();
+    }
+    if !prefix.is_empty() && spool.push(prefix).await.is_err() {
+        if let Some(l) = lease.take() {
+            drain(l, length - got, deadline).await;
+        }
+        return;
+    }
     while got < length {
         let Some(l) = lease.as_mut() else { break };
         buf.reserve(CHUNK);

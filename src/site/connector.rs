@@ -5,7 +5,9 @@
 //! `TCP_QUICKACK` before every read: Icinga 2 writes the fixed16 header and
 //! the body in two writes without `TCP_NODELAY`, so with delayed ACKs on our
 //! side its Nagle algorithm holds the body for ~40 ms on every keep-alive
-//! query. Quick ACKs make that stall impossible.
+//! query. Quick ACKs make that stall impossible. The option is re-armed each
+//! time a read is about to wait (the kernel leaves quick-ACK mode on its own),
+//! not before every read, to save a system call per read.
 
 use std::io;
 use std::pin::Pin;
@@ -39,22 +41,29 @@ impl SiteStream {
             SiteStream::Unix(s) => Pin::new(s).poll_read(cx, &mut buf).map(|_| ()),
         }
     }
+}
 
-    fn rearm_quickack(&self) {
-        #[cfg(target_os = "linux")]
-        if let SiteStream::Tcp(s) = self {
-            // Best effort: on failure we only lose the latency optimisation.
-            let _ = socket2::SockRef::from(s).set_tcp_quickack(true);
-        }
+fn rearm_quickack(s: &TcpStream) {
+    #[cfg(target_os = "linux")]
+    {
+        // Best effort: on failure only the latency optimisation is lost.
+        let _ = socket2::SockRef::from(s).set_tcp_quickack(true);
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = s;
 }
 
 impl AsyncRead for SiteStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.rearm_quickack();
-        match this {
-            SiteStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        match self.get_mut() {
+            SiteStream::Tcp(s) => {
+                let r = Pin::new(&mut *s).poll_read(cx, buf);
+                if r.is_pending() {
+                    // About to wait for data: have it acknowledged at once.
+                    rearm_quickack(s);
+                }
+                r
+            }
             SiteStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }

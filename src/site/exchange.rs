@@ -10,6 +10,7 @@
 
 use std::io;
 
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -26,25 +27,40 @@ pub(crate) struct HeaderFailure {
     pub error: SiteError,
 }
 
-/// Read the 16-byte response header.
-pub(crate) async fn read_header<R: AsyncRead + Unpin>(
+/// Read the response header, and in the same reads whatever part of the
+/// body has arrived with it (up to `prefetch` bytes in all): one `recv` for
+/// a small answer instead of two.
+pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
     r: &mut R,
-) -> Result<([u8; FIXED16_LEN], ResponseHeader), HeaderFailure> {
-    let mut raw = [0u8; FIXED16_LEN];
-    let mut got = 0;
-    while got < FIXED16_LEN {
-        match r.read(&mut raw[got..]).await {
-            Ok(0) if got == 0 => return Err(HeaderFailure { any_byte: false, error: SiteError::ClosedWithoutAnswer }),
+    prefetch: usize,
+) -> Result<([u8; FIXED16_LEN], ResponseHeader, Bytes), HeaderFailure> {
+    let mut buf = BytesMut::with_capacity(prefetch.max(FIXED16_LEN));
+    while buf.len() < FIXED16_LEN {
+        match r.read_buf(&mut buf).await {
+            Ok(0) if buf.is_empty() => {
+                return Err(HeaderFailure { any_byte: false, error: SiteError::ClosedWithoutAnswer });
+            }
             Ok(0) => {
-                let error = SiteError::Truncated { got: got as u64, expected: FIXED16_LEN as u64 };
+                let error = SiteError::Truncated { got: buf.len() as u64, expected: FIXED16_LEN as u64 };
                 return Err(HeaderFailure { any_byte: true, error });
             }
-            Ok(n) => got += n,
-            Err(e) => return Err(HeaderFailure { any_byte: got > 0, error: SiteError::Io(e) }),
+            Ok(_) => {}
+            Err(e) => return Err(HeaderFailure { any_byte: !buf.is_empty(), error: SiteError::Io(e) }),
         }
     }
+    let mut raw = [0u8; FIXED16_LEN];
+    raw.copy_from_slice(&buf[..FIXED16_LEN]);
     let header = ResponseHeader::decode(&raw).map_err(|e| HeaderFailure { any_byte: true, error: e.into() })?;
-    Ok((raw, header))
+    let prefix = buf.split_off(FIXED16_LEN).freeze();
+    if prefix.len() as u64 > header.length {
+        let error = SiteError::BadHeader(livemux_protocol::HeaderError::BadLength(format!(
+            "the site sent {} bytes after a header announcing {}",
+            prefix.len(),
+            header.length
+        )));
+        return Err(HeaderFailure { any_byte: true, error });
+    }
+    Ok((raw, header, prefix))
 }
 
 /// A site's answer whose header has arrived; the body is still on the channel.
@@ -53,7 +69,9 @@ pub struct SiteResponse {
     pub raw_header: [u8; FIXED16_LEN],
     /// The decoded header.
     pub header: ResponseHeader,
-    /// The channel, positioned at the first body byte.
+    /// The first body bytes, read together with the header.
+    pub prefix: Bytes,
+    /// The channel, positioned right after `prefix`.
     pub lease: Lease,
 }
 
@@ -69,14 +87,14 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
         let down = lease.down_signal();
         let attempt = async {
             lease.write_all(wire).await.map_err(|e| HeaderFailure { any_byte: false, error: e.into() })?;
-            read_header(&mut lease).await
+            read_response_start(&mut lease, crate::relay::CHUNK).await
         };
         let outcome = tokio::select! {
             r = tokio::time::timeout_at(deadline, attempt) => r,
             _ = down.cancelled() => return Err(site.down_error()),
         };
         match outcome {
-            Ok(Ok((raw_header, header))) => return Ok(SiteResponse { raw_header, header, lease }),
+            Ok(Ok((raw_header, header, prefix))) => return Ok(SiteResponse { raw_header, header, prefix, lease }),
             Ok(Err(f)) if !f.any_byte && reused && !fresh => {
                 tracing::debug!(site = %site.name(), channel = lease.channel_id(), error = %f.error,
                     "reused channel failed before answering; retrying once on a fresh channel");

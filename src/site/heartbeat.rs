@@ -7,7 +7,7 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::connector::SiteStream;
-use super::exchange::read_header;
+use super::exchange::read_response_start;
 use crate::error::SiteError;
 use livemux_protocol::Status;
 
@@ -20,13 +20,16 @@ const MAX_BODY: u64 = 4096;
 /// Send a heartbeat on `stream` and return the site's `program_start`.
 pub(crate) async fn exchange(stream: &mut SiteStream) -> Result<i64, SiteError> {
     stream.write_all(QUERY).await?;
-    let (_, header) = read_header(stream).await.map_err(|f| f.error)?;
+    let (_, header, prefix) = read_response_start(stream, MAX_BODY as usize).await.map_err(|f| f.error)?;
     if header.length > MAX_BODY {
         return Err(SiteError::HeartbeatAnswer(format!("answer of {} bytes is not a heartbeat answer", header.length)));
     }
     let mut body = vec![0u8; header.length as usize];
-    stream.read_exact(&mut body).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => SiteError::Truncated { got: 16, expected: 16 + header.length },
+    body[..prefix.len()].copy_from_slice(&prefix);
+    stream.read_exact(&mut body[prefix.len()..]).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            SiteError::Truncated { got: 16 + prefix.len() as u64, expected: 16 + header.length }
+        }
         _ => SiteError::Io(e),
     })?;
     let text = String::from_utf8_lossy(&body);

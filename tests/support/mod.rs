@@ -45,6 +45,7 @@ pub fn test_config(dir: &std::path::Path, sites: Vec<(&str, String, SiteParams)>
         state_file: dir.join("state.json"),
         state_interval: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(5),
+        worker_threads: 1,
         spool: livemux::config::SpoolConfig { dir: dir.join("spool"), ..Default::default() },
         sites: sites
             .into_iter()

@@ -221,7 +221,11 @@ async fn main() {
     let secs = (Instant::now().max(end) - start).as_secs_f64();
     let rate = hist.len() as f64 / secs;
     let (p50, p99) = (hist.value_at_quantile(0.5), hist.value_at_quantile(0.99));
-    println!(
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    // A closed stdout (e.g. `| head -1`) is not an error worth a panic.
+    let _ = writeln!(
+        out,
         "{:<28} clients={:<3} {} queries/s={:>9.0} MB/s={:>8.1} p50={:>7}us p99={:>7}us errors={}",
         args.label,
         args.clients,
@@ -232,7 +236,8 @@ async fn main() {
         p99,
         errors
     );
-    println!(
+    let _ = writeln!(
+        out,
         "{}",
         serde_json::json!({
             "label": args.label, "target": args.target, "clients": args.clients,
