@@ -31,7 +31,7 @@ peak() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 row() {   # label target
     local json
     json=$(target/release/livemux-load --target "$2" --query 'GET bulk' --duration "${secs}s" --warmup 0s --label "$1" | tail -n1)
-    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); print("%s|%.0f|%d|%d" % (j["label"], j["mb_per_s"], j["queries"], j["errors"]))' "$json"
+    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); print("%s|%.0f|%d|%d" % (j["label"], j["mb_per_s"], j["requests"], j["errors"]))' "$json"
     echo "done: $1" >&2
 }
 

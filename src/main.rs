@@ -96,6 +96,7 @@ enum Job {
 }
 
 async fn run(config: Config) -> ExitCode {
+    raise_open_files_limit();
     let app = match App::start(config).await {
         Ok(a) => a,
         Err(e) => return fail(format_args!("cannot start: {e}")),
@@ -103,6 +104,20 @@ async fn run(config: Config) -> ExitCode {
     stop_signal().await;
     app.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Every client and channel is a file descriptor: use all the process may
+/// have (the soft limit is often 1024 while the hard limit is much higher).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
 }
 
 /// Completes on SIGINT or SIGTERM. SIGHUP is logged and otherwise ignored

@@ -119,10 +119,21 @@ impl ResponseHeader {
     /// (they cannot be represented; no sane response comes near 100 GB).
     pub fn encode(&self) -> [u8; FIXED16_LEN] {
         let code = self.status.code().min(999);
-        let length = self.length.min(MAX_BODY_LEN);
-        let text = format!("{code:03} {length:>11}\n");
+        let mut n = self.length.min(MAX_BODY_LEN);
         let mut out = [b' '; FIXED16_LEN];
-        out.copy_from_slice(text.as_bytes());
+        out[0] = b'0' + (code / 100) as u8;
+        out[1] = b'0' + (code / 10 % 10) as u8;
+        out[2] = b'0' + (code % 10) as u8;
+        let mut i = 14;
+        loop {
+            out[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+            i -= 1;
+        }
+        out[15] = b'\n';
         out
     }
 

@@ -101,6 +101,10 @@ pub struct Knobs {
     pub fault_table: Option<String>,
     /// Body size of `GET bulk`.
     pub bulk_bytes: u64,
+    /// A simulated network round trip: every answer waits this long, and
+    /// the first answer on a new connection once more (its TCP handshake).
+    /// Applies to all tables, unlike the fault knobs.
+    pub rtt: Duration,
 }
 
 impl Knobs {
@@ -108,7 +112,7 @@ impl Knobs {
     ///
     /// Keys: `delay_ms`, `hang` (0/1), `close_without_answer`,
     /// `close_after_bytes` (or `none`), `write_chunk`, `write_pause_ms`,
-    /// `fault_table` (or `none`), `bulk_bytes`.
+    /// `fault_table` (or `none`), `bulk_bytes`, `rtt_ms`.
     pub fn apply(&mut self, key: &str, value: &str) -> Result<(), String> {
         let num = |v: &str| v.parse::<u64>().map_err(|_| format!("{key}: '{v}' is not a number"));
         match key {
@@ -122,6 +126,7 @@ impl Knobs {
             "fault_table" if value == "none" => self.fault_table = None,
             "fault_table" => self.fault_table = Some(value.to_owned()),
             "bulk_bytes" => self.bulk_bytes = num(value)?,
+            "rtt_ms" => self.rtt = Duration::from_millis(num(value)?),
             _ => return Err(format!("unknown knob '{key}'")),
         }
         Ok(())
@@ -342,6 +347,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
     let limits = Limits { max_request_bytes: 64 << 20, max_header_lines: 1 << 20, max_line_bytes: 16 << 20 };
     let mut buf = BytesMut::with_capacity(4096);
     let mut framer = Framer::new();
+    let mut first = true;
     loop {
         let frame = loop {
             match framer.scan(&buf, &limits) {
@@ -371,6 +377,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
             }
             log.push_back(block.clone());
         }
+        let rtt = lock(&shared.knobs).rtt;
+        if !rtt.is_zero() {
+            tokio::time::sleep(if first { rtt * 2 } else { rtt }).await;
+        }
+        first = false;
         let next = match Request::parse(&block) {
             Ok(Request::Get(q)) => answer(shared, &mut s, &q).await?,
             Ok(Request::Command(c)) => {
@@ -451,7 +462,7 @@ async fn answer<S: AsyncWrite + Unpin>(shared: &Shared, s: &mut S, q: &Query) ->
     let knobs = {
         let mut k = lock(&shared.knobs);
         if !k.applies_to(&q.table) {
-            Knobs { bulk_bytes: k.bulk_bytes, ..Knobs::default() }
+            Knobs { bulk_bytes: k.bulk_bytes, rtt: k.rtt, ..Knobs::default() }
         } else {
             let snapshot = k.clone();
             k.close_without_answer = k.close_without_answer.saturating_sub(1);

@@ -25,9 +25,13 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     services: usize,
     /// A fault knob, KEY=VALUE (repeatable): delay_ms, hang, close_without_answer,
-    /// close_after_bytes, write_chunk, write_pause_ms, fault_table, bulk_bytes.
+    /// close_after_bytes, write_chunk, write_pause_ms, fault_table, bulk_bytes, rtt_ms.
     #[arg(long = "knob", value_name = "KEY=VALUE")]
     knobs: Vec<String>,
+    /// Start this many sites (TCP only, each on its own port, named NAME-0,
+    /// NAME-1, ...); one `listening` line each.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
 }
 
 #[tokio::main]
@@ -43,20 +47,35 @@ async fn main() -> std::process::ExitCode {
     } else {
         return fail("--listen must start with tcp:// or unix://");
     };
-    let cfg = SimConfig { name: args.name, hosts: args.hosts, services_per_host: args.services, listen };
-    let site = match SimSite::start(cfg).await {
-        Ok(s) => s,
-        Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),
-    };
-    for kv in &args.knobs {
-        let Some((k, v)) = kv.split_once('=') else { return fail(&format!("--knob '{kv}' is not KEY=VALUE")) };
-        let mut result = Ok(());
-        site.set_knobs(|knobs| result = knobs.apply(k, v));
-        if let Err(e) = result {
-            return fail(&e);
-        }
+    if args.count > 1 && !matches!(listen, Listen::Tcp(_)) {
+        return fail("--count needs a tcp:// address");
     }
-    println!("listening {}", site.address());
+    let mut sites = Vec::with_capacity(args.count);
+    for i in 0..args.count {
+        let name = if args.count > 1 { format!("{}-{i}", args.name) } else { args.name.clone() };
+        let cfg = SimConfig { name, hosts: args.hosts, services_per_host: args.services, listen: listen.clone() };
+        let site = match SimSite::start(cfg).await {
+            Ok(s) => s,
+            Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),
+        };
+        for kv in &args.knobs {
+            let Some((k, v)) = kv.split_once('=') else { return fail(&format!("--knob '{kv}' is not KEY=VALUE")) };
+            let mut result = Ok(());
+            site.set_knobs(|knobs| result = knobs.apply(k, v));
+            if let Err(e) = result {
+                return fail(&e);
+            }
+        }
+        sites.push(site);
+    }
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for site in &sites {
+            let _ = writeln!(out, "listening {}", site.address());
+        }
+        let _ = out.flush();
+    }
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(t) => t,
         Err(e) => return fail(&format!("cannot install SIGTERM handler: {e}")),
@@ -65,7 +84,9 @@ async fn main() -> std::process::ExitCode {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    site.stop();
+    for site in &sites {
+        site.stop();
+    }
     std::process::ExitCode::SUCCESS
 }
 
