@@ -25,8 +25,13 @@ use livemux_protocol::{
     CommandRequest, Framer, Query, ReplyStyle, Request, RequestError, ResponseHeader, Status, error_response,
 };
 
-/// Bytes read from the client per read call.
-const READ_CHUNK: usize = 16 * 1024;
+/// Free space kept in a client's read buffer before each read: enough for
+/// a typical request; the buffer grows (doubling) for larger ones.
+const READ_RESERVE: usize = 1024;
+
+/// A read buffer that grew beyond this for a large request is given back
+/// once that request has been taken out, so idle clients stay small.
+const KEEP_CAPACITY: usize = 64 * 1024;
 
 /// One client connection to a site's socket.
 pub struct Session<S> {
@@ -52,7 +57,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Session {
             site,
             stream,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             framer: Framer::new(),
             eof: false,
             budget,
@@ -104,6 +109,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         loop {
             if let Some(f) = self.framer.scan(&self.buf, &limits).map_err(ReadError::Limit)? {
                 let block = self.buf.split_to(f.end).freeze();
+                if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
+                    self.buf = BytesMut::new();
+                }
                 return Ok(Some(block.slice(f.start..)));
             }
             if self.eof {
@@ -112,7 +120,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     block.slice(f.start..)
                 }));
             }
-            self.buf.reserve(READ_CHUNK);
+            self.buf.reserve(READ_RESERVE.max(self.buf.len()));
             let idle = self.site.params().client_idle_timeout;
             // Between requests (nothing buffered) a shutdown ends the session;
             // a request being received is finished first.
@@ -139,12 +147,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.wire.clear();
         q.encode_for_site(&mut self.wire);
         let style = q.style;
-        let resp = match send_query(&self.site, &self.wire, deadline).await {
+        // The per-query futures are boxed: an idle session's own state stays
+        // a few hundred bytes instead of the relay's ~10 KiB.
+        let resp = match Box::pin(send_query(&self.site, &self.wire, deadline)).await {
             Ok(r) => r,
             Err(e) => return self.query_failed(&e, style).await,
         };
         let status = resp.header.status;
-        match relay(&self.site, resp, &mut self.stream, style, deadline, &self.budget).await {
+        match Box::pin(relay(&self.site, resp, &mut self.stream, style, deadline, &self.budget)).await {
             Relayed::Complete => style.keepalive && (style.fixed16 || status == Status::Ok),
             Relayed::NothingSent(e) => self.query_failed(&e, style).await,
             Relayed::ClientGone { sent, total } => {
@@ -169,7 +179,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn command(&mut self, c: &CommandRequest, deadline: Instant) -> bool {
         self.wire.clear();
         c.encode_for_site(&mut self.wire);
-        match send_commands(&self.site, &self.wire, deadline).await {
+        match Box::pin(send_commands(&self.site, &self.wire, deadline)).await {
             Ok(()) if c.style.fixed16 => {
                 let ok = ResponseHeader::new(Status::Ok, 0).encode();
                 self.write_within_query_timeout(&ok).await

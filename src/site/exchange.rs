@@ -19,6 +19,10 @@ use super::channel::Lease;
 use crate::error::{QueryError, SiteError};
 use livemux_protocol::{FIXED16_LEN, ResponseHeader};
 
+/// Bytes read together with the response header: most answers to GUI
+/// queries fit, and each query in flight holds at most this much extra.
+const PREFETCH: usize = 8 * 1024;
+
 /// A failure while waiting for the response header.
 pub(crate) struct HeaderFailure {
     /// At least one byte of the answer had arrived.
@@ -87,7 +91,7 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
         let down = lease.down_signal();
         let attempt = async {
             lease.write_all(wire).await.map_err(|e| HeaderFailure { any_byte: false, error: e.into() })?;
-            read_response_start(&mut lease, crate::relay::CHUNK).await
+            read_response_start(&mut lease, PREFETCH).await
         };
         let outcome = tokio::select! {
             r = tokio::time::timeout_at(deadline, attempt) => r,
