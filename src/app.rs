@@ -64,10 +64,17 @@ impl App {
         let mut bound = Vec::with_capacity(config.sites.len());
         for site in &config.sites {
             let path = config.socket_path(&site.name);
-            match listener::bind(&path) {
-                Ok(l) => bound.push((l, path)),
+            let result = listener::bind(&path).and_then(|unix| {
+                let tcp = site.listen.as_ref().map(listener::bind_tcp).transpose();
+                if tcp.is_err() {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Ok((unix, tcp?))
+            });
+            match result {
+                Ok((unix, tcp)) => bound.push((unix, path, tcp)),
                 Err(e) => {
-                    for (_, p) in &bound {
+                    for (_, p, _) in &bound {
                         let _ = std::fs::remove_file(p);
                     }
                     return Err(e.into());
@@ -78,9 +85,23 @@ impl App {
         let tracker = TaskTracker::new();
         let budget = crate::spool::SpoolBudget::new(config.spool.clone());
         let mut sites = Vec::with_capacity(config.sites.len());
-        for (site, (l, path)) in config.sites.iter().zip(bound) {
+        for (site, (l, path, tcp)) in config.sites.iter().zip(bound) {
             let handle = SiteHandle::spawn(site.clone(), shutdown.child_token(), &tracker);
-            tracker.spawn(listener::serve(l, path, handle.clone(), shutdown.clone(), tracker.clone(), budget.clone()));
+            let ctx = listener::Accepting {
+                site: handle.clone(),
+                shutdown: shutdown.clone(),
+                tracker: tracker.clone(),
+                budget: budget.clone(),
+                limit: std::sync::Arc::new(tokio::sync::Semaphore::new(site.params.max_clients)),
+            };
+            if let (Some(t), Some(listen)) = (tcp, site.listen.clone()) {
+                if let Ok(addr) = t.local_addr() {
+                    handle.set_listen_addr(addr);
+                    tracing::info!(site = %site.name, %addr, "TCP listener ready");
+                }
+                tracker.spawn(listener::serve_tcp(t, listen, ctx.clone()));
+            }
+            tracker.spawn(listener::serve_unix(l, path, ctx));
             sites.push(handle);
         }
         tracker.spawn(crate::state::run(

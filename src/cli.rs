@@ -13,10 +13,14 @@ use tokio::net::UnixStream;
 
 use livemux_protocol::{FIXED16_LEN, ResponseHeader, Status};
 
+/// A connection `livemux query` can use.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
 /// Why `livemux query` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryCliError {
-    /// Could not connect to the socket.
+    /// Could not connect.
     #[error("cannot connect to {path}: {source}")]
     Connect {
         /// Socket path.
@@ -62,14 +66,39 @@ pub fn build_request(text: &str) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// Where `livemux query` connects.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A UNIX socket (a site's socket in `socket_dir`).
+    Unix(std::path::PathBuf),
+    /// A TCP address (a cascading listener, or a site itself).
+    Tcp(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Unix(p) => write!(f, "{}", p.display()),
+            Target::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
 /// Send `text` to the socket at `path`; return the body of a 200 answer.
 /// A `COMMAND` has no answer; the result is then empty.
 pub async fn query(path: &Path, text: &str, timeout: Duration) -> Result<Vec<u8>, QueryCliError> {
+    query_target(&Target::Unix(path.to_owned()), text, timeout).await
+}
+
+/// Like [`query`], to any [`Target`].
+pub async fn query_target(target: &Target, text: &str, timeout: Duration) -> Result<Vec<u8>, QueryCliError> {
     let request = build_request(text);
     let exchange = async {
-        let mut s = UnixStream::connect(path)
-            .await
-            .map_err(|source| QueryCliError::Connect { path: path.display().to_string(), source })?;
+        let connect_err = |source| QueryCliError::Connect { path: target.to_string(), source };
+        let mut s: Box<dyn Stream> = match target {
+            Target::Unix(p) => Box::new(UnixStream::connect(p).await.map_err(connect_err)?),
+            Target::Tcp(a) => Box::new(tokio::net::TcpStream::connect(a.as_str()).await.map_err(connect_err)?),
+        };
         s.write_all(&request).await?;
         if request.starts_with(b"COMMAND") {
             s.shutdown().await?;

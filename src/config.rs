@@ -93,6 +93,14 @@ pub struct RawSite {
     max_request_bytes: Option<Spanned<RawSize>>,
     max_header_lines: Option<Spanned<i64>>,
     max_line_bytes: Option<Spanned<RawSize>>,
+    keepalive_idle: Option<Spanned<String>>,
+    keepalive_interval: Option<Spanned<String>>,
+    keepalive_count: Option<Spanned<i64>>,
+    tcp_user_timeout: Option<Spanned<String>>,
+    response_idle_timeout: Option<Spanned<String>>,
+    send_stall_grace: Option<Spanned<String>>,
+    listen: Option<Spanned<String>>,
+    only_from: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// The file as written.
@@ -166,6 +174,36 @@ impl std::str::FromStr for SiteAddress {
     }
 }
 
+/// TCP keepalive: after `idle` without traffic, probe every `interval`;
+/// give up after `count` unanswered probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub count: u32,
+}
+
+/// A site's cascading TCP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpListen {
+    /// Address to bind (port 0 picks a free port).
+    pub addr: std::net::SocketAddr,
+    /// Sources allowed to connect (exact addresses or networks); empty
+    /// means any (only allowed for a loopback address).
+    pub only_from: Vec<ipnet::IpNet>,
+}
+
+impl TcpListen {
+    /// Whether a client at `ip` may connect.
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.only_from.is_empty() || self.only_from.iter().any(|n| n.contains(&ip))
+    }
+}
+
 /// Settings of one site, every default applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SiteParams {
@@ -189,6 +227,19 @@ pub struct SiteParams {
     pub max_clients: usize,
     /// Request size limits.
     pub limits: Limits,
+    /// TCP keepalive on site connections and TCP clients.
+    pub keepalive: Keepalive,
+    /// `TCP_USER_TIMEOUT` on site connections: data unacknowledged this long
+    /// ends the connection (never set on client sockets: it would also end
+    /// paused clients).
+    pub tcp_user_timeout: Duration,
+    /// Mid-answer, a site that sends nothing for this long while livemux is
+    /// reading fails the query (the timer stops while livemux waits for a
+    /// slow client).
+    pub response_idle_timeout: Duration,
+    /// A TCP client whose kernel acknowledges nothing for this long while an
+    /// answer is being sent is dead and is dropped.
+    pub send_stall_grace: Duration,
 }
 
 impl Default for SiteParams {
@@ -204,6 +255,10 @@ impl Default for SiteParams {
             client_idle_timeout: Duration::from_secs(3600),
             max_clients: 1000,
             limits: Limits::default(),
+            keepalive: Keepalive { idle: Duration::from_secs(10), interval: Duration::from_secs(5), count: 3 },
+            tcp_user_timeout: Duration::from_secs(20),
+            response_idle_timeout: Duration::from_secs(30),
+            send_stall_grace: Duration::from_secs(30),
         }
     }
 }
@@ -217,6 +272,8 @@ pub struct SiteConfig {
     pub address: SiteAddress,
     /// Its settings.
     pub params: SiteParams,
+    /// Its cascading TCP listener, if any.
+    pub listen: Option<TcpListen>,
 }
 
 /// Where and how much of site answers is buffered while clients are slow.
@@ -343,7 +400,11 @@ impl Validator<'_> {
         };
 
         let defaults_raw = raw.defaults.map(|d| (d.span(), d.into_inner())).unwrap_or_default();
-        for (field, what) in [(&defaults_raw.1.name, "name"), (&defaults_raw.1.address, "address")] {
+        let d = &defaults_raw.1;
+        if let Some(v) = &d.only_from {
+            return Err(self.err(v.span(), "defaults.only_from", "belongs in a [[site]] table, not in [defaults]"));
+        }
+        for (field, what) in [(&d.name, "name"), (&d.address, "address"), (&d.listen, "listen")] {
             if let Some(v) = field {
                 return Err(self.err(
                     v.span(),
@@ -397,9 +458,52 @@ impl Validator<'_> {
                 .parse()
                 .map_err(|m: String| self.err(address.span(), &format!("{prefix}.address"), m))?;
             let params = self.params(&s, &defaults, &prefix)?;
-            sites.push(SiteConfig { name: name.get_ref().clone(), address: parsed, params });
+            let listen = self.listen(&s, &prefix, span.clone())?;
+            sites.push(SiteConfig { name: name.get_ref().clone(), address: parsed, params, listen });
         }
         Ok(Config { socket_dir, state_file, state_interval, shutdown_grace, worker_threads, spool, sites })
+    }
+
+    fn listen(&self, raw: &RawSite, prefix: &str, site: Range<usize>) -> Result<Option<TcpListen>, ConfigError> {
+        let Some(l) = &raw.listen else {
+            if let Some(o) = &raw.only_from {
+                return Err(self.err(o.span(), &format!("{prefix}.only_from"), "only_from needs listen"));
+            }
+            return Ok(None);
+        };
+        let key = format!("{prefix}.listen");
+        let text = l.get_ref();
+        let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+            self.err(
+                l.span(),
+                &key,
+                format!("'{text}' is not an address:port (e.g. \"127.0.0.1:6560\" or \"[::1]:6560\")"),
+            )
+        })?;
+        let mut only_from = Vec::new();
+        for e in raw.only_from.iter().flat_map(|o| o.get_ref()) {
+            let t = e.get_ref().trim();
+            let net = t
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    self.err(
+                        e.span(),
+                        &format!("{prefix}.only_from"),
+                        format!("'{t}' is neither an address nor a network"),
+                    )
+                })?;
+            only_from.push(net);
+        }
+        if only_from.is_empty() && !addr.ip().is_loopback() {
+            let span = raw.only_from.as_ref().map_or(site, |o| o.span());
+            return Err(self.err(
+                span,
+                &format!("{prefix}.only_from"),
+                format!("is required (and must not be empty) when listening on the non-loopback address {addr}"),
+            ));
+        }
+        Ok(Some(TcpListen { addr, only_from }))
     }
 
     fn site_name(&self, name: &Spanned<String>, prefix: &str) -> Result<(), ConfigError> {
@@ -446,6 +550,16 @@ impl Validator<'_> {
         l.max_line_bytes =
             self.size(raw.max_line_bytes.as_ref(), &key("max_line_bytes"), l.max_line_bytes as u64, 64..=1 << 30)?
                 as usize;
+        let k = &mut p.keepalive;
+        k.idle = self.duration(raw.keepalive_idle.as_ref(), &key("keepalive_idle"), k.idle)?;
+        k.interval = self.duration(raw.keepalive_interval.as_ref(), &key("keepalive_interval"), k.interval)?;
+        k.count = self.int(raw.keepalive_count.as_ref(), &key("keepalive_count"), k.count as usize, 1..=100)? as u32;
+        p.tcp_user_timeout =
+            self.duration(raw.tcp_user_timeout.as_ref(), &key("tcp_user_timeout"), p.tcp_user_timeout)?;
+        p.response_idle_timeout =
+            self.duration(raw.response_idle_timeout.as_ref(), &key("response_idle_timeout"), p.response_idle_timeout)?;
+        p.send_stall_grace =
+            self.duration(raw.send_stall_grace.as_ref(), &key("send_stall_grace"), p.send_stall_grace)?;
         if let Some(t) = raw.heartbeat_timeout.as_ref().or(raw.heartbeat_interval.as_ref())
             && p.heartbeat_timeout > p.heartbeat_interval
         {

@@ -45,7 +45,7 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
         let listen = Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)));
         let sim = SimSite::start(SimConfig { name: name.into(), hosts, services_per_host: services, listen }).await?;
         let address = sim.address().parse().map_err(std::io::Error::other)?;
-        sites.push(SiteConfig { name: name.into(), address, params: SiteParams::default() });
+        sites.push(SiteConfig { name: name.into(), address, params: SiteParams::default(), listen: None });
         sims.push(sim);
     }
     let config = Config {

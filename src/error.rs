@@ -60,6 +60,9 @@ pub enum SiteError {
     /// A read or write on the channel failed.
     #[error("connection to the site failed: {0}")]
     Io(#[from] io::Error),
+    /// Mid-answer, the site sent nothing for `response_idle_timeout`.
+    #[error("the site sent nothing for {} in the middle of the answer", fmt_duration(*.0))]
+    ResponseIdle(Duration),
     /// A heartbeat was not answered in time.
     #[error("heartbeat not answered within {}", fmt_duration(*.0))]
     HeartbeatTimeout(Duration),

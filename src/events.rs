@@ -154,3 +154,46 @@ impl CommandFailed<'_> {
         );
     }
 }
+
+/// A TCP client was dropped because its host stopped answering.
+pub struct ClientReaped<'a> {
+    /// The site whose socket it was on.
+    pub site: &'a crate::site::SiteHandle,
+    /// The client's address.
+    pub peer: &'a str,
+    /// The signal that decided it.
+    pub reason: &'a str,
+    /// Bytes stuck in the send queue.
+    pub stuck: u32,
+}
+
+impl ClientReaped<'_> {
+    /// Write the log line and count it for the state file.
+    pub fn emit(self) {
+        tracing::warn!(
+            site = self.site.name(),
+            peer = self.peer,
+            stuck = self.stuck,
+            "dropped unresponsive TCP client {}: {} ({} bytes stuck)",
+            self.peer,
+            self.reason,
+            self.stuck
+        );
+        self.site.note_reaped(self.peer, self.reason);
+    }
+}
+
+/// A TCP client from a source outside `only_from` was turned away.
+pub struct ClientRefused<'a> {
+    /// Site name.
+    pub site: &'a str,
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+}
+
+impl ClientRefused<'_> {
+    /// Write the log line.
+    pub fn emit(self) {
+        tracing::warn!(site = self.site, peer = %self.peer, "refused TCP client {}: not in only_from", self.peer);
+    }
+}

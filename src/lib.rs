@@ -13,6 +13,7 @@
 //! - [`client`]: the per-site UNIX sockets and client sessions.
 //! - [`relay`]: moving a site's answer to a client under one deadline.
 //! - [`spool`]: holding answers for slow clients, within memory and disk budgets.
+//! - [`sockopt`]: TCP socket options (nodelay, keepalive, user timeout).
 //! - [`state`]: the JSON state file.
 //! - [`events`]: one struct per observable event (log line).
 //! - [`error`]: error types, classified by who failed.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod events;
 pub mod relay;
 pub mod site;
+pub mod sockopt;
 pub mod spool;
 pub mod state;
 

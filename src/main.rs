@@ -41,8 +41,11 @@ enum Command {
     /// Send one query to a Livestatus socket and print the answer.
     Query {
         /// The socket, e.g. /run/livemux/berlin.
+        #[arg(long, required_unless_present = "tcp", conflicts_with = "tcp")]
+        socket: Option<PathBuf>,
+        /// A TCP address instead, e.g. 127.0.0.1:6560 (a cascading listener).
         #[arg(long)]
-        socket: PathBuf,
+        tcp: Option<String>,
         /// The query; `\n` separates lines. Read from stdin when absent.
         query: Option<String>,
         /// Give up after this long.
@@ -83,7 +86,14 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(format_args!("demo failed: {e}")),
             },
-            Job::Other(Command::Query { socket, query, timeout }) => query_command(socket, query, timeout).await,
+            Job::Other(Command::Query { socket, tcp, query, timeout }) => {
+                let target = match (socket, tcp) {
+                    (Some(p), _) => livemux::cli::Target::Unix(p),
+                    (None, Some(a)) => livemux::cli::Target::Tcp(a),
+                    (None, None) => return fail(format_args!("query needs --socket or --tcp")),
+                };
+                query_command(target, query, timeout).await
+            }
             Job::Other(Command::Run { .. }) => ExitCode::FAILURE,
         }
     })
@@ -138,7 +148,7 @@ async fn stop_signal() {
     }
 }
 
-async fn query_command(socket: PathBuf, query: Option<String>, timeout: Duration) -> ExitCode {
+async fn query_command(target: livemux::cli::Target, query: Option<String>, timeout: Duration) -> ExitCode {
     let text = match query {
         Some(q) => q,
         None => match std::io::read_to_string(std::io::stdin()) {
@@ -146,7 +156,7 @@ async fn query_command(socket: PathBuf, query: Option<String>, timeout: Duration
             Err(e) => return fail(format_args!("cannot read the query from stdin: {e}")),
         },
     };
-    match livemux::cli::query(&socket, &text, timeout).await {
+    match livemux::cli::query_target(&target, &text, timeout).await {
         Ok(body) => {
             use std::io::Write;
             let mut out = std::io::stdout().lock();

@@ -21,6 +21,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::client::watchdog::{Reaped, Watchdog};
 use crate::error::QueryError;
 use crate::site::exchange::body_error;
 use crate::site::{Lease, SiteHandle, SiteResponse};
@@ -48,6 +49,15 @@ pub enum Relayed {
         /// Bytes in the response.
         total: u64,
     },
+    /// The client's kernel stopped acknowledging anything: it was dropped.
+    Reaped {
+        /// Bytes sent.
+        sent: u64,
+        /// Bytes in the response.
+        total: u64,
+        /// The watchdog's verdict.
+        reaped: Reaped,
+    },
     /// The query failed after part of the response was sent.
     Cut {
         /// Why.
@@ -59,28 +69,37 @@ pub enum Relayed {
     },
 }
 
-/// Send `resp` to `client` in the form `style` asks for.
-pub async fn relay<C: AsyncWrite + Unpin>(
-    site: &SiteHandle,
-    resp: SiteResponse,
-    client: &mut C,
-    style: ReplyStyle,
-    deadline: Instant,
-    budget: &std::sync::Arc<SpoolBudget>,
-) -> Relayed {
+/// What a relay needs besides the answer and the client.
+pub struct RelayContext<'a> {
+    /// The site answering.
+    pub site: &'a SiteHandle,
+    /// How the client wants the answer.
+    pub style: ReplyStyle,
+    /// The query's deadline.
+    pub deadline: Instant,
+    /// The daemon's spool budget.
+    pub budget: &'a std::sync::Arc<SpoolBudget>,
+    /// For TCP clients: the send-stall watchdog.
+    pub watchdog: Option<&'a mut Watchdog>,
+}
+
+/// Send `resp` to `client` in the form `ctx.style` asks for.
+pub async fn relay<C: AsyncWrite + Unpin>(resp: SiteResponse, client: &mut C, ctx: RelayContext<'_>) -> Relayed {
+    let RelayContext { site, style, deadline, budget, watchdog } = ctx;
     let SiteResponse { raw_header, header, prefix, lease } = resp;
     let spool = Spool::new(budget.clone());
     let total = header.length + if style.fixed16 { FIXED16_LEN as u64 } else { 0 };
     let head = style.fixed16.then_some(raw_header);
     let (_, written) = tokio::join!(
         read_half(site, lease, prefix, header.length, deadline, &spool),
-        write_half(site, client, head, style, deadline, &spool),
+        write_half(site, client, head, style, deadline, &spool, watchdog),
     );
     match written {
         Written::Complete => Relayed::Complete,
         Written::Failed { error, sent: 0 } => Relayed::NothingSent(error),
         Written::Failed { error, sent } => Relayed::Cut { error, sent, total },
         Written::ClientGone { sent } => Relayed::ClientGone { sent, total },
+        Written::Reaped { sent, reaped } => Relayed::Reaped { sent, total, reaped },
     }
 }
 
@@ -88,6 +107,7 @@ pub async fn relay<C: AsyncWrite + Unpin>(
 /// the channel into the spool.
 async fn read_half(site: &SiteHandle, lease: Lease, prefix: Bytes, length: u64, deadline: Instant, spool: &Spool) {
     let down = lease.down_signal();
+    let idle = site.params().response_idle_timeout;
     let mut lease = Some(lease);
     let mut buf = BytesMut::new();
     let mut got = prefix.len() as u64;
@@ -107,8 +127,11 @@ async fn read_half(site: &SiteHandle, lease: Lease, prefix: Bytes, length: u64, 
         buf.reserve(CHUNK);
         let want = (length - got).min(CHUNK as u64);
         let mut limited = l.take(want);
+        // The idle timer runs only while reading: waiting for room in the
+        // spool (a slow client) does not count against the site.
+        let until = deadline.min(Instant::now() + idle);
         let read = tokio::select! {
-            r = tokio::time::timeout_at(deadline, limited.read_buf(&mut buf)) => r,
+            r = tokio::time::timeout_at(until, limited.read_buf(&mut buf)) => r,
             _ = down.cancelled() => return fail(spool, &mut lease, site.down_error()),
         };
         let n = match read {
@@ -118,6 +141,10 @@ async fn read_half(site: &SiteHandle, lease: Lease, prefix: Bytes, length: u64, 
             }
             Ok(Ok(n)) => n as u64,
             Ok(Err(e)) => return fail(spool, &mut lease, site_error(site, e, got, length)),
+            Err(_) if until < deadline => {
+                let source = crate::error::SiteError::ResponseIdle(idle);
+                return fail(spool, &mut lease, QueryError::Site { site: site.name().to_owned(), source });
+            }
             Err(_) => return fail(spool, &mut lease, site.timeout_error()),
         };
         got += n;
@@ -160,6 +187,7 @@ enum Written {
     Complete,
     Failed { error: QueryError, sent: u64 },
     ClientGone { sent: u64 },
+    Reaped { sent: u64, reaped: Reaped },
 }
 
 /// Take the answer out of the spool and write it to the client.
@@ -170,8 +198,12 @@ async fn write_half<C: AsyncWrite + Unpin>(
     style: ReplyStyle,
     deadline: Instant,
     spool: &Spool,
+    mut watchdog: Option<&mut Watchdog>,
 ) -> Written {
     let mut sent = 0u64;
+    if let Some(w) = watchdog.as_deref_mut() {
+        w.start();
+    }
     if !style.fixed16 {
         if tokio::time::timeout_at(deadline, spool.wait_complete_or_full()).await.is_err() {
             spool.close();
@@ -200,19 +232,43 @@ async fn write_half<C: AsyncWrite + Unpin>(
             Next::End(Err(error)) => return Written::Failed { error, sent },
         };
         let mut out = head.take().map(|h| bytes::Bytes::copy_from_slice(&h)).unwrap_or_default().chain(data);
-        let want = out.remaining() as u64;
-        match tokio::time::timeout_at(deadline, client.write_all_buf(&mut out)).await {
-            Ok(Ok(())) if last => return Written::Complete,
-            Ok(Ok(())) => sent += want,
-            Ok(Err(_)) => {
-                spool.close();
-                return Written::ClientGone { sent: sent + want - out.remaining() as u64 };
-            }
-            Err(_) => {
-                spool.close();
-                return Written::Failed { error: site.timeout_error(), sent: sent + want - out.remaining() as u64 };
+        while out.has_remaining() {
+            let wrote = tokio::select! {
+                r = tokio::time::timeout_at(deadline, client.write_buf(&mut out)) => r,
+                _ = sample_tick(watchdog.as_deref()) => {
+                    if let Some(w) = watchdog.as_deref_mut()
+                        && let Some(reaped) = w.check(Instant::now())
+                    {
+                        w.abort_on_close();
+                        spool.close();
+                        return Written::Reaped { sent, reaped };
+                    }
+                    continue;
+                }
+            };
+            match wrote {
+                Ok(Ok(n)) if n > 0 => sent += n as u64,
+                Ok(_) => {
+                    spool.close();
+                    return Written::ClientGone { sent };
+                }
+                Err(_) => {
+                    spool.close();
+                    return Written::Failed { error: site.timeout_error(), sent };
+                }
             }
         }
+        if last {
+            return Written::Complete;
+        }
+    }
+}
+
+/// Completes when the watchdog should sample the client (never without one).
+async fn sample_tick(watchdog: Option<&Watchdog>) {
+    match watchdog {
+        Some(w) => tokio::time::sleep(w.interval()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -42,7 +42,7 @@ pub struct StateFile {
 #[serde(untagged)]
 pub enum SiteEntry {
     /// A site that answered.
-    Known(SiteSnapshot),
+    Known(Box<SiteSnapshot>),
     /// A site whose actor did not answer.
     Unknown {
         /// Site name.
@@ -57,7 +57,7 @@ pub async fn collect(sites: &[SiteHandle], budget: &crate::spool::SpoolBudget) -
     let mut entries = Vec::with_capacity(sites.len());
     for s in sites {
         entries.push(match s.snapshot(SNAPSHOT_TIMEOUT).await {
-            Some(snap) => SiteEntry::Known(snap),
+            Some(snap) => SiteEntry::Known(Box::new(snap)),
             None => SiteEntry::Unknown { name: s.name().to_owned(), state: "unknown" },
         });
     }

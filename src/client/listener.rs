@@ -1,4 +1,4 @@
-//! Binding a site's UNIX socket and accepting its clients.
+//! Binding a site's UNIX socket (and TCP listener) and accepting its clients.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -6,13 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::AsFd;
+
 use tokio::io::AsyncWriteExt;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::session::Session;
+use crate::config::TcpListen;
 use crate::site::SiteHandle;
 use livemux_protocol::{Status, error_response};
 
@@ -35,6 +38,15 @@ pub enum BindError {
     /// A file that is not a socket is in the way.
     #[error("{0} exists and is not a socket; refusing to remove it")]
     NotASocket(PathBuf),
+    /// A TCP listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Tcp {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// The OS refused.
     #[error("cannot bind {path}: {source}")]
     Io {
@@ -65,54 +77,124 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
-/// Accept clients on a site's socket until `shutdown`; then remove the socket.
-pub async fn serve(
-    listener: UnixListener,
-    path: PathBuf,
-    site: SiteHandle,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-    budget: Arc<crate::spool::SpoolBudget>,
-) {
-    let limit = Arc::new(Semaphore::new(site.params().max_clients));
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.cancelled() => break,
-        };
-        let stream = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(site = site.name(), error = %e, "accept failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
-                    _ = shutdown.cancelled() => break,
-                }
-            }
-        };
-        match limit.clone().try_acquire_owned() {
+/// What every accept loop of a site shares.
+#[derive(Clone)]
+pub struct Accepting {
+    /// The site its clients talk to.
+    pub site: SiteHandle,
+    /// Stops accepting (and idle sessions).
+    pub shutdown: CancellationToken,
+    /// Sessions run here, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// The daemon's spool budget.
+    pub budget: Arc<crate::spool::SpoolBudget>,
+    /// `max_clients` permits, shared by the site's UNIX socket and TCP listener.
+    pub limit: Arc<Semaphore>,
+}
+
+impl Accepting {
+    /// Run a session for an accepted client, or refuse it when the site has
+    /// `max_clients` already.
+    fn admit<S>(&self, stream: S, watchdog: Option<super::watchdog::Watchdog>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        match self.limit.clone().try_acquire_owned() {
             Ok(permit) => {
-                let session = Session::new(site.clone(), stream, shutdown.clone(), budget.clone());
-                tracker.spawn(async move {
+                let session =
+                    Session::new(self.site.clone(), stream, self.shutdown.clone(), self.budget.clone(), watchdog);
+                self.tracker.spawn(async move {
                     session.run().await;
                     drop(permit);
                 });
             }
             Err(_) => {
+                let max = self.site.params().max_clients;
                 tracing::warn!(
-                    site = site.name(),
-                    max_clients = site.params().max_clients,
-                    "client refused: too many clients on this site's socket"
+                    site = self.site.name(),
+                    max_clients = max,
+                    "client refused: too many clients for this site"
                 );
-                tracker.spawn(refuse(stream, site.params().max_clients));
+                self.tracker.spawn(refuse(stream, max));
             }
+        }
+    }
+
+    /// Wait out an `accept()` failure (e.g. no file descriptors left);
+    /// `false` on shutdown.
+    async fn backoff(&self, error: &io::Error) -> bool {
+        tracing::warn!(site = self.site.name(), %error, "accept failed");
+        tokio::select! {
+            _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => true,
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+}
+
+/// Accept clients on a site's UNIX socket until shutdown; then remove the socket.
+pub async fn serve_unix(listener: UnixListener, path: PathBuf, ctx: Accepting) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = ctx.shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((s, _)) => ctx.admit(s, None),
+            Err(e) if ctx.backoff(&e).await => continue,
+            Err(_) => break,
         }
     }
     drop(listener);
     let _ = std::fs::remove_file(&path);
 }
 
-async fn refuse(mut stream: UnixStream, max: usize) {
+/// Accept clients on a site's cascading TCP listener until shutdown.
+pub async fn serve_tcp(listener: TcpListener, listen: TcpListen, ctx: Accepting) {
+    let params = ctx.site.params().clone();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = ctx.shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            // IPv4 clients of a dual-stack listener show as plain IPv4.
+            Ok((s, p)) => (s, std::net::SocketAddr::new(p.ip().to_canonical(), p.port())),
+            Err(e) if ctx.backoff(&e).await => continue,
+            Err(_) => break,
+        };
+        if !listen.allows(peer.ip()) {
+            crate::events::ClientRefused { site: ctx.site.name(), peer }.emit();
+            // A clean close: FIN first (a query already sent may still turn
+            // it into a reset; either way the client gets no data).
+            let mut stream = stream;
+            let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, stream.shutdown()).await;
+            continue;
+        }
+        if let Err(e) = crate::sockopt::tune_client(&stream, &params.keepalive) {
+            tracing::warn!(site = ctx.site.name(), %peer, error = %e, "cannot set keepalive on a TCP client");
+        }
+        let watchdog = match stream.as_fd().try_clone_to_owned() {
+            Ok(fd) => Some(super::watchdog::Watchdog::new(fd, peer.to_string(), params.send_stall_grace)),
+            Err(e) => {
+                tracing::warn!(site = ctx.site.name(), %peer, error = %e, "no send-stall watchdog for this client");
+                None
+            }
+        };
+        ctx.admit(stream, watchdog);
+    }
+}
+
+/// Bind a site's TCP listener.
+pub fn bind_tcp(listen: &TcpListen) -> Result<TcpListener, BindError> {
+    let io_err = |source| BindError::Tcp { addr: listen.addr, source };
+    let sock = if listen.addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .map_err(io_err)?;
+    sock.set_reuseaddr(true).map_err(io_err)?;
+    sock.bind(listen.addr).map_err(io_err)?;
+    sock.listen(1024).map_err(io_err)
+}
+
+async fn refuse<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, max: usize) {
     let msg = format!("too many clients: this site's socket serves at most {max} (max_clients)");
     let answer = error_response(Status::Busy, &msg, true);
     let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {

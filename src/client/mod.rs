@@ -1,9 +1,12 @@
-//! The local side: one UNIX socket per site, one session per connection.
+//! The local side: one UNIX socket per site (and optionally a cascading TCP
+//! listener), one session per connection.
 //!
 //! - [`listener`]: binding the socket (mode 0660, stale file replaced, a live
 //!   one refused), the accept loop, the `max_clients` bound.
 //! - [`session`]: one client connection: read a request, answer it, repeat
 //!   while `KeepAlive: on`.
+//! - [`watchdog`]: the send-stall watchdog for TCP clients.
 
 pub mod listener;
 pub mod session;
+pub mod watchdog;

@@ -16,9 +16,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::watchdog::Watchdog;
 use crate::error::QueryError;
 use crate::events;
-use crate::relay::{Relayed, relay};
+use crate::relay::{RelayContext, Relayed, relay};
 use crate::site::{SiteHandle, send_commands, send_query};
 use crate::spool::SpoolBudget;
 use livemux_protocol::{
@@ -42,6 +43,8 @@ pub struct Session<S> {
     /// The client half-closed (or closed); answer what is buffered, then stop.
     eof: bool,
     budget: std::sync::Arc<SpoolBudget>,
+    /// TCP clients only: watches the connection while answers are sent.
+    watchdog: Option<Watchdog>,
     wire: Vec<u8>,
     shutdown: CancellationToken,
 }
@@ -52,8 +55,15 @@ enum ReadError {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// A session for `stream`, a client of `site`.
-    pub fn new(site: SiteHandle, stream: S, shutdown: CancellationToken, budget: std::sync::Arc<SpoolBudget>) -> Self {
+    /// A session for `stream`, a client of `site`; TCP clients bring a
+    /// send-stall [`Watchdog`].
+    pub fn new(
+        site: SiteHandle,
+        stream: S,
+        shutdown: CancellationToken,
+        budget: std::sync::Arc<SpoolBudget>,
+        watchdog: Option<Watchdog>,
+    ) -> Self {
         Session {
             site,
             stream,
@@ -61,6 +71,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             framer: Framer::new(),
             eof: false,
             budget,
+            watchdog,
             wire: Vec::new(),
             shutdown,
         }
@@ -80,7 +91,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     break;
                 }
                 Err(ReadError::Io(e)) => {
-                    tracing::debug!(site = self.site.name(), error = %e, "client read failed");
+                    match (&self.watchdog, e.kind()) {
+                        // Keepalive found the peer gone while it was idle.
+                        (Some(w), std::io::ErrorKind::TimedOut) => {
+                            let reason = format!("keepalive: peer unreachable ({e})");
+                            events::ClientReaped { site: &self.site, peer: &w.peer, reason: &reason, stuck: 0 }.emit();
+                        }
+                        _ => tracing::debug!(site = self.site.name(), error = %e, "client read failed"),
+                    }
                     break;
                 }
             };
@@ -154,11 +172,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.query_failed(&e, style).await,
         };
         let status = resp.header.status;
-        match Box::pin(relay(&self.site, resp, &mut self.stream, style, deadline, &self.budget)).await {
+        let ctx =
+            RelayContext { site: &self.site, style, deadline, budget: &self.budget, watchdog: self.watchdog.as_mut() };
+        match Box::pin(relay(resp, &mut self.stream, ctx)).await {
             Relayed::Complete => style.keepalive && (style.fixed16 || status == Status::Ok),
             Relayed::NothingSent(e) => self.query_failed(&e, style).await,
             Relayed::ClientGone { sent, total } => {
                 events::ClientClosedMidResponse { site: self.site.name(), sent, total }.emit();
+                false
+            }
+            Relayed::Reaped { sent, total, reaped } => {
+                let peer = self.watchdog.as_ref().map_or("?", |w| w.peer.as_str());
+                let reason = format!("{} ({sent} of {total} bytes sent)", reaped.reason);
+                events::ClientReaped { site: &self.site, peer, reason: &reason, stuck: reaped.stuck }.emit();
                 false
             }
             Relayed::Cut { error, sent, total } => {

@@ -164,3 +164,47 @@ fn spool_defaults() {
     assert_eq!(c.spool.memory_budget, 32 << 20);
     assert_eq!(c.spool.disk_budget, 4 << 30);
 }
+
+#[test]
+fn tcp_listener_and_only_from() {
+    let c = Config::from_toml(
+        "[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nlisten = \"0.0.0.0:6560\"\nonly_from = [\"127.0.0.1\", \"10.0.0.0/8\", \"::1\"]\n",
+    )
+    .unwrap();
+    let l = c.sites[0].listen.clone().unwrap();
+    assert_eq!(l.addr, "0.0.0.0:6560".parse().unwrap());
+    assert!(l.allows("127.0.0.1".parse().unwrap()));
+    assert!(l.allows("10.1.2.3".parse().unwrap()));
+    assert!(l.allows("::ffff:10.9.9.9".parse().unwrap()), "IPv4-mapped addresses count as IPv4");
+    assert!(l.allows("::1".parse().unwrap()));
+    assert!(!l.allows("192.168.1.1".parse().unwrap()));
+    // Loopback without only_from: anyone local.
+    let c = Config::from_toml("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nlisten = \"[::1]:0\"\n").unwrap();
+    assert!(c.sites[0].listen.as_ref().unwrap().only_from.is_empty());
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nlisten = \"0.0.0.0:6560\"\n");
+    assert_eq!(e.key.as_deref(), Some("site[1].only_from"));
+    assert!(e.message.contains("is required"), "{e}");
+    let e =
+        error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nlisten = \"0.0.0.0:1\"\nonly_from = [\"nonsense\"]\n");
+    assert_eq!((e.line, e.key.as_deref()), (Some(5), Some("site[1].only_from")));
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nlisten = \"localhost\"\n");
+    assert_eq!(e.key.as_deref(), Some("site[1].listen"));
+    let e = error("[defaults]\nlisten = \"127.0.0.1:1\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n");
+    assert_eq!(e.key.as_deref(), Some("defaults.listen"));
+}
+
+#[test]
+fn keepalive_and_peer_timeouts() {
+    let c = Config::from_toml(
+        "[defaults]\nkeepalive_idle = \"1s\"\nkeepalive_interval = \"500ms\"\nkeepalive_count = 2\n\
+         send_stall_grace = \"2s\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\ntcp_user_timeout = \"3s\"\n",
+    )
+    .unwrap();
+    let p = &c.sites[0].params;
+    assert_eq!(p.keepalive, Keepalive { idle: Duration::from_secs(1), interval: Duration::from_millis(500), count: 2 });
+    assert_eq!(p.send_stall_grace, Duration::from_secs(2));
+    assert_eq!(p.tcp_user_timeout, Duration::from_secs(3));
+    let d = SiteParams::default();
+    assert_eq!(d.keepalive, Keepalive { idle: Duration::from_secs(10), interval: Duration::from_secs(5), count: 3 });
+    assert_eq!(d.send_stall_grace, Duration::from_secs(30));
+}

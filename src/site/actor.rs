@@ -404,10 +404,10 @@ impl Actor {
         if purpose != Purpose::Extra {
             self.connecting += 1;
         }
-        let (address, timeout) = (self.cfg.address.clone(), self.cfg.params.connect_timeout);
+        let (address, params) = (self.cfg.address.clone(), self.cfg.params.clone());
         let (tx, generation) = (self.events_tx.clone(), self.generation);
         tokio::spawn(async move {
-            let result = connect(&address, timeout).await;
+            let result = connect(&address, &params).await;
             let _ = tx.send(Event::Connected { generation, purpose, result });
         });
     }
@@ -504,6 +504,9 @@ impl Actor {
             channels_connecting: self.connecting,
             clients_waiting: self.waiters.iter().filter(|w| !w.reply.is_closed()).count(),
             clients_connected: 0,
+            clients_reaped: 0,
+            last_reaped: None,
+            listen: None,
         }
     }
 }

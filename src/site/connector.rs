@@ -12,12 +12,11 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::config::SiteAddress;
+use crate::config::{SiteAddress, SiteParams};
 use crate::error::SiteError;
 
 /// A connection to a site.
@@ -92,11 +91,13 @@ impl AsyncWrite for SiteStream {
     }
 }
 
-/// Open one connection to `address` within `timeout`.
+/// Open one connection to `address` within `params.connect_timeout`, with
+/// the site's socket options ([`crate::sockopt::tune_site`]).
 ///
 /// A TCP host name is resolved on every connect, and each resolved address is
 /// tried in turn until one answers; the timeout covers all of it.
-pub async fn connect(address: &SiteAddress, timeout: Duration) -> Result<SiteStream, SiteError> {
+pub async fn connect(address: &SiteAddress, params: &SiteParams) -> Result<SiteStream, SiteError> {
+    let timeout = params.connect_timeout;
     let attempt = async {
         match address {
             SiteAddress::Unix(path) => UnixStream::connect(path).await.map(SiteStream::Unix),
@@ -105,7 +106,7 @@ pub async fn connect(address: &SiteAddress, timeout: Duration) -> Result<SiteStr
                 for addr in tokio::net::lookup_host((host.as_str(), *port)).await? {
                     match TcpStream::connect(addr).await {
                         Ok(s) => {
-                            s.set_nodelay(true)?;
+                            crate::sockopt::tune_site(&s, params)?;
                             return Ok(SiteStream::Tcp(s));
                         }
                         Err(e) => last = e,

@@ -107,8 +107,25 @@ pub struct SiteSnapshot {
     pub channels_connecting: usize,
     /// Queries waiting for a channel.
     pub clients_waiting: usize,
-    /// Client connections on the site's socket.
+    /// Client connections on the site's socket (and TCP listener).
     pub clients_connected: u64,
+    /// TCP clients dropped because their host stopped answering.
+    pub clients_reaped: u64,
+    /// The last such client: when, who, why.
+    pub last_reaped: Option<ReapRecord>,
+    /// The TCP listener's address, if the site has one.
+    pub listen: Option<String>,
+}
+
+/// A dropped TCP client, for the state file.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReapRecord {
+    /// When (RFC 3339).
+    pub at: String,
+    /// The client's address.
+    pub peer: String,
+    /// Why.
+    pub reason: String,
 }
 
 pub(crate) fn timestamp(t: SystemTime) -> String {
@@ -127,6 +144,10 @@ struct HandleInner {
     requests: mpsc::Sender<Request>,
     status: watch::Receiver<SiteStatus>,
     clients: AtomicU64,
+    reaped: AtomicU64,
+    /// Short critical sections only (no await while held).
+    last_reaped: std::sync::Mutex<Option<ReapRecord>>,
+    listen: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl SiteHandle {
@@ -141,6 +162,9 @@ impl SiteHandle {
             requests: tx,
             status: status_rx,
             clients: AtomicU64::new(0),
+            reaped: AtomicU64::new(0),
+            last_reaped: std::sync::Mutex::new(None),
+            listen: std::sync::OnceLock::new(),
         };
         let actor = Actor::new(cfg, rx, status_tx, shutdown);
         tracker.spawn(actor.run());
@@ -228,7 +252,27 @@ impl SiteHandle {
         };
         let mut snap = tokio::time::timeout(timeout, ask).await.ok().flatten()?;
         snap.clients_connected = self.inner.clients.load(Ordering::Relaxed);
+        snap.clients_reaped = self.inner.reaped.load(Ordering::Relaxed);
+        snap.last_reaped = self.inner.last_reaped.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        snap.listen = self.inner.listen.get().map(|a| a.to_string());
         Some(snap)
+    }
+
+    /// Count a dropped TCP client.
+    pub fn note_reaped(&self, peer: &str, reason: &str) {
+        self.inner.reaped.fetch_add(1, Ordering::Relaxed);
+        let rec = ReapRecord { at: timestamp(SystemTime::now()), peer: peer.to_owned(), reason: reason.to_owned() };
+        *self.inner.last_reaped.lock().unwrap_or_else(|e| e.into_inner()) = Some(rec);
+    }
+
+    /// Record the address the site's TCP listener is bound to.
+    pub fn set_listen_addr(&self, addr: std::net::SocketAddr) {
+        let _ = self.inner.listen.set(addr);
+    }
+
+    /// The address the site's TCP listener is bound to, if it has one.
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.listen.get().copied()
     }
 
     /// Count a client connection for the state file; the guard uncounts it.

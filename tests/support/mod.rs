@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod icinga;
+pub mod netns;
 pub mod process;
 
 use std::path::PathBuf;
@@ -53,6 +54,7 @@ pub fn test_config(dir: &std::path::Path, sites: Vec<(&str, String, SiteParams)>
                 name: name.into(),
                 address: addr.parse::<SiteAddress>().expect("address"),
                 params,
+                listen: None,
             })
             .collect(),
     }
@@ -70,6 +72,12 @@ impl Proxy {
     pub async fn start(sites: Vec<(&str, String, SiteParams)>) -> Proxy {
         let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
         let config = test_config(dir.path(), sites);
+        let app = App::start(config.clone()).await.expect("start proxy");
+        Proxy { app: Some(app), dir, config }
+    }
+
+    /// A proxy for a complete configuration (sockets and state in `dir`).
+    pub async fn start_config(dir: tempfile::TempDir, config: Config) -> Proxy {
         let app = App::start(config.clone()).await.expect("start proxy");
         Proxy { app: Some(app), dir, config }
     }

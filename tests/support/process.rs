@@ -47,6 +47,14 @@ impl Lines {
         }
     }
 
+    /// A line containing `needle`, among those seen already or still to come.
+    pub fn find(&mut self, needle: &str) -> String {
+        match self.seen.iter().find(|l| l.contains(needle)) {
+            Some(l) => l.clone(),
+            None => self.wait_for(needle),
+        }
+    }
+
     /// Everything received so far.
     pub fn drain(&mut self) -> &[String] {
         while let Ok(l) = self.rx.try_recv() {
@@ -82,12 +90,18 @@ impl ProxyProcess {
     /// `extra` is TOML for the top level (before `[defaults]`), `sites` the
     /// `[[site]]` tables (name, address, extra lines).
     pub fn start(dir: &Path, extra: &str, defaults: &str, sites: &[(&str, String)]) -> ProxyProcess {
+        let sites: Vec<(&str, String, &str)> = sites.iter().map(|(n, a)| (*n, a.clone(), "")).collect();
+        Self::start_with_sites(dir, extra, defaults, &sites)
+    }
+
+    /// Like [`ProxyProcess::start`], with extra TOML lines per site.
+    pub fn start_with_sites(dir: &Path, extra: &str, defaults: &str, sites: &[(&str, String, &str)]) -> ProxyProcess {
         let mut text = format!(
             "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nstate_interval = \"100ms\"\nspool_dir = \"{d}/spool\"\n{extra}\n[defaults]\n{defaults}\n",
             d = dir.display()
         );
-        for (name, addr) in sites {
-            text.push_str(&format!("[[site]]\nname = \"{name}\"\naddress = \"{addr}\"\n"));
+        for (name, addr, more) in sites {
+            text.push_str(&format!("[[site]]\nname = \"{name}\"\naddress = \"{addr}\"\n{more}\n"));
         }
         let config = dir.join("livemux.toml");
         std::fs::write(&config, text).expect("write config");
