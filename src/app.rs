@@ -12,9 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::listener::{self, BindError};
-use crate::config::Config;
+use std::sync::Arc;
+
+use crate::config::{Config, SiteAddress};
 use crate::error::fmt_duration;
 use crate::site::SiteHandle;
+use crate::tls::SiteTls;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,46 @@ pub enum StartError {
     /// A site's socket could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// A site's TLS files are missing or unusable.
+    #[error("site '{site}': {source}")]
+    Tls {
+        /// Site name.
+        site: String,
+        /// What is wrong.
+        #[source]
+        source: crate::tls::TlsSetupError,
+    },
+}
+
+/// A site's TLS, loaded: toward the site, and for its listener.
+struct SiteTlsParts {
+    client: Option<Arc<SiteTls>>,
+    server: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Load every site's TLS files (what `check-config` also verifies).
+fn prepare_tls(config: &Config) -> Result<Vec<SiteTlsParts>, StartError> {
+    config
+        .sites
+        .iter()
+        .map(|site| {
+            let err = |source| StartError::Tls { site: site.name.clone(), source };
+            let client = match &site.address {
+                SiteAddress::Tls { host, .. } => Some(Arc::new(SiteTls::new(&site.params.tls, host).map_err(err)?)),
+                _ => None,
+            };
+            let server = match site.listen.as_ref().and_then(|l| l.tls.as_ref()) {
+                Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(t).map_err(err)?)),
+                None => None,
+            };
+            Ok(SiteTlsParts { client, server })
+        })
+        .collect()
+}
+
+/// Check what can be checked without binding anything: TLS files.
+pub fn check(config: &Config) -> Result<(), StartError> {
+    prepare_tls(config).map(|_| ())
 }
 
 /// The running daemon.
@@ -54,6 +97,7 @@ pub struct App {
 impl App {
     /// Bind all sockets, then start every site, listener and the state writer.
     pub async fn start(config: Config) -> Result<App, StartError> {
+        let tls = prepare_tls(&config)?;
         create_dir(&config.socket_dir)?;
         if config.spool.disk_budget > 0 {
             prepare_spool_dir(&config.spool.dir)?;
@@ -85,8 +129,8 @@ impl App {
         let tracker = TaskTracker::new();
         let budget = crate::spool::SpoolBudget::new(config.spool.clone());
         let mut sites = Vec::with_capacity(config.sites.len());
-        for (site, (l, path, tcp)) in config.sites.iter().zip(bound) {
-            let handle = SiteHandle::spawn(site.clone(), shutdown.child_token(), &tracker);
+        for ((site, (l, path, tcp)), tls) in config.sites.iter().zip(bound).zip(tls) {
+            let handle = SiteHandle::spawn(site.clone(), tls.client, shutdown.child_token(), &tracker);
             let ctx = listener::Accepting {
                 site: handle.clone(),
                 shutdown: shutdown.clone(),
@@ -99,7 +143,7 @@ impl App {
                     handle.set_listen_addr(addr);
                     tracing::info!(site = %site.name, %addr, "TCP listener ready");
                 }
-                tracker.spawn(listener::serve_tcp(t, listen, ctx.clone()));
+                tracker.spawn(listener::serve_tcp(t, listen, tls.server, ctx.clone()));
             }
             tracker.spawn(listener::serve_unix(l, path, ctx));
             sites.push(handle);

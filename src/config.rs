@@ -101,6 +101,21 @@ pub struct RawSite {
     send_stall_grace: Option<Spanned<String>>,
     listen: Option<Spanned<String>>,
     only_from: Option<Spanned<Vec<Spanned<String>>>>,
+    tls: Option<Spanned<RawListenerTls>>,
+    ca_file: Option<Spanned<String>>,
+    verify: Option<Spanned<bool>>,
+    server_name: Option<Spanned<String>>,
+    client_cert_file: Option<Spanned<String>>,
+    client_key_file: Option<Spanned<String>>,
+    tls_handshake_timeout: Option<Spanned<String>>,
+}
+
+/// `tls = { cert_file = "...", key_file = "..." }` of a TCP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    cert_file: String,
+    key_file: String,
 }
 
 /// The file as written.
@@ -132,6 +147,23 @@ pub enum SiteAddress {
     },
     /// `unix:///path/to/socket`.
     Unix(PathBuf),
+    /// `tls://host:port`: TCP with TLS.
+    Tls {
+        /// Host name or address (IPv6 without brackets).
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+impl SiteAddress {
+    /// Host and port of a TCP or TLS address.
+    pub fn host_port(&self) -> Option<(&str, u16)> {
+        match self {
+            SiteAddress::Tcp { host, port } | SiteAddress::Tls { host, port } => Some((host, *port)),
+            SiteAddress::Unix(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for SiteAddress {
@@ -140,6 +172,8 @@ impl fmt::Display for SiteAddress {
             SiteAddress::Tcp { host, port } if host.contains(':') => write!(f, "tcp://[{host}]:{port}"),
             SiteAddress::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
             SiteAddress::Unix(p) => write!(f, "unix://{}", p.display()),
+            SiteAddress::Tls { host, port } if host.contains(':') => write!(f, "tls://[{host}]:{port}"),
+            SiteAddress::Tls { host, port } => write!(f, "tls://{host}:{port}"),
         }
     }
 }
@@ -154,8 +188,10 @@ impl std::str::FromStr for SiteAddress {
             }
             return Ok(SiteAddress::Unix(PathBuf::from(path)));
         }
-        let Some(hostport) = s.strip_prefix("tcp://") else {
-            return Err(format!("'{s}' must start with tcp:// or unix://"));
+        let (hostport, tls) = match (s.strip_prefix("tcp://"), s.strip_prefix("tls://")) {
+            (Some(h), _) => (h, false),
+            (None, Some(h)) => (h, true),
+            (None, None) => return Err(format!("'{s}' must start with tcp://, tls:// or unix://")),
         };
         let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
             let (h, p) = rest.split_once("]:").ok_or_else(|| format!("'{s}': expected tcp://[v6addr]:port"))?;
@@ -170,7 +206,8 @@ impl std::str::FromStr for SiteAddress {
         if port == 0 {
             return Err(format!("'{s}': port 0 is not a valid site port"));
         }
-        Ok(SiteAddress::Tcp { host: host.to_owned(), port })
+        let host = host.to_owned();
+        Ok(if tls { SiteAddress::Tls { host, port } } else { SiteAddress::Tcp { host, port } })
     }
 }
 
@@ -194,6 +231,44 @@ pub struct TcpListen {
     /// Sources allowed to connect (exact addresses or networks); empty
     /// means any (only allowed for a loopback address).
     pub only_from: Vec<ipnet::IpNet>,
+    /// With TLS, only TLS clients are served.
+    pub tls: Option<ListenerTls>,
+}
+
+/// Certificate and key of a TLS listener (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// Certificate chain.
+    pub cert_file: PathBuf,
+    /// Private key.
+    pub key_file: PathBuf,
+}
+
+/// TLS toward a `tls://` site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM bundle of trusted CAs (required when `verify`).
+    pub ca_file: Option<PathBuf>,
+    /// Verify the site's certificate chain.
+    pub verify: bool,
+    /// When set: the name sent in SNI and required in the certificate.
+    pub server_name: Option<String>,
+    /// Client certificate and key (PEM), if the site asks for one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Limit for the TLS handshake, after the TCP connect.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            ca_file: None,
+            verify: true,
+            server_name: None,
+            client_cert: None,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 impl TcpListen {
@@ -240,6 +315,8 @@ pub struct SiteParams {
     /// A TCP client whose kernel acknowledges nothing for this long while an
     /// answer is being sent is dead and is dropped.
     pub send_stall_grace: Duration,
+    /// TLS toward the site (used by `tls://` addresses).
+    pub tls: TlsSettings,
 }
 
 impl Default for SiteParams {
@@ -259,6 +336,7 @@ impl Default for SiteParams {
             tcp_user_timeout: Duration::from_secs(20),
             response_idle_timeout: Duration::from_secs(30),
             send_stall_grace: Duration::from_secs(30),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -404,6 +482,9 @@ impl Validator<'_> {
         if let Some(v) = &d.only_from {
             return Err(self.err(v.span(), "defaults.only_from", "belongs in a [[site]] table, not in [defaults]"));
         }
+        if let Some(v) = &d.tls {
+            return Err(self.err(v.span(), "defaults.tls", "belongs in a [[site]] table, not in [defaults]"));
+        }
         for (field, what) in [(&d.name, "name"), (&d.address, "address"), (&d.listen, "listen")] {
             if let Some(v) = field {
                 return Err(self.err(
@@ -458,6 +539,13 @@ impl Validator<'_> {
                 .parse()
                 .map_err(|m: String| self.err(address.span(), &format!("{prefix}.address"), m))?;
             let params = self.params(&s, &defaults, &prefix)?;
+            if matches!(parsed, SiteAddress::Tls { .. }) && params.tls.verify && params.tls.ca_file.is_none() {
+                return Err(self.err(
+                    address.span(),
+                    &format!("{prefix}.ca_file"),
+                    "is required for a tls:// address (or set verify = false to encrypt without verifying)",
+                ));
+            }
             let listen = self.listen(&s, &prefix, span.clone())?;
             sites.push(SiteConfig { name: name.get_ref().clone(), address: parsed, params, listen });
         }
@@ -468,6 +556,9 @@ impl Validator<'_> {
         let Some(l) = &raw.listen else {
             if let Some(o) = &raw.only_from {
                 return Err(self.err(o.span(), &format!("{prefix}.only_from"), "only_from needs listen"));
+            }
+            if let Some(t) = &raw.tls {
+                return Err(self.err(t.span(), &format!("{prefix}.tls"), "tls (for the TCP listener) needs listen"));
             }
             return Ok(None);
         };
@@ -503,7 +594,11 @@ impl Validator<'_> {
                 format!("is required (and must not be empty) when listening on the non-loopback address {addr}"),
             ));
         }
-        Ok(Some(TcpListen { addr, only_from }))
+        let tls = raw.tls.as_ref().map(|t| ListenerTls {
+            cert_file: PathBuf::from(&t.get_ref().cert_file),
+            key_file: PathBuf::from(&t.get_ref().key_file),
+        });
+        Ok(Some(TcpListen { addr, only_from, tls }))
     }
 
     fn site_name(&self, name: &Spanned<String>, prefix: &str) -> Result<(), ConfigError> {
@@ -560,6 +655,28 @@ impl Validator<'_> {
             self.duration(raw.response_idle_timeout.as_ref(), &key("response_idle_timeout"), p.response_idle_timeout)?;
         p.send_stall_grace =
             self.duration(raw.send_stall_grace.as_ref(), &key("send_stall_grace"), p.send_stall_grace)?;
+        let t = &mut p.tls;
+        if let Some(v) = &raw.ca_file {
+            t.ca_file = Some(PathBuf::from(v.get_ref()));
+        }
+        if let Some(v) = &raw.verify {
+            t.verify = *v.get_ref();
+        }
+        if let Some(v) = &raw.server_name {
+            t.server_name = Some(v.get_ref().clone());
+        }
+        match (&raw.client_cert_file, &raw.client_key_file) {
+            (Some(c), Some(k)) => t.client_cert = Some((PathBuf::from(c.get_ref()), PathBuf::from(k.get_ref()))),
+            (None, None) => {}
+            (Some(c), None) => {
+                return Err(self.err(c.span(), &key("client_key_file"), "is required with client_cert_file"));
+            }
+            (None, Some(k)) => {
+                return Err(self.err(k.span(), &key("client_cert_file"), "is required with client_key_file"));
+            }
+        }
+        t.handshake_timeout =
+            self.duration(raw.tls_handshake_timeout.as_ref(), &key("tls_handshake_timeout"), t.handshake_timeout)?;
         if let Some(t) = raw.heartbeat_timeout.as_ref().or(raw.heartbeat_interval.as_ref())
             && p.heartbeat_timeout > p.heartbeat_interval
         {

@@ -60,6 +60,33 @@ pub enum SiteError {
     /// A read or write on the channel failed.
     #[error("connection to the site failed: {0}")]
     Io(#[from] io::Error),
+    /// The site's TLS certificate could not be verified.
+    #[error("certificate of {address} could not be verified: {detail}")]
+    Certificate {
+        /// The site's address.
+        address: String,
+        /// Which certificate and why.
+        detail: String,
+    },
+    /// TLS with the site failed otherwise.
+    #[error("TLS with {address} failed: {detail}")]
+    Tls {
+        /// The site's address.
+        address: String,
+        /// What happened.
+        detail: String,
+    },
+    /// The TLS handshake did not finish in time.
+    #[error("TLS handshake with {address} did not finish within {} (does the site speak TLS on this port?)", fmt_duration(*after))]
+    TlsTimeout {
+        /// The site's address.
+        address: String,
+        /// `tls_handshake_timeout`.
+        after: Duration,
+    },
+    /// A plaintext (tcp://) address answered with TLS.
+    #[error("the site answered with TLS; use a tls:// address")]
+    TlsOnPlain,
     /// Mid-answer, the site sent nothing for `response_idle_timeout`.
     #[error("the site sent nothing for {} in the middle of the answer", fmt_duration(*.0))]
     ResponseIdle(Duration),
@@ -81,6 +108,8 @@ pub enum QueryError {
         site: String,
         /// The last failure.
         reason: String,
+        /// The failure is a certificate that could not be verified (495).
+        certificate: bool,
     },
     /// The site has not completed its first connection yet.
     #[error("site '{site}' is not connected yet (no channel within {})", fmt_duration(*waited))]
@@ -127,6 +156,8 @@ impl QueryError {
     /// Status code of the error response.
     pub fn status(&self) -> Status {
         match self {
+            QueryError::SiteDown { certificate: true, .. } => Status::CertificateError,
+            QueryError::Site { source: SiteError::Certificate { .. }, .. } => Status::CertificateError,
             QueryError::SiteDown { .. } | QueryError::Site { .. } => Status::SiteUnavailable,
             QueryError::NotConnected { .. } | QueryError::NoFreeChannel { .. } | QueryError::ShuttingDown => {
                 Status::Busy
@@ -180,6 +211,7 @@ mod tests {
         let e = QueryError::SiteDown {
             site: "berlin".into(),
             reason: SiteError::HeartbeatTimeout(Duration::from_secs(2)).to_string(),
+            certificate: false,
         };
         assert_eq!(e.to_string(), "site 'berlin' is down: heartbeat not answered within 2s");
         assert_eq!(e.status(), Status::SiteUnavailable);

@@ -14,6 +14,7 @@
 //! - [`relay`]: moving a site's answer to a client under one deadline.
 //! - [`spool`]: holding answers for slow clients, within memory and disk budgets.
 //! - [`sockopt`]: TCP socket options (nodelay, keepalive, user timeout).
+//! - [`tls`]: TLS toward sites and on cascading listeners (rustls).
 //! - [`state`]: the JSON state file.
 //! - [`events`]: one struct per observable event (log line).
 //! - [`error`]: error types, classified by who failed.
@@ -35,5 +36,6 @@ pub mod site;
 pub mod sockopt;
 pub mod spool;
 pub mod state;
+pub mod tls;
 
 pub use livemux_protocol as protocol;

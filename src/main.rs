@@ -76,10 +76,13 @@ fn main() -> ExitCode {
         match command {
             Job::Run(config) => run(config).await,
             Job::Other(Command::CheckConfig { config }) => match Config::load(&config) {
-                Ok(c) => {
-                    println!("{}: OK ({} sites)", config.display(), c.sites.len());
-                    ExitCode::SUCCESS
-                }
+                Ok(c) => match livemux::app::check(&c) {
+                    Ok(()) => {
+                        println!("{}: OK ({} sites)", config.display(), c.sites.len());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(format_args!("{}: {e}", config.display())),
+                },
                 Err(e) => fail(format_args!("{}: {e}", config.display())),
             },
             Job::Other(Command::Demo { dir }) => match livemux::demo::run(dir, stop_signal()).await {

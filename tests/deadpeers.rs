@@ -55,7 +55,7 @@ async fn proxy_with_listener(
 ) -> (Proxy, SocketAddr) {
     let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
     let mut config = test_config(dir.path(), vec![("s1", site.address(), params)]);
-    config.sites[0].listen = Some(TcpListen { addr: "127.0.0.1:0".parse().unwrap(), only_from: vec![] });
+    config.sites[0].listen = Some(TcpListen { addr: "127.0.0.1:0".parse().unwrap(), only_from: vec![], tls: None });
     config.spool = SpoolConfig { dir: dir.path().join("spool"), ..spool };
     let p = Proxy::start_config(dir, config).await;
     p.wait_state("s1", SiteState::Ready).await;

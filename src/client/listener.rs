@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -100,24 +100,29 @@ impl Accepting {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         match self.limit.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let session =
-                    Session::new(self.site.clone(), stream, self.shutdown.clone(), self.budget.clone(), watchdog);
-                self.tracker.spawn(async move {
-                    session.run().await;
-                    drop(permit);
-                });
-            }
+            Ok(permit) => self.spawn_session(stream, watchdog, permit),
             Err(_) => {
-                let max = self.site.params().max_clients;
-                tracing::warn!(
-                    site = self.site.name(),
-                    max_clients = max,
-                    "client refused: too many clients for this site"
-                );
-                self.tracker.spawn(refuse(stream, max));
+                self.log_busy();
+                self.tracker.spawn(refuse(stream, self.site.params().max_clients));
             }
         }
+    }
+
+    /// Run a session for an admitted client; its permit ends with it.
+    fn spawn_session<S>(&self, stream: S, watchdog: Option<super::watchdog::Watchdog>, permit: OwnedSemaphorePermit)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let session = Session::new(self.site.clone(), stream, self.shutdown.clone(), self.budget.clone(), watchdog);
+        self.tracker.spawn(async move {
+            session.run().await;
+            drop(permit);
+        });
+    }
+
+    fn log_busy(&self) {
+        let max = self.site.params().max_clients;
+        tracing::warn!(site = self.site.name(), max_clients = max, "client refused: too many clients for this site");
     }
 
     /// Wait out an `accept()` failure (e.g. no file descriptors left);
@@ -148,8 +153,15 @@ pub async fn serve_unix(listener: UnixListener, path: PathBuf, ctx: Accepting) {
     let _ = std::fs::remove_file(&path);
 }
 
-/// Accept clients on a site's cascading TCP listener until shutdown.
-pub async fn serve_tcp(listener: TcpListener, listen: TcpListen, ctx: Accepting) {
+/// Accept clients on a site's cascading TCP listener until shutdown; with
+/// `tls`, each client's TLS handshake runs in its own task (bounded by
+/// `tls_handshake_timeout`) and only TLS clients are served.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    listen: TcpListen,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    ctx: Accepting,
+) {
     let params = ctx.site.params().clone();
     loop {
         let accepted = tokio::select! {
@@ -180,7 +192,24 @@ pub async fn serve_tcp(listener: TcpListener, listen: TcpListen, ctx: Accepting)
                 None
             }
         };
-        ctx.admit(stream, watchdog);
+        let Some(acceptor) = tls.clone() else {
+            ctx.admit(stream, watchdog);
+            continue;
+        };
+        // The permit comes first, so handshakes in progress count too. A
+        // TLS client cannot read a plaintext refusal: it is just closed.
+        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
+            ctx.log_busy();
+            continue;
+        };
+        let (ctx2, after) = (ctx.clone(), params.tls.handshake_timeout);
+        ctx.tracker.spawn(async move {
+            match tokio::time::timeout(after, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => ctx2.spawn_session(s, watchdog, permit),
+                Ok(Err(e)) => tracing::info!(site = ctx2.site.name(), %peer, error = %e, "TLS handshake with client {peer} failed"),
+                Err(_) => tracing::info!(site = ctx2.site.name(), %peer, "TLS handshake with client {peer} did not finish in time"),
+            }
+        });
     }
 }
 

@@ -98,7 +98,7 @@ fn out_of_range_values_are_rejected() {
 #[test]
 fn addresses_and_names_are_checked() {
     for (addr, want) in [
-        ("http://h:1", "must start with tcp:// or unix://"),
+        ("http://h:1", "must start with tcp://, tls:// or unix://"),
         ("tcp://h", "missing :port"),
         ("tcp://h:99999", "invalid port"),
         ("tcp://:5", "missing or invalid host"),
@@ -207,4 +207,36 @@ fn keepalive_and_peer_timeouts() {
     let d = SiteParams::default();
     assert_eq!(d.keepalive, Keepalive { idle: Duration::from_secs(10), interval: Duration::from_secs(5), count: 3 });
     assert_eq!(d.send_stall_grace, Duration::from_secs(30));
+}
+
+#[test]
+fn tls_sites_and_listeners() {
+    let c = Config::from_toml(
+        "[defaults]\nca_file = \"/etc/livemux/ca.pem\"\n[[site]]\nname = \"a\"\naddress = \"tls://h:6557\"\n\
+         client_cert_file = \"/c.pem\"\nclient_key_file = \"/c.key\"\ntls_handshake_timeout = \"2s\"\n\
+         [[site]]\nname = \"b\"\naddress = \"tls://h:6558\"\nverify = false\nserver_name = \"site-b\"\n\
+         listen = \"127.0.0.1:6560\"\ntls = { cert_file = \"/l.pem\", key_file = \"/l.key\" }\n",
+    )
+    .unwrap();
+    let a = &c.sites[0];
+    assert_eq!(a.address, SiteAddress::Tls { host: "h".into(), port: 6557 });
+    assert_eq!(a.address.to_string(), "tls://h:6557");
+    assert_eq!(a.params.tls.ca_file, Some(PathBuf::from("/etc/livemux/ca.pem")));
+    assert!(a.params.tls.verify);
+    assert_eq!(a.params.tls.client_cert, Some((PathBuf::from("/c.pem"), PathBuf::from("/c.key"))));
+    assert_eq!(a.params.tls.handshake_timeout, Duration::from_secs(2));
+    let b = &c.sites[1];
+    assert!(!b.params.tls.verify);
+    assert_eq!(b.params.tls.server_name.as_deref(), Some("site-b"));
+    let l = b.listen.as_ref().unwrap().tls.clone().unwrap();
+    assert_eq!((l.cert_file, l.key_file), (PathBuf::from("/l.pem"), PathBuf::from("/l.key")));
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tls://h:1\"\n");
+    assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("site[1].ca_file")));
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tls://h:1\"\nverify = false\nclient_cert_file = \"/c\"\n");
+    assert_eq!(e.key.as_deref(), Some("site[1].client_key_file"));
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\ntls = { cert_file = \"/a\", key_file = \"/b\" }\n");
+    assert_eq!(e.key.as_deref(), Some("site[1].tls"));
+    let e =
+        error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nlisten = \"127.0.0.1:1\"\ntls = { cert = \"/a\" }\n");
+    assert!(e.message.contains("unknown field `cert`"), "{e}");
 }

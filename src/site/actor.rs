@@ -48,8 +48,9 @@ pub(crate) enum Request {
 /// Why the actor refused to lend a channel.
 #[derive(Debug, Clone)]
 pub(crate) enum AcquireError {
-    /// The site is down; the last failure.
-    Down(String),
+    /// The site is down: the last failure, and whether it is a certificate
+    /// that could not be verified.
+    Down(String, bool),
     /// The proxy is shutting down.
     ShuttingDown,
 }
@@ -90,6 +91,8 @@ enum Busy {
 
 pub(crate) struct Actor {
     cfg: SiteConfig,
+    /// TLS toward the site (`tls://` addresses).
+    tls: Option<Arc<crate::tls::SiteTls>>,
     requests: mpsc::Receiver<Request>,
     events: mpsc::UnboundedReceiver<Event>,
     /// Cloned into leases and helper tasks. Unbounded by type, bounded in
@@ -112,6 +115,8 @@ pub(crate) struct Actor {
     state: SiteState,
     state_since: SystemTime,
     last_error: Option<String>,
+    /// The last error is a certificate that could not be verified.
+    last_error_certificate: bool,
     last_failed_connect: Option<SystemTime>,
     heartbeats: u64,
     program_start: Option<i64>,
@@ -133,6 +138,7 @@ pub(crate) struct Actor {
 impl Actor {
     pub(crate) fn new(
         cfg: SiteConfig,
+        tls: Option<Arc<crate::tls::SiteTls>>,
         requests: mpsc::Receiver<Request>,
         status_tx: watch::Sender<SiteStatus>,
         shutdown: CancellationToken,
@@ -140,6 +146,7 @@ impl Actor {
         let (events_tx, events) = mpsc::unbounded_channel();
         Actor {
             cfg,
+            tls,
             requests,
             events,
             events_tx,
@@ -153,6 +160,7 @@ impl Actor {
             state: SiteState::Starting,
             state_since: SystemTime::now(),
             last_error: None,
+            last_error_certificate: false,
             last_failed_connect: None,
             heartbeats: 0,
             program_start: None,
@@ -213,7 +221,7 @@ impl Actor {
             Request::Acquire { fresh, reply } => {
                 if self.state == SiteState::Down {
                     let reason = self.last_error.clone().unwrap_or_default();
-                    let _ = reply.send(Err(AcquireError::Down(reason)));
+                    let _ = reply.send(Err(AcquireError::Down(reason, self.last_error_certificate)));
                     return;
                 }
                 self.waiters.push_back(Waiter { fresh, reply });
@@ -311,7 +319,7 @@ impl Actor {
                     }
                     Err(e) => {
                         self.last_failed_connect = Some(SystemTime::now());
-                        self.go_down(e.to_string());
+                        self.go_down_with(e);
                     }
                 }
             }
@@ -337,7 +345,10 @@ impl Actor {
                         }
                         self.dispatch();
                     }
-                    (Err(e), _) => self.go_down(e.to_string()),
+                    (Err(e), _) => {
+                        let e = self.refine(e, purpose);
+                        self.go_down_with(e);
+                    }
                     (Ok(_), None) => self.go_down("heartbeat channel lost".into()),
                 }
             }
@@ -405,9 +416,9 @@ impl Actor {
             self.connecting += 1;
         }
         let (address, params) = (self.cfg.address.clone(), self.cfg.params.clone());
-        let (tx, generation) = (self.events_tx.clone(), self.generation);
+        let (tx, generation, tls) = (self.events_tx.clone(), self.generation, self.tls.clone());
         tokio::spawn(async move {
-            let result = connect(&address, &params).await;
+            let result = connect(&address, &params, tls.as_deref()).await;
             let _ = tx.send(Event::Connected { generation, purpose, result });
         });
     }
@@ -436,9 +447,34 @@ impl Actor {
 
     // === state ===
 
+    /// A heartbeat failure, made more specific where possible: TLS errors
+    /// inside I/O errors, and a fresh plaintext connection closed without a
+    /// word (often a TLS port).
+    fn refine(&self, e: SiteError, purpose: Purpose) -> SiteError {
+        let address = self.cfg.address.to_string();
+        match e {
+            SiteError::Io(io) => crate::tls::classify(&address, &io).unwrap_or(SiteError::Io(io)),
+            SiteError::ClosedWithoutAnswer
+                if purpose == Purpose::Probe && matches!(self.cfg.address, crate::config::SiteAddress::Tcp { .. }) =>
+            {
+                SiteError::HeartbeatAnswer(
+                    "the site closed the connection without answering (if it expects TLS, use a tls:// address)".into(),
+                )
+            }
+            other => other,
+        }
+    }
+
+    fn go_down_with(&mut self, e: SiteError) {
+        let certificate = matches!(e, SiteError::Certificate { .. });
+        self.go_down(e.to_string());
+        self.last_error_certificate = certificate;
+    }
+
     fn go_down(&mut self, reason: String) {
         let was = self.state;
         self.last_error = Some(reason.clone());
+        self.last_error_certificate = false;
         self.generation += 1;
         self.down_token.cancel();
         self.down_token = CancellationToken::new();
@@ -449,7 +485,7 @@ impl Actor {
         self.next_heartbeat = None;
         self.retry_at = Some(Instant::now() + self.cfg.params.connect_retry);
         for w in self.waiters.drain(..) {
-            let _ = w.reply.send(Err(AcquireError::Down(reason.clone())));
+            let _ = w.reply.send(Err(AcquireError::Down(reason.clone(), false)));
         }
         if was == SiteState::Down {
             tracing::debug!(site = %self.cfg.name, %reason, "reconnect failed; retrying in {}", fmt_duration(self.cfg.params.connect_retry));
@@ -507,6 +543,7 @@ impl Actor {
             clients_reaped: 0,
             last_reaped: None,
             listen: None,
+            tls: self.tls.as_ref().map(|t| t.snapshot()),
         }
     }
 }

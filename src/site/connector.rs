@@ -26,6 +26,8 @@ pub enum SiteStream {
     Tcp(TcpStream),
     /// Livestatus over a UNIX socket.
     Unix(UnixStream),
+    /// Livestatus over TLS.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl SiteStream {
@@ -38,6 +40,9 @@ impl SiteStream {
         match self {
             SiteStream::Tcp(s) => Pin::new(s).poll_read(cx, &mut buf).map(|_| ()),
             SiteStream::Unix(s) => Pin::new(s).poll_read(cx, &mut buf).map(|_| ()),
+            // Reading processes TLS records (session tickets give no data
+            // and stay Pending); only data, close_notify or errors are Ready.
+            SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, &mut buf).map(|_| ()),
         }
     }
 }
@@ -64,6 +69,13 @@ impl AsyncRead for SiteStream {
                 r
             }
             SiteStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            SiteStream::Tls(s) => {
+                let r = Pin::new(s.as_mut()).poll_read(cx, buf);
+                if r.is_pending() {
+                    rearm_quickack(s.get_ref().0);
+                }
+                r
+            }
         }
     }
 }
@@ -73,6 +85,7 @@ impl AsyncWrite for SiteStream {
         match self.get_mut() {
             SiteStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             SiteStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -80,6 +93,7 @@ impl AsyncWrite for SiteStream {
         match self.get_mut() {
             SiteStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             SiteStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -87,38 +101,73 @@ impl AsyncWrite for SiteStream {
         match self.get_mut() {
             SiteStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             SiteStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
 
-/// Open one connection to `address` within `params.connect_timeout`, with
-/// the site's socket options ([`crate::sockopt::tune_site`]).
+/// Open one connection to `address`: TCP or UNIX within
+/// `params.connect_timeout` (with the site's socket options,
+/// [`crate::sockopt::tune_site`]), then for `tls://` the TLS handshake within
+/// `tls_handshake_timeout`.
 ///
-/// A TCP host name is resolved on every connect, and each resolved address is
-/// tried in turn until one answers; the timeout covers all of it.
-pub async fn connect(address: &SiteAddress, params: &SiteParams) -> Result<SiteStream, SiteError> {
-    let timeout = params.connect_timeout;
-    let attempt = async {
-        match address {
-            SiteAddress::Unix(path) => UnixStream::connect(path).await.map(SiteStream::Unix),
-            SiteAddress::Tcp { host, port } => {
-                let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
-                for addr in tokio::net::lookup_host((host.as_str(), *port)).await? {
-                    match TcpStream::connect(addr).await {
-                        Ok(s) => {
-                            crate::sockopt::tune_site(&s, params)?;
-                            return Ok(SiteStream::Tcp(s));
-                        }
-                        Err(e) => last = e,
-                    }
+/// A host name is resolved on every connect, and each resolved address is
+/// tried in turn until one answers; the connect timeout covers all of it.
+pub async fn connect(
+    address: &SiteAddress,
+    params: &SiteParams,
+    tls: Option<&crate::tls::SiteTls>,
+) -> Result<SiteStream, SiteError> {
+    match address {
+        SiteAddress::Unix(path) => within(address, params, UnixStream::connect(path)).await.map(SiteStream::Unix),
+        SiteAddress::Tcp { host, port } => tcp(address, params, host, *port).await.map(SiteStream::Tcp),
+        SiteAddress::Tls { host, port } => {
+            let stream = tcp(address, params, host, *port).await?;
+            let Some(tls) = tls else {
+                let detail = "no TLS settings for this site".to_owned();
+                return Err(SiteError::Tls { address: address.to_string(), detail });
+            };
+            let connector = tokio_rustls::TlsConnector::from(tls.config());
+            let after = tls.handshake_timeout();
+            match tokio::time::timeout(after, connector.connect(tls.server_name(), stream)).await {
+                Ok(Ok(s)) => {
+                    let resumed = s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                    tls.note_handshake(resumed);
+                    Ok(SiteStream::Tls(Box::new(s)))
                 }
-                Err(last)
+                Ok(Err(e)) => Err(crate::tls::classify(&address.to_string(), &e)
+                    .unwrap_or_else(|| SiteError::Tls { address: address.to_string(), detail: e.to_string() })),
+                Err(_) => Err(SiteError::TlsTimeout { address: address.to_string(), after }),
             }
         }
-    };
-    match tokio::time::timeout(timeout, attempt).await {
+    }
+}
+
+async fn tcp(address: &SiteAddress, params: &SiteParams, host: &str, port: u16) -> Result<TcpStream, SiteError> {
+    within(address, params, async {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
+        for addr in tokio::net::lookup_host((host, port)).await? {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    crate::sockopt::tune_site(&s, params)?;
+                    return Ok(s);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    })
+    .await
+}
+
+async fn within<T>(
+    address: &SiteAddress,
+    params: &SiteParams,
+    attempt: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, SiteError> {
+    match tokio::time::timeout(params.connect_timeout, attempt).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(source)) => Err(SiteError::Connect { address: address.to_string(), source }),
-        Err(_) => Err(SiteError::ConnectTimeout { address: address.to_string(), after: timeout }),
+        Err(_) => Err(SiteError::ConnectTimeout { address: address.to_string(), after: params.connect_timeout }),
     }
 }

@@ -54,6 +54,10 @@ pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
     }
     let mut raw = [0u8; FIXED16_LEN];
     raw.copy_from_slice(&buf[..FIXED16_LEN]);
+    if matches!(raw, [0x15 | 0x16, 0x03, ..]) {
+        // A TLS alert or handshake record, not a fixed16 header.
+        return Err(HeaderFailure { any_byte: true, error: SiteError::TlsOnPlain });
+    }
     let header = ResponseHeader::decode(&raw).map_err(|e| HeaderFailure { any_byte: true, error: e.into() })?;
     let prefix = buf.split_off(FIXED16_LEN).freeze();
     if prefix.len() as u64 > header.length {
@@ -90,7 +94,11 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
         let reused = lease.reused();
         let down = lease.down_signal();
         let attempt = async {
-            lease.write_all(wire).await.map_err(|e| HeaderFailure { any_byte: false, error: e.into() })?;
+            let sent = async {
+                lease.write_all(wire).await?;
+                lease.flush().await
+            };
+            sent.await.map_err(|e| HeaderFailure { any_byte: false, error: e.into() })?;
             read_response_start(&mut lease, PREFETCH).await
         };
         let outcome = tokio::select! {

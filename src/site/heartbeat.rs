@@ -20,6 +20,7 @@ const MAX_BODY: u64 = 4096;
 /// Send a heartbeat on `stream` and return the site's `program_start`.
 pub(crate) async fn exchange(stream: &mut SiteStream) -> Result<i64, SiteError> {
     stream.write_all(QUERY).await?;
+    stream.flush().await?;
     let (_, header, prefix) = read_response_start(stream, MAX_BODY as usize).await.map_err(|f| f.error)?;
     if header.length > MAX_BODY {
         return Err(SiteError::HeartbeatAnswer(format!("answer of {} bytes is not a heartbeat answer", header.length)));

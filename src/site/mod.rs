@@ -115,6 +115,8 @@ pub struct SiteSnapshot {
     pub last_reaped: Option<ReapRecord>,
     /// The TCP listener's address, if the site has one.
     pub listen: Option<String>,
+    /// TLS toward the site, for `tls://` addresses.
+    pub tls: Option<crate::tls::TlsSnapshot>,
 }
 
 /// A dropped TCP client, for the state file.
@@ -152,7 +154,13 @@ struct HandleInner {
 
 impl SiteHandle {
     /// Start a site's actor on `tracker`; it stops when `shutdown` is cancelled.
-    pub fn spawn(cfg: SiteConfig, shutdown: CancellationToken, tracker: &TaskTracker) -> SiteHandle {
+    /// `tls` is required for a `tls://` address.
+    pub fn spawn(
+        cfg: SiteConfig,
+        tls: Option<std::sync::Arc<crate::tls::SiteTls>>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> SiteHandle {
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
         let initial = SiteStatus { state: SiteState::Starting, generation: 0, program_start: None, heartbeats: 0 };
         let (status_tx, status_rx) = watch::channel(initial);
@@ -166,7 +174,7 @@ impl SiteHandle {
             last_reaped: std::sync::Mutex::new(None),
             listen: std::sync::OnceLock::new(),
         };
-        let actor = Actor::new(cfg, rx, status_tx, shutdown);
+        let actor = Actor::new(cfg, tls, rx, status_tx, shutdown);
         tracker.spawn(actor.run());
         SiteHandle { inner: Arc::new(inner) }
     }
@@ -209,8 +217,8 @@ impl SiteHandle {
         }
         match tokio::time::timeout_at(wait_until, rx).await {
             Ok(Ok(Ok(lease))) => Ok(lease),
-            Ok(Ok(Err(AcquireError::Down(reason)))) => {
-                Err(QueryError::SiteDown { site: self.inner.name.clone(), reason })
+            Ok(Ok(Err(AcquireError::Down(reason, certificate)))) => {
+                Err(QueryError::SiteDown { site: self.inner.name.clone(), reason, certificate })
             }
             Ok(Ok(Err(AcquireError::ShuttingDown))) | Ok(Err(_)) => Err(QueryError::ShuttingDown),
             Err(_) => Err(self.wait_error(start, wait_until, deadline)),
@@ -239,6 +247,7 @@ impl SiteHandle {
         QueryError::SiteDown {
             site: self.inner.name.clone(),
             reason: "the site went down while the query was running".into(),
+            certificate: false,
         }
     }
 
