@@ -2,7 +2,7 @@
 # install-test-deps.sh - install what livemux's tests need, from Debian, when
 # it is missing: Icinga 2 (the real Livestatus server), Monitoring::Livestatus
 # (the real third-party client), nftables (fault injection), HAProxy (the
-# benchmark's comparison proxy). Needs root (or sudo) and apt-get.
+# benchmark's comparison proxy), stunnel4 and openssl (TLS tests). Needs root (or sudo) and apt-get.
 # Safe to run repeatedly and concurrently.
 set -euo pipefail
 say() { printf 'install-test-deps: %s\n' "$*" >&2; }
@@ -12,6 +12,8 @@ command -v icinga2 >/dev/null 2>&1 && [ -d /usr/share/icinga2/include ] || missi
 perl -MMonitoring::Livestatus -e1 >/dev/null 2>&1 || missing+=(libmonitoring-livestatus-perl)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ ${#missing[@]} -gt 0 ] || exit 0
 
 command -v apt-get >/dev/null 2>&1 || { say "missing ${missing[*]} and no apt-get"; exit 1; }

@@ -452,15 +452,19 @@ impl Actor {
     /// word (often a TLS port).
     fn refine(&self, e: SiteError, purpose: Purpose) -> SiteError {
         let address = self.cfg.address.to_string();
+        let fresh_plaintext =
+            purpose == Purpose::Probe && matches!(self.cfg.address, crate::config::SiteAddress::Tcp { .. });
+        let hint = |what: &str| {
+            SiteError::HeartbeatAnswer(format!(
+                "the site {what} without answering (if it expects TLS, use a tls:// address)"
+            ))
+        };
         match e {
-            SiteError::Io(io) => crate::tls::classify(&address, &io).unwrap_or(SiteError::Io(io)),
-            SiteError::ClosedWithoutAnswer
-                if purpose == Purpose::Probe && matches!(self.cfg.address, crate::config::SiteAddress::Tcp { .. }) =>
-            {
-                SiteError::HeartbeatAnswer(
-                    "the site closed the connection without answering (if it expects TLS, use a tls:// address)".into(),
-                )
+            SiteError::Io(io) if fresh_plaintext && io.kind() == std::io::ErrorKind::ConnectionReset => {
+                hint("reset the connection")
             }
+            SiteError::Io(io) => crate::tls::classify(&address, &io).unwrap_or(SiteError::Io(io)),
+            SiteError::ClosedWithoutAnswer if fresh_plaintext => hint("closed the connection"),
             other => other,
         }
     }

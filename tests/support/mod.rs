@@ -5,6 +5,7 @@
 pub mod icinga;
 pub mod netns;
 pub mod process;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,0 +1,263 @@
+//! TLS toward sites (stunnel in front of Icinga 2 or the simulated site,
+//! certificates made at test time) and on the cascading listener.
+
+mod support;
+
+use std::time::Duration;
+
+use livemux::config::{SiteParams, TcpListen, TlsSettings};
+use livemux::site::SiteState;
+use support::tls::{Pki, Stunnel};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn tls_params(ca: &std::path::Path) -> SiteParams {
+    SiteParams {
+        tls: TlsSettings {
+            ca_file: Some(ca.to_owned()),
+            handshake_timeout: Duration::from_secs(1),
+            ..TlsSettings::default()
+        },
+        ..fast_params()
+    }
+}
+
+/// A proxy with one site at `address` and `params`; not waiting for ready.
+async fn proxy(address: String, params: SiteParams) -> Proxy {
+    Proxy::start(vec![("s1", address, params)]).await
+}
+
+/// The site goes down; returns the error a client gets (status, body).
+async fn down_error(p: &Proxy) -> (u16, String) {
+    p.wait_state("s1", SiteState::Down).await;
+    query(p, "s1", "GET status\nColumns: num_hosts").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icinga_behind_stunnel_answers_through_livemux_as_it_does_in_plaintext() {
+    let Some(ic) = tokio::task::spawn_blocking(|| support::icinga::IcingaSite::start(50, 4)).await.unwrap() else {
+        return;
+    };
+    let pki = Pki::new();
+    let st = tokio::task::block_in_place(|| Stunnel::start(([127, 0, 0, 1], ic.port).into(), &pki.server, None));
+    let p = proxy(st.address(), SiteParams { channels: 2, ..tls_params(&pki.ca) }).await;
+    p.wait_state("s1", SiteState::Ready).await;
+    for q in [
+        "GET hosts\nColumns: name state address",
+        "GET services\nColumns: host_name description state plugin_output\nFilter: state != 0",
+        "GET services\nStats: state = 0\nStats: state = 1\nStats: state = 2\nStats: state = 3",
+        "GET hostgroups\nColumns: name num_hosts",
+        "GET status\nColumns: num_hosts num_services program_version",
+    ] {
+        let direct = direct_tcp(([127, 0, 0, 1], ic.port).into(), &format!("{q}\nResponseHeader: fixed16\n\n")).await;
+        let (dcode, dbody) = read_answer(&mut direct.as_slice()).await;
+        let (pcode, pbody) = query(&p, "s1", q).await;
+        let sorted = |b: &str| {
+            let mut v: Vec<&str> = b.lines().collect();
+            v.sort();
+            v.join("\n")
+        };
+        assert_eq!((pcode, sorted(&pbody)), (dcode, sorted(&dbody)), "{q:?}");
+    }
+    let tls = p.site("s1").snapshot(Duration::from_secs(1)).await.unwrap().tls.unwrap();
+    assert!(tls.handshakes_full >= 1);
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_an_untrusted_ca_marks_the_site_down_with_495() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let st = tokio::task::block_in_place(|| Stunnel::start(s.tcp_addr().unwrap(), &pki.rogue_server, None));
+    let started = tokio::time::Instant::now();
+    let p = proxy(st.address(), tls_params(&pki.ca)).await;
+    let (code, body) = down_error(&p).await;
+    assert!(started.elapsed() < Duration::from_secs(3), "quickly");
+    assert_eq!(code, 495);
+    assert!(
+        body.starts_with(&format!("site 's1' is down: certificate of {} could not be verified: ", st.address())),
+        "{body}"
+    );
+    assert!(body.contains("'CN=impostor.example' issued by 'CN=rogue CA'"), "names the certificate: {body}");
+    assert!(body.contains("issued by a CA that is not in ca_file"), "says why: {body}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_marks_the_site_down_with_495() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let st = tokio::task::block_in_place(|| Stunnel::start(s.tcp_addr().unwrap(), &pki.expired, None));
+    let p = proxy(st.address(), tls_params(&pki.ca)).await;
+    let (code, body) = down_error(&p).await;
+    assert_eq!(code, 495);
+    assert!(body.contains("'CN=old-site.example'") && body.contains(": expired"), "{body}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_presented_and_a_wrong_one_is_reported() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let st = tokio::task::block_in_place(|| Stunnel::start(s.tcp_addr().unwrap(), &pki.server, Some(&pki.client_ca)));
+    // No client certificate, and one the site does not trust: clear errors.
+    for client in [None, Some(pki.rogue_client.clone())] {
+        let mut params = tls_params(&pki.ca);
+        params.tls.client_cert = client.map(|c| (c.cert, c.key));
+        let p = proxy(st.address(), params).await;
+        let (code, body) = down_error(&p).await;
+        assert_eq!(code, 502);
+        assert!(body.contains("the site rejected livemux's client certificate"), "{body}");
+        p.shutdown().await;
+    }
+    // The right one.
+    let mut params = tls_params(&pki.ca);
+    params.tls.client_cert = Some((pki.client.cert.clone(), pki.client.key.clone()));
+    let p = proxy(st.address(), params).await;
+    p.wait_state("s1", SiteState::Ready).await;
+    assert_eq!(query(&p, "s1", "GET status\nColumns: num_hosts").await, (200, "100\n".to_owned()));
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_site_on_a_tls_address_gives_a_clear_error_quickly() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let started = tokio::time::Instant::now();
+    let p = proxy(format!("tls://{}", s.tcp_addr().unwrap()), tls_params(&pki.ca)).await;
+    let (code, body) = down_error(&p).await;
+    assert!(started.elapsed() < Duration::from_secs(3), "no hang");
+    assert_eq!(code, 502);
+    assert!(body.contains("does the site speak TLS on this port?"), "{body}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_site_on_a_tcp_address_gives_a_clear_error_quickly() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let st = tokio::task::block_in_place(|| Stunnel::start(s.tcp_addr().unwrap(), &pki.server, None));
+    let started = tokio::time::Instant::now();
+    let p = proxy(format!("tcp://127.0.0.1:{}", st.port), fast_params()).await;
+    let (code, body) = down_error(&p).await;
+    assert!(started.elapsed() < Duration::from_secs(3), "no hang");
+    assert_eq!(code, 502);
+    assert!(body.contains("tls://"), "points to tls://: {body}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_ca_file_is_read_again_and_healthy_channels_stay() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let st = tokio::task::block_in_place(|| Stunnel::start(s.tcp_addr().unwrap(), &pki.server, None));
+    let ca = pki.dir.path().join("site-ca.pem");
+    // First the wrong CA: down.
+    std::fs::copy(&pki.rogue_ca, &ca).unwrap();
+    let p = proxy(st.address(), tls_params(&ca)).await;
+    let (code, _) = down_error(&p).await;
+    assert_eq!(code, 495);
+    // The operator puts the right CA in place: livemux recovers on its own.
+    std::fs::copy(&pki.ca, &ca).unwrap();
+    p.wait_state("s1", SiteState::Ready).await;
+    let before = eventually_snapshot(&p, "s1", "both channels open", |s| s.channels.len() == 2).await;
+    let ids: Vec<u64> = before.channels.iter().map(|c| c.id).collect();
+    // A CA change that would refuse the site touches no open channel:
+    // queries keep being answered on the same channels.
+    std::fs::copy(&pki.rogue_ca, &ca).unwrap();
+    for _ in 0..20 {
+        assert_eq!(query(&p, "s1", "GET status\nColumns: num_hosts").await, (200, "100\n".to_owned()));
+    }
+    let after = p.site("s1").snapshot(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(after.state, SiteState::Ready);
+    assert_eq!(after.channels.iter().map(|c| c.id).collect::<Vec<_>>(), ids, "the same channels");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_resume_the_tls_session() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let st = tokio::task::block_in_place(|| Stunnel::start(s.tcp_addr().unwrap(), &pki.server, None));
+    let p =
+        proxy(st.address(), SiteParams { heartbeat_interval: Duration::from_secs(60), ..tls_params(&pki.ca) }).await;
+    p.wait_state("s1", SiteState::Ready).await;
+    let first = p.site("s1").snapshot(Duration::from_secs(1)).await.unwrap().tls.unwrap();
+    // The site drops its idle connections; stunnel closes ours; livemux reconnects.
+    s.close_idle_connections();
+    let snap = eventually_snapshot(&p, "s1", "channels reconnected", |snap| {
+        snap.tls.as_ref().is_some_and(|t| t.handshakes_full + t.handshakes_resumed >= first.handshakes_full + 2)
+    })
+    .await;
+    let tls = snap.tls.unwrap();
+    assert!(tls.handshakes_resumed >= 1, "reconnects resume the session: {tls:?}");
+    assert_eq!(query(&p, "s1", "GET status\nColumns: num_hosts").await, (200, "100\n".to_owned()));
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_listener_serves_tls_clients_only() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
+    let mut config = test_config(dir.path(), vec![("s1", s.address(), fast_params())]);
+    config.sites[0].listen = Some(TcpListen {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        only_from: vec![],
+        tls: Some(livemux::config::ListenerTls {
+            cert_file: pki.server.cert.clone(),
+            key_file: pki.server.key.clone(),
+        }),
+    });
+    let p = Proxy::start_config(dir, config).await;
+    p.wait_state("s1", SiteState::Ready).await;
+    let addr = p.site("s1").listen_addr().unwrap();
+
+    // A real client: openssl s_client.
+    let ca = pki.ca.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new("openssl")
+            .args(["s_client", "-quiet", "-verify_return_error", "-CAfile"])
+            .arg(&ca)
+            .args(["-connect", &addr.to_string(), "-servername", "localhost"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"GET status\nColumns: num_hosts num_services\n\n").unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "100;1000\n");
+
+    // A Rust client with keep-alive.
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut c = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    for _ in 0..3 {
+        c.write_all(b"GET hosts\nColumns: name\nLimit: 1\nKeepAlive: on\nResponseHeader: fixed16\n\n").await.unwrap();
+        assert_eq!(read_answer(&mut c).await, (200, "host-0000\n".to_owned()));
+    }
+
+    // A plaintext client gets nothing.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain.write_all(b"GET status\nColumns: num_hosts\nResponseHeader: fixed16\n\n").await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, plain.read_to_end(&mut got)).await.expect("closed in time");
+    assert!(!got.starts_with(b"200"), "no answer in plaintext");
+    p.shutdown().await;
+}
