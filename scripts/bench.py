@@ -136,14 +136,17 @@ class Bench:
         addrs = [line.split()[1][len("tcp://"):] for line in p.text().splitlines() if line.startswith("listening")]
         return p, addrs
 
-    def livemux(self, sites, channels=5, top=""):
+    def livemux(self, sites, channels=5, top="", tls_ca=None):
         d = tempfile.mkdtemp(prefix="lm", dir=self.work)
         cfg = os.path.join(d, "livemux.toml")
         with open(cfg, "w") as f:
             f.write(f'socket_dir = "{d}/s"\nstate_file = "{d}/state.json"\nspool_dir = "{d}/spool"\n{top}\n')
             f.write(f'[defaults]\nchannels = {channels}\nquery_timeout = "300s"\nmax_clients = 100000\n')
             for name, addr in sites:
-                f.write(f'[[site]]\nname = "{name}"\naddress = "tcp://{addr}"\n')
+                scheme = "tls" if tls_ca else "tcp"
+                f.write(f'[[site]]\nname = "{name}"\naddress = "{scheme}://{addr}"\n')
+                if tls_ca:
+                    f.write(f'ca_file = "{tls_ca}"\n')
         p = self.proc(f"livemux{len(self.procs)}", [LIVEMUX, "run", "--config", cfg])
         wait_until("livemux sites ready", lambda: p.text("err").count("site is ready") >= len(sites) or not p.alive(), 300)
         if not p.alive():
@@ -409,6 +412,71 @@ def scenario6(b, targets):
                    "RSS with clients MiB", "peak MiB", f"CPU over {idle_secs} s"], rows) + "\n")
 
 
+def make_certs(work):
+    """A CA and a server certificate for localhost/127.0.0.1 (openssl)."""
+    d = tempfile.mkdtemp(prefix="pki", dir=work)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench CA")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    with open(os.path.join(d, "ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "server.pem", "-days", "2", "-extfile", "ext")
+    return {k: os.path.join(d, f) for k, f in [("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key")]}
+
+
+def stunnel(b, backend, certs):
+    d = tempfile.mkdtemp(prefix="st", dir=b.work)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = os.path.join(d, "stunnel.conf")
+    with open(conf, "w") as f:
+        f.write(f"foreground = yes\npid =\ndebug = warning\n[ls]\naccept = 127.0.0.1:{port}\nconnect = {backend}\n"
+                f"cert = {certs['cert']}\nkey = {certs['key']}\nsslVersionMin = TLSv1.2\n")
+    p = b.proc(f"stunnel{len(b.procs)}", ["stunnel4", conf])
+
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return not p.alive()
+
+    wait_until("stunnel", up)
+    return p, f"127.0.0.1:{port}"
+
+
+def scenario7(b, targets):
+    """A TLS site: persistent TLS channels against a TLS handshake per query."""
+    certs = make_certs(b.work)
+    _, (addr,) = b.sims(1)
+    _, tls_addr = stunnel(b, addr, certs)
+    lm, ls = b.livemux([("tls", tls_addr)], channels=5, tls_ca=certs["ca"])
+    tls = ["--ca-file", certs["ca"]]
+    rows, res = [], {}
+    for clients in ([1] if b.quick else [1, 16]):
+        for label, target, extra, proc in [
+            ("direct TLS, new connection per query, full handshake (a GUI worker)", f"tls:{tls_addr}",
+             [*tls, "--connect-per-query", "--no-resumption"], None),
+            ("direct TLS, new connection per query, resumed session", f"tls:{tls_addr}", [*tls, "--connect-per-query"], None),
+            ("direct TLS, keep-alive", f"tls:{tls_addr}", tls, None),
+            ("livemux (persistent TLS channels), new connection per query", ls["tls"], ["--connect-per-query"], lm),
+            ("livemux (persistent TLS channels), keep-alive", ls["tls"], [], lm),
+        ]:
+            j = b.load(f"s7 {clients} {label}", [target], clients=clients, extra=extra, proxy=proc)
+            res[(clients, label)] = j
+            rows.append([str(clients), label] + row_cells(j))
+    n = 1 if b.quick else 16
+    gui = res[(n, "direct TLS, new connection per query, full handshake (a GUI worker)")]["rate"]
+    via = res[(n, "livemux (persistent TLS channels), new connection per query")]["rate"]
+    targets.append((f"scenario 7 (information): livemux vs a TLS handshake per query, {n} clients",
+                    f"{via / max(gui, 1e-9):.1f}×", via > gui))
+    return ("### 7. A TLS site (stunnel in front of the simulated site)\n\n" +
+            table(["clients", "path"] + STD, rows) + "\n")
+
+
 def criterion(b, targets):
     subprocess.run(["cargo", "bench", "-q", "-p", "livemux-protocol", "--bench", "protocol"], cwd=ROOT,
                    capture_output=True, text=True, timeout=900)
@@ -452,10 +520,10 @@ def main():
     log("building release binaries")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "livemux", "-p", "livemux-load", "-p", "livemux-simsite"],
                    cwd=ROOT, check=True)
-    for tool in ("haproxy", "icinga2"):
+    for tool in ("haproxy", "icinga2", "stunnel4", "openssl"):
         if shutil.which(tool) is None:
             subprocess.run([os.path.join(ROOT, "scripts", "install-test-deps.sh")], check=True)
-    scenarios = [scenario1, scenario2, scenario3, scenario4, scenario5, scenario6]
+    scenarios = [scenario1, scenario2, scenario3, scenario4, scenario5, scenario6, scenario7]
     wanted = {int(x) for x in args.only.split(",")} if args.only else None
     sections, targets = [], []
     b = Bench(args.quick)

@@ -14,7 +14,8 @@
 //! (read through a fixed buffer, never stored). Output: one human-readable
 //! line and one JSON line.
 //!
-//! Targets: `unix:/path` or `tcp:host:port`.
+//! Targets: `unix:/path`, `tcp:host:port`, or `tls:host:port` (TLS, the
+//! chain verified against `--ca-file` for the name `--server-name`).
 
 use std::time::Duration;
 
@@ -71,6 +72,16 @@ struct Args {
     /// fast a client learns that a site is down).
     #[arg(long)]
     accept_errors: bool,
+    /// CA bundle for `tls:` targets.
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
+    /// Name the certificate of `tls:` targets must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// A full TLS handshake on every connection (as a GUI worker's client
+    /// without session reuse does), instead of resuming sessions.
+    #[arg(long)]
+    no_resumption: bool,
     /// A label for the output.
     #[arg(long, default_value = "")]
     label: String,
@@ -79,6 +90,36 @@ struct Args {
 enum Conn {
     Unix(UnixStream),
     Tcp(QuickAckTcp),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// TLS client settings shared by every connection (and so its session cache).
+#[derive(Clone)]
+struct Tls {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl Tls {
+    fn new(args: &Args) -> Result<Tls, String> {
+        use rustls::pki_types::pem::PemObject;
+        let ca = args.ca_file.as_ref().ok_or("tls: targets need --ca-file")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+            roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        if args.no_resumption {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
+        let name = rustls::pki_types::ServerName::try_from(args.server_name.clone()).map_err(|e| e.to_string())?;
+        Ok(Tls { config: std::sync::Arc::new(config), name })
+    }
 }
 
 /// A TCP stream that may re-arm `TCP_QUICKACK` before every read.
@@ -124,8 +165,15 @@ impl AsyncWrite for QuickAckTcp {
 }
 
 impl Conn {
-    async fn open(target: &str, quickack: bool, timeout: Duration) -> std::io::Result<Conn> {
+    async fn open(target: &str, quickack: bool, timeout: Duration, tls: Option<&Tls>) -> std::io::Result<Conn> {
         let connect = async {
+            if let Some(a) = target.strip_prefix("tls:") {
+                let tls = tls.ok_or_else(|| std::io::Error::other("tls: targets need --ca-file"))?;
+                let stream = TcpStream::connect(a).await?;
+                stream.set_nodelay(true)?;
+                let c = tokio_rustls::TlsConnector::from(tls.config.clone()).connect(tls.name.clone(), stream).await?;
+                return Ok(Conn::Tls(Box::new(c)));
+            }
             if let Some(p) = target.strip_prefix("unix:") {
                 Ok(Conn::Unix(UnixStream::connect(p).await?))
             } else if let Some(a) = target.strip_prefix("tcp:") {
@@ -145,6 +193,10 @@ impl Conn {
         match self {
             Conn::Unix(s) => s.write_all(req).await,
             Conn::Tcp(s) => s.write_all(req).await,
+            Conn::Tls(s) => {
+                s.write_all(req).await?;
+                s.flush().await
+            }
         }
     }
 
@@ -157,6 +209,7 @@ impl Conn {
         match self {
             Conn::Unix(s) => receive(s, buf, slow, accept_errors).await,
             Conn::Tcp(s) => receive(s, buf, slow, accept_errors).await,
+            Conn::Tls(s) => receive(s.as_mut(), buf, slow, accept_errors).await,
         }
     }
 
@@ -166,6 +219,7 @@ impl Conn {
         let r = match self {
             Conn::Unix(s) => s.try_read(&mut b),
             Conn::Tcp(s) => s.stream.try_read(&mut b),
+            Conn::Tls(s) => s.get_ref().0.try_read(&mut b),
         };
         matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
@@ -251,7 +305,7 @@ fn request(args: &Args) -> Vec<u8> {
 }
 
 /// One client sending queries to one target.
-async fn client(args: Args, target: String, start: Instant, end: Instant) -> Outcome {
+async fn client(args: Args, target: String, tls: Option<Tls>, start: Instant, end: Instant) -> Outcome {
     let req = request(&args);
     let slow = args.pause_every.map(|e| (e, args.pause));
     let mut out = Outcome::new();
@@ -263,7 +317,7 @@ async fn client(args: Args, target: String, start: Instant, end: Instant) -> Out
             break;
         }
         if conn.is_none() {
-            match Conn::open(&target, args.quickack, args.connect_timeout).await {
+            match Conn::open(&target, args.quickack, args.connect_timeout, tls.as_ref()).await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
                     out.failed(&args, t0, start, e.to_string());
@@ -296,7 +350,7 @@ async fn client(args: Args, target: String, start: Instant, end: Instant) -> Out
 }
 
 /// One GUI worker: every request connects to all targets, sends, reads all.
-async fn fanout_client(args: Args, targets: Vec<String>, start: Instant, end: Instant) -> Outcome {
+async fn fanout_client(args: Args, targets: Vec<String>, tls: Option<Tls>, start: Instant, end: Instant) -> Outcome {
     let req = request(&args);
     let mut out = Outcome::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -304,8 +358,8 @@ async fn fanout_client(args: Args, targets: Vec<String>, start: Instant, end: In
         let t0 = Instant::now();
         let mut opening = tokio::task::JoinSet::new();
         for t in &targets {
-            let (t, q, to) = (t.clone(), args.quickack, args.connect_timeout);
-            opening.spawn(async move { Conn::open(&t, q, to).await });
+            let (t, q, to, tls) = (t.clone(), args.quickack, args.connect_timeout, tls.clone());
+            opening.spawn(async move { Conn::open(&t, q, to, tls.as_ref()).await });
         }
         let mut conns = Vec::with_capacity(targets.len());
         let mut failed = None;
@@ -348,11 +402,11 @@ async fn fanout_client(args: Args, targets: Vec<String>, start: Instant, end: In
 }
 
 /// Hold `n` idle connections for the duration; count those still open.
-async fn idle(args: &Args, targets: &[String], n: usize) -> (usize, usize, Option<String>) {
+async fn idle(args: &Args, targets: &[String], n: usize, tls: Option<&Tls>) -> (usize, usize, Option<String>) {
     let mut conns = Vec::with_capacity(n);
     let mut first_error = None;
     for i in 0..n {
-        match Conn::open(&targets[i % targets.len()], false, args.connect_timeout).await {
+        match Conn::open(&targets[i % targets.len()], false, args.connect_timeout, tls).await {
             Ok(c) => conns.push(c),
             Err(e) => {
                 first_error.get_or_insert(e.to_string());
@@ -384,8 +438,19 @@ async fn main() {
         std::process::exit(2);
     }
     use std::io::Write;
+    let tls = if targets.iter().any(|t| t.starts_with("tls:")) {
+        match Tls::new(&args) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("livemux-load: {e}");
+                std::process::exit(2);
+            }
+        }
+    } else {
+        None
+    };
     if let Some(n) = args.idle {
-        let (opened, open, first_error) = idle(&args, &targets, n).await;
+        let (opened, open, first_error) = idle(&args, &targets, n, tls.as_ref()).await;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{:<28} idle connections: opened={opened} still open={open}", args.label);
         let _ = writeln!(
@@ -400,9 +465,9 @@ async fn main() {
     let tasks: Vec<_> = (0..args.clients)
         .map(|i| {
             if args.fanout {
-                tokio::spawn(fanout_client(args.clone(), targets.clone(), start, end))
+                tokio::spawn(fanout_client(args.clone(), targets.clone(), tls.clone(), start, end))
             } else {
-                tokio::spawn(client(args.clone(), targets[i % targets.len()].clone(), start, end))
+                tokio::spawn(client(args.clone(), targets[i % targets.len()].clone(), tls.clone(), start, end))
             }
         })
         .collect();
