@@ -17,6 +17,8 @@
 #   icinga-site.sh signal --dir DIR --sig STOP|CONT
 #       Send a signal to every process of the site (SIGSTOP hangs the core
 #       while its port stays open).
+#   icinga-site.sh reload --dir DIR
+#       Reload the core (SIGHUP to the umbrella process): program_start changes.
 #   icinga-site.sh install
 #       Install Icinga 2 from Debian if it is missing.
 #
@@ -314,6 +316,13 @@ case $cmd in
         [ -n "$sig" ] || die "--sig is required"
         site_pids | xargs -r kill -"$sig"
         ;;
+    reload)
+        # reload --dir DIR: SIGHUP to the umbrella, as `systemctl reload`
+        # does; a new worker takes over with a new program_start.
+        need_dir
+        [ -n "$(umbrella)" ] || die "site $dir is not running"
+        umbrella | xargs -r kill -HUP
+        ;;
     install) install_icinga ;;
-    *) die "usage: $prog start|stop|run|signal|install --dir DIR [--port PORT] [--hosts N] [--services M] [--sig SIG]" ;;
+    *) die "usage: $prog start|stop|run|signal|reload|install --dir DIR [--port PORT] [--hosts N] [--services M] [--sig SIG]" ;;
 esac

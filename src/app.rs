@@ -90,6 +90,7 @@ pub struct App {
     config: Config,
     sites: Vec<SiteHandle>,
     budget: std::sync::Arc<crate::spool::SpoolBudget>,
+    cache: Arc<crate::cache::Cache>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -128,6 +129,7 @@ impl App {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let budget = crate::spool::SpoolBudget::new(config.spool.clone());
+        let cache = crate::cache::Cache::new(config.cache_budget, config.cache_max_entry);
         let mut sites = Vec::with_capacity(config.sites.len());
         for ((site, (l, path, tcp)), tls) in config.sites.iter().zip(bound).zip(tls) {
             let handle = SiteHandle::spawn(site.clone(), tls.client, shutdown.child_token(), &tracker);
@@ -137,6 +139,7 @@ impl App {
                 tracker: tracker.clone(),
                 budget: budget.clone(),
                 limit: std::sync::Arc::new(tokio::sync::Semaphore::new(site.params.max_clients)),
+                cache: cache.clone(),
             };
             if let (Some(t), Some(listen)) = (tcp, site.listen.clone()) {
                 if let Ok(addr) = t.local_addr() {
@@ -153,10 +156,11 @@ impl App {
             config.state_interval,
             sites.clone(),
             budget.clone(),
+            cache.clone(),
             shutdown.clone(),
         ));
         tracing::info!(sites = sites.len(), socket_dir = %config.socket_dir.display(), "livemux started");
-        Ok(App { config, sites, budget, shutdown, tracker })
+        Ok(App { config, sites, budget, cache, shutdown, tracker })
     }
 
     /// The configuration in use.
@@ -172,6 +176,11 @@ impl App {
     /// How much of the spool budget is in use.
     pub fn spool_usage(&self) -> crate::spool::SpoolUsage {
         self.budget.usage()
+    }
+
+    /// A site's cache counters.
+    pub fn cache_stats(&self, site: &str) -> crate::cache::CacheStats {
+        self.cache.stats(site)
     }
 
     /// A site by name.

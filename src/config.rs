@@ -108,6 +108,9 @@ pub struct RawSite {
     client_cert_file: Option<Spanned<String>>,
     client_key_file: Option<Spanned<String>>,
     tls_handshake_timeout: Option<Spanned<String>>,
+    cache: Option<Spanned<bool>>,
+    cache_max_age: Option<Spanned<String>>,
+    coalesce: Option<Spanned<bool>>,
 }
 
 /// `tls = { cert_file = "...", key_file = "..." }` of a TCP listener.
@@ -131,6 +134,8 @@ pub struct RawConfig {
     spool_memory_per_response: Option<Spanned<RawSize>>,
     spool_memory_budget: Option<Spanned<RawSize>>,
     spool_disk_budget: Option<Spanned<RawSize>>,
+    cache_budget: Option<Spanned<RawSize>>,
+    cache_max_entry: Option<Spanned<RawSize>>,
     defaults: Option<Spanned<RawSite>>,
     site: Option<Vec<Spanned<RawSite>>>,
 }
@@ -317,6 +322,15 @@ pub struct SiteParams {
     pub send_stall_grace: Duration,
     /// TLS toward the site (used by `tls://` addresses).
     pub tls: TlsSettings,
+    /// Answer `Cache: reload` queries from the cache (the header is always
+    /// removed before a query goes to the site).
+    pub cache: bool,
+    /// Cached answers older than this are not used (none: until the core
+    /// reloads or the site reconnects).
+    pub cache_max_age: Option<Duration>,
+    /// Identical uncached `GET`s in flight at the same moment share one
+    /// answer (cacheable ones always do).
+    pub coalesce: bool,
 }
 
 impl Default for SiteParams {
@@ -337,6 +351,9 @@ impl Default for SiteParams {
             response_idle_timeout: Duration::from_secs(30),
             send_stall_grace: Duration::from_secs(30),
             tls: TlsSettings::default(),
+            cache: true,
+            cache_max_age: None,
+            coalesce: false,
         }
     }
 }
@@ -401,6 +418,10 @@ pub struct Config {
     pub worker_threads: usize,
     /// Buffering of answers for slow clients.
     pub spool: SpoolConfig,
+    /// Bytes of cached answers the daemon keeps (least recently used out first).
+    pub cache_budget: usize,
+    /// Larger answers are not cached (nor shared in single-flight).
+    pub cache_max_entry: usize,
     /// The sites, in file order.
     pub sites: Vec<SiteConfig>,
 }
@@ -549,7 +570,20 @@ impl Validator<'_> {
             let listen = self.listen(&s, &prefix, span.clone())?;
             sites.push(SiteConfig { name: name.get_ref().clone(), address: parsed, params, listen });
         }
-        Ok(Config { socket_dir, state_file, state_interval, shutdown_grace, worker_threads, spool, sites })
+        let cache_budget = self.size(raw.cache_budget.as_ref(), "cache_budget", 64 << 20, 0..=1 << 40)? as usize;
+        let cache_max_entry =
+            self.size(raw.cache_max_entry.as_ref(), "cache_max_entry", 1 << 20, 0..=1 << 34)? as usize;
+        Ok(Config {
+            socket_dir,
+            state_file,
+            state_interval,
+            shutdown_grace,
+            worker_threads,
+            spool,
+            cache_budget,
+            cache_max_entry,
+            sites,
+        })
     }
 
     fn listen(&self, raw: &RawSite, prefix: &str, site: Range<usize>) -> Result<Option<TcpListen>, ConfigError> {
@@ -677,6 +711,15 @@ impl Validator<'_> {
         }
         t.handshake_timeout =
             self.duration(raw.tls_handshake_timeout.as_ref(), &key("tls_handshake_timeout"), t.handshake_timeout)?;
+        if let Some(v) = &raw.cache {
+            p.cache = *v.get_ref();
+        }
+        if let Some(v) = &raw.coalesce {
+            p.coalesce = *v.get_ref();
+        }
+        if raw.cache_max_age.is_some() {
+            p.cache_max_age = Some(self.duration(raw.cache_max_age.as_ref(), &key("cache_max_age"), Duration::ZERO)?);
+        }
         if let Some(t) = raw.heartbeat_timeout.as_ref().or(raw.heartbeat_interval.as_ref())
             && p.heartbeat_timeout > p.heartbeat_interval
         {

@@ -54,6 +54,8 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
         state_interval: std::time::Duration::from_secs(5),
         shutdown_grace: std::time::Duration::from_secs(5),
         worker_threads: 1,
+        cache_budget: 64 << 20,
+        cache_max_entry: 1 << 20,
         spool: crate::config::SpoolConfig { dir: dir.join("spool"), ..Default::default() },
         sites,
     };

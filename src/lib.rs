@@ -12,6 +12,7 @@
 //!   [`site::SiteHandle`] every client of a site uses.
 //! - [`client`]: the per-site UNIX sockets and client sessions.
 //! - [`relay`]: moving a site's answer to a client under one deadline.
+//! - [`cache`]: `Cache: reload` answers and single-flight.
 //! - [`spool`]: holding answers for slow clients, within memory and disk budgets.
 //! - [`sockopt`]: TCP socket options (nodelay, keepalive, user timeout).
 //! - [`tls`]: TLS toward sites and on cascading listeners (rustls).
@@ -25,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -21,12 +21,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::cache::{Entry, Leader, Tag};
 use crate::client::watchdog::{Reaped, Watchdog};
 use crate::error::QueryError;
 use crate::site::exchange::body_error;
 use crate::site::{Lease, SiteHandle, SiteResponse};
 use crate::spool::{Next, Spool, SpoolBudget};
-use livemux_protocol::{FIXED16_LEN, ReplyStyle};
+use livemux_protocol::{FIXED16_LEN, ReplyStyle, ResponseHeader, Status};
 
 /// Bytes read from a site per step (also the streaming window per answer).
 pub const CHUNK: usize = 64 * 1024;
@@ -69,6 +70,53 @@ pub enum Relayed {
     },
 }
 
+/// A copy of an answer's body, collected while it is relayed, for the
+/// cache and for identical queries waiting on this one.
+///
+/// The [`Leader`] is told as soon as the site's side of the answer is
+/// complete, not when a (possibly slow) client has taken it all: waiting
+/// queries never wait for another client. An answer larger than the
+/// cache's per-entry limit is not collected; dropping the capture then
+/// releases the waiters to ask the site themselves.
+pub struct Capture {
+    leader: Leader,
+    tag: Tag,
+    parts: Vec<Bytes>,
+    /// Gave up: the answers in flight would exceed the cache budget.
+    abandoned: bool,
+}
+
+impl Capture {
+    /// Collect the answer for `leader`; `tag` is the site's state before
+    /// the query was sent.
+    pub fn new(leader: Leader, tag: Tag) -> Capture {
+        Capture { leader, tag, parts: Vec::new(), abandoned: false }
+    }
+
+    fn push(&mut self, chunk: &Bytes) {
+        if self.abandoned {
+            return;
+        }
+        if self.leader.reserve(chunk.len()) {
+            self.parts.push(chunk.clone());
+        } else {
+            self.abandoned = true;
+            self.parts = Vec::new();
+        }
+    }
+
+    fn finish(self, raw_header: [u8; FIXED16_LEN], status: Status) {
+        if self.abandoned {
+            return;
+        }
+        let mut body = BytesMut::with_capacity(self.parts.iter().map(Bytes::len).sum());
+        for p in &self.parts {
+            body.extend_from_slice(p);
+        }
+        self.leader.finish(Some(Entry::new(raw_header, status, body.freeze(), self.tag)));
+    }
+}
+
 /// What a relay needs besides the answer and the client.
 pub struct RelayContext<'a> {
     /// The site answering.
@@ -81,17 +129,20 @@ pub struct RelayContext<'a> {
     pub budget: &'a std::sync::Arc<SpoolBudget>,
     /// For TCP clients: the send-stall watchdog.
     pub watchdog: Option<&'a mut Watchdog>,
+    /// Keep a copy of the body, if it is small enough.
+    pub capture: Option<Capture>,
 }
 
 /// Send `resp` to `client` in the form `ctx.style` asks for.
 pub async fn relay<C: AsyncWrite + Unpin>(resp: SiteResponse, client: &mut C, ctx: RelayContext<'_>) -> Relayed {
-    let RelayContext { site, style, deadline, budget, watchdog } = ctx;
+    let RelayContext { site, style, deadline, budget, watchdog, capture } = ctx;
     let SiteResponse { raw_header, header, prefix, lease } = resp;
+    let capture = capture.filter(|c| header.length <= c.leader.max_entry() as u64);
     let spool = Spool::new(budget.clone());
     let total = header.length + if style.fixed16 { FIXED16_LEN as u64 } else { 0 };
     let head = style.fixed16.then_some(raw_header);
     let (_, written) = tokio::join!(
-        read_half(site, lease, prefix, header.length, deadline, &spool),
+        read_half(site, lease, prefix, (raw_header, header), deadline, &spool, capture),
         write_half(site, client, head, style, deadline, &spool, watchdog),
     );
     match written {
@@ -105,7 +156,16 @@ pub async fn relay<C: AsyncWrite + Unpin>(resp: SiteResponse, client: &mut C, ct
 
 /// Read `length` body bytes (the first of them already in `prefix`) from
 /// the channel into the spool.
-async fn read_half(site: &SiteHandle, lease: Lease, prefix: Bytes, length: u64, deadline: Instant, spool: &Spool) {
+async fn read_half(
+    site: &SiteHandle,
+    lease: Lease,
+    prefix: Bytes,
+    (raw_header, header): ([u8; FIXED16_LEN], ResponseHeader),
+    deadline: Instant,
+    spool: &Spool,
+    mut capture: Option<Capture>,
+) {
+    let length = header.length;
     let down = lease.down_signal();
     let idle = site.params().response_idle_timeout;
     let mut lease = Some(lease);
@@ -115,6 +175,9 @@ async fn read_half(site: &SiteHandle, lease: Lease, prefix: Bytes, length: u64, 
         && let Some(l) = lease.take()
     {
         l.release();
+    }
+    if let Some(c) = capture.as_mut() {
+        c.push(&prefix);
     }
     if !prefix.is_empty() && spool.push(prefix).await.is_err() {
         if let Some(l) = lease.take() {
@@ -154,6 +217,9 @@ async fn read_half(site: &SiteHandle, lease: Lease, prefix: Bytes, length: u64, 
             l.release();
         }
         let chunk = buf.split().freeze();
+        if let Some(c) = capture.as_mut() {
+            c.push(&chunk);
+        }
         match tokio::time::timeout_at(deadline, spool.push(chunk)).await {
             // Both halves share this task: let the writer take the chunk out
             // before reading more, or a fast site would fill the spool (and
@@ -167,6 +233,9 @@ async fn read_half(site: &SiteHandle, lease: Lease, prefix: Bytes, length: u64, 
             }
             Err(_) => return fail(spool, &mut lease, site.timeout_error()),
         }
+    }
+    if let Some(c) = capture {
+        c.finish(raw_header, header.status);
     }
     spool.finish(Ok(()));
 }

@@ -53,11 +53,18 @@ pub enum SiteEntry {
 }
 
 /// Take a snapshot of all sites.
-pub async fn collect(sites: &[SiteHandle], budget: &crate::spool::SpoolBudget) -> StateFile {
+pub async fn collect(
+    sites: &[SiteHandle],
+    budget: &crate::spool::SpoolBudget,
+    cache: &crate::cache::Cache,
+) -> StateFile {
     let mut entries = Vec::with_capacity(sites.len());
     for s in sites {
         entries.push(match s.snapshot(SNAPSHOT_TIMEOUT).await {
-            Some(snap) => SiteEntry::Known(Box::new(snap)),
+            Some(mut snap) => {
+                snap.cache = Some(cache.stats(s.name()));
+                SiteEntry::Known(Box::new(snap))
+            }
             None => SiteEntry::Unknown { name: s.name().to_owned(), state: "unknown" },
         });
     }
@@ -82,23 +89,66 @@ pub fn write_atomically(path: &Path, state: &StateFile) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How often each site's cache counters are logged (when they changed).
+const CACHE_LOG_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Logs each site's cache counters every [`CACHE_LOG_INTERVAL`] and at
+/// shutdown, for sites whose counters changed since the last line.
+#[derive(Default)]
+struct CacheLog {
+    last: Option<tokio::time::Instant>,
+    logged: std::collections::HashMap<String, crate::cache::CacheStats>,
+}
+
+impl CacheLog {
+    fn maybe_log(&mut self, sites: &[SiteHandle], cache: &crate::cache::Cache, force: bool) {
+        let now = tokio::time::Instant::now();
+        let last = *self.last.get_or_insert(now);
+        if !force && now.duration_since(last) < CACHE_LOG_INTERVAL {
+            return;
+        }
+        self.last = Some(now);
+        for s in sites {
+            let st = cache.stats(s.name());
+            if self.logged.get(s.name()) == Some(&st) || st == crate::cache::CacheStats::default() {
+                continue;
+            }
+            tracing::info!(
+                site = s.name(),
+                entries = st.entries,
+                bytes = st.bytes,
+                hits = st.hits,
+                misses = st.misses,
+                evictions = st.evictions,
+                coalesced = st.coalesced,
+                invalidations = st.invalidations,
+                "query cache"
+            );
+            self.logged.insert(s.name().to_owned(), st);
+        }
+    }
+}
+
 /// Rewrite the state file every `interval` until `shutdown`, then once more.
 pub async fn run(
     path: PathBuf,
     interval: Duration,
     sites: Vec<SiteHandle>,
     budget: std::sync::Arc<crate::spool::SpoolBudget>,
+    cache: std::sync::Arc<crate::cache::Cache>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut cache_log = CacheLog::default();
     loop {
         let last = tokio::select! {
             _ = tick.tick() => false,
             _ = shutdown.cancelled() => true,
         };
-        let state = collect(&sites, &budget).await;
+        cache_log.maybe_log(&sites, &cache, last);
+        let state = collect(&sites, &budget, &cache).await;
         let p = path.clone();
         let result = tokio::task::spawn_blocking(move || write_atomically(&p, &state)).await;
         match result {

@@ -318,3 +318,58 @@ async fn monitoring_livestatus_gets_the_same_rows_through_livemux() {
     assert_eq!(done, "command\tvisible\n");
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_answers_equal_direct_ones_and_a_reload_makes_them_fresh() {
+    let Some(ic) = icinga(20, 2).await else { return };
+    let p = Proxy::start(vec![("ic", ic.tcp_address(), params())]).await;
+    p.wait_state("ic", SiteState::Ready).await;
+    // What the GUI marks `Cache: reload`.
+    let gui = [
+        "GET status\nColumns: livestatus_version program_version program_start num_hosts num_services\n",
+        "GET hostgroups\nColumns: name alias\n",
+        "GET commands\nColumns: name\n",
+        "GET hosts\nColumns: alias\nFilter: name = host-0001\n",
+        "GET hosts\nColumns: name groups\nOutputFormat: json\n",
+    ];
+    let stats = || p.app.as_ref().unwrap().cache_stats("ic");
+    for q in gui {
+        let json = q.contains("json");
+        let (status, body) = fixed16(&mut (direct_conn(&ic, &format!("{q}ResponseHeader: fixed16\n\n")).await)).await;
+        let direct = normalise(status, &body, json);
+        assert_eq!(direct.status, 200, "{q}");
+        for round in 0..2 {
+            let (code, body) = query(&p, "ic", &format!("{q}Cache: reload")).await;
+            assert_eq!(normalise(code, body.as_bytes(), json), direct, "{q} (round {round})");
+        }
+    }
+    let st = stats();
+    assert_eq!((st.misses, st.hits, st.entries), (5, 5, 5));
+
+    // A reload: the heartbeat sees the new program_start, and the cached
+    // site status is asked again.
+    let q = "GET status\nColumns: program_start\nCache: reload";
+    let (_, before) = query(&p, "ic", q).await;
+    let old: i64 = before.trim().parse().unwrap();
+    tokio::task::block_in_place(|| ic.reload());
+    let h = p.site("ic");
+    let seen = tokio::time::timeout(PATIENCE, h.wait_for(|s| s.program_start.is_some_and(|ps| ps != old)))
+        .await
+        .expect("the heartbeat sees the reload");
+    p.wait_state("ic", SiteState::Ready).await;
+    let fresh = seen.program_start.unwrap();
+    assert!(fresh > old, "{fresh} after {old}");
+    let (code, after) = query(&p, "ic", q).await;
+    assert_eq!((code, after), (200, format!("{fresh}\n")), "no stale answer after the reload");
+    let direct = direct_raw(&ic, "GET status\nColumns: program_start\n\n").await;
+    assert_eq!(String::from_utf8_lossy(&direct), format!("{fresh}\n"));
+    assert!(stats().invalidations >= 1);
+    p.shutdown().await;
+}
+
+/// A direct TCP connection with `request` sent.
+async fn direct_conn(site: &IcingaSite, request: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", site.port)).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    s
+}

@@ -90,6 +90,8 @@ pub struct Accepting {
     pub budget: Arc<crate::spool::SpoolBudget>,
     /// `max_clients` permits, shared by the site's UNIX socket and TCP listener.
     pub limit: Arc<Semaphore>,
+    /// The daemon's query cache.
+    pub cache: Arc<crate::cache::Cache>,
 }
 
 impl Accepting {
@@ -113,7 +115,14 @@ impl Accepting {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let session = Session::new(self.site.clone(), stream, self.shutdown.clone(), self.budget.clone(), watchdog);
+        let session = Session::new(
+            self.site.clone(),
+            stream,
+            self.shutdown.clone(),
+            self.budget.clone(),
+            self.cache.clone(),
+            watchdog,
+        );
         self.tracker.spawn(async move {
             session.run().await;
             drop(permit);

@@ -16,10 +16,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{Cache, Entry, Key, Leader, Lookup, Tag};
 use crate::client::watchdog::Watchdog;
 use crate::error::QueryError;
 use crate::events;
-use crate::relay::{RelayContext, Relayed, relay};
+use crate::relay::{Capture, RelayContext, Relayed, relay};
 use crate::site::{SiteHandle, send_commands, send_query};
 use crate::spool::SpoolBudget;
 use livemux_protocol::{
@@ -45,6 +46,8 @@ pub struct Session<S> {
     budget: std::sync::Arc<SpoolBudget>,
     /// TCP clients only: watches the connection while answers are sent.
     watchdog: Option<Watchdog>,
+    /// The daemon's query cache.
+    cache: std::sync::Arc<Cache>,
     wire: Vec<u8>,
     shutdown: CancellationToken,
 }
@@ -62,6 +65,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         stream: S,
         shutdown: CancellationToken,
         budget: std::sync::Arc<SpoolBudget>,
+        cache: std::sync::Arc<Cache>,
         watchdog: Option<Watchdog>,
     ) -> Self {
         Session {
@@ -71,6 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             framer: Framer::new(),
             eof: false,
             budget,
+            cache,
             watchdog,
             wire: Vec::new(),
             shutdown,
@@ -161,9 +166,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Answer a `GET`; returns whether the connection stays open.
+    ///
+    /// A `Cache: reload` query (with caching on) is answered from the cache
+    /// when it can be; with `coalesce`, any query joins an identical one in
+    /// flight. Otherwise it goes to the site.
     async fn answer(&mut self, q: &Query, deadline: Instant) -> bool {
         self.wire.clear();
         q.encode_for_site(&mut self.wire);
+        let params = self.site.params();
+        let cacheable = params.cache && q.cache.is_some();
+        if !(cacheable || params.coalesce) {
+            return self.fetch(q, deadline, None).await;
+        }
+        let status = self.site.status();
+        let tag = Tag { generation: status.generation, program_start: status.program_start };
+        let key = Key::new(self.site.name(), &self.wire);
+        // A leader that shares nothing (error, answer too large) sends the
+        // waiters on their own way; twice at most, then no more waiting.
+        for _ in 0..2 {
+            match self.cache.lookup(key.clone(), tag, params.cache_max_age, cacheable) {
+                Lookup::Hit(entry) => return self.serve_entry(&entry, q).await,
+                Lookup::Lead(leader) => return self.fetch(q, deadline, Some((leader, tag))).await,
+                Lookup::Wait(waiting) => match tokio::time::timeout_at(deadline, waiting.answer()).await {
+                    Ok(Some(entry)) => return self.serve_entry(&entry, q).await,
+                    Ok(None) => continue,
+                    Err(_) => return self.query_failed(&self.site.timeout_error(), q.style).await,
+                },
+            }
+        }
+        self.fetch(q, deadline, None).await
+    }
+
+    /// Write a complete answer held in memory. The body is written from the
+    /// shared entry, not copied: a thousand slow clients of one cached
+    /// answer cost one copy of it.
+    async fn serve_entry(&mut self, entry: &Entry, q: &Query) -> bool {
+        let head: &[u8] = if q.style.fixed16 { &entry.raw_header } else { &[] };
+        let write = async {
+            self.stream.write_all(head).await?;
+            self.stream.write_all(&entry.body).await
+        };
+        let written = tokio::time::timeout(self.site.params().query_timeout, write).await;
+        matches!(written, Ok(Ok(()))) && q.style.keepalive && (q.style.fixed16 || entry.status == Status::Ok)
+    }
+
+    /// Send a query to the site and relay its answer; a `leader` gets the
+    /// answer for the cache and for identical queries waiting.
+    async fn fetch(&mut self, q: &Query, deadline: Instant, leader: Option<(Leader, Tag)>) -> bool {
         let style = q.style;
         // The per-query futures are boxed: an idle session's own state stays
         // a few hundred bytes instead of the relay's ~10 KiB.
@@ -172,8 +221,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.query_failed(&e, style).await,
         };
         let status = resp.header.status;
-        let ctx =
-            RelayContext { site: &self.site, style, deadline, budget: &self.budget, watchdog: self.watchdog.as_mut() };
+        let ctx = RelayContext {
+            site: &self.site,
+            style,
+            deadline,
+            budget: &self.budget,
+            watchdog: self.watchdog.as_mut(),
+            capture: leader.map(|(leader, tag)| Capture::new(leader, tag)),
+        };
         match Box::pin(relay(resp, &mut self.stream, ctx)).await {
             Relayed::Complete => style.keepalive && (style.fixed16 || status == Status::Ok),
             Relayed::NothingSent(e) => self.query_failed(&e, style).await,

@@ -240,3 +240,21 @@ fn tls_sites_and_listeners() {
         error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nlisten = \"127.0.0.1:1\"\ntls = { cert = \"/a\" }\n");
     assert!(e.message.contains("unknown field `cert`"), "{e}");
 }
+
+#[test]
+fn cache_settings() {
+    let c = Config::from_toml(
+        "cache_budget = \"8MiB\"\ncache_max_entry = \"64KiB\"\n[defaults]\ncache_max_age = \"10m\"\n\
+         [[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n[[site]]\nname = \"b\"\naddress = \"tcp://h:2\"\n\
+         cache = false\ncoalesce = true\n",
+    )
+    .unwrap();
+    assert_eq!((c.cache_budget, c.cache_max_entry), (8 << 20, 64 << 10));
+    assert!(c.sites[0].params.cache && !c.sites[0].params.coalesce);
+    assert_eq!(c.sites[0].params.cache_max_age, Some(Duration::from_secs(600)));
+    assert!(!c.sites[1].params.cache && c.sites[1].params.coalesce);
+    let d = Config::from_toml("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n").unwrap();
+    assert_eq!((d.cache_budget, d.cache_max_entry), (64 << 20, 1 << 20));
+    assert!(d.sites[0].params.cache);
+    assert_eq!(d.sites[0].params.cache_max_age, None);
+}

@@ -548,6 +548,7 @@ impl Actor {
             last_reaped: None,
             listen: None,
             tls: self.tls.as_ref().map(|t| t.snapshot()),
+            cache: None,
         }
     }
 }

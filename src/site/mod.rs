@@ -117,6 +117,8 @@ pub struct SiteSnapshot {
     pub listen: Option<String>,
     /// TLS toward the site, for `tls://` addresses.
     pub tls: Option<crate::tls::TlsSnapshot>,
+    /// The site's query cache.
+    pub cache: Option<crate::cache::CacheStats>,
 }
 
 /// A dropped TCP client, for the state file.

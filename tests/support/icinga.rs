@@ -110,6 +110,12 @@ impl IcingaSite {
         ]);
     }
 
+    /// Reload the core (SIGHUP to its umbrella process), as `systemctl
+    /// reload` does; its `program_start` changes.
+    pub fn reload(&self) {
+        self.run_script(&["reload"]);
+    }
+
     /// Send a signal (`STOP`, `CONT`, ...) to every process of the site.
     pub fn signal(&self, sig: &str) {
         self.run_script(&["signal", "--sig", sig]);

@@ -48,6 +48,8 @@ pub fn test_config(dir: &std::path::Path, sites: Vec<(&str, String, SiteParams)>
         state_interval: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(5),
         worker_threads: 1,
+        cache_budget: 64 << 20,
+        cache_max_entry: 1 << 20,
         spool: livemux::config::SpoolConfig { dir: dir.join("spool"), ..Default::default() },
         sites: sites
             .into_iter()

@@ -86,7 +86,8 @@ impl SimConfig {
 pub struct Knobs {
     /// Wait this long before answering a query.
     pub delay: Duration,
-    /// Read queries but never answer them (the core hangs, the port is open).
+    /// Read queries but do not answer them while set (the core hangs, the
+    /// port is open). Held queries are answered once it is cleared.
     pub hang: bool,
     /// Close the connection without a byte for the next N queries
     /// (as Icinga 2 does for some bad queries).
@@ -132,6 +133,10 @@ impl Knobs {
         Ok(())
     }
 
+    fn hang_applies_to(&self, table: &str) -> bool {
+        self.hang && self.applies_to(table)
+    }
+
     fn applies_to(&self, table: &str) -> bool {
         self.fault_table.as_deref().is_none_or(|t| t == table)
     }
@@ -153,10 +158,14 @@ pub struct SimStats {
 struct Shared {
     data: RwLock<Dataset>,
     knobs: Mutex<Knobs>,
+    /// Bumped whenever the knobs change (wakes held queries).
+    knobs_changed: tokio::sync::watch::Sender<u64>,
     program_start: AtomicU64,
     accepted: AtomicU64,
     open: AtomicU64,
     queries: AtomicU64,
+    /// `GET` requests per table.
+    per_table: Mutex<std::collections::HashMap<String, u64>>,
     commands: AtomicU64,
     requests: Mutex<VecDeque<Vec<u8>>>,
     command_log: Mutex<Vec<String>>,
@@ -184,10 +193,12 @@ impl SimSite {
         let shared = Arc::new(Shared {
             data: RwLock::new(Dataset::new(&cfg.name, cfg.hosts, cfg.services_per_host)),
             knobs: Mutex::new(Knobs { bulk_bytes: 1 << 20, ..Knobs::default() }),
+            knobs_changed: tokio::sync::watch::channel(0).0,
             program_start: AtomicU64::new(now),
             accepted: AtomicU64::new(0),
             open: AtomicU64::new(0),
             queries: AtomicU64::new(0),
+            per_table: Mutex::new(std::collections::HashMap::new()),
             commands: AtomicU64::new(0),
             requests: Mutex::new(VecDeque::new()),
             command_log: Mutex::new(Vec::new()),
@@ -217,6 +228,7 @@ impl SimSite {
     /// Change knobs.
     pub fn set_knobs(&self, f: impl FnOnce(&mut Knobs)) {
         f(&mut lock(&self.shared.knobs));
+        self.shared.knobs_changed.send_modify(|g| *g += 1);
     }
 
     /// Current knobs.
@@ -243,6 +255,11 @@ impl SimSite {
             queries: s.queries.load(Ordering::Relaxed),
             commands: s.commands.load(Ordering::Relaxed),
         }
+    }
+
+    /// `GET` requests received for `table` (heartbeats ask `status`).
+    pub fn queries_on(&self, table: &str) -> u64 {
+        lock(&self.shared.per_table).get(table).copied().unwrap_or(0)
     }
 
     /// The last raw requests received (up to 256), oldest first.
@@ -424,6 +441,7 @@ fn command(shared: &Shared, line: &str) {
                         "close_idle" => shared.kick_idle.notify_waiters(),
                         _ => {
                             let _ = lock(&shared.knobs).apply(k, v);
+                            shared.knobs_changed.send_modify(|g| *g += 1);
                         }
                     }
                 }
@@ -459,6 +477,7 @@ enum Body {
 
 async fn answer<S: AsyncWrite + Unpin>(shared: &Shared, s: &mut S, q: &Query) -> io::Result<Next> {
     shared.queries.fetch_add(1, Ordering::Relaxed);
+    *lock(&shared.per_table).entry(q.table.clone()).or_default() += 1;
     let knobs = {
         let mut k = lock(&shared.knobs);
         if !k.applies_to(&q.table) {
@@ -473,7 +492,12 @@ async fn answer<S: AsyncWrite + Unpin>(shared: &Shared, s: &mut S, q: &Query) ->
         return Ok(Next::Close);
     }
     if knobs.hang {
-        std::future::pending::<()>().await;
+        let mut changed = shared.knobs_changed.subscribe();
+        while lock(&shared.knobs).hang_applies_to(&q.table) {
+            if changed.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
     if !knobs.delay.is_zero() {
         tokio::time::sleep(knobs.delay).await;
