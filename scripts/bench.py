@@ -477,6 +477,39 @@ def scenario7(b, targets):
             table(["clients", "path"] + STD, rows) + "\n")
 
 
+def scenario8(b, targets):
+    """The query cache: a cached hit against the same query sent to the site."""
+    q = "GET hostgroups\\nColumns: name alias"
+    cached = q + "\\nCache: reload"
+    _, (local,) = b.sims(1, name="cachelocal")
+    _, (remote,) = b.sims(1, knobs=["rtt_ms=20"], name="cacheremote")
+    ic_addr, _ = b.icinga(hosts=1000, services=10)
+    sites = [("sim", local), ("sim20ms", remote), ("icinga", ic_addr)]
+    # Icinga 2 serves 2 × cores connections (4 here) and nothing beyond, so
+    # 3 channels leave one for the direct measurements.
+    lm, ls = b.livemux(sites, channels=3)
+    rows, res = [], {}
+    for name, addr in sites:
+        for clients in ([1] if b.quick else [1, 16]):
+            for label, target, query, proc in [
+                ("direct", f"tcp:{addr}", q, None),
+                ("livemux, uncached (the cost of a miss)", ls[name], q, lm),
+                ("livemux, `Cache: reload` (hits)", ls[name], cached, lm),
+            ]:
+                j = b.load(f"s8 {name} {clients} {label}", [target], query=query, clients=clients, proxy=proc)
+                res[(name, clients, label)] = j
+                rows.append([name, str(clients), label] + row_cells(j))
+    for name in ("sim", "icinga"):
+        hit = res[(name, 1, "livemux, `Cache: reload` (hits)")]
+        miss = res[(name, 1, "livemux, uncached (the cost of a miss)")]
+        targets.append((f"scenario 8 (information): {name}, 1 client, cached hit p50 vs miss p50",
+                        f"{fmt_us(hit['p50_us'])} vs {fmt_us(miss['p50_us'])} ms", hit["p50_us"] <= miss["p50_us"]))
+    return ("### 8. The query cache (`GET hostgroups`, one site each)\n\n"
+            "`sim20ms` is the simulated site with a 20 ms round trip (a remote site); "
+            "`icinga` a real Icinga 2 site with 1,000 hosts.\n\n" +
+            table(["site", "clients", "path"] + STD, rows) + "\n")
+
+
 def criterion(b, targets):
     subprocess.run(["cargo", "bench", "-q", "-p", "livemux-protocol", "--bench", "protocol"], cwd=ROOT,
                    capture_output=True, text=True, timeout=900)
@@ -523,7 +556,7 @@ def main():
     for tool in ("haproxy", "icinga2", "stunnel4", "openssl"):
         if shutil.which(tool) is None:
             subprocess.run([os.path.join(ROOT, "scripts", "install-test-deps.sh")], check=True)
-    scenarios = [scenario1, scenario2, scenario3, scenario4, scenario5, scenario6, scenario7]
+    scenarios = [scenario1, scenario2, scenario3, scenario4, scenario5, scenario6, scenario7, scenario8]
     wanted = {int(x) for x in args.only.split(",")} if args.only else None
     sections, targets = [], []
     b = Bench(args.quick)

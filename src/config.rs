@@ -87,6 +87,7 @@ pub struct RawSite {
     channel_timeout: Option<Spanned<String>>,
     query_timeout: Option<Spanned<String>>,
     connect_retry: Option<Spanned<String>>,
+    channel_retry: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     client_idle_timeout: Option<Spanned<String>>,
     max_clients: Option<Spanned<i64>>,
@@ -299,6 +300,9 @@ pub struct SiteParams {
     pub query_timeout: Duration,
     /// Cooling period after a failed connect or heartbeat before reconnecting.
     pub connect_retry: Duration,
+    /// When the site served fewer channels than `channels`, how often one
+    /// more is tried.
+    pub channel_retry: Duration,
     /// Limit for establishing one connection to the site.
     pub connect_timeout: Duration,
     /// A client connection that sends no request for this long is closed.
@@ -342,6 +346,7 @@ impl Default for SiteParams {
             channel_timeout: Duration::from_secs(3),
             query_timeout: Duration::from_secs(120),
             connect_retry: Duration::from_secs(4),
+            channel_retry: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
             client_idle_timeout: Duration::from_secs(3600),
             max_clients: 1000,
@@ -663,6 +668,7 @@ impl Validator<'_> {
         p.channel_timeout = self.duration(raw.channel_timeout.as_ref(), &key("channel_timeout"), p.channel_timeout)?;
         p.query_timeout = self.duration(raw.query_timeout.as_ref(), &key("query_timeout"), p.query_timeout)?;
         p.connect_retry = self.duration(raw.connect_retry.as_ref(), &key("connect_retry"), p.connect_retry)?;
+        p.channel_retry = self.duration(raw.channel_retry.as_ref(), &key("channel_retry"), p.channel_retry)?;
         p.connect_timeout = self.duration(raw.connect_timeout.as_ref(), &key("connect_timeout"), p.connect_timeout)?;
         p.client_idle_timeout =
             self.duration(raw.client_idle_timeout.as_ref(), &key("client_idle_timeout"), p.client_idle_timeout)?;

@@ -43,6 +43,40 @@ impl SiteStateChanged<'_> {
     }
 }
 
+/// A new channel was not served: the site serves fewer concurrent
+/// connections than `channels` asks for (Icinga 2 serves 2 × its CPU cores;
+/// xinetd closes connections over its `instances`).
+pub struct ChannelsLimited<'a> {
+    /// Site name.
+    pub site: &'a str,
+    /// Channels the site does serve.
+    pub serving: usize,
+    /// The configured `channels`.
+    pub configured: usize,
+    /// What happened to the new channel.
+    pub reason: &'a str,
+    /// When livemux tries one more channel again.
+    pub retry: Duration,
+}
+
+impl ChannelsLimited<'_> {
+    /// Write the log line.
+    pub fn emit(self) {
+        tracing::warn!(
+            site = self.site,
+            serving = self.serving,
+            configured = self.configured,
+            "site serves only {} of {} channels: a new channel {}; using {} and trying one more every {} \
+             (lower `channels`, or raise the site's connection limit)",
+            self.serving,
+            self.configured,
+            self.reason,
+            self.serving,
+            fmt_duration(self.retry)
+        )
+    }
+}
+
 /// A client's query ended with an error response from the proxy.
 pub struct QueryFailed<'a> {
     /// Site name.

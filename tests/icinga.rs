@@ -373,3 +373,38 @@ async fn direct_conn(site: &IcingaSite, request: &str) -> TcpStream {
     s.write_all(request.as_bytes()).await.unwrap();
     s
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_channels_than_icinga_serves_shrink_the_pool_and_every_query_is_answered() {
+    let Some(ic) = icinga(20, 2).await else { return };
+    // Icinga 2 serves at most 2 × its cores connections at once (fewer
+    // while checks run in the same thread pool).
+    let limit = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
+    let channels = limit + 1;
+    let params = SiteParams { channels, query_timeout: 2 * PATIENCE, ..params() };
+    let p = Proxy::start(vec![("ic", ic.tcp_address(), params)]).await;
+    p.wait_state("ic", SiteState::Ready).await;
+    let snap =
+        eventually_snapshot(&p, "ic", "a smaller pool", |s| s.channels_served.is_some() && s.channels_connecting == 0)
+            .await;
+    let served = snap.channels_served.unwrap();
+    assert!(served < channels && snap.channels.len() <= served, "{snap:?}");
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..channels * 2 {
+        let path = p.socket("ic");
+        tasks.spawn(async move {
+            let mut c = UnixStream::connect(path).await.unwrap();
+            for _ in 0..3 {
+                c.write_all(b"GET status\nColumns: num_hosts\nKeepAlive: on\nResponseHeader: fixed16\n\n")
+                    .await
+                    .unwrap();
+                assert_eq!(read_answer(&mut c).await, (200, "20\n".to_owned()));
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(p.site("ic").status().generation, 0, "never declared down");
+    p.shutdown().await;
+}

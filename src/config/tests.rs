@@ -257,4 +257,8 @@ fn cache_settings() {
     assert_eq!((d.cache_budget, d.cache_max_entry), (64 << 20, 1 << 20));
     assert!(d.sites[0].params.cache);
     assert_eq!(d.sites[0].params.cache_max_age, None);
+    assert_eq!(d.sites[0].params.channel_retry, Duration::from_secs(60));
+    let r = Config::from_toml("[defaults]\nchannel_retry = \"30s\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n")
+        .unwrap();
+    assert_eq!(r.sites[0].params.channel_retry, Duration::from_secs(30));
 }

@@ -15,6 +15,13 @@
 //! ready again only when a fresh connection has answered a heartbeat, so a
 //! core that accepts connections but hangs does not flap.
 //!
+//! A new pool channel answers a heartbeat before it is lent to anyone
+//! ("admission"): a site that accepts more connections than it serves
+//! (Icinga 2 serves 2 × its cores; the rest wait in the kernel's backlog) or
+//! closes the surplus (xinetd's `instances`) costs a warning and a smaller
+//! pool, never a query stuck on a connection nobody reads. The pool tries to
+//! grow back every `channel_retry`.
+//!
 //! A heartbeat normally borrows the least recently used idle channel. When
 //! every channel is busy the heartbeat waits for one; if meanwhile the site
 //! sends nothing for `heartbeat_interval + heartbeat_timeout`, the heartbeat
@@ -76,6 +83,8 @@ pub(crate) enum Event {
     Connected { generation: u64, purpose: Purpose, result: Result<SiteStream, SiteError> },
     /// A heartbeat finished; the channel comes back only if it answered.
     Heartbeat { generation: u64, purpose: Purpose, channel: Option<Channel>, result: Result<i64, SiteError> },
+    /// A new pool channel's admission heartbeat finished.
+    Admitted { generation: u64, channel: Option<Channel>, result: Result<i64, SiteError> },
 }
 
 struct Waiter {
@@ -109,6 +118,14 @@ pub(crate) struct Actor {
     busy: BTreeMap<u64, (Busy, SystemTime)>,
     /// Connect attempts in flight for the pool (and the probe).
     connecting: usize,
+    /// New pool channels whose admission heartbeat is in flight.
+    admitting: usize,
+    /// The site served fewer channels than configured: the pool's size.
+    capacity: Option<usize>,
+    /// When to try one channel more than `capacity`.
+    grow_at: Option<Instant>,
+    /// The smallest capacity reported in the log so far.
+    warned_capacity: Option<usize>,
     /// Queries waiting for a channel, in arrival order.
     waiters: VecDeque<Waiter>,
 
@@ -156,6 +173,10 @@ impl Actor {
             idle: VecDeque::new(),
             busy: BTreeMap::new(),
             connecting: 0,
+            admitting: 0,
+            capacity: None,
+            grow_at: None,
+            warned_capacity: None,
             waiters: VecDeque::new(),
             state: SiteState::Starting,
             state_since: SystemTime::now(),
@@ -203,7 +224,7 @@ impl Actor {
 
     fn next_deadline(&self) -> Option<Instant> {
         let stall = self.heartbeat_pending.map(|since| self.stall_deadline(since));
-        [self.retry_at, self.next_heartbeat, stall].into_iter().flatten().min()
+        [self.retry_at, self.next_heartbeat, stall, self.grow_at].into_iter().flatten().min()
     }
 
     fn stall_deadline(&self, pending_since: Instant) -> Instant {
@@ -277,7 +298,7 @@ impl Actor {
         if self.state != SiteState::Ready || self.connecting > 0 || !self.waiters.iter().any(|w| w.fresh) {
             return;
         }
-        if self.idle.pop_front().is_some() || self.open_channels() < self.cfg.params.channels {
+        if self.idle.pop_front().is_some() || self.open_channels() < self.channel_limit() {
             self.start_connect(Purpose::Pool);
         }
     }
@@ -311,8 +332,7 @@ impl Actor {
                     Ok(stream) => {
                         let ch = self.new_channel(stream);
                         if purpose == Purpose::Pool {
-                            self.idle.push_back(ch);
-                            self.dispatch();
+                            self.start_admission(ch);
                         } else {
                             self.start_heartbeat(ch, purpose);
                         }
@@ -335,7 +355,7 @@ impl Actor {
                         ch.since = SystemTime::now();
                         self.heartbeats += 1;
                         self.note_program_start(program_start);
-                        if purpose != Purpose::Extra || self.open_channels() < self.cfg.params.channels {
+                        if purpose != Purpose::Extra || self.open_channels() < self.channel_limit() {
                             self.idle.push_back(ch);
                         }
                         if purpose == Purpose::Probe {
@@ -352,7 +372,79 @@ impl Actor {
                     (Ok(_), None) => self.go_down("heartbeat channel lost".into()),
                 }
             }
+            Event::Admitted { generation, channel, result } => {
+                self.admitting -= 1;
+                if generation != self.generation {
+                    self.ensure_channels();
+                    return;
+                }
+                match (result, channel) {
+                    (Ok(program_start), Some(ch)) => {
+                        self.note_program_start(program_start);
+                        self.idle.push_back(ch);
+                        self.grew();
+                        self.dispatch();
+                    }
+                    (Err(e), _) => self.not_admitted(e),
+                    (Ok(_), None) => self.not_admitted(SiteError::ClosedWithoutAnswer),
+                }
+            }
         }
+    }
+
+    /// A new channel did not answer its admission heartbeat. With other
+    /// channels working, the site serves no more connections than those: the
+    /// pool shrinks to them. With none, the site is down.
+    fn not_admitted(&mut self, e: SiteError) {
+        let serving = self.open_channels();
+        let limited = matches!(e, SiteError::HeartbeatTimeout(_) | SiteError::ClosedWithoutAnswer | SiteError::Io(_));
+        if serving == 0 || !limited {
+            let e = self.refine(e, Purpose::Pool);
+            self.go_down_with(e);
+            return;
+        }
+        self.capacity = Some(serving.min(self.channel_limit()));
+        self.grow_at = Some(Instant::now() + self.cfg.params.channel_retry);
+        let reason = match &e {
+            SiteError::HeartbeatTimeout(t) => format!("got no answer within {}", fmt_duration(*t)),
+            SiteError::ClosedWithoutAnswer => "was closed without an answer".to_owned(),
+            other => format!("failed ({other})"),
+        };
+        if self.warned_capacity.is_none_or(|w| serving < w) {
+            self.warned_capacity = Some(serving);
+            crate::events::ChannelsLimited {
+                site: &self.cfg.name,
+                serving,
+                configured: self.cfg.params.channels,
+                reason: &reason,
+                retry: self.cfg.params.channel_retry,
+            }
+            .emit();
+        } else {
+            tracing::debug!(site = %self.cfg.name, serving, %reason, "one more channel is still not served");
+        }
+    }
+
+    /// A new channel was admitted. While the pool is limited, one that
+    /// reached the limit tries one more right away: the site may serve
+    /// more now.
+    fn grew(&mut self) {
+        let Some(c) = self.capacity else { return };
+        let open = self.open_channels();
+        if open >= self.cfg.params.channels {
+            tracing::info!(site = %self.cfg.name, channels = self.cfg.params.channels, "site serves all channels again");
+            self.capacity = None;
+            self.warned_capacity = None;
+            self.grow_at = None;
+        } else if open >= c {
+            self.capacity = Some(c + 1);
+            self.ensure_channels();
+        }
+    }
+
+    /// The pool's size: `channels`, or fewer if the site serves fewer.
+    fn channel_limit(&self) -> usize {
+        self.capacity.unwrap_or(self.cfg.params.channels)
     }
 
     fn note_program_start(&mut self, ps: i64) {
@@ -384,6 +476,15 @@ impl Actor {
                 self.dispatch();
             }
         }
+        if self.grow_at.is_some_and(|t| now >= t) {
+            self.grow_at = None;
+            if self.state == SiteState::Ready
+                && let Some(c) = self.capacity
+            {
+                self.capacity = Some(c + 1);
+                self.ensure_channels();
+            }
+        }
         if let Some(since) = self.heartbeat_pending
             && now >= self.stall_deadline(since)
             && !self.heartbeat_in_flight
@@ -398,15 +499,16 @@ impl Actor {
     // === connections and heartbeats ===
 
     fn open_channels(&self) -> usize {
-        self.idle.len() + self.busy.len() + self.connecting
+        self.idle.len() + self.busy.len() + self.connecting + self.admitting
     }
 
-    /// While ready, keep `channels` connections open or opening.
+    /// While ready, keep `channels` (or as many as the site serves)
+    /// connections open or opening.
     fn ensure_channels(&mut self) {
         if self.state != SiteState::Ready {
             return;
         }
-        for _ in self.open_channels()..self.cfg.params.channels {
+        for _ in self.open_channels()..self.channel_limit() {
             self.start_connect(Purpose::Pool);
         }
     }
@@ -429,11 +531,30 @@ impl Actor {
         Channel { id, stream, uses: 0, generation: self.generation, since: SystemTime::now() }
     }
 
-    fn start_heartbeat(&mut self, mut ch: Channel, purpose: Purpose) {
+    /// Check a new pool channel with a heartbeat before lending it.
+    fn start_admission(&mut self, ch: Channel) {
+        self.admitting += 1;
+        let generation = self.generation;
+        self.spawn_heartbeat(ch, move |channel, result| Event::Admitted { generation, channel, result });
+    }
+
+    fn start_heartbeat(&mut self, ch: Channel, purpose: Purpose) {
         self.heartbeat_in_flight = true;
         self.heartbeat_pending = None;
         self.busy.insert(ch.id, (Busy::Heartbeat, SystemTime::now()));
-        let (tx, generation) = (self.events_tx.clone(), self.generation);
+        let generation = self.generation;
+        self.spawn_heartbeat(ch, move |channel, result| Event::Heartbeat { generation, purpose, channel, result });
+    }
+
+    /// Send a heartbeat on `ch` in a helper task, bounded by
+    /// `heartbeat_timeout`; `report` makes the event (the channel comes back
+    /// only if it answered).
+    fn spawn_heartbeat(
+        &self,
+        mut ch: Channel,
+        report: impl FnOnce(Option<Channel>, Result<i64, SiteError>) -> Event + Send + 'static,
+    ) {
+        let tx = self.events_tx.clone();
         let timeout = self.cfg.params.heartbeat_timeout;
         tokio::spawn(async move {
             let (channel, result) = match tokio::time::timeout(timeout, heartbeat::exchange(&mut ch.stream)).await {
@@ -441,7 +562,7 @@ impl Actor {
                 Ok(Err(e)) => (None, Err(e)),
                 Err(_) => (None, Err(SiteError::HeartbeatTimeout(timeout))),
             };
-            let _ = tx.send(Event::Heartbeat { generation, purpose, channel, result });
+            let _ = tx.send(report(channel, result));
         });
     }
 
@@ -488,6 +609,9 @@ impl Actor {
         self.heartbeat_pending = None;
         self.next_heartbeat = None;
         self.retry_at = Some(Instant::now() + self.cfg.params.connect_retry);
+        self.capacity = None;
+        self.grow_at = None;
+        self.warned_capacity = None;
         for w in self.waiters.drain(..) {
             let _ = w.reply.send(Err(AcquireError::Down(reason.clone(), false)));
         }
@@ -541,7 +665,8 @@ impl Actor {
             heartbeats_received: self.heartbeats,
             program_start: self.program_start,
             channels,
-            channels_connecting: self.connecting,
+            channels_connecting: self.connecting + self.admitting,
+            channels_served: self.capacity,
             clients_waiting: self.waiters.iter().filter(|w| !w.reply.is_closed()).count(),
             clients_connected: 0,
             clients_reaped: 0,

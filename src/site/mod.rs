@@ -119,6 +119,9 @@ pub struct SiteSnapshot {
     pub tls: Option<crate::tls::TlsSnapshot>,
     /// The site's query cache.
     pub cache: Option<crate::cache::CacheStats>,
+    /// Set when the site served fewer channels than `channels`: how many
+    /// it does (the pool's size until a retry gets one more).
+    pub channels_served: Option<usize>,
 }
 
 /// A dropped TCP client, for the state file.

@@ -106,6 +106,11 @@ pub struct Knobs {
     /// the first answer on a new connection once more (its TCP handshake).
     /// Applies to all tables, unlike the fault knobs.
     pub rtt: Duration,
+    /// Serve at most this many connections at once (0: no limit). Further
+    /// connections are accepted by the kernel but not read until a served
+    /// one closes, as Icinga 2's Livestatus does (a pool thread per
+    /// connection for its whole life).
+    pub max_connections: usize,
 }
 
 impl Knobs {
@@ -113,7 +118,7 @@ impl Knobs {
     ///
     /// Keys: `delay_ms`, `hang` (0/1), `close_without_answer`,
     /// `close_after_bytes` (or `none`), `write_chunk`, `write_pause_ms`,
-    /// `fault_table` (or `none`), `bulk_bytes`, `rtt_ms`.
+    /// `fault_table` (or `none`), `bulk_bytes`, `rtt_ms`, `max_connections`.
     pub fn apply(&mut self, key: &str, value: &str) -> Result<(), String> {
         let num = |v: &str| v.parse::<u64>().map_err(|_| format!("{key}: '{v}' is not a number"));
         match key {
@@ -128,6 +133,7 @@ impl Knobs {
             "fault_table" => self.fault_table = Some(value.to_owned()),
             "bulk_bytes" => self.bulk_bytes = num(value)?,
             "rtt_ms" => self.rtt = Duration::from_millis(num(value)?),
+            "max_connections" => self.max_connections = num(value)? as usize,
             _ => return Err(format!("unknown knob '{key}'")),
         }
         Ok(())
@@ -171,6 +177,10 @@ struct Shared {
     command_log: Mutex<Vec<String>>,
     /// Wakes connections that are waiting for a request, to close them.
     kick_idle: Notify,
+    /// Connections being served (see `Knobs::max_connections`).
+    serving: Mutex<usize>,
+    /// A served connection ended.
+    slot_freed: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -203,6 +213,8 @@ impl SimSite {
             requests: Mutex::new(VecDeque::new()),
             command_log: Mutex::new(Vec::new()),
             kick_idle: Notify::new(),
+            serving: Mutex::new(0),
+            slot_freed: Notify::new(),
         });
         let token = CancellationToken::new();
         let listen = bind_and_serve(&shared, &cfg.listen, token.clone()).await?;
@@ -348,10 +360,46 @@ where
     tokio::spawn(async move {
         tokio::select! {
             _ = token.cancelled() => {}
-            _ = serve(&shared, stream) => {}
+            _ = async {
+                let _slot = Slot::take(&shared).await;
+                serve(&shared, stream).await
+            } => {}
         }
         shared.open.fetch_sub(1, Ordering::Relaxed);
     });
+}
+
+/// One of `max_connections` served connections.
+struct Slot<'a>(&'a Shared);
+
+impl<'a> Slot<'a> {
+    async fn take(shared: &'a Shared) -> Slot<'a> {
+        let mut changed = shared.knobs_changed.subscribe();
+        loop {
+            let freed = shared.slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let max = lock(&shared.knobs).max_connections;
+                let mut n = lock(&shared.serving);
+                if max == 0 || *n < max {
+                    *n += 1;
+                    return Slot(shared);
+                }
+            }
+            tokio::select! {
+                _ = &mut freed => {}
+                _ = changed.changed() => {}
+            }
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.serving) -= 1;
+        self.0.slot_freed.notify_waiters();
+    }
 }
 
 /// What to do after answering a request.

@@ -1,0 +1,88 @@
+//! The channel pool against a site that serves fewer concurrent connections
+//! than `channels` asks for (as Icinga 2 does: 2 × its CPU cores, the rest
+//! wait unread in the kernel's backlog).
+
+mod support;
+
+use std::time::Duration;
+
+use livemux::config::SiteParams;
+use livemux::site::SiteState;
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test]
+async fn a_site_serving_fewer_connections_than_channels_gets_a_smaller_pool_and_no_query_is_stuck() {
+    let s = sim("s1").await;
+    s.set_knobs(|k| k.max_connections = 3);
+    // A query on a connection the site never reads would wait for
+    // query_timeout: make that longer than the test's patience.
+    let params = SiteParams {
+        channels: 5,
+        query_timeout: 2 * PATIENCE,
+        channel_retry: Duration::from_secs(3600),
+        ..fast_params()
+    };
+    let p = Proxy::start(vec![("s1", s.address(), params)]).await;
+    p.wait_state("s1", SiteState::Ready).await;
+    eventually_snapshot(&p, "s1", "the pool shrinks to the 3 served connections", |snap| {
+        snap.channels_served == Some(3) && snap.channels.len() == 3 && snap.channels_connecting == 0
+    })
+    .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..20 {
+        let path = p.socket("s1");
+        tasks.spawn(async move {
+            let mut conn = tokio::net::UnixStream::connect(path).await.unwrap();
+            for i in 0..5 {
+                let h = (c * 5 + i) % 100;
+                let q = format!(
+                    "GET hosts\nColumns: name\nFilter: name = host-{h:04}\nKeepAlive: on\nResponseHeader: fixed16\n\n"
+                );
+                conn.write_all(q.as_bytes()).await.unwrap();
+                assert_eq!(read_answer(&mut conn).await, (200, format!("host-{h:04}\n")));
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let st = p.site("s1").status();
+    assert_eq!((st.state, st.generation), (SiteState::Ready, 0), "never declared down");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_pool_grows_back_when_the_site_serves_more_again() {
+    let s = sim("s1").await;
+    s.set_knobs(|k| k.max_connections = 2);
+    let params = SiteParams { channels: 4, channel_retry: Duration::from_millis(300), ..fast_params() };
+    let p = Proxy::start(vec![("s1", s.address(), params)]).await;
+    p.wait_state("s1", SiteState::Ready).await;
+    eventually_snapshot(&p, "s1", "a pool of 2", |snap| snap.channels_served == Some(2)).await;
+    s.set_knobs(|k| k.max_connections = 0);
+    eventually_snapshot(&p, "s1", "all 4 channels", |snap| {
+        snap.channels_served.is_none() && snap.channels.len() == 4 && snap.channels_connecting == 0
+    })
+    .await;
+    assert_eq!(p.site("s1").status().generation, 0);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_site_that_serves_no_connection_at_all_is_down() {
+    let s = sim("s1").await;
+    s.set_knobs(|k| k.max_connections = 1);
+    // Something else holds the only served connection.
+    let mut hog = tokio::net::TcpStream::connect(s.tcp_addr().unwrap()).await.unwrap();
+    hog.write_all(b"GET status\nColumns: program_start\nKeepAlive: on\n\n").await.unwrap();
+    eventually("the hog is served", || s.queries_on("status") == 1).await;
+    let p = Proxy::start(vec![("s1", s.address(), fast_params())]).await;
+    p.wait_state("s1", SiteState::Down).await;
+    let (code, body) = query(&p, "s1", "GET hosts\nColumns: name").await;
+    assert_eq!(code, 502);
+    assert_eq!(body, "site 's1' is down: heartbeat not answered within 200ms\n");
+    drop(hog);
+    p.wait_state("s1", SiteState::Ready).await;
+    p.shutdown().await;
+}
