@@ -157,13 +157,30 @@ struct Inner {
     lru: LruCache<Key, Arc<Entry>>,
     bytes: usize,
     stats: HashMap<Arc<str>, CacheStats>,
-    inflight: HashMap<Key, watch::Sender<Flight>>,
+    inflight: HashMap<Key, InFlight>,
+    /// Numbers flights, so a leader touches only its own.
+    next_flight: u64,
+}
+
+/// A query in flight that identical ones may wait for.
+struct InFlight {
+    /// The site's state it was sent under: a query under another state
+    /// (after a reload) does not take its answer.
+    tag: Tag,
+    id: u64,
+    tx: watch::Sender<Flight>,
 }
 
 impl Cache {
     /// A cache of at most `budget` bytes; answers over `max_entry` are not stored.
     pub fn new(budget: usize, max_entry: usize) -> Arc<Cache> {
-        let inner = Inner { lru: LruCache::unbounded(), bytes: 0, stats: HashMap::new(), inflight: HashMap::new() };
+        let inner = Inner {
+            lru: LruCache::unbounded(),
+            bytes: 0,
+            stats: HashMap::new(),
+            inflight: HashMap::new(),
+            next_flight: 0,
+        };
         Arc::new(Cache { budget, max_entry, collecting: AtomicUsize::new(0), inner: Mutex::new(inner) })
     }
 
@@ -185,17 +202,23 @@ impl Cache {
                 return Lookup::Hit(e);
             }
         }
-        if let Some(tx) = inner.inflight.get(&key) {
-            let rx = tx.subscribe();
+        if let Some(f) = inner.inflight.get(&key)
+            && f.tag == tag
+        {
+            let rx = f.tx.subscribe();
             inner.stats.entry(key.site.clone()).or_default().coalesced += 1;
             return Lookup::Wait(Waiting(rx));
         }
         if store {
             inner.stats.entry(key.site.clone()).or_default().misses += 1;
         }
+        // A flight sent before the site reloaded is replaced: its waiters
+        // (woken by the dropped sender) ask again and join this one.
         let (tx, _) = watch::channel(Flight::Pending);
-        inner.inflight.insert(key.clone(), tx);
-        Lookup::Lead(Leader { cache: self.clone(), key: Some(key), store, reserved: 0 })
+        let id = inner.next_flight;
+        inner.next_flight += 1;
+        inner.inflight.insert(key.clone(), InFlight { tag, id, tx });
+        Lookup::Lead(Leader { cache: self.clone(), key: Some(key), flight: id, store, reserved: 0 })
     }
 
     /// Counters of `site`.
@@ -205,6 +228,14 @@ impl Cache {
 }
 
 impl Inner {
+    /// Remove flight `id` of `key`, if it is still the one in flight.
+    fn take_flight(&mut self, key: &Key, id: u64) -> Option<InFlight> {
+        if self.inflight.get(key)?.id != id {
+            return None;
+        }
+        self.inflight.remove(key)
+    }
+
     /// Drop every entry of `site` (its tag is no longer `tag`).
     fn invalidate(&mut self, site: &Arc<str>, tag: Tag) {
         let stale: Vec<Key> =
@@ -256,6 +287,8 @@ impl Inner {
 pub struct Leader {
     cache: Arc<Cache>,
     key: Option<Key>,
+    /// Its flight's number.
+    flight: u64,
     store: bool,
     /// Bytes of `collecting` held by this leader.
     reserved: usize,
@@ -290,14 +323,15 @@ impl Leader {
         let Some(key) = self.key.take() else { return };
         let entry = entry.filter(|e| e.body.len() <= self.cache.max_entry).map(Arc::new);
         let mut inner = self.cache.lock();
+        // Replaced by a query sent after a reload: this answer is older
+        // than that one's, so it is neither stored nor shared.
+        let Some(f) = inner.take_flight(&key, self.flight) else { return };
         if let (true, Some(e)) = (self.store, &entry)
             && e.status == Status::Ok
         {
             inner.insert(key.clone(), e.clone(), self.cache.budget);
         }
-        if let Some(tx) = inner.inflight.remove(&key) {
-            tx.send_replace(Flight::Done(entry));
-        }
+        f.tx.send_replace(Flight::Done(entry));
     }
 }
 
@@ -312,8 +346,8 @@ impl Drop for Leader {
         self.unreserve();
         if let Some(key) = self.key.take() {
             let mut inner = self.cache.lock();
-            if let Some(tx) = inner.inflight.remove(&key) {
-                tx.send_replace(Flight::Done(None));
+            if let Some(f) = inner.take_flight(&key, self.flight) {
+                f.tx.send_replace(Flight::Done(None));
             }
         }
     }
@@ -348,8 +382,24 @@ mod tests {
         let _in_flight = lead(c.lookup(k.clone(), reloaded, None, true));
         let s = c.stats("s");
         assert_eq!((s.entries, s.bytes, s.invalidations), (0, 0, 1));
-        let reconnected = Tag { generation: 1, ..T };
-        assert!(matches!(c.lookup(k, reconnected, None, true), Lookup::Wait(_)), "the leader is still in flight");
+        assert!(matches!(c.lookup(k.clone(), reloaded, None, true), Lookup::Wait(_)), "same state: wait");
+    }
+
+    #[tokio::test]
+    async fn a_query_after_a_reload_never_takes_an_answer_from_before_it() {
+        let c = Cache::new(1 << 20, 1 << 16);
+        let k = Key::new("s", b"q");
+        let before = lead(c.lookup(k.clone(), T, None, true));
+        let Lookup::Wait(early) = c.lookup(k.clone(), T, None, true) else { panic!("should wait") };
+        let reloaded = Tag { program_start: Some(2), ..T };
+        let after = lead(c.lookup(k.clone(), reloaded, None, true));
+        assert!(early.answer().await.is_none(), "the replaced flight's waiters ask again");
+        let Lookup::Wait(late) = c.lookup(k.clone(), reloaded, None, true) else { panic!("should wait") };
+        before.finish(Some(answer(b"old")));
+        assert_eq!(c.stats("s").entries, 0, "the old answer is not stored");
+        after.finish(Some(Entry::new(*b"200           4\n", Status::Ok, Bytes::from_static(b"new\n"), reloaded)));
+        assert_eq!(&late.answer().await.unwrap().body[..], b"new\n");
+        assert!(matches!(c.lookup(k, reloaded, None, true), Lookup::Hit(e) if &e.body[..] == b"new\n"));
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub struct RawSite {
     channel_retry: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     client_idle_timeout: Option<Spanned<String>>,
+    client_request_timeout: Option<Spanned<String>>,
     max_clients: Option<Spanned<i64>>,
     max_request_bytes: Option<Spanned<RawSize>>,
     max_header_lines: Option<Spanned<i64>>,
@@ -307,6 +308,9 @@ pub struct SiteParams {
     pub connect_timeout: Duration,
     /// A client connection that sends no request for this long is closed.
     pub client_idle_timeout: Duration,
+    /// Once the first byte of a request has arrived, the whole request must
+    /// arrive within this (a client trickling bytes cannot hold a session).
+    pub client_request_timeout: Duration,
     /// Concurrent client connections on the site's socket.
     pub max_clients: usize,
     /// Request size limits.
@@ -349,6 +353,7 @@ impl Default for SiteParams {
             channel_retry: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
             client_idle_timeout: Duration::from_secs(3600),
+            client_request_timeout: Duration::from_secs(10),
             max_clients: 1000,
             limits: Limits::default(),
             keepalive: Keepalive { idle: Duration::from_secs(10), interval: Duration::from_secs(5), count: 3 },
@@ -672,6 +677,11 @@ impl Validator<'_> {
         p.connect_timeout = self.duration(raw.connect_timeout.as_ref(), &key("connect_timeout"), p.connect_timeout)?;
         p.client_idle_timeout =
             self.duration(raw.client_idle_timeout.as_ref(), &key("client_idle_timeout"), p.client_idle_timeout)?;
+        p.client_request_timeout = self.duration(
+            raw.client_request_timeout.as_ref(),
+            &key("client_request_timeout"),
+            p.client_request_timeout,
+        )?;
         p.max_clients = self.int(raw.max_clients.as_ref(), &key("max_clients"), p.max_clients, 1..=1_000_000)?;
         let l = &mut p.limits;
         l.max_request_bytes = self.size(
@@ -686,8 +696,16 @@ impl Validator<'_> {
             self.size(raw.max_line_bytes.as_ref(), &key("max_line_bytes"), l.max_line_bytes as u64, 64..=1 << 30)?
                 as usize;
         let k = &mut p.keepalive;
-        k.idle = self.duration(raw.keepalive_idle.as_ref(), &key("keepalive_idle"), k.idle)?;
-        k.interval = self.duration(raw.keepalive_interval.as_ref(), &key("keepalive_interval"), k.interval)?;
+        // The kernel takes whole seconds, 1..=32767 (TCP_KEEPIDLE, TCP_KEEPINTVL).
+        let secs = Duration::from_secs(1)..=Duration::from_secs(32767);
+        k.idle = self.duration_in(raw.keepalive_idle.as_ref(), &key("keepalive_idle"), k.idle, &secs, "1s..=32767s")?;
+        k.interval = self.duration_in(
+            raw.keepalive_interval.as_ref(),
+            &key("keepalive_interval"),
+            k.interval,
+            &secs,
+            "1s..=32767s",
+        )?;
         k.count = self.int(raw.keepalive_count.as_ref(), &key("keepalive_count"), k.count as usize, 1..=100)? as u32;
         p.tcp_user_timeout =
             self.duration(raw.tcp_user_timeout.as_ref(), &key("tcp_user_timeout"), p.tcp_user_timeout)?;
@@ -780,6 +798,18 @@ impl Validator<'_> {
     }
 
     fn duration(&self, v: Option<&Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let range = Duration::from_millis(1)..=Duration::from_secs(7 * 86400);
+        self.duration_in(v, key, default, &range, "1ms..=7d")
+    }
+
+    fn duration_in(
+        &self,
+        v: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+        range: &std::ops::RangeInclusive<Duration>,
+        range_text: &str,
+    ) -> Result<Duration, ConfigError> {
         let Some(v) = v else { return Ok(default) };
         let d = humantime::parse_duration(v.get_ref()).map_err(|e| {
             self.err(
@@ -788,8 +818,8 @@ impl Validator<'_> {
                 format!("'{}' is not a duration ({e}); write e.g. \"5s\" or \"250ms\"", v.get_ref()),
             )
         })?;
-        if d < Duration::from_millis(1) || d > Duration::from_secs(7 * 86400) {
-            return Err(self.err(v.span(), key, format!("'{}' is out of range 1ms..=7d", v.get_ref())));
+        if !range.contains(&d) {
+            return Err(self.err(v.span(), key, format!("'{}' is out of range {range_text}", v.get_ref())));
         }
         Ok(d)
     }

@@ -79,41 +79,37 @@ pub enum Relayed {
 /// cache's per-entry limit is not collected; dropping the capture then
 /// releases the waiters to ask the site themselves.
 pub struct Capture {
-    leader: Leader,
+    /// `None` once given up: the answers in flight would exceed the cache
+    /// budget (the waiters were released at that moment).
+    leader: Option<Leader>,
     tag: Tag,
     parts: Vec<Bytes>,
-    /// Gave up: the answers in flight would exceed the cache budget.
-    abandoned: bool,
 }
 
 impl Capture {
     /// Collect the answer for `leader`; `tag` is the site's state before
     /// the query was sent.
     pub fn new(leader: Leader, tag: Tag) -> Capture {
-        Capture { leader, tag, parts: Vec::new(), abandoned: false }
+        Capture { leader: Some(leader), tag, parts: Vec::new() }
     }
 
     fn push(&mut self, chunk: &Bytes) {
-        if self.abandoned {
-            return;
-        }
-        if self.leader.reserve(chunk.len()) {
+        let Some(leader) = self.leader.as_mut() else { return };
+        if leader.reserve(chunk.len()) {
             self.parts.push(chunk.clone());
-        } else {
-            self.abandoned = true;
+        } else if let Some(l) = self.leader.take() {
             self.parts = Vec::new();
+            l.finish(None);
         }
     }
 
     fn finish(self, raw_header: [u8; FIXED16_LEN], status: Status) {
-        if self.abandoned {
-            return;
-        }
+        let Some(leader) = self.leader else { return };
         let mut body = BytesMut::with_capacity(self.parts.iter().map(Bytes::len).sum());
         for p in &self.parts {
             body.extend_from_slice(p);
         }
-        self.leader.finish(Some(Entry::new(raw_header, status, body.freeze(), self.tag)));
+        leader.finish(Some(Entry::new(raw_header, status, body.freeze(), self.tag)));
     }
 }
 
@@ -137,7 +133,7 @@ pub struct RelayContext<'a> {
 pub async fn relay<C: AsyncWrite + Unpin>(resp: SiteResponse, client: &mut C, ctx: RelayContext<'_>) -> Relayed {
     let RelayContext { site, style, deadline, budget, watchdog, capture } = ctx;
     let SiteResponse { raw_header, header, prefix, lease } = resp;
-    let capture = capture.filter(|c| header.length <= c.leader.max_entry() as u64);
+    let capture = capture.filter(|c| c.leader.as_ref().is_some_and(|l| header.length <= l.max_entry() as u64));
     let spool = Spool::new(budget.clone());
     let total = header.length + if style.fixed16 { FIXED16_LEN as u64 } else { 0 };
     let head = style.fixed16.then_some(raw_header);
@@ -301,36 +297,60 @@ async fn write_half<C: AsyncWrite + Unpin>(
             Next::End(Err(error)) => return Written::Failed { error, sent },
         };
         let mut out = head.take().map(|h| bytes::Bytes::copy_from_slice(&h)).unwrap_or_default().chain(data);
-        while out.has_remaining() {
-            let wrote = tokio::select! {
-                r = tokio::time::timeout_at(deadline, client.write_buf(&mut out)) => r,
-                _ = sample_tick(watchdog.as_deref()) => {
-                    if let Some(w) = watchdog.as_deref_mut()
-                        && let Some(reaped) = w.check(Instant::now())
-                    {
-                        w.abort_on_close();
-                        spool.close();
-                        return Written::Reaped { sent, reaped };
-                    }
-                    continue;
-                }
-            };
-            match wrote {
-                Ok(Ok(n)) if n > 0 => sent += n as u64,
-                Ok(_) => {
-                    spool.close();
-                    return Written::ClientGone { sent };
-                }
-                Err(_) => {
-                    spool.close();
-                    return Written::Failed { error: site.timeout_error(), sent };
-                }
+        match send(client, &mut out, &mut sent, deadline, watchdog.as_deref_mut()).await {
+            Ok(()) if last => return Written::Complete,
+            Ok(()) => {}
+            Err(end) => {
+                spool.close();
+                return match end {
+                    SendEnd::Gone => Written::ClientGone { sent },
+                    SendEnd::Reaped(reaped) => Written::Reaped { sent, reaped },
+                    SendEnd::Deadline => Written::Failed { error: site.timeout_error(), sent },
+                };
             }
         }
-        if last {
-            return Written::Complete;
+    }
+}
+
+/// Why [`send`] stopped before everything was written.
+pub enum SendEnd {
+    /// The client closed the connection or it failed.
+    Gone,
+    /// The watchdog found the client dead (its socket now closes with a reset).
+    Reaped(Reaped),
+    /// The query's deadline passed.
+    Deadline,
+}
+
+/// Write all of `out` to the client, counting into `sent`, by `deadline`;
+/// with a watchdog, the connection is sampled while a write waits.
+pub async fn send<C: AsyncWrite + Unpin>(
+    client: &mut C,
+    out: &mut impl Buf,
+    sent: &mut u64,
+    deadline: Instant,
+    mut watchdog: Option<&mut Watchdog>,
+) -> Result<(), SendEnd> {
+    while out.has_remaining() {
+        let wrote = tokio::select! {
+            r = tokio::time::timeout_at(deadline, client.write_buf(out)) => r,
+            _ = sample_tick(watchdog.as_deref()) => {
+                if let Some(w) = watchdog.as_deref_mut()
+                    && let Some(reaped) = w.check(Instant::now())
+                {
+                    w.abort_on_close();
+                    return Err(SendEnd::Reaped(reaped));
+                }
+                continue;
+            }
+        };
+        match wrote {
+            Ok(Ok(n)) if n > 0 => *sent += n as u64,
+            Ok(_) => return Err(SendEnd::Gone),
+            Err(_) => return Err(SendEnd::Deadline),
         }
     }
+    Ok(())
 }
 
 /// Completes when the watchdog should sample the client (never without one).

@@ -171,3 +171,23 @@ async fn a_client_vanishing_while_waiting_leaves_nothing_behind() {
     .await;
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_empty_lines_is_not_buffered() {
+    let s = sim("s1").await;
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
+    let proxy = tokio::task::block_in_place(|| {
+        support::process::ProxyProcess::start(dir.path(), "", "", &[("s1", s.address())])
+    });
+    let mut c = tokio::net::UnixStream::connect(proxy.socket("s1")).await.unwrap();
+    // 256 MiB of empty lines (skipped, as between requests), then a request.
+    let chunk = vec![b'\n'; 1 << 20];
+    for _ in 0..256 {
+        c.write_all(&chunk).await.unwrap();
+    }
+    let (code, body) = ask(&mut c, "GET status\nColumns: num_hosts\nResponseHeader: fixed16\n\n").await;
+    assert_eq!((code, body.as_str()), (200, "100\n"));
+    let peak = proxy.peak_rss();
+    assert!(peak < 64 << 20, "peak RSS {} MiB: the empty lines were buffered", peak >> 20);
+    drop(proxy);
+}

@@ -192,6 +192,35 @@ fn a_slow_reader_at_80_kb_per_second_is_not_reaped() {
 }
 
 #[test]
+fn a_client_that_half_closes_after_its_request_is_not_reaped() {
+    in_netns("half-close", || async {
+        let s = sim("s1").await;
+        let size = 16 * MIB;
+        s.set_knobs(|k| k.bulk_bytes = size);
+        let (p, addr) = proxy_with_listener(&s, params(), no_spool()).await;
+        let mut c = client(addr, 64 * 1024).await;
+        // The request ends with EOF (as `nc -N` or a script does): the
+        // proxy's side of the connection is in CLOSE_WAIT while it answers.
+        c.write_all(b"GET bulk\nResponseHeader: fixed16\n\n").await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut raw = [0u8; 16];
+        tokio::time::timeout(PATIENCE, c.read_exact(&mut raw)).await.unwrap().unwrap();
+        assert_eq!(livemux_protocol::ResponseHeader::decode(&raw).unwrap().length, size);
+        // Pauses longer than the watchdog's sampling interval, every 2 MiB,
+        // while the proxy's writes wait for room.
+        let mut check = Checker::new();
+        while check.len() < size {
+            let upto = (check.len() + 2 * MIB).min(size);
+            read_paced(&mut c, upto, 64 * 1024, Duration::ZERO, &mut check).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(check.is_complete(size));
+        assert_eq!(reaped(&p).await, 0);
+        p.shutdown().await;
+    });
+}
+
+#[test]
 fn a_client_with_a_tiny_receive_window_is_not_reaped() {
     in_netns("tiny window", || async {
         let s = sim("s1").await;

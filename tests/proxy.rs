@@ -108,6 +108,61 @@ async fn commands_are_forwarded_one_by_one_and_not_answered() {
 }
 
 #[tokio::test]
+async fn a_core_answering_a_command_cannot_spoil_the_next_query() {
+    // Old mk-livestatus versions answer a rejected COMMAND with a bare error
+    // line. On the one channel, the next query must not read it as its answer.
+    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, ..fast_params() }).await;
+    s.set_knobs(|k| k.command_reply = Some("400: unknown command".into()));
+    let mut c = p.client("s1").await;
+    c.write_all(b"COMMAND [1] NO_SUCH_COMMAND;x\n\n").await.unwrap();
+    for _ in 0..3 {
+        let (code, body) =
+            ask(&mut c, "GET status\nColumns: num_hosts\nKeepAlive: on\nResponseHeader: fixed16\n\n").await;
+        assert_eq!((code, body.as_str()), (200, "100\n"));
+    }
+    assert_eq!(s.stats().commands, 1);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_query_in_flight_finish() {
+    let (p, s) = Proxy::with_sim("s1", fast_params()).await;
+    s.set_knobs(|k| {
+        k.delay = Duration::from_millis(500);
+        k.fault_table = Some("hosts".into());
+    });
+    let mut c = p.client("s1").await;
+    c.write_all(b"GET hosts\nColumns: name\nLimit: 2\nResponseHeader: fixed16\n\n").await.unwrap();
+    eventually("the query reached the site", || s.queries_on("hosts") == 1).await;
+    // Shutdown starts while the site is still working on the answer.
+    let stopping = tokio::spawn(p.shutdown());
+    let (code, body) = read_answer(&mut c).await;
+    assert_eq!((code, body.as_str()), (200, "host-0000\nhost-0001\n"));
+    tokio::time::timeout(PATIENCE, stopping).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_request_trickling_in_is_cut_at_client_request_timeout() {
+    let params = SiteParams { client_request_timeout: Duration::from_millis(400), ..fast_params() };
+    let (p, s) = Proxy::with_sim("s1", params).await;
+    // Within the limit, a request in pieces is fine.
+    let mut c = p.client("s1").await;
+    c.write_all(b"GET status\nColumns: num_hosts\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.write_all(b"ResponseHeader: fixed16\nKeepAlive: on\n\n").await.unwrap();
+    assert_eq!(read_answer(&mut c).await, (200, "100\n".to_owned()));
+    // A request that never ends is answered with 451 and the connection closed.
+    let started = tokio::time::Instant::now();
+    c.write_all(b"GET hosts\nResponseHeader: fixed16\nColumns: name\n").await.unwrap();
+    let raw = String::from_utf8(read_to_eof(&mut c).await).unwrap();
+    let msg = "incomplete request: it did not end with an empty line within 400 ms (client_request_timeout)\n";
+    assert_eq!(raw, format!("451 {:>11}\n{msg}", msg.len()));
+    assert!(started.elapsed() >= Duration::from_millis(400), "not before the limit");
+    assert_eq!(s.queries_on("hosts"), 0, "nothing reached the site");
+    p.shutdown().await;
+}
+
+#[tokio::test]
 async fn many_pipelining_clients_share_two_channels() {
     let (p, s) = Proxy::with_sim("s1", fast_params()).await;
     let mut tasks = Vec::new();

@@ -7,20 +7,21 @@
 //! a one-line reason; without it, the reason alone, and the connection closes.
 //!
 //! Timing: waiting for the next request is bounded by `client_idle_timeout`;
-//! answering one by `query_timeout` from the moment it was received. On
+//! receiving it, once its first byte is here, by `client_request_timeout`;
+//! answering it by `query_timeout` from the moment it was received. On
 //! shutdown an idle session ends at once; a session in the middle of a
 //! response finishes it first.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, Entry, Key, Leader, Lookup, Tag};
-use crate::client::watchdog::Watchdog;
+use crate::client::watchdog::{Reaped, Watchdog};
 use crate::error::QueryError;
 use crate::events;
-use crate::relay::{Capture, RelayContext, Relayed, relay};
+use crate::relay::{Capture, RelayContext, Relayed, SendEnd, relay, send};
 use crate::site::{SiteHandle, send_commands, send_query};
 use crate::spool::SpoolBudget;
 use livemux_protocol::{
@@ -34,6 +35,10 @@ const READ_RESERVE: usize = 1024;
 /// A read buffer that grew beyond this for a large request is given back
 /// once that request has been taken out, so idle clients stay small.
 const KEEP_CAPACITY: usize = 64 * 1024;
+
+/// How long the closing handshake with a client may take (a TLS
+/// close_notify to a client that reads nothing would otherwise wait forever).
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One client connection to a site's socket.
 pub struct Session<S> {
@@ -50,6 +55,10 @@ pub struct Session<S> {
     cache: std::sync::Arc<Cache>,
     wire: Vec<u8>,
     shutdown: CancellationToken,
+    /// When the first byte of the request being received arrived.
+    request_started: Option<Instant>,
+    /// The client was found dead (reaped): close without a goodbye.
+    dead: bool,
 }
 
 enum ReadError {
@@ -79,6 +88,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             watchdog,
             wire: Vec::new(),
             shutdown,
+            request_started: None,
+            dead: false,
         }
     }
 
@@ -122,7 +133,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 break;
             }
         }
-        let _ = self.stream.shutdown().await;
+        if !self.dead {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
+        }
     }
 
     /// The next request block, or `None` at end of input, idle timeout or
@@ -131,6 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let limits = self.site.params().limits;
         loop {
             if let Some(f) = self.framer.scan(&self.buf, &limits).map_err(ReadError::Limit)? {
+                self.request_started = None;
                 let block = self.buf.split_to(f.end).freeze();
                 if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
                     self.buf = BytesMut::new();
@@ -143,18 +157,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     block.slice(f.start..)
                 }));
             }
+            // Empty lines before a request are dropped, so that a client
+            // sending nothing else cannot grow the buffer.
+            let skipped = self.framer.take_skipped();
+            self.buf.advance(skipped);
             self.buf.reserve(READ_RESERVE.max(self.buf.len()));
-            let idle = self.site.params().client_idle_timeout;
-            // Between requests (nothing buffered) a shutdown ends the session;
-            // a request being received is finished first.
+            let params = self.site.params();
+            // Between requests (nothing buffered) a shutdown ends the session
+            // and the idle timeout applies; a request being received is
+            // finished first, within `client_request_timeout`.
             let waiting_for_new = self.buf.is_empty();
+            let until = if waiting_for_new {
+                self.request_started = None;
+                Instant::now() + params.client_idle_timeout
+            } else {
+                *self.request_started.get_or_insert_with(Instant::now) + params.client_request_timeout
+            };
             let n = tokio::select! {
-                r = tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf)) => match r {
+                r = tokio::time::timeout_at(until, self.stream.read_buf(&mut self.buf)) => match r {
                     Ok(r) => r.map_err(ReadError::Io)?,
-                    Err(_) => {
+                    Err(_) if waiting_for_new => {
                         tracing::debug!(site = self.site.name(), "closing client connection idle for {}",
-                            crate::error::fmt_duration(idle));
+                            crate::error::fmt_duration(params.client_idle_timeout));
                         return Ok(None);
+                    }
+                    Err(_) => {
+                        let waited_ms = params.client_request_timeout.as_millis() as u64;
+                        return Err(ReadError::Limit(RequestError::Incomplete { waited_ms }));
                     }
                 },
                 _ = self.shutdown.cancelled(), if waiting_for_new => return Ok(None),
@@ -185,10 +214,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // waiters on their own way; twice at most, then no more waiting.
         for _ in 0..2 {
             match self.cache.lookup(key.clone(), tag, params.cache_max_age, cacheable) {
-                Lookup::Hit(entry) => return self.serve_entry(&entry, q).await,
+                Lookup::Hit(entry) => return self.serve_entry(&entry, q, deadline).await,
                 Lookup::Lead(leader) => return self.fetch(q, deadline, Some((leader, tag))).await,
                 Lookup::Wait(waiting) => match tokio::time::timeout_at(deadline, waiting.answer()).await {
-                    Ok(Some(entry)) => return self.serve_entry(&entry, q).await,
+                    Ok(Some(entry)) => return self.serve_entry(&entry, q, deadline).await,
                     Ok(None) => continue,
                     Err(_) => return self.query_failed(&self.site.timeout_error(), q.style).await,
                 },
@@ -200,14 +229,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Write a complete answer held in memory. The body is written from the
     /// shared entry, not copied: a thousand slow clients of one cached
     /// answer cost one copy of it.
-    async fn serve_entry(&mut self, entry: &Entry, q: &Query) -> bool {
+    async fn serve_entry(&mut self, entry: &Entry, q: &Query, deadline: Instant) -> bool {
         let head: &[u8] = if q.style.fixed16 { &entry.raw_header } else { &[] };
-        let write = async {
-            self.stream.write_all(head).await?;
-            self.stream.write_all(&entry.body).await
-        };
-        let written = tokio::time::timeout(self.site.params().query_timeout, write).await;
-        matches!(written, Ok(Ok(()))) && q.style.keepalive && (q.style.fixed16 || entry.status == Status::Ok)
+        let total = (head.len() + entry.body.len()) as u64;
+        let mut out = Buf::chain(head, entry.body.clone());
+        let mut sent = 0;
+        if let Some(w) = self.watchdog.as_mut() {
+            w.start();
+        }
+        match send(&mut self.stream, &mut out, &mut sent, deadline, self.watchdog.as_mut()).await {
+            Ok(()) => q.style.keepalive && (q.style.fixed16 || entry.status == Status::Ok),
+            Err(end) => {
+                self.sending_failed(end, sent, total);
+                false
+            }
+        }
+    }
+
+    /// Log why an answer could not be sent completely.
+    fn sending_failed(&mut self, end: SendEnd, sent: u64, total: u64) {
+        match end {
+            SendEnd::Gone => events::ClientClosedMidResponse { site: self.site.name(), sent, total }.emit(),
+            SendEnd::Reaped(reaped) => self.reaped(&reaped, sent, total),
+            SendEnd::Deadline => {
+                let error = self.site.timeout_error();
+                events::ResponseCut { site: self.site.name(), sent, total, error: &error }.emit();
+            }
+        }
+    }
+
+    fn reaped(&mut self, reaped: &Reaped, sent: u64, total: u64) {
+        self.dead = true;
+        let peer = self.watchdog.as_ref().map_or("?", |w| w.peer.as_str());
+        let reason = format!("{} ({sent} of {total} bytes sent)", reaped.reason);
+        events::ClientReaped { site: &self.site, peer, reason: &reason, stuck: reaped.stuck }.emit();
     }
 
     /// Send a query to the site and relay its answer; a `leader` gets the
@@ -237,9 +292,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 false
             }
             Relayed::Reaped { sent, total, reaped } => {
-                let peer = self.watchdog.as_ref().map_or("?", |w| w.peer.as_str());
-                let reason = format!("{} ({sent} of {total} bytes sent)", reaped.reason);
-                events::ClientReaped { site: &self.site, peer, reason: &reason, stuck: reaped.stuck }.emit();
+                self.reaped(&reaped, sent, total);
                 false
             }
             Relayed::Cut { error, sent, total } => {

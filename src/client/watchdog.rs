@@ -21,7 +21,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-use livemux_sockinfo::{TCP_ESTABLISHED, send_queue, tcp_info};
+use livemux_sockinfo::{TCP_CLOSE_WAIT, TCP_ESTABLISHED, send_queue, tcp_info};
 use tokio::time::Instant;
 
 /// Why a client was reaped.
@@ -71,11 +71,11 @@ impl Watchdog {
             // No information (another OS, a closed socket): never guess.
             return None;
         };
-        if info.state != TCP_ESTABLISHED {
-            return Some(Reaped {
-                reason: format!("connection left ESTABLISHED (TCP state {})", info.state),
-                stuck: queued,
-            });
+        // A client that half-closed after its request (as `nc -N` or a
+        // script that ends its request with EOF does) is in CLOSE_WAIT and
+        // still reads its answer.
+        if info.state != TCP_ESTABLISHED && info.state != TCP_CLOSE_WAIT {
+            return Some(Reaped { reason: format!("connection closed (TCP state {})", info.state), stuck: queued });
         }
         let advanced = info.bytes_acked.is_some() && info.bytes_acked != self.last_acked;
         if queued == 0 || advanced || self.stall_since.is_none() {

@@ -196,17 +196,24 @@ fn tcp_listener_and_only_from() {
 #[test]
 fn keepalive_and_peer_timeouts() {
     let c = Config::from_toml(
-        "[defaults]\nkeepalive_idle = \"1s\"\nkeepalive_interval = \"500ms\"\nkeepalive_count = 2\n\
+        "[defaults]\nkeepalive_idle = \"1s\"\nkeepalive_interval = \"2s\"\nkeepalive_count = 2\n\
          send_stall_grace = \"2s\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\ntcp_user_timeout = \"3s\"\n",
     )
     .unwrap();
     let p = &c.sites[0].params;
-    assert_eq!(p.keepalive, Keepalive { idle: Duration::from_secs(1), interval: Duration::from_millis(500), count: 2 });
+    assert_eq!(p.keepalive, Keepalive { idle: Duration::from_secs(1), interval: Duration::from_secs(2), count: 2 });
     assert_eq!(p.send_stall_grace, Duration::from_secs(2));
     assert_eq!(p.tcp_user_timeout, Duration::from_secs(3));
     let d = SiteParams::default();
     assert_eq!(d.keepalive, Keepalive { idle: Duration::from_secs(10), interval: Duration::from_secs(5), count: 3 });
     assert_eq!(d.send_stall_grace, Duration::from_secs(30));
+    assert_eq!(d.client_request_timeout, Duration::from_secs(10));
+    // The kernel takes keepalive times in whole seconds up to 32767.
+    for bad in ["keepalive_idle = \"500ms\"", "keepalive_interval = \"12h\""] {
+        let e = error(&format!("[defaults]\n{bad}\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n"));
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("out of range 1s..=32767s"), "{e}");
+    }
 }
 
 #[test]

@@ -216,8 +216,34 @@ impl Actor {
                 _ = sleep_until(timer) => self.on_timer(),
             }
         }
+        self.drain().await;
+    }
+
+    /// Shutdown: refuse new queries, close idle channels, and let the
+    /// queries in flight finish (the daemon bounds this by `shutdown_grace`);
+    /// no more heartbeats or connects.
+    async fn drain(mut self) {
         for w in self.waiters.drain(..) {
             let _ = w.reply.send(Err(AcquireError::ShuttingDown));
+        }
+        self.idle.clear();
+        while self.busy.values().any(|(kind, _)| matches!(kind, Busy::Query)) {
+            tokio::select! {
+                Some(ev) = self.events.recv() => {
+                    if let Event::Returned { channel, .. } = ev {
+                        self.busy.remove(&channel.id);
+                    }
+                }
+                req = self.requests.recv() => match req {
+                    Some(Request::Acquire { reply, .. }) => {
+                        let _ = reply.send(Err(AcquireError::ShuttingDown));
+                    }
+                    Some(Request::Snapshot { reply }) => {
+                        let _ = reply.send(self.snapshot());
+                    }
+                    None => break,
+                },
+            }
         }
         self.down_token.cancel();
     }
@@ -339,15 +365,21 @@ impl Actor {
                     }
                     Err(e) => {
                         self.last_failed_connect = Some(SystemTime::now());
-                        self.go_down_with(e);
+                        if purpose == Purpose::Pool {
+                            // Other channels may be working: then the site
+                            // only takes no more connections.
+                            self.not_admitted(e);
+                        } else {
+                            self.go_down_with(e);
+                        }
                     }
                 }
             }
             Event::Heartbeat { generation, purpose, channel, result } => {
-                self.heartbeat_in_flight = false;
                 if generation != self.generation {
                     return;
                 }
+                self.heartbeat_in_flight = false;
                 match (result, channel) {
                     (Ok(program_start), Some(mut ch)) => {
                         self.busy.remove(&ch.id);
@@ -392,12 +424,20 @@ impl Actor {
         }
     }
 
-    /// A new channel did not answer its admission heartbeat. With other
-    /// channels working, the site serves no more connections than those: the
-    /// pool shrinks to them. With none, the site is down.
+    /// A new pool channel could not be connected, or did not answer its
+    /// admission heartbeat. With other channels working, the site serves no
+    /// more connections than those: the pool shrinks to them (whether the
+    /// site is alive is the heartbeat's business). With none, the site is down.
     fn not_admitted(&mut self, e: SiteError) {
-        let serving = self.open_channels();
-        let limited = matches!(e, SiteError::HeartbeatTimeout(_) | SiteError::ClosedWithoutAnswer | SiteError::Io(_));
+        let serving = self.serving_channels();
+        let limited = matches!(
+            e,
+            SiteError::HeartbeatTimeout(_)
+                | SiteError::ClosedWithoutAnswer
+                | SiteError::Io(_)
+                | SiteError::Connect { .. }
+                | SiteError::ConnectTimeout { .. }
+        );
         if serving == 0 || !limited {
             let e = self.refine(e, Purpose::Pool);
             self.go_down_with(e);
@@ -497,6 +537,11 @@ impl Actor {
     }
 
     // === connections and heartbeats ===
+
+    /// Channels that answered the site's heartbeat (idle or in use).
+    fn serving_channels(&self) -> usize {
+        self.idle.len() + self.busy.len()
+    }
 
     fn open_channels(&self) -> usize {
         self.idle.len() + self.busy.len() + self.connecting + self.admitting

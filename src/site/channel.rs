@@ -67,6 +67,8 @@ pub struct Channel {
 pub struct Lease {
     channel: Option<Channel>,
     reused: bool,
+    /// A byte was written or read: the channel's state is the query's now.
+    touched: bool,
     returns: mpsc::UnboundedSender<Event>,
     activity: Arc<Activity>,
     down: CancellationToken,
@@ -82,7 +84,7 @@ impl Lease {
         let reused = channel.uses > 0;
         channel.uses += 1;
         channel.since = SystemTime::now();
-        Lease { channel: Some(channel), reused, returns, activity, down }
+        Lease { channel: Some(channel), reused, touched: false, returns, activity, down }
     }
 
     /// True if the channel carried a query before: a failure before any answer
@@ -137,13 +139,21 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.give_back(false, Some("query abandoned mid-answer".into()));
+        if self.touched {
+            self.give_back(false, Some("query abandoned mid-answer".into()));
+        } else if let Some(mut channel) = self.channel.take() {
+            // Never used (the query gave up waiting just as it arrived): the
+            // channel is as good as before.
+            channel.uses -= 1;
+            let _ = self.returns.send(Event::Returned { channel, reusable: true, reason: None });
+        }
     }
 }
 
 impl AsyncRead for Lease {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.touched = true;
         let before = buf.filled().len();
         let res = Pin::new(this.stream()?).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -155,7 +165,9 @@ impl AsyncRead for Lease {
 
 impl AsyncWrite for Lease {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().stream()?).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.touched = true;
+        Pin::new(this.stream()?).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

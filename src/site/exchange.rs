@@ -125,8 +125,16 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
     }
 }
 
-/// Forward `COMMAND`s (already encoded, each with its empty line). There is
-/// no answer to wait for; the channel is free again as soon as they are written.
+/// Forward `COMMAND`s (already encoded, each with its empty line). The
+/// site sends no answer to them.
+///
+/// After the commands a heartbeat goes out on the same channel, and the call
+/// returns when it is answered (at most `heartbeat_timeout`): the site
+/// executes a channel's requests in order, so a query the client sends next,
+/// on whatever channel, sees the commands' effect. And a core that answers a
+/// rejected command with an error line, or dies of it, cannot leave bytes
+/// on the channel for the next query to read as its answer: the channel is
+/// closed instead of reused.
 pub async fn send_commands(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Result<(), QueryError> {
     let mut lease = site.acquire(false, deadline).await?;
     let write = tokio::time::timeout_at(deadline, async {
@@ -135,7 +143,16 @@ pub async fn send_commands(site: &SiteHandle, wire: &[u8], deadline: Instant) ->
     });
     match write.await {
         Ok(Ok(())) => {
-            lease.release();
+            let until = deadline.min(Instant::now() + site.params().heartbeat_timeout);
+            match tokio::time::timeout_at(until, super::heartbeat::exchange(&mut lease)).await {
+                Ok(Ok(_)) => lease.release(),
+                Ok(Err(e)) => {
+                    tracing::info!(site = %site.name(), error = %e,
+                        "channel closed: the site's answer after a COMMAND was not clean");
+                    lease.discard(format!("after a COMMAND: {e}"));
+                }
+                Err(_) => lease.discard("no answer to the heartbeat after a COMMAND"),
+            }
             Ok(())
         }
         Ok(Err(e)) => {

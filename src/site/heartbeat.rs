@@ -4,9 +4,8 @@
 //! returns the core's start time, which changes when the core restarts or
 //! reloads its configuration (what invalidates cached answers).
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::connector::SiteStream;
 use super::exchange::read_response_start;
 use crate::error::SiteError;
 use livemux_protocol::Status;
@@ -18,7 +17,7 @@ pub(crate) const QUERY: &[u8] = b"GET status\nResponseHeader: fixed16\nKeepAlive
 const MAX_BODY: u64 = 4096;
 
 /// Send a heartbeat on `stream` and return the site's `program_start`.
-pub(crate) async fn exchange(stream: &mut SiteStream) -> Result<i64, SiteError> {
+pub(crate) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<i64, SiteError> {
     stream.write_all(QUERY).await?;
     stream.flush().await?;
     let (_, header, prefix) = read_response_start(stream, MAX_BODY as usize).await.map_err(|f| f.error)?;

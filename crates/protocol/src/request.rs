@@ -113,6 +113,13 @@ pub enum RequestError {
         /// What would have been accepted.
         expected: &'static str,
     },
+    /// The request began but did not end (no empty line) within the time
+    /// the proxy allows for receiving one (451).
+    #[error("incomplete request: it did not end with an empty line within {waited_ms} ms (client_request_timeout)")]
+    Incomplete {
+        /// How long the proxy waited for the rest, in milliseconds.
+        waited_ms: u64,
+    },
 }
 
 impl RequestError {
@@ -122,6 +129,7 @@ impl RequestError {
         match self {
             RequestError::TooLarge { .. } => Status::PayloadTooLarge,
             RequestError::BadHeader { .. } => Status::BadRequest,
+            RequestError::Incomplete { .. } => Status::Incomplete,
             RequestError::InvalidMethod(_) | RequestError::MissingTable | RequestError::NotUtf8(_) => {
                 Status::InvalidRequest
             }
@@ -233,6 +241,17 @@ impl Framer {
         }
         self.check_size(buf.len(), limits)?;
         Ok(None)
+    }
+
+    /// Bytes at the front of the buffer that belong to no request (empty
+    /// lines skipped before it): the caller removes them with
+    /// `buf.advance(n)` so that a stream of empty lines cannot grow the
+    /// buffer. The framer's positions move with them.
+    pub fn take_skipped(&mut self) -> usize {
+        let n = self.start;
+        self.start = 0;
+        self.line_start -= n;
+        n
     }
 
     /// At end of input: the unterminated request in `buf`, if any.

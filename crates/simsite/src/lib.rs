@@ -111,6 +111,9 @@ pub struct Knobs {
     /// one closes, as Icinga 2's Livestatus does (a pool thread per
     /// connection for its whole life).
     pub max_connections: usize,
+    /// Answer every `COMMAND` with this line, without a response header (as
+    /// old mk-livestatus versions answer a command they reject).
+    pub command_reply: Option<String>,
 }
 
 impl Knobs {
@@ -118,7 +121,8 @@ impl Knobs {
     ///
     /// Keys: `delay_ms`, `hang` (0/1), `close_without_answer`,
     /// `close_after_bytes` (or `none`), `write_chunk`, `write_pause_ms`,
-    /// `fault_table` (or `none`), `bulk_bytes`, `rtt_ms`, `max_connections`.
+    /// `fault_table` (or `none`), `bulk_bytes`, `rtt_ms`, `max_connections`,
+    /// `command_reply` (or `none`).
     pub fn apply(&mut self, key: &str, value: &str) -> Result<(), String> {
         let num = |v: &str| v.parse::<u64>().map_err(|_| format!("{key}: '{v}' is not a number"));
         match key {
@@ -134,6 +138,8 @@ impl Knobs {
             "bulk_bytes" => self.bulk_bytes = num(value)?,
             "rtt_ms" => self.rtt = Duration::from_millis(num(value)?),
             "max_connections" => self.max_connections = num(value)? as usize,
+            "command_reply" if value == "none" => self.command_reply = None,
+            "command_reply" => self.command_reply = Some(value.to_owned()),
             _ => return Err(format!("unknown knob '{key}'")),
         }
         Ok(())
@@ -453,7 +459,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
                 for line in &c.commands {
                     command(shared, &String::from_utf8_lossy(line));
                 }
-                if c.style.fixed16 {
+                let reply = lock(&shared.knobs).command_reply.clone();
+                if let Some(line) = reply {
+                    s.write_all(format!("{line}\n").as_bytes()).await?;
+                } else if c.style.fixed16 {
                     s.write_all(&ResponseHeader::new(Status::Ok, 0).encode()).await?;
                 }
                 Next::Continue

@@ -40,6 +40,9 @@ pub struct TcpInfo {
 
 /// `TCP_ESTABLISHED` in `tcp_info.tcpi_state`.
 pub const TCP_ESTABLISHED: u8 = 1;
+/// `TCP_CLOSE_WAIT` in `tcp_info.tcpi_state`: the peer sent its FIN (it
+/// half-closed after its request) and may still read.
+pub const TCP_CLOSE_WAIT: u8 = 8;
 
 /// Size of the buffer handed to the kernel; larger than any `tcp_info` yet.
 const TCP_INFO_BUF: usize = 512;

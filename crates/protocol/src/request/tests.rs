@@ -29,6 +29,29 @@ fn frames_pipelined_requests_and_skips_stray_blank_lines() {
 }
 
 #[test]
+fn skipped_empty_lines_can_be_dropped_while_a_request_is_incomplete() {
+    let limits = Limits::default();
+    let mut f = Framer::new();
+    let mut buf = b"\n\r\n\n".to_vec();
+    assert_eq!(f.scan(&buf, &limits).unwrap(), None);
+    let n = f.take_skipped();
+    assert_eq!(n, 4);
+    buf.drain(..n);
+    // The rest of the stream frames as if the empty lines never were there.
+    buf.extend_from_slice(b"\nGET hosts\nColu");
+    assert_eq!(f.scan(&buf, &limits).unwrap(), None);
+    let n = f.take_skipped();
+    assert_eq!(n, 1);
+    buf.drain(..n);
+    buf.extend_from_slice(b"mns: name\n\n");
+    assert_eq!(f.scan(&buf, &limits).unwrap(), Some(FrameEnd { start: 0, end: buf.len() }));
+    // Nothing to drop in the middle of a request.
+    let mut f = Framer::new();
+    assert_eq!(f.scan(b"GET hosts\n", &limits).unwrap(), None);
+    assert_eq!(f.take_skipped(), 0);
+}
+
+#[test]
 fn unterminated_request_is_complete_at_eof() {
     let mut f = Framer::new();
     let buf = b"GET hosts\nColumns: name\n";
