@@ -124,3 +124,74 @@ async fn a_site_refusing_a_new_channel_keeps_serving_on_the_ones_it_has() {
     assert_eq!((st.state, st.generation), (SiteState::Ready, 0), "never declared down");
     p.shutdown().await;
 }
+
+#[tokio::test]
+async fn slow_queries_on_every_channel_a_limited_site_serves_do_not_make_it_down() {
+    // The site serves 2 connections; both channels are busy with queries that
+    // send nothing for longer than a heartbeat period. The heartbeat on an
+    // extra connection cannot be served, which must not count as a failure.
+    let s = sim("s1").await;
+    s.set_knobs(|k| k.max_connections = 2);
+    let params = SiteParams { channels: 3, channel_retry: Duration::from_secs(3600), ..fast_params() };
+    let p = Proxy::start(vec![("s1", s.address(), params)]).await;
+    eventually_snapshot(&p, "s1", "a pool of 2", |snap| {
+        snap.channels_served == Some(2) && snap.channels.len() == 2 && snap.channels_connecting == 0
+    })
+    .await;
+    s.set_knobs(|k| {
+        k.delay = Duration::from_millis(1500);
+        k.fault_table = Some("hosts".into());
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for h in 0..2 {
+        let path = p.socket("s1");
+        tasks.spawn(async move {
+            let mut c = tokio::net::UnixStream::connect(path).await.unwrap();
+            let q = format!("GET hosts\nColumns: name\nFilter: name = host-{h:04}\nResponseHeader: fixed16\n\n");
+            c.write_all(q.as_bytes()).await.unwrap();
+            assert_eq!(read_answer(&mut c).await, (200, format!("host-{h:04}\n")));
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let st = p.site("s1").status();
+    assert_eq!((st.state, st.generation), (SiteState::Ready, 0), "never declared down");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hung_core_on_every_channel_a_limited_site_serves_is_down_after_response_idle_timeout() {
+    let s = sim("s1").await;
+    s.set_knobs(|k| k.max_connections = 2);
+    let params = SiteParams {
+        channels: 3,
+        channel_retry: Duration::from_secs(3600),
+        response_idle_timeout: Duration::from_secs(1),
+        ..fast_params()
+    };
+    let p = Proxy::start(vec![("s1", s.address(), params)]).await;
+    eventually_snapshot(&p, "s1", "a pool of 2", |snap| {
+        snap.channels_served == Some(2) && snap.channels.len() == 2 && snap.channels_connecting == 0
+    })
+    .await;
+    s.set_knobs(|k| k.hang = true);
+    let mut clients = Vec::new();
+    for h in 0..2 {
+        let mut c = p.client("s1").await;
+        let q = format!("GET hosts\nColumns: name\nFilter: name = host-{h:04}\nResponseHeader: fixed16\n\n");
+        c.write_all(q.as_bytes()).await.unwrap();
+        clients.push(c);
+    }
+    let started = tokio::time::Instant::now();
+    p.wait_state("s1", SiteState::Down).await;
+    // Silence counts from the site's last byte: the last heartbeat answer,
+    // at most one heartbeat interval (300 ms) before the queries were sent.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(700), "not before the site was silent for response_idle_timeout: {took:?}");
+    for mut c in clients {
+        let (code, body) = read_answer(&mut c).await;
+        assert_eq!((code, body.as_str()), (502, "site 's1' is down: the site went down while the query was running\n"));
+    }
+    p.shutdown().await;
+}

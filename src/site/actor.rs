@@ -397,6 +397,14 @@ impl Actor {
                         }
                         self.dispatch();
                     }
+                    (Err(e), _) if purpose == Purpose::Extra && self.at_known_capacity() && !self.silent_too_long() => {
+                        // The site has shown it serves no more connections
+                        // than the busy pool: an extra one going unserved
+                        // says nothing about its health, until the site has
+                        // been silent for `response_idle_timeout`.
+                        tracing::debug!(site = %self.cfg.name, error = %e,
+                            "extra-connection heartbeat unanswered while the site serves only the busy pool; not a failure");
+                    }
                     (Err(e), _) => {
                         let e = self.refine(e, purpose);
                         self.go_down_with(e);
@@ -480,6 +488,17 @@ impl Actor {
             self.capacity = Some(c + 1);
             self.ensure_channels();
         }
+    }
+
+    /// No byte from the site for `response_idle_timeout`.
+    fn silent_too_long(&self) -> bool {
+        self.activity.last_rx().elapsed() >= self.cfg.params.response_idle_timeout
+    }
+
+    /// The site serves fewer connections than `channels`, and the pool
+    /// holds all it serves.
+    fn at_known_capacity(&self) -> bool {
+        self.capacity.is_some_and(|c| self.serving_channels() >= c)
     }
 
     /// The pool's size: `channels`, or fewer if the site serves fewer.
