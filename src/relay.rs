@@ -294,7 +294,12 @@ async fn write_half<C: AsyncWrite + Unpin>(
                 Some(h) => (bytes::Bytes::copy_from_slice(&h), true),
                 None => return Written::Complete,
             },
-            Next::End(Err(error)) => return Written::Failed { error, sent },
+            Next::End(Err(error)) => {
+                // Also when the error is the writer's own (a spool file read
+                // failed): the reader must stop too.
+                spool.close();
+                return Written::Failed { error, sent };
+            }
         };
         let mut out = head.take().map(|h| bytes::Bytes::copy_from_slice(&h)).unwrap_or_default().chain(data);
         match send(client, &mut out, &mut sent, deadline, watchdog.as_deref_mut()).await {
@@ -322,8 +327,10 @@ pub enum SendEnd {
     Deadline,
 }
 
-/// Write all of `out` to the client, counting into `sent`, by `deadline`;
-/// with a watchdog, the connection is sampled while a write waits.
+/// Write all of `out` to the client and flush it, counting into `sent`, by
+/// `deadline`; with a watchdog, the connection is sampled while a write
+/// waits. The flush matters for TLS: a write may leave the last bytes in
+/// the TLS layer's buffer, and a keep-alive client would wait for them.
 pub async fn send<C: AsyncWrite + Unpin>(
     client: &mut C,
     out: &mut impl Buf,
@@ -331,9 +338,16 @@ pub async fn send<C: AsyncWrite + Unpin>(
     deadline: Instant,
     mut watchdog: Option<&mut Watchdog>,
 ) -> Result<(), SendEnd> {
-    while out.has_remaining() {
+    loop {
+        let step = async {
+            if out.has_remaining() {
+                client.write_buf(out).await.map(Some)
+            } else {
+                client.flush().await.map(|()| None)
+            }
+        };
         let wrote = tokio::select! {
-            r = tokio::time::timeout_at(deadline, client.write_buf(out)) => r,
+            r = tokio::time::timeout_at(deadline, step) => r,
             _ = sample_tick(watchdog.as_deref()) => {
                 if let Some(w) = watchdog.as_deref_mut()
                     && let Some(reaped) = w.check(Instant::now())
@@ -345,12 +359,12 @@ pub async fn send<C: AsyncWrite + Unpin>(
             }
         };
         match wrote {
-            Ok(Ok(n)) if n > 0 => *sent += n as u64,
+            Ok(Ok(Some(n))) if n > 0 => *sent += n as u64,
+            Ok(Ok(None)) => return Ok(()),
             Ok(_) => return Err(SendEnd::Gone),
             Err(_) => return Err(SendEnd::Deadline),
         }
     }
-    Ok(())
 }
 
 /// Completes when the watchdog should sample the client (never without one).
@@ -380,4 +394,52 @@ async fn drain(mut lease: Lease, mut left: u64, deadline: Instant) {
         }
     }
     lease.release();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A writer like a TLS stream: a write is taken into a buffer and
+    /// reaches the wire only with the next write or a flush.
+    #[derive(Default)]
+    struct Buffering {
+        wire: Vec<u8>,
+        pending: Vec<u8>,
+    }
+
+    impl AsyncWrite for Buffering {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            this.wire.append(&mut this.pending);
+            let n = buf.len().min(1000);
+            this.pending.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            this.wire.append(&mut this.pending);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn send_leaves_nothing_in_the_writers_buffer() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let mut w = Buffering::default();
+        let mut sent = 0;
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let result = send(&mut w, &mut Bytes::from(data.clone()), &mut sent, deadline, None).await;
+        assert!(result.is_ok());
+        assert_eq!(sent, data.len() as u64);
+        assert_eq!(w.wire, data, "every byte reached the wire, none is left in a buffer");
+    }
 }

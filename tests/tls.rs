@@ -201,10 +201,8 @@ async fn reconnects_resume_the_tls_session() {
     p.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_tls_listener_serves_tls_clients_only() {
-    let pki = Pki::new();
-    let s = sim("s1").await;
+/// A proxy for a simulated site, with a TLS listener on a free port.
+async fn tls_listener(pki: &Pki, s: &livemux_simsite::SimSite) -> (Proxy, std::net::SocketAddr) {
     let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
     let mut config = test_config(dir.path(), vec![("s1", s.address(), fast_params())]);
     config.sites[0].listen = Some(TcpListen {
@@ -218,6 +216,40 @@ async fn the_tls_listener_serves_tls_clients_only() {
     let p = Proxy::start_config(dir, config).await;
     p.wait_state("s1", SiteState::Ready).await;
     let addr = p.site("s1").listen_addr().unwrap();
+    (p, addr)
+}
+
+/// A Rust TLS client that trusts the test CA.
+async fn tls_client(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    rcvbuf: Option<u32>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(n) = rcvbuf {
+        socket.set_recv_buffer_size(n).unwrap();
+    }
+    let tcp = socket.connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_listener_serves_tls_clients_only() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let (p, addr) = tls_listener(&pki, &s).await;
 
     // A real client: openssl s_client.
     let ca = pki.ca.clone();
@@ -240,20 +272,7 @@ async fn the_tls_listener_serves_tls_clients_only() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "100;1000\n");
 
     // A Rust client with keep-alive.
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&pki.ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut c = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    let mut c = tls_client(&pki, addr, None).await;
     for _ in 0..3 {
         c.write_all(b"GET hosts\nColumns: name\nLimit: 1\nKeepAlive: on\nResponseHeader: fixed16\n\n").await.unwrap();
         assert_eq!(read_answer(&mut c).await, (200, "host-0000\n".to_owned()));
@@ -265,5 +284,38 @@ async fn the_tls_listener_serves_tls_clients_only() {
     let mut got = Vec::new();
     let _ = tokio::time::timeout(PATIENCE, plain.read_to_end(&mut got)).await.expect("closed in time");
     assert!(!got.starts_with(b"200"), "no answer in plaintext");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keepalive_tls_client_reading_slowly_gets_every_byte() {
+    // The end of an answer must not stay in the TLS layer's buffer (written
+    // while the socket was full) while the session waits for the client's
+    // next request.
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let size: u64 = 8 << 20;
+    s.set_knobs(|k| k.bulk_bytes = size);
+    let (p, addr) = tls_listener(&pki, &s).await;
+    let mut c = tls_client(&pki, addr, Some(32 * 1024)).await;
+    for round in 0..10 {
+        c.write_all(b"GET bulk\nKeepAlive: on\nResponseHeader: fixed16\n\n").await.unwrap();
+        let mut raw = [0u8; 16];
+        tokio::time::timeout(PATIENCE, c.read_exact(&mut raw)).await.unwrap().unwrap();
+        assert_eq!(livemux_protocol::ResponseHeader::decode(&raw).unwrap().length, size);
+        let mut check = livemux_simsite::bulk::Checker::new();
+        let mut buf = vec![0u8; 32 * 1024];
+        while check.len() < size {
+            let want = ((size - check.len()) as usize).min(buf.len());
+            let n = tokio::time::timeout(PATIENCE, c.read(&mut buf[..want]))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: stuck at {} of {size} bytes", check.len()))
+                .unwrap();
+            assert!(n > 0, "round {round}: closed at {}", check.len());
+            check.update(&buf[..n]);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(check.is_complete(size), "round {round}: complete and exact");
+    }
     p.shutdown().await;
 }

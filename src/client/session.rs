@@ -334,6 +334,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn write_within_query_timeout(&mut self, data: &[u8]) -> bool {
         let limit = self.site.params().query_timeout;
-        matches!(tokio::time::timeout(limit, self.stream.write_all(data)).await, Ok(Ok(())))
+        let write = async {
+            self.stream.write_all(data).await?;
+            self.stream.flush().await
+        };
+        matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
     }
 }
