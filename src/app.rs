@@ -93,6 +93,12 @@ pub struct App {
     cache: Arc<crate::cache::Cache>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// The site actors stop only after the sessions (and the final state
+    /// file, which needs their snapshots).
+    sites_stop: CancellationToken,
+    sites_tracker: TaskTracker,
+    /// The socket files this daemon bound (removed at exit if still its own).
+    sockets: Vec<listener::SocketFile>,
 }
 
 impl App {
@@ -109,18 +115,18 @@ impl App {
         let mut bound = Vec::with_capacity(config.sites.len());
         for site in &config.sites {
             let path = config.socket_path(&site.name);
-            let result = listener::bind(&path).and_then(|unix| {
+            let result = listener::bind(&path).and_then(|(unix, file)| {
                 let tcp = site.listen.as_ref().map(listener::bind_tcp).transpose();
                 if tcp.is_err() {
-                    let _ = std::fs::remove_file(&path);
+                    file.remove();
                 }
-                Ok((unix, tcp?))
+                Ok((unix, file, tcp?))
             });
             match result {
-                Ok((unix, tcp)) => bound.push((unix, path, tcp)),
+                Ok(b) => bound.push(b),
                 Err(e) => {
-                    for (_, p, _) in &bound {
-                        let _ = std::fs::remove_file(p);
+                    for (_, file, _) in &bound {
+                        file.remove();
                     }
                     return Err(e.into());
                 }
@@ -128,11 +134,13 @@ impl App {
         }
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let (sites_stop, sites_tracker) = (CancellationToken::new(), TaskTracker::new());
+        let sockets: Vec<listener::SocketFile> = bound.iter().map(|(_, file, _)| file.clone()).collect();
         let budget = crate::spool::SpoolBudget::new(config.spool.clone());
         let cache = crate::cache::Cache::new(config.cache_budget, config.cache_max_entry);
         let mut sites = Vec::with_capacity(config.sites.len());
-        for ((site, (l, path, tcp)), tls) in config.sites.iter().zip(bound).zip(tls) {
-            let handle = SiteHandle::spawn(site.clone(), tls.client, shutdown.child_token(), &tracker);
+        for ((site, (l, file, tcp)), tls) in config.sites.iter().zip(bound).zip(tls) {
+            let handle = SiteHandle::spawn(site.clone(), tls.client, sites_stop.clone(), &sites_tracker);
             let ctx = listener::Accepting {
                 site: handle.clone(),
                 shutdown: shutdown.clone(),
@@ -148,7 +156,7 @@ impl App {
                 }
                 tracker.spawn(listener::serve_tcp(t, listen, tls.server, ctx.clone()));
             }
-            tracker.spawn(listener::serve_unix(l, path, ctx));
+            tracker.spawn(listener::serve_unix(l, file, ctx));
             sites.push(handle);
         }
         tracker.spawn(crate::state::run(
@@ -160,7 +168,7 @@ impl App {
             shutdown.clone(),
         ));
         tracing::info!(sites = sites.len(), socket_dir = %config.socket_dir.display(), "livemux started");
-        Ok(App { config, sites, budget, cache, shutdown, tracker })
+        Ok(App { config, sites, budget, cache, shutdown, tracker, sites_stop, sites_tracker, sockets })
     }
 
     /// The configuration in use.
@@ -189,7 +197,8 @@ impl App {
     }
 
     /// Stop: refuse new clients, let responses in progress finish within
-    /// `shutdown_grace`, write the state file, remove the sockets.
+    /// `shutdown_grace`, write the state file (while the site actors can
+    /// still describe themselves), stop the sites, remove the sockets.
     pub async fn shutdown(self) {
         tracing::info!("livemux shutting down");
         self.shutdown.cancel();
@@ -201,11 +210,20 @@ impl App {
                 fmt_duration(grace)
             );
         }
-        for site in &self.config.sites {
-            let _ = std::fs::remove_file(self.config.socket_path(&site.name));
+        crate::state::write_final(&self.config.state_file, &self.sites, &self.budget, &self.cache).await;
+        self.sites_stop.cancel();
+        self.sites_tracker.close();
+        if tokio::time::timeout(SITES_STOP_TIMEOUT, self.sites_tracker.wait()).await.is_err() {
+            tracing::debug!("site actors still finishing; stopping anyway");
+        }
+        for file in &self.sockets {
+            file.remove();
         }
     }
 }
+
+/// How long shutdown waits for the site actors once the sessions are done.
+const SITES_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Create the spool directory (0700) and prove a spool file can be made in it.
 fn prepare_spool_dir(dir: &std::path::Path) -> Result<(), StartError> {

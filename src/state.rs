@@ -129,7 +129,8 @@ impl CacheLog {
     }
 }
 
-/// Rewrite the state file every `interval` until `shutdown`, then once more.
+/// Rewrite the state file every `interval` until `shutdown`; the daemon
+/// writes the last one itself with [`write_final`], once the sessions are done.
 pub async fn run(
     path: PathBuf,
     interval: Duration,
@@ -143,29 +144,54 @@ pub async fn run(
     let mut failing = false;
     let mut cache_log = CacheLog::default();
     loop {
-        let last = tokio::select! {
-            _ = tick.tick() => false,
-            _ = shutdown.cancelled() => true,
-        };
-        cache_log.maybe_log(&sites, &cache, last);
-        let state = collect(&sites, &budget, &cache).await;
-        let p = path.clone();
-        let result = tokio::task::spawn_blocking(move || write_atomically(&p, &state)).await;
-        match result {
-            Ok(Ok(())) if failing => {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => {
+                cache_log.maybe_log(&sites, &cache, true);
+                return;
+            }
+        }
+        cache_log.maybe_log(&sites, &cache, false);
+        let ok = write(&path, &sites, &budget, &cache).await;
+        match (ok, failing) {
+            (true, true) => {
                 tracing::info!(path = %path.display(), "state file written again");
                 failing = false;
             }
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if !failing => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot write state file");
-                failing = true;
-            }
-            Ok(Err(_)) => {}
-            Err(e) => tracing::warn!(error = %e, "state file writer failed"),
+            (false, false) => failing = true,
+            _ => {}
         }
-        if last {
-            break;
+    }
+}
+
+/// The last state file, at shutdown.
+pub async fn write_final(
+    path: &Path,
+    sites: &[SiteHandle],
+    budget: &crate::spool::SpoolBudget,
+    cache: &crate::cache::Cache,
+) {
+    write(path, sites, budget, cache).await;
+}
+
+/// Collect and write the state file; false (after a log line) if it failed.
+async fn write(
+    path: &Path,
+    sites: &[SiteHandle],
+    budget: &crate::spool::SpoolBudget,
+    cache: &crate::cache::Cache,
+) -> bool {
+    let state = collect(sites, budget, cache).await;
+    let p = path.to_owned();
+    match tokio::task::spawn_blocking(move || write_atomically(&p, &state)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write state file");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "state file writer failed");
+            false
         }
     }
 }

@@ -112,6 +112,9 @@ async fn run_logs_one_line_per_state_change_and_none_per_query_and_stops_cleanly
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("state.json")).unwrap()).unwrap();
     assert_eq!(state["sites"][0]["name"], "s1");
+    // The last state file is written while the site can still describe itself.
+    assert_eq!(state["sites"][0]["state"], "ready", "{state}");
+    assert!(state["sites"][0]["heartbeats_received"].as_u64().unwrap() >= 1, "{state}");
 }
 
 #[test]

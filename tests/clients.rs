@@ -191,3 +191,27 @@ async fn a_flood_of_empty_lines_is_not_buffered() {
     assert!(peak < 64 << 20, "peak RSS {} MiB: the empty lines were buffered", peak >> 20);
     drop(proxy);
 }
+
+#[tokio::test]
+async fn a_stopping_daemon_leaves_a_successors_socket_alone() {
+    let (mut p, _s) = Proxy::with_sim("s1", fast_params()).await;
+    let path = p.socket("s1");
+    // The file system may hand the successor's socket the same inode number;
+    // its change time differs once the clock has moved on (coarse, per tick).
+    let ours = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let probe = path.with_file_name("clock");
+    eventually("the file system clock moved on", || {
+        std::fs::write(&probe, b"").unwrap();
+        std::fs::metadata(&probe).unwrap().modified().unwrap() > ours
+    })
+    .await;
+    // A successor took the path over while this daemon was finishing.
+    std::fs::remove_file(&path).unwrap();
+    let successor = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // Stop the daemon, keeping the directory (the test harness owns it).
+    p.app.take().unwrap().shutdown().await;
+    assert!(path.exists(), "the successor's socket is still there");
+    std::os::unix::net::UnixStream::connect(&path).expect("and still reaches the successor");
+    drop(successor);
+    drop(p);
+}

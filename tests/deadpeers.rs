@@ -397,3 +397,43 @@ fn only_from_admits_listed_sources_and_refuses_others_ipv4_and_ipv6() {
         tokio::task::block_in_place(|| proxy.stop());
     });
 }
+
+#[test]
+fn a_new_channel_timing_out_while_others_work_shrinks_the_pool_and_the_site_stays_up() {
+    in_netns("new connections dropped", || async {
+        let s = sim("s1").await;
+        let params = SiteParams { channels: 2, channel_retry: Duration::from_secs(3600), ..params() };
+        let (p, _addr) = proxy_with_listener(&s, params, SpoolConfig::default()).await;
+        eventually_snapshot(&p, "s1", "both channels open", |snap| {
+            snap.channels.len() == 2 && snap.channels_connecting == 0
+        })
+        .await;
+        // New connections to the site vanish (their SYN is dropped, as by a
+        // firewall limiting new connections); established channels work on.
+        let port = s.tcp_addr().unwrap().port();
+        nft(&format!(
+            "table inet newconn {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
+             tcp dport {port} tcp flags & (syn | ack) == syn drop\n  }}\n}}\n"
+        ));
+        // The site cuts one answer: that channel is closed, its replacement
+        // cannot connect within connect_timeout.
+        s.set_knobs(|k| {
+            k.close_after_bytes = Some(100);
+            k.fault_table = Some("hosts".into());
+        });
+        let mut c = p.client("s1").await;
+        c.write_all(b"GET hosts\nColumns: name\nResponseHeader: fixed16\n\n").await.unwrap();
+        let cut = read_to_eof(&mut c).await;
+        assert!(cut.len() < 16 + 1000, "the answer was cut: {} bytes", cut.len());
+        s.set_knobs(|k| k.close_after_bytes = None);
+        eventually_snapshot(&p, "s1", "a pool of the one channel left", |snap| snap.channels_served == Some(1)).await;
+        for _ in 0..10 {
+            let (code, body) = query(&p, "s1", "GET status\nColumns: num_hosts").await;
+            assert_eq!((code, body.as_str()), (200, "100\n"));
+        }
+        let st = p.site("s1").status();
+        assert_eq!((st.state, st.generation), (SiteState::Ready, 0), "never declared down");
+        lift("newconn");
+        p.shutdown().await;
+    });
+}

@@ -88,44 +88,6 @@ async fn a_site_that_serves_no_connection_at_all_is_down() {
 }
 
 #[tokio::test]
-async fn a_site_refusing_a_new_channel_keeps_serving_on_the_ones_it_has() {
-    // A UNIX site whose socket file is gone: connections made before still
-    // work, new ones are refused (like a site behind a connection limiter).
-    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
-    let path = dir.path().join("live");
-    let cfg = livemux_simsite::SimConfig {
-        listen: livemux_simsite::Listen::Unix(path.clone()),
-        ..livemux_simsite::SimConfig::tcp("s1")
-    };
-    let s = livemux_simsite::SimSite::start(cfg).await.unwrap();
-    let params = SiteParams { channel_retry: Duration::from_secs(3600), ..fast_params() };
-    let p = Proxy::start(vec![("s1", s.address(), params)]).await;
-    eventually_snapshot(&p, "s1", "both channels open", |snap| {
-        snap.channels.len() == 2 && snap.channels_connecting == 0
-    })
-    .await;
-    std::fs::remove_file(&path).unwrap();
-    // The site cuts one answer: that channel is closed, its replacement refused.
-    s.set_knobs(|k| {
-        k.close_after_bytes = Some(100);
-        k.fault_table = Some("hosts".into());
-    });
-    let mut c = p.client("s1").await;
-    c.write_all(b"GET hosts\nColumns: name\nResponseHeader: fixed16\n\n").await.unwrap();
-    let cut = read_to_eof(&mut c).await;
-    assert!(cut.len() < 16 + 100 * 10, "the answer was cut: {} bytes", cut.len());
-    s.set_knobs(|k| k.close_after_bytes = None);
-    eventually_snapshot(&p, "s1", "a pool of the one channel left", |snap| snap.channels_served == Some(1)).await;
-    for _ in 0..10 {
-        let (code, body) = query(&p, "s1", "GET status\nColumns: num_hosts").await;
-        assert_eq!((code, body.as_str()), (200, "100\n"));
-    }
-    let st = p.site("s1").status();
-    assert_eq!((st.state, st.generation), (SiteState::Ready, 0), "never declared down");
-    p.shutdown().await;
-}
-
-#[tokio::test]
 async fn slow_queries_on_every_channel_a_limited_site_serves_do_not_make_it_down() {
     // The site serves 2 connections; both channels are busy with queries that
     // send nothing for longer than a heartbeat period. The heartbeat on an

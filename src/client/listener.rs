@@ -58,23 +58,86 @@ pub enum BindError {
     },
 }
 
-/// Bind `path`, replacing a stale socket file but never a live one.
-pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+/// A socket file this daemon bound, known by its inode: removing it never
+/// removes a socket another daemon has bound at the same path since (a
+/// successor started while this one was still finishing its answers).
+#[derive(Debug, Clone)]
+pub struct SocketFile {
+    path: PathBuf,
+    /// Device, inode and change time (an inode number may be reused at once).
+    id: (u64, u64, i64, i64),
+}
+
+impl SocketFile {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Remove the file if it is still the one this daemon bound.
+    pub fn remove(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if identity(&m) == self.id => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => {
+                tracing::debug!(path = %self.path.display(), "socket file replaced by another process; left in place")
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Bind `path`, replacing a stale socket file (nobody listening: the
+/// connect is refused) but never a live one, nor one whose state is unclear.
+pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), BindError> {
     let io_err = |source| BindError::Io { path: path.to_owned(), source };
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(BindError::InUse(path.to_owned()));
-            }
-            std::fs::remove_file(path).map_err(io_err)?;
-        }
+        Ok(meta) if meta.file_type().is_socket() => match probe(path) {
+            Probe::Stale => std::fs::remove_file(path).map_err(io_err)?,
+            Probe::Live => return Err(BindError::InUse(path.to_owned())),
+            Probe::Unclear(e) => return Err(io_err(e)),
+        },
         Ok(_) => return Err(BindError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(e)),
     }
     let listener = UnixListener::bind(path).map_err(io_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)).map_err(io_err)?;
-    Ok(listener)
+    let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
+    Ok((listener, SocketFile { path: path.to_owned(), id: identity(&meta) }))
+}
+
+fn identity(m: &std::fs::Metadata) -> (u64, u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino(), m.ctime(), m.ctime_nsec())
+}
+
+enum Probe {
+    Stale,
+    Live,
+    Unclear(io::Error),
+}
+
+/// Is anybody listening on the socket file? A non-blocking connect: a
+/// listener with a full backlog (EAGAIN) is live, and must not make the
+/// start hang either.
+fn probe(path: &Path) -> Probe {
+    let attempt = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).and_then(|s| {
+        s.set_nonblocking(true)?;
+        s.connect(&socket2::SockAddr::unix(path)?)
+    });
+    match attempt {
+        Ok(()) => Probe::Live,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Probe::Stale,
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock
+                || e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) =>
+        {
+            Probe::Live
+        }
+        Err(e) => Probe::Unclear(e),
+    }
 }
 
 /// What every accept loop of a site shares.
@@ -145,8 +208,9 @@ impl Accepting {
     }
 }
 
-/// Accept clients on a site's UNIX socket until shutdown; then remove the socket.
-pub async fn serve_unix(listener: UnixListener, path: PathBuf, ctx: Accepting) {
+/// Accept clients on a site's UNIX socket until shutdown; then remove the
+/// socket (if it is still this daemon's).
+pub async fn serve_unix(listener: UnixListener, file: SocketFile, ctx: Accepting) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -159,7 +223,7 @@ pub async fn serve_unix(listener: UnixListener, path: PathBuf, ctx: Accepting) {
         }
     }
     drop(listener);
-    let _ = std::fs::remove_file(&path);
+    file.remove();
 }
 
 /// Accept clients on a site's cascading TCP listener until shutdown; with

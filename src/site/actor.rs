@@ -365,9 +365,11 @@ impl Actor {
                     }
                     Err(e) => {
                         self.last_failed_connect = Some(SystemTime::now());
-                        if purpose == Purpose::Pool {
-                            // Other channels may be working: then the site
-                            // only takes no more connections.
+                        if purpose == Purpose::Pool && matches!(e, SiteError::ConnectTimeout { .. }) {
+                            // A connect that timed out (a lost SYN, a
+                            // firewall limiting new connections) while other
+                            // channels work: the pool shrinks to those. A
+                            // refused connect means nobody listens any more.
                             self.not_admitted(e);
                         } else {
                             self.go_down_with(e);
@@ -432,9 +434,9 @@ impl Actor {
         }
     }
 
-    /// A new pool channel could not be connected, or did not answer its
-    /// admission heartbeat. With other channels working, the site serves no
-    /// more connections than those: the pool shrinks to them (whether the
+    /// A new pool channel could not be connected in time, or did not answer
+    /// its admission heartbeat. With other channels working, the site serves
+    /// no more connections than those: the pool shrinks to them (whether the
     /// site is alive is the heartbeat's business). With none, the site is down.
     fn not_admitted(&mut self, e: SiteError) {
         let serving = self.serving_channels();
@@ -443,7 +445,6 @@ impl Actor {
             SiteError::HeartbeatTimeout(_)
                 | SiteError::ClosedWithoutAnswer
                 | SiteError::Io(_)
-                | SiteError::Connect { .. }
                 | SiteError::ConnectTimeout { .. }
         );
         if serving == 0 || !limited {

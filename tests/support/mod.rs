@@ -194,12 +194,13 @@ pub async fn eventually_snapshot(
     let h = p.site(site);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        if let Some(s) = h.snapshot(Duration::from_secs(1)).await
-            && cond(&s)
+        let snap = h.snapshot(Duration::from_secs(1)).await;
+        if let Some(s) = snap.as_ref()
+            && cond(s)
         {
-            return s;
+            return snap.unwrap_or_else(|| unreachable!());
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}; last snapshot: {snap:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
