@@ -33,8 +33,25 @@ pub enum QueryCliError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     /// The answer could not be read in time.
-    #[error("no complete answer within {0:?}")]
+    #[error("no complete answer within {}", crate::error::fmt_duration(*.0))]
     Timeout(Duration),
+    /// Nothing to send.
+    #[error("empty query (write e.g. 'GET status')")]
+    Empty,
+    /// The server closed the connection before a complete response header.
+    #[error("the server closed the connection without an answer ({got} bytes of the response header)")]
+    Closed {
+        /// Header bytes received.
+        got: usize,
+    },
+    /// The server closed the connection in the middle of the answer.
+    #[error("the answer was cut short: {got} of {expected} bytes, then the server closed the connection")]
+    Cut {
+        /// Body bytes received.
+        got: u64,
+        /// Body bytes announced.
+        expected: u64,
+    },
     /// The answer did not start with a fixed16 header.
     #[error("invalid answer: {0}")]
     BadHeader(#[from] livemux_protocol::HeaderError),
@@ -48,22 +65,40 @@ pub enum QueryCliError {
     },
 }
 
-/// Turn the command-line form into a request: `\n` escapes become line
-/// breaks, a fixed16 header is requested, and the request ends with an empty line.
-pub fn build_request(text: &str) -> Vec<u8> {
-    let text = text.replace("\\n", "\n");
-    let lines: Vec<&str> = text.trim_end_matches(['\n', '\r', ' ']).lines().collect();
+/// Where the query text came from: a command-line argument may use `\n`
+/// (backslash, n) for line breaks; text from stdin is taken as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A shell argument: `\n` stands for a line break.
+    Argument,
+    /// Standard input: no escapes.
+    Stdin,
+}
+
+/// Turn the query text into a request: leading empty lines and trailing
+/// whitespace go, `ResponseHeader: fixed16` is added after the first line
+/// (also for a `COMMAND`: livemux and Icinga 2 then confirm it), and the
+/// request ends with an empty line. `None` for an empty query.
+pub fn build_request(text: &str, source: Source) -> Option<Vec<u8>> {
+    let text = match source {
+        Source::Argument => text.replace("\\n", "\n"),
+        Source::Stdin => text.to_owned(),
+    };
+    let lines: Vec<&str> = text.trim().lines().map(|l| l.trim_end_matches('\r')).collect();
+    if lines.is_empty() {
+        return None;
+    }
     let mut out = String::new();
-    let is_command = lines.first().is_some_and(|l| l.starts_with("COMMAND"));
+    let asks_fixed16 = lines.iter().any(|l| l.starts_with("ResponseHeader:"));
     for (i, l) in lines.iter().enumerate() {
         out.push_str(l);
         out.push('\n');
-        if i == 0 && !is_command && !lines.iter().any(|l| l.starts_with("ResponseHeader:")) {
+        if i == 0 && !asks_fixed16 {
             out.push_str("ResponseHeader: fixed16\n");
         }
     }
     out.push('\n');
-    out.into_bytes()
+    Some(out.into_bytes())
 }
 
 /// Where `livemux query` connects.
@@ -84,15 +119,25 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// Send `text` to the socket at `path`; return the body of a 200 answer.
-/// A `COMMAND` has no answer; the result is then empty.
+/// Send `text` (in the command-line form) to the socket at `path`; return
+/// the body of a 200 answer.
 pub async fn query(path: &Path, text: &str, timeout: Duration) -> Result<Vec<u8>, QueryCliError> {
-    query_target(&Target::Unix(path.to_owned()), text, timeout).await
+    query_target(&Target::Unix(path.to_owned()), text, Source::Argument, timeout).await
 }
 
-/// Like [`query`], to any [`Target`].
-pub async fn query_target(target: &Target, text: &str, timeout: Duration) -> Result<Vec<u8>, QueryCliError> {
-    let request = build_request(text);
+/// Like [`query`], to any [`Target`], with text from `source`.
+///
+/// The write side is closed after the request, so a server that does not
+/// answer (a core never answers a `COMMAND`) ends the exchange at once: for
+/// a `COMMAND` that is success, for a query an error.
+pub async fn query_target(
+    target: &Target,
+    text: &str,
+    source: Source,
+    timeout: Duration,
+) -> Result<Vec<u8>, QueryCliError> {
+    let request = build_request(text, source).ok_or(QueryCliError::Empty)?;
+    let is_command = request.starts_with(b"COMMAND");
     let exchange = async {
         let connect_err = |source| QueryCliError::Connect { path: target.to_string(), source };
         let mut s: Box<dyn Stream> = match target {
@@ -100,22 +145,21 @@ pub async fn query_target(target: &Target, text: &str, timeout: Duration) -> Res
             Target::Tcp(a) => Box::new(tokio::net::TcpStream::connect(a.as_str()).await.map_err(connect_err)?),
         };
         s.write_all(&request).await?;
-        if request.starts_with(b"COMMAND") {
-            s.shutdown().await?;
-            let mut rest = Vec::new();
-            s.read_to_end(&mut rest).await?;
-            return Ok(Vec::new());
+        s.shutdown().await?;
+        let mut raw = Vec::with_capacity(FIXED16_LEN);
+        (&mut s).take(FIXED16_LEN as u64).read_to_end(&mut raw).await?;
+        match raw.len() {
+            0 if is_command => return Ok(Vec::new()),
+            FIXED16_LEN => {}
+            n => return Err(QueryCliError::Closed { got: n }),
         }
-        let mut raw = [0u8; FIXED16_LEN];
-        s.read_exact(&mut raw).await?;
-        let header = ResponseHeader::decode(&raw)?;
+        let mut head = [0u8; FIXED16_LEN];
+        head.copy_from_slice(&raw);
+        let header = ResponseHeader::decode(&head)?;
         let mut body = Vec::new();
         (&mut s).take(header.length).read_to_end(&mut body).await?;
         if (body.len() as u64) < header.length {
-            return Err(QueryCliError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("answer cut short: {} of {} bytes", body.len(), header.length),
-            )));
+            return Err(QueryCliError::Cut { got: body.len() as u64, expected: header.length });
         }
         if header.status != Status::Ok {
             let message = String::from_utf8_lossy(&body).trim_end().to_owned();
@@ -132,14 +176,24 @@ mod tests {
 
     #[test]
     fn escapes_and_fixed16() {
+        let arg = |t| build_request(t, Source::Argument);
         assert_eq!(
-            build_request("GET hosts\\nColumns: name state"),
-            b"GET hosts\nResponseHeader: fixed16\nColumns: name state\n\n".to_vec()
+            arg("GET hosts\\nColumns: name state"),
+            Some(b"GET hosts\nResponseHeader: fixed16\nColumns: name state\n\n".to_vec())
         );
         assert_eq!(
-            build_request("GET status\nResponseHeader: fixed16\n\n"),
-            b"GET status\nResponseHeader: fixed16\n\n".to_vec()
+            arg("GET status\nResponseHeader: fixed16\n\n"),
+            Some(b"GET status\nResponseHeader: fixed16\n\n".to_vec())
         );
-        assert_eq!(build_request("COMMAND [1] X;y"), b"COMMAND [1] X;y\n\n".to_vec());
+        assert_eq!(arg("COMMAND [1] X;y"), Some(b"COMMAND [1] X;y\nResponseHeader: fixed16\n\n".to_vec()));
+        // Leading empty lines and CRLF are tidied; nothing left is no query.
+        assert_eq!(arg("\n\nGET status\r\n"), Some(b"GET status\nResponseHeader: fixed16\n\n".to_vec()));
+        assert_eq!(arg(""), None);
+        assert_eq!(arg("\\n\\n"), None);
+        // From stdin, a literal backslash-n stays (a regular expression, say).
+        assert_eq!(
+            build_request("GET hosts\nFilter: name ~ a\\nb\n", Source::Stdin),
+            Some(b"GET hosts\nResponseHeader: fixed16\nFilter: name ~ a\\nb\n\n".to_vec())
+        );
     }
 }

@@ -152,14 +152,15 @@ async fn stop_signal() {
 }
 
 async fn query_command(target: livemux::cli::Target, query: Option<String>, timeout: Duration) -> ExitCode {
-    let text = match query {
-        Some(q) => q,
+    use livemux::cli::Source;
+    let (text, source) = match query {
+        Some(q) => (q, Source::Argument),
         None => match std::io::read_to_string(std::io::stdin()) {
-            Ok(t) => t,
+            Ok(t) => (t, Source::Stdin),
             Err(e) => return fail(format_args!("cannot read the query from stdin: {e}")),
         },
     };
-    match livemux::cli::query_target(&target, &text, timeout).await {
+    match livemux::cli::query_target(&target, &text, source, timeout).await {
         Ok(body) => {
             use std::io::Write;
             let mut out = std::io::stdout().lock();

@@ -2,6 +2,7 @@
 
 mod support;
 
+use livemux::site::SiteState;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -42,7 +43,7 @@ fn check_config_accepts_good_files_and_names_key_and_line_of_bad_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_prints_the_body_and_fails_with_the_error_text() {
-    let (p, _s) = Proxy::with_sim("s1", fast_params()).await;
+    let (p, site) = Proxy::with_sim("s1", fast_params()).await;
     let sock = p.socket("s1").display().to_string();
     let out =
         tokio::task::block_in_place(|| livemux(&["query", "--socket", &sock, "GET hosts\\nColumns: name\\nLimit: 2"]));
@@ -66,6 +67,26 @@ async fn query_prints_the_body_and_fails_with_the_error_text() {
     });
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "100\n");
+
+    // Leading empty lines are no trouble; an empty query is refused at once.
+    let out =
+        tokio::task::block_in_place(|| livemux(&["query", "--socket", &sock, "\\nGET status\\nColumns: num_hosts"]));
+    assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()), (Some(0), "100\n"));
+    let out = tokio::task::block_in_place(|| livemux(&["query", "--socket", &sock, ""]));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "livemux: empty query (write e.g. 'GET status')\n");
+
+    // A COMMAND: exit 0 once livemux took it; exit 1 with the reason when
+    // the site is down and it could not be forwarded.
+    let out = tokio::task::block_in_place(|| livemux(&["query", "--socket", &sock, "COMMAND [1] NOP;x"]));
+    assert_eq!((out.status.code(), out.stdout.len()), (Some(0), 0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(site.stats().commands, 1);
+    site.stop();
+    p.wait_state("s1", SiteState::Down).await;
+    let out = tokio::task::block_in_place(|| livemux(&["query", "--socket", &sock, "COMMAND [2] NOP;y"]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("livemux: 502: site 's1' is down: "), "{err}");
     p.shutdown().await;
 }
 
