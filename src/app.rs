@@ -40,6 +40,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The state file's directory does not take new files.
+    #[error("cannot write the state file in {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A site's socket could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
@@ -111,6 +120,9 @@ impl App {
         }
         if let Some(dir) = config.state_file.parent().filter(|d| !d.as_os_str().is_empty()) {
             create_dir(dir)?;
+            // The state file is written atomically through a temporary file
+            // beside it: prove that works now rather than warn every 5 s.
+            tempfile::tempfile_in(dir).map_err(|source| StartError::StateDir { path: dir.to_owned(), source })?;
         }
         let mut bound = Vec::with_capacity(config.sites.len());
         for site in &config.sites {

@@ -85,7 +85,7 @@ fn main() -> ExitCode {
                 },
                 Err(e) => fail(format_args!("{}: {e}", config.display())),
             },
-            Job::Other(Command::Demo { dir }) => match livemux::demo::run(dir, stop_signal()).await {
+            Job::Other(Command::Demo { dir }) => match livemux::demo::run(dir, stop_signal(install_signals())).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(format_args!("demo failed: {e}")),
             },
@@ -110,11 +110,13 @@ enum Job {
 
 async fn run(config: Config) -> ExitCode {
     raise_open_files_limit();
+    // Installed before start-up, so a SIGHUP during it does not kill the daemon.
+    let signals = install_signals();
     let app = match App::start(config).await {
         Ok(a) => a,
         Err(e) => return fail(format_args!("cannot start: {e}")),
     };
-    stop_signal().await;
+    stop_signal(signals).await;
     app.shutdown().await;
     ExitCode::SUCCESS
 }
@@ -133,11 +135,21 @@ fn raise_open_files_limit() {
     }
 }
 
+/// SIGTERM and SIGHUP handlers.
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+fn install_signals() -> Option<Signals> {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+        (Ok(term), Ok(hup)) => Some((term, hup)),
+        _ => None,
+    }
+}
+
 /// Completes on SIGINT or SIGTERM. SIGHUP is logged and otherwise ignored
 /// until configuration reload exists, so it cannot kill the daemon.
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+async fn stop_signal(signals: Option<Signals>) {
+    let Some((mut term, mut hup)) = signals else {
         tracing::warn!("cannot install signal handlers; stop with Ctrl-C");
         let _ = tokio::signal::ctrl_c().await;
         return;

@@ -333,8 +333,10 @@ impl Spool {
     }
 
     /// Close the spool file (giving its space back) once nothing refers to it.
+    /// Also gives back disk budget reserved for a file that was never
+    /// created (the push was cancelled while creating it).
     fn drop_file_if_unused(&self, st: &mut State) {
-        if st.file_segments == 0 && !st.writing && st.file.is_some() {
+        if st.file_segments == 0 && !st.writing {
             st.file = None;
             st.file_len = 0;
             self.budget.release_disk(st.disk_reserved);
@@ -408,22 +410,51 @@ impl Spool {
             };
             let got = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, offset).map(|()| buf)
+                file.read_exact_at(&mut buf, offset)?;
+                Ok::<_, std::io::Error>((buf, punch_hole(&file, offset, len)))
             })
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            if last {
+            let punched = matches!(got, Ok((_, true)));
+            if last || punched {
                 let mut st = self.lock();
-                st.file_segments -= 1;
-                self.drop_file_if_unused(&mut st);
+                if punched {
+                    // What the client has taken no longer occupies the disk.
+                    let n = (len as u64).min(st.disk_reserved);
+                    st.disk_reserved -= n;
+                    self.budget.release_disk(n);
+                }
+                if last {
+                    st.file_segments -= 1;
+                    self.drop_file_if_unused(&mut st);
+                }
                 drop(st);
                 self.room.notify_one();
             }
+            let got = got.map(|(buf, _)| buf);
             return match got {
                 Ok(buf) => Next::Data(Bytes::from(buf)),
                 Err(e) => Next::End(Err(QueryError::Spool(format!("cannot read the spool file: {e}")))),
             };
         }
+    }
+}
+
+/// Free the disk blocks of a range already sent (the file keeps its size, so
+/// later offsets stay valid). False where the file system cannot: then the
+/// range stays counted until the file is closed.
+fn punch_hole(file: &File, offset: u64, len: usize) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return false };
+        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        fallocate(file, mode, offset, len).is_ok()
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = (file, offset, len);
+        false
     }
 }
 

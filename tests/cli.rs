@@ -160,6 +160,22 @@ fn run_refuses_a_bad_config_and_a_socket_in_use() {
     let out = livemux(&["run", "--config", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is in use by another running process"));
+
+    // A state file that cannot be written is an error at start-up, not a
+    // warning every few seconds (/proc takes no new files, even from root).
+    std::fs::write(
+        &config,
+        format!(
+            "socket_dir = \"{0}/s2\"\nstate_file = \"/proc/livemux-state.json\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = livemux(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot start: cannot write the state file in /proc: "), "{err}");
+    assert!(!dir.path().join("s2/a").exists(), "no socket left behind");
 }
 
 #[test]

@@ -173,3 +173,43 @@ async fn the_end_comes_after_the_data_and_carries_the_error() {
     assert!(matches!(spool.next().await, Next::Data(_)));
     assert!(matches!(spool.next().await, Next::End(Err(QueryError::Spool(_)))));
 }
+
+#[tokio::test]
+async fn a_push_cancelled_while_its_file_is_created_gives_the_disk_budget_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = budget(dir.path(), 1000, 1 << 20, 1 << 20);
+    let spool = Spool::new(b.clone());
+    spool.push(chunk(0, 1000)).await.unwrap();
+    {
+        // The next chunk goes to a new file; the push is dropped (as by the
+        // relay's deadline) while the file is being created.
+        let push = spool.push(chunk(1, 1000));
+        tokio::pin!(push);
+        assert!(futures_poll_once(push.as_mut()).await.is_none(), "waiting for the file");
+    }
+    spool.close();
+    drop(spool);
+    assert_eq!(b.usage().disk_used, 0, "no disk budget left behind");
+}
+
+#[tokio::test]
+async fn the_disk_budget_counts_what_is_waiting_not_what_was_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = budget(dir.path(), 10_000, 1 << 20, 1 << 30);
+    let spool = Spool::new(b.clone());
+    // The site stays ~20 chunks ahead of the client for 2,000 chunks.
+    let mut peak = 0;
+    let mut taken = 0;
+    for i in 0..2000 {
+        spool.push(chunk(i, 1000)).await.unwrap();
+        if i >= 20 {
+            match spool.next().await {
+                Next::Data(d) => taken += d.len(),
+                other => panic!("expected data, got {other:?}"),
+            }
+        }
+        peak = peak.max(b.usage().disk_used);
+    }
+    assert_eq!(taken, 1980 * 1000);
+    assert!(peak < 300_000, "disk budget in use peaked at {peak} bytes for a backlog of ~20,000");
+}
