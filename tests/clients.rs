@@ -19,7 +19,13 @@ async fn errors_have_a_status_and_one_line_with_fixed16_and_the_line_alone_witho
     let p = Proxy::start(vec![("s1", s.address(), fast_params())]).await;
     p.wait_state("s1", SiteState::Ready).await;
     s.stop();
-    p.wait_state("s1", SiteState::Down).await;
+    // The stopping site may first show a closed connection; from the next
+    // reconnect on, the refused connect is the reason.
+    let refused = format!("cannot connect to {}", s.address());
+    eventually_snapshot(&p, "s1", "down, refusing connections", |snap| {
+        snap.state == SiteState::Down && snap.last_error.as_deref().is_some_and(|e| e.starts_with(&refused))
+    })
+    .await;
 
     let mut c = p.client("s1").await;
     c.write_all(b"GET hosts\nResponseHeader: fixed16\n\n").await.unwrap();

@@ -8,34 +8,34 @@ use std::time::Duration;
 
 use livemux::config::SiteParams;
 use livemux::site::SiteState;
+use livemux_simsite::SimSite;
 use support::*;
 use tokio::io::AsyncWriteExt;
 
-#[tokio::test]
-async fn a_site_serving_fewer_connections_than_channels_gets_a_smaller_pool_and_no_query_is_stuck() {
+/// A simulated site that serves only `served` connections, behind a proxy
+/// with `params`; returns once the pool has shrunk to them.
+async fn limited_site(served: usize, params: SiteParams) -> (Proxy, SimSite) {
     let s = sim("s1").await;
-    s.set_knobs(|k| k.max_connections = 3);
-    // A query on a connection the site never reads would wait for
-    // query_timeout: make that longer than the test's patience.
-    let params = SiteParams {
-        channels: 5,
-        query_timeout: 2 * PATIENCE,
-        channel_retry: Duration::from_secs(3600),
-        ..fast_params()
-    };
+    s.set_knobs(|k| k.max_connections = served);
     let p = Proxy::start(vec![("s1", s.address(), params)]).await;
     p.wait_state("s1", SiteState::Ready).await;
-    eventually_snapshot(&p, "s1", "the pool shrinks to the 3 served connections", |snap| {
-        snap.channels_served == Some(3) && snap.channels.len() == 3 && snap.channels_connecting == 0
+    eventually_snapshot(&p, "s1", "the pool shrinks to the served connections", |snap| {
+        snap.channels_served == Some(served) && snap.channels.len() == served && snap.channels_connecting == 0
     })
     .await;
+    (p, s)
+}
+
+/// `clients` concurrent keep-alive clients each ask for `each` hosts one
+/// after another; every answer must be exact.
+async fn ask_hosts(p: &Proxy, clients: usize, each: usize) {
     let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..20 {
+    for c in 0..clients {
         let path = p.socket("s1");
         tasks.spawn(async move {
             let mut conn = tokio::net::UnixStream::connect(path).await.unwrap();
-            for i in 0..5 {
-                let h = (c * 5 + i) % 100;
+            for i in 0..each {
+                let h = (c * each + i) % 100;
                 let q = format!(
                     "GET hosts\nColumns: name\nFilter: name = host-{h:04}\nKeepAlive: on\nResponseHeader: fixed16\n\n"
                 );
@@ -47,19 +47,33 @@ async fn a_site_serving_fewer_connections_than_channels_gets_a_smaller_pool_and_
     while let Some(r) = tasks.join_next().await {
         r.unwrap();
     }
+}
+
+fn assert_never_down(p: &Proxy) {
     let st = p.site("s1").status();
     assert_eq!((st.state, st.generation), (SiteState::Ready, 0), "never declared down");
+}
+
+#[tokio::test]
+async fn a_site_serving_fewer_connections_than_channels_gets_a_smaller_pool_and_no_query_is_stuck() {
+    // A query on a connection the site never reads would wait for
+    // query_timeout: make that longer than the test's patience.
+    let params = SiteParams {
+        channels: 5,
+        query_timeout: 2 * PATIENCE,
+        channel_retry: Duration::from_secs(3600),
+        ..fast_params()
+    };
+    let (p, _s) = limited_site(3, params).await;
+    ask_hosts(&p, 20, 5).await;
+    assert_never_down(&p);
     p.shutdown().await;
 }
 
 #[tokio::test]
 async fn the_pool_grows_back_when_the_site_serves_more_again() {
-    let s = sim("s1").await;
-    s.set_knobs(|k| k.max_connections = 2);
     let params = SiteParams { channels: 4, channel_retry: Duration::from_millis(300), ..fast_params() };
-    let p = Proxy::start(vec![("s1", s.address(), params)]).await;
-    p.wait_state("s1", SiteState::Ready).await;
-    eventually_snapshot(&p, "s1", "a pool of 2", |snap| snap.channels_served == Some(2)).await;
+    let (p, s) = limited_site(2, params).await;
     s.set_knobs(|k| k.max_connections = 0);
     eventually_snapshot(&p, "s1", "all 4 channels", |snap| {
         snap.channels_served.is_none() && snap.channels.len() == 4 && snap.channels_connecting == 0
@@ -92,51 +106,26 @@ async fn slow_queries_on_every_channel_a_limited_site_serves_do_not_make_it_down
     // The site serves 2 connections; both channels are busy with queries that
     // send nothing for longer than a heartbeat period. The heartbeat on an
     // extra connection cannot be served, which must not count as a failure.
-    let s = sim("s1").await;
-    s.set_knobs(|k| k.max_connections = 2);
     let params = SiteParams { channels: 3, channel_retry: Duration::from_secs(3600), ..fast_params() };
-    let p = Proxy::start(vec![("s1", s.address(), params)]).await;
-    eventually_snapshot(&p, "s1", "a pool of 2", |snap| {
-        snap.channels_served == Some(2) && snap.channels.len() == 2 && snap.channels_connecting == 0
-    })
-    .await;
+    let (p, s) = limited_site(2, params).await;
     s.set_knobs(|k| {
         k.delay = Duration::from_millis(1500);
         k.fault_table = Some("hosts".into());
     });
-    let mut tasks = tokio::task::JoinSet::new();
-    for h in 0..2 {
-        let path = p.socket("s1");
-        tasks.spawn(async move {
-            let mut c = tokio::net::UnixStream::connect(path).await.unwrap();
-            let q = format!("GET hosts\nColumns: name\nFilter: name = host-{h:04}\nResponseHeader: fixed16\n\n");
-            c.write_all(q.as_bytes()).await.unwrap();
-            assert_eq!(read_answer(&mut c).await, (200, format!("host-{h:04}\n")));
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r.unwrap();
-    }
-    let st = p.site("s1").status();
-    assert_eq!((st.state, st.generation), (SiteState::Ready, 0), "never declared down");
+    ask_hosts(&p, 2, 1).await;
+    assert_never_down(&p);
     p.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_hung_core_on_every_channel_a_limited_site_serves_is_down_after_response_idle_timeout() {
-    let s = sim("s1").await;
-    s.set_knobs(|k| k.max_connections = 2);
     let params = SiteParams {
         channels: 3,
         channel_retry: Duration::from_secs(3600),
         response_idle_timeout: Duration::from_secs(1),
         ..fast_params()
     };
-    let p = Proxy::start(vec![("s1", s.address(), params)]).await;
-    eventually_snapshot(&p, "s1", "a pool of 2", |snap| {
-        snap.channels_served == Some(2) && snap.channels.len() == 2 && snap.channels_connecting == 0
-    })
-    .await;
+    let (p, s) = limited_site(2, params).await;
     s.set_knobs(|k| k.hang = true);
     let mut clients = Vec::new();
     for h in 0..2 {

@@ -36,6 +36,10 @@ const READ_RESERVE: usize = 1024;
 /// once that request has been taken out, so idle clients stay small.
 const KEEP_CAPACITY: usize = 64 * 1024;
 
+/// How long an error answer may take to write once the query's deadline has
+/// passed (it is a line of text; a client that cannot take it reads nothing).
+const ERROR_WRITE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long the closing handshake with a client may take (a TLS
 /// close_notify to a client that reads nothing would otherwise wait forever).
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -103,7 +107,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Err(ReadError::Limit(e)) => {
                     events::RequestRejected { site: self.site.name(), error: &e }.emit();
                     let style = self.framer.style();
-                    self.write_error(e.status(), &e.to_string(), style).await;
+                    let deadline = Instant::now() + self.site.params().query_timeout;
+                    self.write_error(e.status(), &e.to_string(), style, deadline).await;
                     break;
                 }
                 Err(ReadError::Io(e)) => {
@@ -125,7 +130,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Err(e) => {
                     events::RequestRejected { site: self.site.name(), error: &e }.emit();
                     let style = ReplyStyle::sniff(&block);
-                    self.write_error(e.status(), &e.to_string(), style).await;
+                    self.write_error(e.status(), &e.to_string(), style, deadline).await;
                     style.keepalive && style.fixed16
                 }
             };
@@ -219,7 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Lookup::Wait(waiting) => match tokio::time::timeout_at(deadline, waiting.answer()).await {
                     Ok(Some(entry)) => return self.serve_entry(&entry, q, deadline).await,
                     Ok(None) => continue,
-                    Err(_) => return self.query_failed(&self.site.timeout_error(), q.style).await,
+                    Err(_) => return self.query_failed(&self.site.timeout_error(), q.style, deadline).await,
                 },
             }
         }
@@ -273,7 +278,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // a few hundred bytes instead of the relay's ~10 KiB.
         let resp = match Box::pin(send_query(&self.site, &self.wire, deadline)).await {
             Ok(r) => r,
-            Err(e) => return self.query_failed(&e, style).await,
+            Err(e) => return self.query_failed(&e, style, deadline).await,
         };
         let status = resp.header.status;
         let ctx = RelayContext {
@@ -286,7 +291,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         match Box::pin(relay(resp, &mut self.stream, ctx)).await {
             Relayed::Complete => style.keepalive && (style.fixed16 || status == Status::Ok),
-            Relayed::NothingSent(e) => self.query_failed(&e, style).await,
+            Relayed::NothingSent(e) => self.query_failed(&e, style, deadline).await,
             Relayed::ClientGone { sent, total } => {
                 events::ClientClosedMidResponse { site: self.site.name(), sent, total }.emit();
                 false
@@ -302,9 +307,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn query_failed(&mut self, e: &QueryError, style: ReplyStyle) -> bool {
+    async fn query_failed(&mut self, e: &QueryError, style: ReplyStyle, deadline: Instant) -> bool {
         events::QueryFailed { site: self.site.name(), error: e }.emit();
-        self.write_error(e.status(), &e.to_string(), style).await
+        self.write_error(e.status(), &e.to_string(), style, deadline).await
     }
 
     /// Forward `COMMAND`s. Like a core, the proxy sends no answer, except the
@@ -316,28 +321,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match Box::pin(send_commands(&self.site, &self.wire, deadline)).await {
             Ok(()) if c.style.fixed16 => {
                 let ok = ResponseHeader::new(Status::Ok, 0).encode();
-                self.write_within_query_timeout(&ok).await
+                self.write_by(&ok, deadline).await
             }
             Ok(()) => true,
             Err(e) => {
                 events::CommandFailed { site: self.site.name(), commands: c.commands.len(), error: &e }.emit();
-                if c.style.fixed16 { self.write_error(e.status(), &e.to_string(), c.style).await } else { true }
+                if c.style.fixed16 {
+                    self.write_error(e.status(), &e.to_string(), c.style, deadline).await
+                } else {
+                    true
+                }
             }
         }
     }
 
-    /// Send an error response; returns whether the connection can stay open.
-    async fn write_error(&mut self, status: Status, message: &str, style: ReplyStyle) -> bool {
+    /// Send an error response, by the query's deadline (or, when that has
+    /// passed, within [`ERROR_WRITE_GRACE`]: the 504 itself must not wait a
+    /// second `query_timeout` for a client that reads nothing); returns
+    /// whether the connection can stay open.
+    async fn write_error(&mut self, status: Status, message: &str, style: ReplyStyle, deadline: Instant) -> bool {
         let answer = error_response(status, message, style.fixed16);
-        self.write_within_query_timeout(&answer).await && style.keepalive && style.fixed16
+        let by = deadline.max(Instant::now() + ERROR_WRITE_GRACE);
+        self.write_by(&answer, by).await && style.keepalive && style.fixed16
     }
 
-    async fn write_within_query_timeout(&mut self, data: &[u8]) -> bool {
-        let limit = self.site.params().query_timeout;
+    /// Write and flush `data` by `deadline`.
+    async fn write_by(&mut self, data: &[u8], deadline: Instant) -> bool {
         let write = async {
             self.stream.write_all(data).await?;
             self.stream.flush().await
         };
-        matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
+        matches!(tokio::time::timeout_at(deadline, write).await, Ok(Ok(())))
     }
 }

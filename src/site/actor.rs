@@ -439,7 +439,9 @@ impl Actor {
     /// no more connections than those: the pool shrinks to them (whether the
     /// site is alive is the heartbeat's business). With none, the site is down.
     fn not_admitted(&mut self, e: SiteError) {
-        let serving = self.serving_channels();
+        // Channels connecting or being admitted count: if they fail too, the
+        // site goes down with their (often clearer) reason.
+        let serving = self.open_channels();
         let limited = matches!(
             e,
             SiteError::HeartbeatTimeout(_)
