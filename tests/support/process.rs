@@ -64,6 +64,17 @@ impl Lines {
     }
 }
 
+/// A child process killed (and reaped) when dropped, so a failing test
+/// leaves no daemon behind holding its output pipes.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn interrupt(child: &Child, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
 }
