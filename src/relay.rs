@@ -177,7 +177,7 @@ async fn read_half(
     }
     if !prefix.is_empty() && spool.push(prefix).await.is_err() {
         if let Some(l) = lease.take() {
-            drain(l, length - got, deadline).await;
+            drain(l, length - got, deadline, idle).await;
         }
         return;
     }
@@ -223,7 +223,7 @@ async fn read_half(
             Ok(Ok(())) => tokio::task::yield_now().await,
             Ok(Err(_gone)) => {
                 if let Some(l) = lease.take() {
-                    drain(l, length - got, deadline).await;
+                    drain(l, length - got, deadline, idle).await;
                 }
                 return;
             }
@@ -377,15 +377,24 @@ async fn sample_tick(watchdog: Option<&Watchdog>) {
 
 /// Read and drop what is left of an answer whose client is gone, so the
 /// channel can be reused; give the channel up if that is too much.
-async fn drain(mut lease: Lease, mut left: u64, deadline: Instant) {
+///
+/// Each read waits at most `idle` (`response_idle_timeout`) and not past
+/// the deadline; the site going down ends it too.
+async fn drain(mut lease: Lease, mut left: u64, deadline: Instant, idle: std::time::Duration) {
     if left > DRAIN_LIMIT {
         lease.discard("client left with a large remainder unread");
         return;
     }
+    let down = lease.down_signal();
     let mut scratch = [0u8; 8192];
     while left > 0 {
         let want = left.min(scratch.len() as u64) as usize;
-        match tokio::time::timeout_at(deadline, lease.read(&mut scratch[..want])).await {
+        let until = deadline.min(Instant::now() + idle);
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(until, lease.read(&mut scratch[..want])) => r,
+            _ = down.cancelled() => return lease.discard("the site went down while draining an abandoned answer"),
+        };
+        match read {
             Ok(Ok(n)) if n > 0 => left -= n as u64,
             _ => {
                 lease.discard("failed while draining an abandoned answer");

@@ -75,8 +75,15 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error("key file", path, e))
 }
 
-fn mtime(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// What tells a changed file: modification time, size and inode (a file
+/// rewritten within one tick of the file system clock still changes size,
+/// and one replaced by a rename changes inode).
+type Stamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
 /// What the state file shows of a site's TLS.
@@ -102,10 +109,10 @@ pub struct SiteTls {
 
 struct Loaded {
     config: Arc<ClientConfig>,
-    stamps: Vec<(PathBuf, Option<SystemTime>)>,
+    stamps: Vec<(PathBuf, Stamp)>,
     at: SystemTime,
     /// A reload failed for these stamps (logged once).
-    failed: Option<Vec<(PathBuf, Option<SystemTime>)>>,
+    failed: Option<Vec<(PathBuf, Stamp)>>,
 }
 
 impl SiteTls {
@@ -171,9 +178,9 @@ impl SiteTls {
     }
 }
 
-fn stamps(s: &TlsSettings) -> Vec<(PathBuf, Option<SystemTime>)> {
+fn stamps(s: &TlsSettings) -> Vec<(PathBuf, Stamp)> {
     let files = s.ca_file.iter().chain(s.client_cert.iter().flat_map(|(c, k)| [c, k]));
-    files.map(|p| (p.clone(), mtime(p))).collect()
+    files.map(|p| (p.clone(), stamp(p))).collect()
 }
 
 fn client_config(s: &TlsSettings) -> Result<ClientConfig, TlsSetupError> {
@@ -392,5 +399,34 @@ pub fn from_tls_error(address: &str, e: &TlsError) -> SiteError {
             SiteError::Tls { address, detail: format!("{e} (does the site speak TLS on this port?)") }
         }
         other => SiteError::Tls { address, detail: other.to_string() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_pem(name: &str) -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        params.self_signed(&key).expect("self-signed CA").pem()
+    }
+
+    #[test]
+    fn a_ca_file_rewritten_within_one_clock_tick_is_read_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, ca_pem("one")).expect("write CA");
+        let settings = TlsSettings { ca_file: Some(ca.clone()), ..TlsSettings::default() };
+        let tls = SiteTls::new(&settings, "localhost").expect("TLS settings");
+        let first = tls.config();
+        assert!(Arc::ptr_eq(&first, &tls.config()), "unchanged: not read again");
+        // A bundle of two, with the modification time of the old file.
+        let mtime = std::fs::metadata(&ca).and_then(|m| m.modified()).expect("mtime");
+        std::fs::write(&ca, ca_pem("one") + &ca_pem("two")).expect("rewrite CA");
+        std::fs::File::options().write(true).open(&ca).and_then(|f| f.set_modified(mtime)).expect("set mtime");
+        assert!(!Arc::ptr_eq(&first, &tls.config()), "changed size: read again");
     }
 }
