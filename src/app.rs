@@ -222,7 +222,7 @@ impl App {
                 fmt_duration(grace)
             );
         }
-        crate::state::write_final(&self.config.state_file, &self.sites, &self.budget, &self.cache).await;
+        crate::state::write(&self.config.state_file, &self.sites, &self.budget, &self.cache).await;
         self.sites_stop.cancel();
         self.sites_tracker.close();
         if tokio::time::timeout(SITES_STOP_TIMEOUT, self.sites_tracker.wait()).await.is_err() {

@@ -130,7 +130,7 @@ impl CacheLog {
 }
 
 /// Rewrite the state file every `interval` until `shutdown`; the daemon
-/// writes the last one itself with [`write_final`], once the sessions are done.
+/// writes the last one itself with [`write`], once the sessions are done.
 pub async fn run(
     path: PathBuf,
     interval: Duration,
@@ -164,18 +164,9 @@ pub async fn run(
     }
 }
 
-/// The last state file, at shutdown.
-pub async fn write_final(
-    path: &Path,
-    sites: &[SiteHandle],
-    budget: &crate::spool::SpoolBudget,
-    cache: &crate::cache::Cache,
-) {
-    write(path, sites, budget, cache).await;
-}
-
-/// Collect and write the state file; false (after a log line) if it failed.
-async fn write(
+/// Collect and write the state file (the daemon also calls this for the
+/// last one, at shutdown); false (after a log line) if it failed.
+pub async fn write(
     path: &Path,
     sites: &[SiteHandle],
     budget: &crate::spool::SpoolBudget,

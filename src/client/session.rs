@@ -345,12 +345,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.write_by(&answer, by).await && style.keepalive && style.fixed16
     }
 
-    /// Write and flush `data` by `deadline`.
-    async fn write_by(&mut self, data: &[u8], deadline: Instant) -> bool {
-        let write = async {
-            self.stream.write_all(data).await?;
-            self.stream.flush().await
-        };
-        matches!(tokio::time::timeout_at(deadline, write).await, Ok(Ok(())))
+    /// Write and flush `data` by `deadline` (through the relay's writer, so
+    /// the watchdog looks after TCP clients here too).
+    async fn write_by(&mut self, mut data: &[u8], deadline: Instant) -> bool {
+        if let Some(w) = self.watchdog.as_mut() {
+            w.start();
+        }
+        let (mut sent, total) = (0, data.len() as u64);
+        match send(&mut self.stream, &mut data, &mut sent, deadline, self.watchdog.as_mut()).await {
+            Ok(()) => true,
+            Err(SendEnd::Reaped(r)) => {
+                self.reaped(&r, sent, total);
+                false
+            }
+            Err(_) => false,
+        }
     }
 }
