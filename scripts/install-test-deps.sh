@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # install-test-deps.sh - install what livemux's tests need, from Debian, when
-# it is missing: Icinga 2 (the real Livestatus server), Monitoring::Livestatus
+# it is missing: Icinga 2 (a real Livestatus server), Monitoring::Livestatus
 # (the real third-party client), nftables (fault injection), HAProxy (the
-# benchmark's comparison proxy), stunnel4 and openssl (TLS tests). Needs root (or sudo) and apt-get.
-# Safe to run repeatedly and concurrently.
+# benchmark's comparison proxy), stunnel4 and openssl (TLS tests), and the
+# tools to build the second real server, Naemon with naemon-livestatus, from
+# third_party/naemon (built once by scripts/naemon-site.sh into ~/.cache).
+# Needs root (or sudo) and apt-get. Safe to run repeatedly and concurrently.
 set -euo pipefail
 say() { printf 'install-test-deps: %s\n' "$*" >&2; }
 
@@ -14,7 +16,20 @@ command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-[ ${#missing[@]} -gt 0 ] || exit 0
+# Naemon's build (scripts/naemon-site.sh build)
+command -v gperf >/dev/null 2>&1 || missing+=(gperf)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+command -v make >/dev/null 2>&1 || missing+=(make)
+pkg-config --exists glib-2.0 2>/dev/null || missing+=(libglib2.0-dev)
+
+build_naemon() {
+    "$(dirname "$0")/naemon-site.sh" build >/dev/null
+}
+if [ ${#missing[@]} -eq 0 ]; then
+    build_naemon
+    exit 0
+fi
 
 command -v apt-get >/dev/null 2>&1 || { say "missing ${missing[*]} and no apt-get"; exit 1; }
 sudo=""
@@ -34,4 +49,5 @@ if ! $sudo "${apt[@]}" "${missing[@]}" >&2; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q -o DPkg::Lock::Timeout=600 >&2
     $sudo "${apt[@]}" "${missing[@]}" >&2
 fi
+build_naemon
 say "done"

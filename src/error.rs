@@ -57,6 +57,16 @@ pub enum SiteError {
     /// The answer did not start with a valid fixed16 header.
     #[error("invalid response from the site: {0}")]
     BadHeader(#[from] HeaderError),
+    /// The core answered with a line of text instead of the fixed16 header
+    /// it was asked for: it rejected the request before reading its headers
+    /// (mk-livestatus: `Invalid request method`), or a `COMMAND`.
+    #[error("the site answered without a response header: {status}: {message}")]
+    Unframed {
+        /// The status the text carries, or 452.
+        status: Status,
+        /// The core's message.
+        message: String,
+    },
     /// A read or write on the channel failed.
     #[error("connection to the site failed: {0}")]
     Io(#[from] io::Error),
@@ -135,6 +145,18 @@ pub enum QueryError {
         /// The configured deadline.
         after: Duration,
     },
+    /// The site rejected the request with an error it sent without the
+    /// fixed16 header ([`SiteError::Unframed`]); the client gets the core's
+    /// words with the status they carry.
+    #[error("{message}")]
+    Refused {
+        /// Site name.
+        site: String,
+        /// The status.
+        status: Status,
+        /// The core's message.
+        message: String,
+    },
     /// The site failed while answering.
     #[error("site '{site}': {source}")]
     Site {
@@ -164,6 +186,7 @@ impl QueryError {
             }
             QueryError::Timeout { .. } => Status::Timeout,
             QueryError::Spool(_) => Status::Internal,
+            QueryError::Refused { status, .. } => *status,
         }
     }
 
@@ -177,6 +200,7 @@ impl QueryError {
             QueryError::Site { .. } => "site_failed",
             QueryError::ShuttingDown => "shutting_down",
             QueryError::Spool(_) => "spool_failed",
+            QueryError::Refused { .. } => "refused_by_site",
         }
     }
 
@@ -188,6 +212,19 @@ impl QueryError {
             | QueryError::Timeout { .. }
             | QueryError::Site { .. } => Side::Site,
             QueryError::NoFreeChannel { .. } | QueryError::ShuttingDown | QueryError::Spool(_) => Side::Proxy,
+            QueryError::Refused { .. } => Side::Client,
+        }
+    }
+}
+
+impl QueryError {
+    /// The error for a query whose answer failed with `source` on `site`:
+    /// an unframed answer is the core refusing the request, anything else
+    /// a failure of the site.
+    pub fn from_site(site: &str, source: SiteError) -> QueryError {
+        match source {
+            SiteError::Unframed { status, message } => QueryError::Refused { site: site.to_owned(), status, message },
+            source => QueryError::Site { site: site.to_owned(), source },
         }
     }
 }

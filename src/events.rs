@@ -94,6 +94,9 @@ impl QueryFailed<'_> {
                 tracing::debug!(site, kind, "query answered with an error: {error}")
             }
             QueryError::NotConnected { .. } => tracing::info!(site, kind, "query answered with an error: {error}"),
+            QueryError::Refused { status, .. } => {
+                tracing::info!(site, kind, "the site refused the query with an unframed error ({status}): {error}")
+            }
             _ => tracing::warn!(site, kind, "query answered with an error: {error}"),
         }
     }
@@ -179,13 +182,11 @@ pub struct CommandFailed<'a> {
 impl CommandFailed<'_> {
     /// Write the log line.
     pub fn emit(self) {
-        tracing::warn!(
-            site = self.site,
-            commands = self.commands,
-            kind = self.error.kind(),
-            "COMMAND not forwarded: {}",
-            self.error
-        );
+        let (site, commands, kind, error) = (self.site, self.commands, self.error.kind(), self.error);
+        match error {
+            QueryError::Refused { .. } => tracing::info!(site, commands, kind, "COMMAND rejected by the site: {error}"),
+            _ => tracing::warn!(site, commands, kind, "COMMAND not forwarded: {error}"),
+        }
     }
 }
 

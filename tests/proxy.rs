@@ -125,6 +125,91 @@ async fn a_core_answering_a_command_cannot_spoil_the_next_query() {
 }
 
 #[tokio::test]
+async fn a_rejected_command_is_reported_to_a_client_asking_for_fixed16() {
+    // mk-livestatus answers a command it rejects with a bare `400: ...`
+    // line; a client that asked for fixed16 gets it as a proper answer.
+    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, ..fast_params() }).await;
+    s.set_knobs(|k| k.command_reply = Some("400: Unknown command 'NO_SUCH_COMMAND'".into()));
+    let mut c = p.client("s1").await;
+    let (code, body) = ask(&mut c, "COMMAND [1] NO_SUCH_COMMAND;x\nResponseHeader: fixed16\n\n").await;
+    assert_eq!((code, body.as_str()), (400, "Unknown command 'NO_SUCH_COMMAND'\n"));
+    let (code, body) = ask(&mut c, "GET status\nColumns: num_hosts\nKeepAlive: on\nResponseHeader: fixed16\n\n").await;
+    assert_eq!((code, body.as_str()), (200, "100\n"), "the connection stays usable, as with a core");
+    p.shutdown().await;
+}
+
+/// The numbers of the proxy's open channels to `site`.
+async fn channel_ids(p: &Proxy, site: &str) -> Vec<u64> {
+    let snap = p.site(site).snapshot(Duration::from_secs(5)).await.expect("snapshot");
+    snap.channels.iter().map(|c| c.id).collect()
+}
+
+#[tokio::test]
+async fn a_bad_header_cannot_spoil_another_clients_query() {
+    // An mk-livestatus core stops reading a request at a header it does not
+    // know and reads the rest as the next request (`Limit: 2` here, which it
+    // answers with a bare `Invalid request method` and a close). On the one
+    // channel, another client's query must get its own answer.
+    let slow = Duration::from_secs(2);
+    let params = SiteParams { channels: 1, heartbeat_interval: slow, heartbeat_timeout: slow, ..fast_params() };
+    let (p, s) = Proxy::with_sim("s1", params).await;
+    // With a round trip, the leftovers' answer comes well after the error
+    // answer: the channel looks clean when the error answer has been read.
+    s.set_knobs(|k| {
+        k.mk_headers = true;
+        k.rtt = Duration::from_millis(100);
+    });
+    let bad = "GET hosts\nFoo: bar\nLimit: 2\nResponseHeader: fixed16\n\n";
+    let want = direct(&s, "GET hosts\nResponseHeader: fixed16\nFoo: bar\nLimit: 2\n\n").await;
+    assert_eq!(String::from_utf8_lossy(&want), "400          36\nUndefined request header 'Foo: bar'\n");
+    for round in 0..3 {
+        let mut a = p.client("s1").await;
+        a.write_all(bad.as_bytes()).await.unwrap();
+        assert_eq!(read_to_eof(&mut a).await, want, "round {round}");
+        let (code, body) = query(&p, "s1", "GET status\nColumns: num_hosts").await;
+        assert_eq!((code, body.as_str()), (200, "100\n"), "round {round}");
+    }
+    assert_eq!(p.site("s1").status().generation, 0, "a bad query is not a dead site");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_an_error_answer_a_clean_channel_is_proved_and_kept() {
+    // An error that leaves the connection clean (the core read the whole
+    // request) costs a heartbeat on the channel, not a new connection.
+    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, ..fast_params() }).await;
+    s.set_knobs(|k| k.mk_headers = true);
+    let before = channel_ids(&p, "s1").await;
+    assert_eq!(before.len(), 1);
+    let (code, _) = query(&p, "s1", "GET nosuchtable").await;
+    assert_eq!(code, 404);
+    let (code, body) = query(&p, "s1", "GET hosts\nColumns: name\nLimit: 1").await;
+    assert_eq!((code, body.as_str()), (200, "host-0000\n"));
+    assert_eq!(channel_ids(&p, "s1").await, before, "the same connection");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unframed_error_reaches_the_client_in_the_form_it_asked_for() {
+    // A core that answers without the fixed16 header it was asked for: the
+    // client gets the core's words, never a 502 about an invalid header.
+    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, ..fast_params() }).await;
+    s.set_knobs(|k| {
+        k.unframed_reply = Some("Invalid request method".into());
+        k.fault_table = Some("hosts".into());
+    });
+    let (code, body) = query(&p, "s1", "GET hosts\nColumns: name").await;
+    assert_eq!((code, body.as_str()), (452, "Invalid request method\n"));
+    let mut c = p.client("s1").await;
+    c.write_all(b"GET hosts\nColumns: name\n\n").await.unwrap();
+    assert_eq!(read_to_eof(&mut c).await, b"Invalid request method\n");
+    let (code, body) = query(&p, "s1", "GET status\nColumns: num_hosts").await;
+    assert_eq!((code, body.as_str()), (200, "100\n"));
+    assert_eq!(p.site("s1").status().generation, 0);
+    p.shutdown().await;
+}
+
+#[tokio::test]
 async fn shutdown_lets_a_query_in_flight_finish() {
     let (p, s) = Proxy::with_sim("s1", fast_params()).await;
     s.set_knobs(|k| {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use livemux::config::{SiteParams, TcpListen, TlsSettings};
 use livemux::site::SiteState;
+use support::realsite::{Core, RealSite};
 use support::tls::{Pki, Stunnel};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,7 +38,16 @@ async fn down_error(p: &Proxy) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn icinga_behind_stunnel_answers_through_livemux_as_it_does_in_plaintext() {
-    let Some(ic) = tokio::task::spawn_blocking(|| support::icinga::IcingaSite::start(50, 4)).await.unwrap() else {
+    a_real_core_behind_stunnel_answers_as_it_does_in_plaintext(Core::Icinga).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn naemon_behind_stunnel_answers_through_livemux_as_it_does_in_plaintext() {
+    a_real_core_behind_stunnel_answers_as_it_does_in_plaintext(Core::Naemon).await;
+}
+
+async fn a_real_core_behind_stunnel_answers_as_it_does_in_plaintext(core: Core) {
+    let Some(ic) = tokio::task::spawn_blocking(move || RealSite::start(core, 50, 4)).await.unwrap() else {
         return;
     };
     let pki = Pki::new();

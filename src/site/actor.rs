@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::channel::{Activity, Channel, Lease, looks_alive, poll_dead_idle};
+use super::channel::{Activity, Channel, Lease, Return, looks_alive, poll_dead_idle};
 use super::connector::{SiteStream, connect};
 use super::heartbeat;
 use super::{ChannelSnapshot, SiteSnapshot, SiteState, SiteStatus, timestamp};
@@ -78,13 +78,15 @@ pub(crate) enum Purpose {
 /// Reports from the actor's helpers and leases.
 pub(crate) enum Event {
     /// A lease ended.
-    Returned { channel: Channel, reusable: bool, reason: Option<String> },
+    Returned { channel: Channel, how: Return, reason: Option<String> },
     /// A connect attempt finished.
     Connected { generation: u64, purpose: Purpose, result: Result<SiteStream, SiteError> },
     /// A heartbeat finished; the channel comes back only if it answered.
     Heartbeat { generation: u64, purpose: Purpose, channel: Option<Channel>, result: Result<i64, SiteError> },
     /// A new pool channel's admission heartbeat finished.
     Admitted { generation: u64, channel: Option<Channel>, result: Result<i64, SiteError> },
+    /// The heartbeat that proves a channel clean after an error answer finished.
+    Verified { generation: u64, id: u64, channel: Option<Channel>, result: Result<i64, SiteError> },
 }
 
 struct Waiter {
@@ -96,6 +98,8 @@ struct Waiter {
 enum Busy {
     Query,
     Heartbeat,
+    /// Proved clean with a heartbeat after an error answer.
+    Verify,
 }
 
 pub(crate) struct Actor {
@@ -333,9 +337,12 @@ impl Actor {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Returned { channel, reusable, reason } => {
+            Event::Returned { channel, how, reason } => {
                 self.busy.remove(&channel.id);
-                if !reusable || channel.generation != self.generation || self.state == SiteState::Down {
+                if how == Return::Verify && channel.generation == self.generation && self.state != SiteState::Down {
+                    self.start_verification(channel);
+                } else if how == Return::Close || channel.generation != self.generation || self.state == SiteState::Down
+                {
                     if let Some(reason) = reason {
                         tracing::debug!(site = %self.cfg.name, channel = channel.id, %reason, "channel closed");
                     }
@@ -413,6 +420,24 @@ impl Actor {
                     }
                     (Ok(_), None) => self.go_down("heartbeat channel lost".into()),
                 }
+            }
+            Event::Verified { generation, id, channel, result } => {
+                self.busy.remove(&id);
+                match (result, channel) {
+                    (Ok(program_start), Some(ch)) if generation == self.generation && self.state != SiteState::Down => {
+                        self.note_program_start(program_start);
+                        self.idle.push_back(ch);
+                    }
+                    (Ok(_), _) => {}
+                    (Err(e), _) => {
+                        // Not the site's failure: the channel carried a bad
+                        // request, and the core dealt with it in its own way.
+                        tracing::debug!(site = %self.cfg.name, channel = id, error = %e,
+                            "channel closed: not clean after an error answer");
+                    }
+                }
+                self.ensure_channels();
+                self.dispatch();
             }
             Event::Admitted { generation, channel, result } => {
                 self.admitting -= 1;
@@ -605,6 +630,14 @@ impl Actor {
         self.spawn_heartbeat(ch, move |channel, result| Event::Admitted { generation, channel, result });
     }
 
+    /// Prove a channel clean after an error answer: a heartbeat on it must
+    /// be answered, else it is closed (see `channel::Return::Verify`).
+    fn start_verification(&mut self, ch: Channel) {
+        let (generation, id) = (self.generation, ch.id);
+        self.busy.insert(id, (Busy::Verify, SystemTime::now()));
+        self.spawn_heartbeat(ch, move |channel, result| Event::Verified { generation, id, channel, result });
+    }
+
     fn start_heartbeat(&mut self, ch: Channel, purpose: Purpose) {
         self.heartbeat_in_flight = true;
         self.heartbeat_pending = None;
@@ -718,6 +751,7 @@ impl Actor {
             let state = match kind {
                 Busy::Query => "busy",
                 Busy::Heartbeat => "heartbeat",
+                Busy::Verify => "verifying",
             };
             channels.push(ChannelSnapshot { id: *id, state, since: timestamp(*since) });
         }

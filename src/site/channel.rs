@@ -6,6 +6,18 @@
 //! was read completely; [`Lease::discard`] closes one in an unknown state.
 //! A lease dropped without either (a task cancelled mid-query) counts as
 //! discarded, so a channel is never leaked and never reused half-read.
+//!
+//! A channel is reused only when the site has consumed exactly the request
+//! it answered. After a `200` that holds. After an error answer it need not:
+//! an mk-livestatus core (Naemon, Checkmk) stops reading a request at a bad
+//! header line and takes the lines after it for the next request, so the
+//! next query on that connection would read the answer to those leftovers.
+//! A lease whose answer was an error ([`Lease::answered_with_error`]) is
+//! therefore returned as [`Return::Verify`]: the actor sends a heartbeat on
+//! it and reuses it only if that is answered cleanly (leftovers cannot turn
+//! keep-alive on, since the proxy strips the client's `KeepAlive` and
+//! `ResponseHeader` lines, so a core that read leftovers answers them and
+//! closes: the heartbeat sees that). Anything else closes the channel.
 
 use std::io;
 use std::pin::Pin;
@@ -63,10 +75,26 @@ pub struct Channel {
     pub since: SystemTime,
 }
 
+/// What becomes of a channel when its lease ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Return {
+    /// Clean: back to the idle pool.
+    Reuse,
+    /// Its last answer was an error: the site may not have read all of the
+    /// request. Reused only after a heartbeat on it is answered cleanly.
+    Verify,
+    /// In an unknown state: closed.
+    Close,
+}
+
 /// A channel lent to one query.
 pub struct Lease {
     channel: Option<Channel>,
     reused: bool,
+    /// The site answered with an error status: see [`Return::Verify`].
+    error_answer: bool,
+    /// The site sent bytes beyond its answer: closed when released.
+    dirty: bool,
     /// A byte was written or read: the channel's state is the query's now.
     touched: bool,
     returns: mpsc::UnboundedSender<Event>,
@@ -84,7 +112,16 @@ impl Lease {
         let reused = channel.uses > 0;
         channel.uses += 1;
         channel.since = SystemTime::now();
-        Lease { channel: Some(channel), reused, touched: false, returns, activity, down }
+        Lease {
+            channel: Some(channel),
+            reused,
+            error_answer: false,
+            dirty: false,
+            touched: false,
+            returns,
+            activity,
+            down,
+        }
     }
 
     /// True if the channel carried a query before: a failure before any answer
@@ -103,14 +140,31 @@ impl Lease {
         self.down.clone()
     }
 
-    /// Return the channel for reuse: its answer was read completely.
+    /// The site's answer on this channel is an error: when released, the
+    /// channel is proved clean with a heartbeat before it is reused.
+    pub fn answered_with_error(&mut self) {
+        self.error_answer = true;
+    }
+
+    /// The site sent more than its answer: when released, the channel is
+    /// closed, not reused.
+    pub fn close_after_answer(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Return the channel for reuse: its answer was read completely (after
+    /// an error answer, reuse waits for a clean heartbeat on it).
     pub fn release(mut self) {
-        self.give_back(true, None);
+        if self.dirty {
+            return self.give_back(Return::Close, Some("the site sent more than its answer".into()));
+        }
+        let how = if self.error_answer { Return::Verify } else { Return::Reuse };
+        self.give_back(how, None);
     }
 
     /// Close the channel: it is in an unknown state.
     pub fn discard(mut self, reason: impl Into<String>) {
-        self.give_back(false, Some(reason.into()));
+        self.give_back(Return::Close, Some(reason.into()));
     }
 
     /// Take the channel back out of a lease that never reached a query
@@ -121,11 +175,11 @@ impl Lease {
         Some(ch)
     }
 
-    fn give_back(&mut self, reusable: bool, reason: Option<String>) {
+    fn give_back(&mut self, how: Return, reason: Option<String>) {
         if let Some(mut channel) = self.channel.take() {
             channel.since = SystemTime::now();
             // If the actor is gone the channel is simply closed here.
-            let _ = self.returns.send(Event::Returned { channel, reusable, reason });
+            let _ = self.returns.send(Event::Returned { channel, how, reason });
         }
     }
 
@@ -140,12 +194,12 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.touched {
-            self.give_back(false, Some("query abandoned mid-answer".into()));
+            self.give_back(Return::Close, Some("query abandoned mid-answer".into()));
         } else if let Some(mut channel) = self.channel.take() {
             // Never used (the query gave up waiting just as it arrived): the
             // channel is as good as before.
             channel.uses -= 1;
-            let _ = self.returns.send(Event::Returned { channel, reusable: true, reason: None });
+            let _ = self.returns.send(Event::Returned { channel, how: Return::Reuse, reason: None });
         }
     }
 }

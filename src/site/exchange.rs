@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::SiteHandle;
 use super::channel::Lease;
 use crate::error::{QueryError, SiteError};
-use livemux_protocol::{FIXED16_LEN, ResponseHeader};
+use livemux_protocol::{FIXED16_LEN, ResponseHeader, Status};
 
 /// Bytes read together with the response header: most answers to GUI
 /// queries fit, and each query in flight holds at most this much extra.
@@ -31,15 +31,28 @@ pub(crate) struct HeaderFailure {
     pub error: SiteError,
 }
 
+/// The longest unframed error line read from a core (mk-livestatus formats
+/// its error messages into 8 KiB); a longer one is cut here.
+const UNFRAMED_LIMIT: usize = 8 * 1024;
+
 /// Read the response header, and in the same reads whatever part of the
 /// body has arrived with it (up to `prefetch` bytes in all): one `recv` for
 /// a small answer instead of two.
+///
+/// A core that answers with a line of text instead of the header (see
+/// [`SiteError::Unframed`]) is noticed at the first byte that cannot belong
+/// to a header; its line is read to its end (or EOF, or
+/// [`UNFRAMED_LIMIT`]), each read waiting at most `unframed_wait`.
 pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
     r: &mut R,
     prefetch: usize,
-) -> Result<([u8; FIXED16_LEN], ResponseHeader, Bytes), HeaderFailure> {
+    unframed_wait: std::time::Duration,
+) -> Result<ResponseStart, HeaderFailure> {
     let mut buf = BytesMut::with_capacity(prefetch.max(FIXED16_LEN));
     while buf.len() < FIXED16_LEN {
+        if !livemux_protocol::response::could_be_header(&buf) {
+            return Err(HeaderFailure { any_byte: true, error: read_unframed(r, buf, unframed_wait).await });
+        }
         match r.read_buf(&mut buf).await {
             Ok(0) if buf.is_empty() => {
                 return Err(HeaderFailure { any_byte: false, error: SiteError::ClosedWithoutAnswer });
@@ -52,23 +65,65 @@ pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
             Err(e) => return Err(HeaderFailure { any_byte: !buf.is_empty(), error: SiteError::Io(e) }),
         }
     }
+    if !livemux_protocol::response::could_be_header(&buf) {
+        return Err(HeaderFailure { any_byte: true, error: read_unframed(r, buf, unframed_wait).await });
+    }
     let mut raw = [0u8; FIXED16_LEN];
     raw.copy_from_slice(&buf[..FIXED16_LEN]);
-    if matches!(raw, [0x15 | 0x16, 0x03, ..]) {
-        // A TLS alert or handshake record, not a fixed16 header.
-        return Err(HeaderFailure { any_byte: true, error: SiteError::TlsOnPlain });
-    }
     let header = ResponseHeader::decode(&raw).map_err(|e| HeaderFailure { any_byte: true, error: e.into() })?;
-    let prefix = buf.split_off(FIXED16_LEN).freeze();
-    if prefix.len() as u64 > header.length {
-        let error = SiteError::BadHeader(livemux_protocol::HeaderError::BadLength(format!(
-            "the site sent {} bytes after a header announcing {}",
-            prefix.len(),
-            header.length
-        )));
-        return Err(HeaderFailure { any_byte: true, error });
+    let mut prefix = buf.split_off(FIXED16_LEN).freeze();
+    // Bytes beyond the announced body belong to no request of ours (a core
+    // answering the leftovers of a request it stopped reading): the answer
+    // is whole, but the channel must not be reused.
+    let surplus = prefix.len() as u64 > header.length;
+    if surplus {
+        prefix.truncate(header.length as usize);
     }
-    Ok((raw, header, prefix))
+    Ok(ResponseStart { raw, header, prefix, surplus })
+}
+
+/// The start of a framed answer, as [`read_response_start`] read it.
+pub(crate) struct ResponseStart {
+    /// The header as the site sent it.
+    pub raw: [u8; FIXED16_LEN],
+    /// The decoded header.
+    pub header: ResponseHeader,
+    /// Body bytes that came with the header (never more than the body).
+    pub prefix: Bytes,
+    /// More bytes than the body followed the header: the channel is dirty.
+    pub surplus: bool,
+}
+
+/// The rest of an answer that did not start with a header: a TLS record,
+/// a core's unframed error line, or something else altogether.
+async fn read_unframed<R: AsyncRead + Unpin>(r: &mut R, mut buf: BytesMut, wait: std::time::Duration) -> SiteError {
+    use livemux_protocol::response::is_text;
+    if matches!(buf[..], [0x15 | 0x16, 0x03, ..]) {
+        // A TLS alert or handshake record.
+        return SiteError::TlsOnPlain;
+    }
+    let garbage = |buf: &[u8]| {
+        let shown = String::from_utf8_lossy(&buf[..buf.len().min(FIXED16_LEN)]).into_owned();
+        SiteError::BadHeader(livemux_protocol::HeaderError::BadStatus(shown))
+    };
+    loop {
+        let line_end = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
+        if !is_text(&buf[..line_end]) {
+            return garbage(&buf);
+        }
+        if line_end < buf.len() || buf.len() >= UNFRAMED_LIMIT {
+            break;
+        }
+        buf.reserve(1024);
+        match tokio::time::timeout(wait, r.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // EOF (how the core ends it), an error or silence: the line is what came.
+            _ => break,
+        }
+    }
+    let line = &buf[..buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len()).min(UNFRAMED_LIMIT)];
+    let (status, message) = livemux_protocol::unframed_error(line);
+    SiteError::Unframed { status, message: String::from_utf8_lossy(message).into_owned() }
 }
 
 /// A site's answer whose header has arrived; the body is still on the channel.
@@ -93,20 +148,30 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
         let mut lease = site.acquire(fresh, deadline).await?;
         let reused = lease.reused();
         let down = lease.down_signal();
+        let unframed_wait = site.params().response_idle_timeout;
         let attempt = async {
             let sent = async {
                 lease.write_all(wire).await?;
                 lease.flush().await
             };
             sent.await.map_err(|e| HeaderFailure { any_byte: false, error: e.into() })?;
-            read_response_start(&mut lease, PREFETCH).await
+            read_response_start(&mut lease, PREFETCH, unframed_wait).await
         };
         let outcome = tokio::select! {
             r = tokio::time::timeout_at(deadline, attempt) => r,
             _ = down.cancelled() => return Err(site.down_error()),
         };
         match outcome {
-            Ok(Ok((raw_header, header, prefix))) => return Ok(SiteResponse { raw_header, header, prefix, lease }),
+            Ok(Ok(ResponseStart { raw, header, prefix, surplus })) => {
+                if surplus {
+                    tracing::debug!(site = %site.name(), channel = lease.channel_id(),
+                        "the site sent more than its answer; the channel will be closed after it");
+                    lease.close_after_answer();
+                } else if header.status != Status::Ok {
+                    lease.answered_with_error();
+                }
+                return Ok(SiteResponse { raw_header: raw, header, prefix, lease });
+            }
             Ok(Err(f)) if !f.any_byte && reused && !fresh => {
                 tracing::debug!(site = %site.name(), channel = lease.channel_id(), error = %f.error,
                     "reused channel failed before answering; retrying once on a fresh channel");
@@ -115,7 +180,7 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
             }
             Ok(Err(f)) => {
                 lease.discard(f.error.to_string());
-                return Err(QueryError::Site { site: site.name().to_owned(), source: f.error });
+                return Err(QueryError::from_site(site.name(), f.error));
             }
             Err(_) => {
                 lease.discard("query timeout");
@@ -126,15 +191,17 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
 }
 
 /// Forward `COMMAND`s (already encoded, each with its empty line). The
-/// site sends no answer to them.
+/// site sends no answer to them, except an mk-livestatus core to one it
+/// rejects: a line like `400: Unknown command` (without the fixed16 header).
 ///
 /// After the commands a heartbeat goes out on the same channel, and the call
 /// returns when it is answered (at most `heartbeat_timeout`): the site
 /// executes a channel's requests in order, so a query the client sends next,
-/// on whatever channel, sees the commands' effect. And a core that answers a
-/// rejected command with an error line, or dies of it, cannot leave bytes
-/// on the channel for the next query to read as its answer: the channel is
-/// closed instead of reused.
+/// on whatever channel, sees the commands' effect. A core's error line
+/// arrives before the heartbeat's answer: the call returns it as
+/// [`QueryError::Refused`], and the channel is closed (the heartbeat's
+/// answer is still on it), as it is whenever the heartbeat is not answered
+/// cleanly.
 pub async fn send_commands(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Result<(), QueryError> {
     let mut lease = site.acquire(false, deadline).await?;
     let write = tokio::time::timeout_at(deadline, async {
@@ -146,6 +213,10 @@ pub async fn send_commands(site: &SiteHandle, wire: &[u8], deadline: Instant) ->
             let until = deadline.min(Instant::now() + site.params().heartbeat_timeout);
             match tokio::time::timeout_at(until, super::heartbeat::exchange(&mut lease)).await {
                 Ok(Ok(_)) => lease.release(),
+                Ok(Err(SiteError::Unframed { status, message })) => {
+                    lease.discard("after a COMMAND the site answered with an error line");
+                    return Err(QueryError::Refused { site: site.name().to_owned(), status, message });
+                }
                 Ok(Err(e)) => {
                     tracing::info!(site = %site.name(), error = %e,
                         "channel closed: the site's answer after a COMMAND was not clean");
@@ -169,4 +240,68 @@ pub async fn send_commands(site: &SiteHandle, wire: &[u8], deadline: Instant) ->
 /// Classify an I/O error on the proxy→site hop during the body.
 pub(crate) fn body_error(e: io::Error, got: u64, expected: u64) -> SiteError {
     if e.kind() == io::ErrorKind::UnexpectedEof { SiteError::Truncated { got, expected } } else { SiteError::Io(e) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    async fn start_of(bytes: &[u8]) -> Result<ResponseStart, HeaderFailure> {
+        read_response_start(&mut &bytes[..], PREFETCH, Duration::from_secs(1)).await
+    }
+
+    #[tokio::test]
+    async fn a_header_and_its_body_and_nothing_more() {
+        let s = start_of(b"200           4\n100\n").await.ok().expect("a framed answer");
+        assert_eq!((s.header.status, s.header.length, &s.prefix[..], s.surplus), (Status::Ok, 4, &b"100\n"[..], false));
+        let s = start_of(b"400           4\nbad\nInvalid request method\n").await.ok().expect("a framed answer");
+        assert_eq!(&s.prefix[..], b"bad\n", "the body, not what follows it");
+        assert!(s.surplus, "bytes after the answer make the channel dirty");
+    }
+
+    #[tokio::test]
+    async fn an_unframed_error_line_is_the_cores_answer() {
+        let Err(f) = start_of(b"Invalid request method\n").await else { panic!("not a header") };
+        assert!(f.any_byte);
+        match f.error {
+            SiteError::Unframed { status, message } => {
+                assert_eq!((status, message.as_str()), (Status::InvalidRequest, "Invalid request method"))
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_error_line_on_an_open_connection_does_not_wait_for_16_bytes() {
+        // A rejected COMMAND's line is shorter than a header, and the core
+        // keeps the connection open: the line ends the answer.
+        let (mut site, mut proxy) = tokio::io::duplex(1024);
+        site.write_all(b"400: Bad\n").await.unwrap();
+        let f = read_response_start(&mut proxy, PREFETCH, Duration::from_secs(3600)).await.err().expect("unframed");
+        assert!(matches!(f.error, SiteError::Unframed { status: Status::BadRequest, ref message } if message == "Bad"));
+        drop(site);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unfinished_error_line_is_taken_as_it_is_after_the_wait() {
+        let (mut site, mut proxy) = tokio::io::duplex(1024);
+        site.write_all(b"Invalid request").await.unwrap();
+        let started = Instant::now();
+        let f = read_response_start(&mut proxy, PREFETCH, Duration::from_secs(30)).await.err().expect("unframed");
+        assert_eq!(started.elapsed(), Duration::from_secs(30), "one wait for the rest of the line, then no more");
+        assert!(matches!(f.error, SiteError::Unframed { ref message, .. } if message == "Invalid request"));
+        drop(site);
+    }
+
+    #[tokio::test]
+    async fn binary_garbage_and_tls_are_not_taken_for_text() {
+        let Err(f) = start_of(&[0x16, 0x03, 0x03, 0x00, 0x10]).await else { panic!() };
+        assert!(matches!(f.error, SiteError::TlsOnPlain));
+        let Err(f) = start_of(b"\x00\x01\x02garbage garbage garbage").await else { panic!() };
+        assert!(matches!(f.error, SiteError::BadHeader(_)), "{}", f.error);
+    }
 }

@@ -20,7 +20,13 @@ const MAX_BODY: u64 = 4096;
 pub(crate) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<i64, SiteError> {
     stream.write_all(QUERY).await?;
     stream.flush().await?;
-    let (_, header, prefix) = read_response_start(stream, MAX_BODY as usize).await.map_err(|f| f.error)?;
+    // The caller bounds the whole exchange (`heartbeat_timeout`).
+    let unbounded = std::time::Duration::MAX;
+    let start = read_response_start(stream, MAX_BODY as usize, unbounded).await.map_err(|f| f.error)?;
+    let (header, prefix) = (start.header, start.prefix);
+    if start.surplus {
+        return Err(SiteError::HeartbeatAnswer("the site sent more bytes than its answer".into()));
+    }
     if header.length > MAX_BODY {
         return Err(SiteError::HeartbeatAnswer(format!("answer of {} bytes is not a heartbeat answer", header.length)));
     }

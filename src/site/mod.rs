@@ -76,7 +76,7 @@ pub struct SiteStatus {
 pub struct ChannelSnapshot {
     /// Channel number.
     pub id: u64,
-    /// `idle`, `busy` or `heartbeat`.
+    /// `idle`, `busy`, `heartbeat`, or `verifying` (after an error answer).
     pub state: &'static str,
     /// Since when (RFC 3339).
     pub since: String,

@@ -2,9 +2,9 @@
 //! sites, raw Livestatus clients, and condition waits with deadlines.
 #![allow(dead_code)]
 
-pub mod icinga;
 pub mod netns;
 pub mod process;
+pub mod realsite;
 pub mod tls;
 
 use std::path::PathBuf;

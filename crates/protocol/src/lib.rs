@@ -26,4 +26,4 @@ pub mod response;
 pub use request::{
     CacheDirective, CommandRequest, FrameEnd, Framer, Limit, Limits, Query, ReplyStyle, Request, RequestError,
 };
-pub use response::{FIXED16_LEN, HeaderError, ResponseHeader, Status, error_response};
+pub use response::{FIXED16_LEN, HeaderError, ResponseHeader, Status, error_response, unframed_error};

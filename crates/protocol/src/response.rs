@@ -153,6 +153,44 @@ impl ResponseHeader {
     }
 }
 
+/// True while `bytes` (the start of an answer) can still be the start of a
+/// `fixed16` header: three digits, a space, then digits and spaces up to the
+/// separator. The first byte that cannot be tells an unframed answer early,
+/// even one shorter than a header.
+pub fn could_be_header(bytes: &[u8]) -> bool {
+    bytes.iter().take(FIXED16_LEN - 1).enumerate().all(|(i, b)| match i {
+        0..=2 => b.is_ascii_digit(),
+        3 => *b == b' ',
+        _ => b.is_ascii_digit() || *b == b' ',
+    })
+}
+
+/// True if `bytes` read as a line of text (no control bytes but tab, CR
+/// and LF): what an unframed error answer from a core looks like, as
+/// opposed to another protocol's binary data.
+pub fn is_text(bytes: &[u8]) -> bool {
+    bytes.iter().all(|b| !b.is_ascii_control() || matches!(b, b'\t' | b'\r' | b'\n'))
+}
+
+/// The status and message of an error a core sent without the `fixed16`
+/// header it was asked for (mk-livestatus does this when it rejects a
+/// request before reading its headers, and for a rejected `COMMAND`: `400:
+/// Unknown command`). A leading three-digit code followed by `:` or a space
+/// is the status and is cut from the message; otherwise the status is 452,
+/// mk-livestatus's code for a request it could not take.
+pub fn unframed_error(text: &[u8]) -> (Status, &[u8]) {
+    let text = text.trim_ascii();
+    if let [a, b, c, sep, rest @ ..] = text
+        && [a, b, c].iter().all(|d| d.is_ascii_digit())
+        && matches!(sep, b':' | b' ')
+        && *a != b'0'
+    {
+        let code = u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0');
+        return (Status::from_code(code), rest.trim_ascii());
+    }
+    (Status::InvalidRequest, text)
+}
+
 /// The body of an error answer: the message on one line, ending in `\n`.
 /// Line breaks inside the message are replaced by spaces so that a client
 /// reading one line gets all of it.
@@ -213,7 +251,42 @@ mod tests {
         assert_eq!(error_response(Status::Busy, "x", false), b"x\n".to_vec());
     }
 
+    #[test]
+    fn unframed_answers_are_told_early() {
+        assert!(could_be_header(b"200          18\n"));
+        assert!(could_be_header(b"40"));
+        assert!(could_be_header(b""));
+        assert!(!could_be_header(b"400: Unknown"), "a colon after the code");
+        assert!(!could_be_header(b"Invalid request method\n"));
+        assert!(!could_be_header(b"200 OK\n"));
+        assert!(is_text(b"Invalid request method\n"));
+        assert!(!is_text(&[0x16, 0x03, 0x01, 0x00]), "a TLS record");
+    }
+
+    #[test]
+    fn unframed_errors_keep_the_cores_code_and_text() {
+        assert_eq!(
+            unframed_error(b"400: Unknown command 'FOO'\n"),
+            (Status::BadRequest, &b"Unknown command 'FOO'"[..])
+        );
+        assert_eq!(
+            unframed_error(b"Invalid request method\n"),
+            (Status::InvalidRequest, &b"Invalid request method"[..])
+        );
+        assert_eq!(unframed_error(b"451 timeout"), (Status::Incomplete, &b"timeout"[..]));
+        assert_eq!(unframed_error(b"12: x"), (Status::InvalidRequest, &b"12: x"[..]));
+        assert_eq!(unframed_error(b"099: x"), (Status::InvalidRequest, &b"099: x"[..]));
+    }
+
     proptest! {
+        #[test]
+        fn a_valid_header_is_never_taken_for_unframed(code in 100u16..1000, length in 0u64..=MAX_BODY_LEN) {
+            let raw = ResponseHeader::new(Status::from_code(code), length).encode();
+            for n in 0..=FIXED16_LEN {
+                prop_assert!(could_be_header(&raw[..n]));
+            }
+        }
+
         #[test]
         fn header_round_trip(code in 100u16..1000, length in 0u64..=MAX_BODY_LEN) {
             let h = ResponseHeader::new(Status::from_code(code), length);

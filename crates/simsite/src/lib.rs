@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
-use livemux_protocol::{Framer, Limits, Query, Request, ResponseHeader, Status, error_response};
+use livemux_protocol::{Framer, Limits, Query, ReplyStyle, Request, ResponseHeader, Status, error_response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
@@ -114,6 +114,17 @@ pub struct Knobs {
     /// Answer every `COMMAND` with this line, without a response header (as
     /// old mk-livestatus versions answer a command they reject).
     pub command_reply: Option<String>,
+    /// Answer a `GET` (on the fault table) with this line, without the
+    /// response header it asked for, and close: what an mk-livestatus core
+    /// does with a request it rejects before reading its headers.
+    pub unframed_reply: Option<String>,
+    /// Read headers as mk-livestatus (Naemon, Checkmk) does: a header the
+    /// core does not know ends the request with `400 Undefined request
+    /// header`, and the lines after it are read as the next request; a first
+    /// line that is neither `GET` nor `COMMAND` gets a bare `Invalid request
+    /// method` line, and the connection closes. Keep-alive connections stay
+    /// open after error answers (Icinga 2 closes them).
+    pub mk_headers: bool,
 }
 
 impl Knobs {
@@ -122,7 +133,7 @@ impl Knobs {
     /// Keys: `delay_ms`, `hang` (0/1), `close_without_answer`,
     /// `close_after_bytes` (or `none`), `write_chunk`, `write_pause_ms`,
     /// `fault_table` (or `none`), `bulk_bytes`, `rtt_ms`, `max_connections`,
-    /// `command_reply` (or `none`).
+    /// `command_reply` (or `none`), `unframed_reply` (or `none`), `mk_headers` (0/1).
     pub fn apply(&mut self, key: &str, value: &str) -> Result<(), String> {
         let num = |v: &str| v.parse::<u64>().map_err(|_| format!("{key}: '{v}' is not a number"));
         match key {
@@ -140,6 +151,9 @@ impl Knobs {
             "max_connections" => self.max_connections = num(value)? as usize,
             "command_reply" if value == "none" => self.command_reply = None,
             "command_reply" => self.command_reply = Some(value.to_owned()),
+            "unframed_reply" if value == "none" => self.unframed_reply = None,
+            "unframed_reply" => self.unframed_reply = Some(value.to_owned()),
+            "mk_headers" => self.mk_headers = num(value)? != 0,
             _ => return Err(format!("unknown knob '{key}'")),
         }
         Ok(())
@@ -453,6 +467,32 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
             tokio::time::sleep(if first { rtt * 2 } else { rtt }).await;
         }
         first = false;
+        if lock(&shared.knobs).mk_headers {
+            match mk_dialect(&block) {
+                MkRead::Whole => {}
+                MkRead::InvalidMethod => {
+                    s.write_all(b"Invalid request method\n").await?;
+                    s.shutdown().await.ok();
+                    return Ok(());
+                }
+                MkRead::StopsAt { line, end } => {
+                    // The lines after the bad one stay unread: they are
+                    // the next request.
+                    let mut rest = BytesMut::from(&block[end..]);
+                    rest.extend_from_slice(&buf);
+                    buf = rest;
+                    framer = Framer::new();
+                    let style = ReplyStyle::sniff(&block[..end]);
+                    let msg = format!("Undefined request header '{line}'");
+                    s.write_all(&error_response(Status::BadRequest, &msg, style.fixed16)).await?;
+                    if !style.keepalive {
+                        s.shutdown().await.ok();
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+        }
         let next = match Request::parse(&block) {
             Ok(Request::Get(q)) => answer(shared, &mut s, &q).await?,
             Ok(Request::Command(c)) => {
@@ -532,6 +572,76 @@ enum Body {
     Bulk(u64),
 }
 
+/// How an mk-livestatus core reads a request (see [`Knobs::mk_headers`]).
+enum MkRead {
+    /// Every line.
+    Whole,
+    /// The first line is no request method.
+    InvalidMethod,
+    /// Up to the unknown header `line`, which ends at byte `end`.
+    StopsAt { line: String, end: usize },
+}
+
+/// The header names naemon-livestatus 1.5 knows.
+const MK_HEADERS: &[&str] = &[
+    "Filter",
+    "Sort",
+    "Or",
+    "And",
+    "Negate",
+    "StatsOr",
+    "StatsAnd",
+    "StatsNegate",
+    "Stats",
+    "StatsGroupBy",
+    "Columns",
+    "ColumnHeaders",
+    "Limit",
+    "Offset",
+    "Timelimit",
+    "AuthUser",
+    "Separators",
+    "OutputFormat",
+    "ResponseHeader",
+    "KeepAlive",
+    "WaitCondition",
+    "WaitConditionAnd",
+    "WaitConditionOr",
+    "WaitConditionNegate",
+    "WaitTrigger",
+    "WaitObject",
+    "WaitTimeout",
+    "Localtime",
+];
+
+fn mk_dialect(block: &[u8]) -> MkRead {
+    let mut pos = 0;
+    let mut first = true;
+    for line in block.split_inclusive(|b| *b == b'\n') {
+        pos += line.len();
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        if text.is_empty() {
+            continue;
+        }
+        if first {
+            first = false;
+            if text.starts_with("GET") {
+                continue;
+            }
+            if text.starts_with("COMMAND ") {
+                return MkRead::Whole;
+            }
+            return MkRead::InvalidMethod;
+        }
+        let known = text.split_once(':').is_some_and(|(name, _)| MK_HEADERS.contains(&name));
+        if !known {
+            return MkRead::StopsAt { line: text.to_owned(), end: pos };
+        }
+    }
+    MkRead::Whole
+}
+
 async fn answer<S: AsyncWrite + Unpin>(shared: &Shared, s: &mut S, q: &Query) -> io::Result<Next> {
     shared.queries.fetch_add(1, Ordering::Relaxed);
     *lock(&shared.per_table).entry(q.table.clone()).or_default() += 1;
@@ -546,6 +656,10 @@ async fn answer<S: AsyncWrite + Unpin>(shared: &Shared, s: &mut S, q: &Query) ->
         }
     };
     if knobs.close_without_answer > 0 {
+        return Ok(Next::Close);
+    }
+    if let Some(line) = &knobs.unframed_reply {
+        s.write_all(format!("{line}\n").as_bytes()).await?;
         return Ok(Next::Close);
     }
     if knobs.hang {
@@ -600,7 +714,10 @@ async fn answer<S: AsyncWrite + Unpin>(shared: &Shared, s: &mut S, q: &Query) ->
             ok
         }
     };
-    Ok(if complete && q.style.keepalive && status == Status::Ok { Next::Continue } else { Next::Close })
+    // Icinga 2 ends a keep-alive connection after an error answer;
+    // mk-livestatus keeps it.
+    let keep = status == Status::Ok || lock(&shared.knobs).mk_headers;
+    Ok(if complete && q.style.keepalive && keep { Next::Continue } else { Next::Close })
 }
 
 /// Writes a response under the write knobs: chunked, paused, cut short.

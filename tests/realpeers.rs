@@ -1,0 +1,583 @@
+//! livemux in front of real Livestatus servers, Icinga 2 and Naemon (with
+//! naemon-livestatus, the mk-livestatus family), and with a real third-party
+//! client (Monitoring::Livestatus).
+//!
+//! Every test runs against both cores (`icinga::*` and `naemon::*`); where
+//! the cores behave differently, the test says which behaviour it expects
+//! from which core. Both sites hold the same objects in the same static
+//! states (`scripts/icinga-site.sh`, `scripts/naemon-site.sh`).
+//!
+//! Icinga 2 returns rows in hash order, so its rows are compared as sorted
+//! lists; Naemon sorts them, so its answers are compared byte for byte.
+//! Icinga 2 serves at most 2 × cores connections per site at once (4 on a
+//! 2-core machine), so every site here gets at most 2 channels, leaving room
+//! for a direct connection and the occasional extra heartbeat.
+
+mod support;
+
+use std::time::Duration;
+
+use livemux::config::SiteParams;
+use livemux::site::SiteState;
+use support::realsite::{Core, RealSite};
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpStream, UnixStream};
+
+/// Instantiate each named test (`async fn name(core: Core)`) once per core.
+macro_rules! on_both_cores {
+    ($($name:ident),* $(,)?) => {
+        mod icinga {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Core::Icinga).await
+                }
+            )*
+        }
+        mod naemon {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Core::Naemon).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_cores!(
+    a_battery_of_queries_gets_the_same_answers_through_livemux,
+    no_bad_request_changes_what_another_client_receives,
+    commands_reach_the_core_and_take_effect,
+    many_keepalive_clients_on_two_channels_get_complete_correct_answers,
+    a_stopped_core_fails_fast_the_other_is_unaffected_and_a_restart_heals,
+    a_frozen_core_is_detected_by_the_heartbeat,
+    monitoring_livestatus_gets_the_same_rows_through_livemux,
+    cached_answers_equal_direct_ones_and_a_reload_makes_them_fresh,
+);
+
+fn params() -> SiteParams {
+    SiteParams {
+        channels: 2,
+        heartbeat_interval: Duration::from_millis(500),
+        heartbeat_timeout: Duration::from_millis(400),
+        connect_retry: Duration::from_millis(500),
+        ..SiteParams::default()
+    }
+}
+
+async fn site(core: Core, hosts: usize, services: usize) -> Option<RealSite> {
+    tokio::task::spawn_blocking(move || RealSite::start(core, hosts, services)).await.expect("start task")
+}
+
+/// An answer reduced to what must be equal: status, and the rows (sorted
+/// for Icinga 2, whose row order is its hash order; csv lines, or json
+/// rows); for errors only the first line of the message (Icinga 2 appends
+/// a stack trace).
+#[derive(Debug, PartialEq)]
+struct Answer {
+    status: u16,
+    rows: Vec<String>,
+}
+
+fn normalise(core: Core, status: u16, body: &[u8], json: bool) -> Answer {
+    let text = String::from_utf8_lossy(body);
+    let mut rows: Vec<String> = if status != 200 {
+        text.lines().take(1).map(str::to_owned).collect()
+    } else if json {
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("json {e}: {text}"));
+        v.as_array().expect("json rows").iter().map(|r| r.to_string()).collect()
+    } else {
+        text.lines().map(str::to_owned).collect()
+    };
+    if core == Core::Icinga {
+        rows.sort();
+    }
+    Answer { status, rows }
+}
+
+/// Read a fixed16 answer from any stream.
+async fn fixed16<R: tokio::io::AsyncRead + Unpin>(s: &mut R) -> (u16, Vec<u8>) {
+    read_answer_bytes(s).await
+}
+
+/// One request on a new direct TCP connection; everything until EOF (or,
+/// for a core that keeps the connection open, until it is quiet).
+async fn direct_raw(site: &RealSite, request: &str) -> Vec<u8> {
+    direct_tcp(([127, 0, 0, 1], site.port).into(), request).await
+}
+
+async fn proxy_raw(p: &Proxy, site: &str, request: &str) -> Vec<u8> {
+    let mut s = p.client(site).await;
+    s.write_all(request.as_bytes()).await.unwrap();
+    read_to_eof(&mut s).await
+}
+
+const BATTERY: &[&str] = &[
+    "GET hosts\nColumns: name state address groups num_services\n",
+    "GET hosts\nColumns: name state plugin_output\nFilter: state = 1\nLimit: 10\n",
+    "GET hosts\nColumns: name\nFilter: groups >= db\nFilter: state = 0\nAnd: 2\nOutputFormat: json\n",
+    "GET services\nColumns: host_name description state plugin_output perf_data\nFilter: state != 0\n",
+    "GET services\nColumns: host_name description groups\nOutputFormat: json\n",
+    "GET services\nStats: state = 0\nStats: state = 1\nStats: state = 2\nStats: state = 3\n",
+    "GET services\nColumns: description\nStats: state != 0\nOutputFormat: json\n",
+    "GET services\nStats: sum state\nStats: max state\nStats: min state\n",
+    "GET hostgroups\nColumns: name num_hosts members\n",
+    "GET servicegroups\nColumns: name num_services\nOutputFormat: json\n",
+    "GET contacts\nColumns: name email\n",
+    "GET comments\nColumns: host_name comment author\n",
+    "GET downtimes\nColumns: host_name comment\nOutputFormat: json\n",
+    "GET status\nColumns: program_version livestatus_version num_hosts num_services program_start\n",
+    "GET nosuchtable\n",
+    "GET hosts\nColumns: nosuchcolumn\n",
+    "GET hosts\nColumns: name\nFilter: state = abc\n",
+    "GET hosts\nColumns: name\nFilter: name <> host-0001\n",
+];
+
+async fn a_battery_of_queries_gets_the_same_answers_through_livemux(core: Core) {
+    let Some(rs) = site(core, 100, 5).await else { return };
+    let p = Proxy::start(vec![("rs", rs.tcp_address(), params())]).await;
+    p.wait_state("rs", SiteState::Ready).await;
+
+    for q in BATTERY {
+        let json = q.contains("OutputFormat: json");
+        // fixed16, one query per connection.
+        let req = format!("{q}ResponseHeader: fixed16\n\n");
+        let d = direct_raw(&rs, &req).await;
+        let (ds, db) = fixed16(&mut d.as_slice()).await;
+        let pr = proxy_raw(&p, "rs", &req).await;
+        let (ps, pb) = fixed16(&mut pr.as_slice()).await;
+        match core {
+            // Naemon's answers are deterministic: the same bytes.
+            Core::Naemon => assert_eq!(String::from_utf8_lossy(&pr), String::from_utf8_lossy(&d), "fixed16: {q:?}"),
+            Core::Icinga => {
+                assert_eq!(normalise(core, ps, &pb, json), normalise(core, ds, &db, json), "fixed16: {q:?}")
+            }
+        }
+        assert_eq!(d.len() as u64, 16 + db.len() as u64, "one answer, nothing more");
+
+        // Plain: the body of a 200 is the same.
+        let req = format!("{q}\n");
+        let d = direct_raw(&rs, &req).await;
+        let pr = proxy_raw(&p, "rs", &req).await;
+        match (core, ds) {
+            (Core::Naemon, _) => assert_eq!(String::from_utf8_lossy(&pr), String::from_utf8_lossy(&d), "plain: {q:?}"),
+            (Core::Icinga, 200) => {
+                assert_eq!(normalise(core, 200, &pr, json), normalise(core, 200, &d, json), "plain: {q:?}")
+            }
+            // Icinga 2 sends nothing for errors without fixed16; livemux
+            // forwards the site's message.
+            (Core::Icinga, _) => {
+                assert!(d.is_empty(), "Icinga 2 sends nothing for errors without fixed16");
+                assert_eq!(normalise(core, ds, &pr, json), normalise(core, ds, &db, json), "plain error: {q:?}");
+            }
+        }
+    }
+
+    // Keep-alive with fixed16: the battery on one connection each.
+    let mut d = TcpStream::connect(("127.0.0.1", rs.port)).await.unwrap();
+    let mut c = p.client("rs").await;
+    for q in BATTERY {
+        let json = q.contains("OutputFormat: json");
+        let req = format!("{q}ResponseHeader: fixed16\nKeepAlive: on\n\n");
+        d.write_all(req.as_bytes()).await.unwrap();
+        let (ds, db) = fixed16(&mut d).await;
+        if ds != 200 && core == Core::Icinga {
+            // Icinga 2 may end a keep-alive connection after an error
+            // answer (Naemon keeps it): go on on a new one.
+            d = TcpStream::connect(("127.0.0.1", rs.port)).await.unwrap();
+        }
+        c.write_all(req.as_bytes()).await.unwrap();
+        let (ps, pb) = fixed16(&mut c).await;
+        assert_eq!(normalise(core, ps, &pb, json), normalise(core, ds, &db, json), "keepalive: {q:?}");
+    }
+    drop(d);
+    p.shutdown().await;
+}
+
+/// Requests each core rejects in its own way, one of every error class.
+fn bad_requests(now: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("bad header", "GET hosts\nColumns: name\nFoo: bar\nLimit: 2\n".into()),
+        ("bad filter", "GET hosts\nColumns: name\nFilter: name <> host-0001\n".into()),
+        ("filter without operator", "GET hosts\nColumns: name\nFilter: name\n".into()),
+        ("bad stats", "GET services\nStats: foo\n".into()),
+        ("unknown table", "GET nosuchtable\nColumns: name\n".into()),
+        ("unknown column", "GET hosts\nColumns: nosuchcolumn\nLimit: 2\n".into()),
+        ("lower-case verb", "get hosts\nColumns: name\n".into()),
+        ("bad limit", "GET hosts\nColumns: name\nLimit: abc\n".into()),
+        ("bad command", format!("COMMAND [{now}] NO_SUCH_COMMAND;host-0001\n")),
+    ]
+}
+
+/// Good queries with one deterministic answer on both cores.
+const GOOD: &[&str] = &[
+    "GET hosts\nColumns: name state plugin_output\nFilter: name = host-0049\n",
+    "GET status\nColumns: num_hosts num_services\n",
+    "GET services\nColumns: host_name description state\nFilter: host_name = host-0003\nFilter: description = cpu\n",
+];
+
+/// `request` with `ResponseHeader: fixed16` right after its first line, as
+/// livemux sends it (a core may stop reading at a bad line).
+fn fixed16_first(request: &str) -> String {
+    let (first, rest) = request.split_once('\n').unwrap_or((request, ""));
+    format!("{first}\nResponseHeader: fixed16\n{rest}\n")
+}
+
+/// The first line a core sends for `request` on a new connection (for a
+/// `COMMAND`, which leaves the connection open).
+async fn direct_line(site: &RealSite, request: &str) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let mut s = tokio::io::BufReader::new(TcpStream::connect(("127.0.0.1", site.port)).await.unwrap());
+    s.get_mut().write_all(request.as_bytes()).await.unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(PATIENCE, s.read_line(&mut line)).await.expect("a line in time").expect("read");
+    line
+}
+
+/// What livemux must answer to a bad request (with fixed16 asked for),
+/// from what the core answers to it directly.
+async fn expected_bad_answer(core: Core, rs: &RealSite, what: &str, bad: &str) -> Answer {
+    let answer = |status, text: &str| Answer { status, rows: vec![text.to_owned()] };
+    match (what, core) {
+        // livemux refuses it itself (the core never sees it).
+        ("lower-case verb", _) => answer(452, "invalid request method 'get' (expected GET or COMMAND)"),
+        // Naemon answers a rejected command with a bare `400: ...` line (and
+        // keeps the connection); a client asking for fixed16 gets it as a
+        // proper answer.
+        ("bad command", Core::Naemon) => {
+            let line = direct_line(rs, &format!("{bad}\n")).await;
+            let (status, message) = livemux_protocol::unframed_error(line.as_bytes());
+            assert_eq!(status.code(), 400, "Naemon's answer: {line:?}");
+            answer(400, &String::from_utf8_lossy(message))
+        }
+        // Icinga 2 answers no command; livemux sends the empty 200 it sends
+        // to a client asking for fixed16.
+        ("bad command", Core::Icinga) => Answer { status: 200, rows: vec![] },
+        _ => {
+            let direct = direct_raw(rs, &fixed16_first(bad)).await;
+            if direct.is_empty() {
+                // Icinga 2 closes the connection without a byte for some bad
+                // queries (Naemon always answers).
+                assert_eq!(core, Core::Icinga, "{what}: no answer from {}", core.name());
+                return answer(502, "site 'rs': the site closed the connection without answering");
+            }
+            let (status, body) = fixed16(&mut direct.as_slice()).await;
+            normalise(core, status, &body, false)
+        }
+    }
+}
+
+async fn no_bad_request_changes_what_another_client_receives(core: Core) {
+    // One channel, so every query goes where the bad one went. Naemon stops
+    // reading a request at a bad header and takes the rest for the next
+    // request; Icinga 2 closes the connection after some errors. Either way
+    // the next client's query must get exactly what the core answers it
+    // directly.
+    let Some(rs) = site(core, 100, 5).await else { return };
+    let p = Proxy::start(vec![("rs", rs.tcp_address(), SiteParams { channels: 1, ..params() })]).await;
+    p.wait_state("rs", SiteState::Ready).await;
+    let mut good = Vec::new();
+    for q in GOOD {
+        good.push(direct_raw(&rs, &format!("{q}ResponseHeader: fixed16\n\n")).await);
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    for (what, bad) in bad_requests(now) {
+        let want = expected_bad_answer(core, &rs, what, &bad).await;
+        for round in 0..2 {
+            let mut a = p.client("rs").await;
+            let (code, body) = ask(&mut a, &format!("{bad}ResponseHeader: fixed16\n\n")).await;
+            assert_eq!(normalise(core, code, body.as_bytes(), false), want, "{what} (round {round})");
+            drop(a);
+            for (q, want) in GOOD.iter().zip(&good) {
+                let got = proxy_raw(&p, "rs", &format!("{q}ResponseHeader: fixed16\n\n")).await;
+                assert_eq!(
+                    String::from_utf8_lossy(&got),
+                    String::from_utf8_lossy(want),
+                    "after a {what} (round {round}): {q:?}"
+                );
+            }
+        }
+        // The same on one keep-alive connection: the bad request, then a
+        // good one from the same client.
+        let mut c = p.client("rs").await;
+        let (code, _) = ask(&mut c, &format!("{bad}ResponseHeader: fixed16\nKeepAlive: on\n\n")).await;
+        assert_eq!(code, want.status, "{what}, keep-alive");
+        let (code, body) = ask(&mut c, &format!("{}ResponseHeader: fixed16\nKeepAlive: on\n\n", GOOD[1])).await;
+        assert_eq!((code, body.as_bytes()), (200, &good[1][16..]), "after a {what}, keep-alive");
+    }
+    assert_eq!(p.site("rs").status().generation, 0, "bad queries never took the site down");
+    p.shutdown().await;
+}
+
+async fn commands_reach_the_core_and_take_effect(core: Core) {
+    let Some(rs) = site(core, 20, 2).await else { return };
+    let p = Proxy::start(vec![("rs", rs.unix_address(), params())]).await;
+    p.wait_state("rs", SiteState::Ready).await;
+    // Icinga 2 drops a passive result older than the object's last check,
+    // which the site's start-up forced a moment ago: date it one second on.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 1;
+    let mut c = p.client("rs").await;
+    c.write_all(
+        format!(
+            "COMMAND [{now}] PROCESS_HOST_CHECK_RESULT;host-0003;1;set by livemux test\n\
+             COMMAND [{now}] ADD_HOST_COMMENT;host-0004;1;livemux-test;comment via livemux\n\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Commands are executed asynchronously by the core; poll through the proxy.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, state) = query(&p, "rs", "GET hosts\nColumns: state plugin_output\nFilter: name = host-0003").await;
+        let (_, comments) =
+            query(&p, "rs", "GET comments\nColumns: host_name comment\nFilter: author = livemux-test").await;
+        if state == "1;set by livemux test\n" && comments == "host-0004;comment via livemux\n" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "commands had no effect: {state:?} {comments:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.shutdown().await;
+}
+
+async fn many_keepalive_clients_on_two_channels_get_complete_correct_answers(core: Core) {
+    let Some(rs) = site(core, 100, 5).await else { return };
+    let p = Proxy::start(vec![("rs", rs.tcp_address(), params())]).await;
+    p.wait_state("rs", SiteState::Ready).await;
+    let mut tasks = Vec::new();
+    for client in 0..30usize {
+        let path = p.socket("rs");
+        tasks.push(tokio::spawn(async move {
+            let mut c = UnixStream::connect(path).await.unwrap();
+            for i in 0..10usize {
+                let h = (client * 13 + i * 7) % 100;
+                let q = format!(
+                    "GET services\nColumns: host_name description state\nFilter: host_name = host-{h:04}\n\
+                     KeepAlive: on\nResponseHeader: fixed16\n\n"
+                );
+                c.write_all(q.as_bytes()).await.unwrap();
+                let (code, body) = read_answer(&mut c).await;
+                assert_eq!(code, 200);
+                let mut rows: Vec<&str> = body.lines().collect();
+                rows.sort();
+                let mut want: Vec<String> = ["cpu", "disk", "load", "memory", "ping"]
+                    .iter()
+                    .map(|d| {
+                        let j = ["ping", "cpu", "memory", "load", "disk"].iter().position(|x| x == d).unwrap();
+                        let g = h * 5 + j;
+                        let st = if g % 7 == 3 {
+                            1
+                        } else if g % 13 == 5 {
+                            2
+                        } else if g % 29 == 11 {
+                            3
+                        } else {
+                            0
+                        };
+                        format!("host-{h:04};{d};{st}")
+                    })
+                    .collect();
+                want.sort();
+                assert_eq!(rows, want, "host-{h:04}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    p.shutdown().await;
+}
+
+async fn a_stopped_core_fails_fast_the_other_is_unaffected_and_a_restart_heals(core: Core) {
+    let (a, b) = tokio::join!(site(core, 20, 2), site(core, 20, 2));
+    let (Some(a), Some(b)) = (a, b) else { return };
+    let p = Proxy::start(vec![("a", a.tcp_address(), params()), ("b", b.tcp_address(), params())]).await;
+    p.wait_state("a", SiteState::Ready).await;
+    p.wait_state("b", SiteState::Ready).await;
+
+    tokio::task::block_in_place(|| a.stop());
+    p.wait_state("a", SiteState::Down).await;
+    let started = tokio::time::Instant::now();
+    let (code, body) = query(&p, "a", "GET status\nColumns: num_hosts").await;
+    // A generous bound for a loaded 2-core machine: the point is "no
+    // connect or query timeout", which would be seconds more.
+    assert!(started.elapsed() < Duration::from_secs(2), "failed fast");
+    assert_eq!(code, 502);
+    assert!(body.starts_with("site 'a' is down: "), "{body}");
+    let (code, body) = query(&p, "b", "GET status\nColumns: num_hosts").await;
+    assert_eq!((code, body.as_str()), (200, "20\n"));
+
+    tokio::task::block_in_place(|| a.restart());
+    p.wait_state("a", SiteState::Ready).await;
+    let (code, body) = query(&p, "a", "GET status\nColumns: num_hosts").await;
+    assert_eq!((code, body.as_str()), (200, "20\n"));
+    assert_eq!(p.site("b").status().generation, 0);
+    p.shutdown().await;
+}
+
+async fn a_frozen_core_is_detected_by_the_heartbeat(core: Core) {
+    let Some(rs) = site(core, 20, 2).await else { return };
+    let p = Proxy::start(vec![("rs", rs.tcp_address(), params())]).await;
+    p.wait_state("rs", SiteState::Ready).await;
+    tokio::task::block_in_place(|| rs.signal("STOP"));
+    p.wait_state("rs", SiteState::Down).await;
+    let (code, body) = query(&p, "rs", "GET status\nColumns: num_hosts").await;
+    assert_eq!(code, 502);
+    assert_eq!(body, "site 'rs' is down: heartbeat not answered within 400ms\n");
+    tokio::task::block_in_place(|| rs.signal("CONT"));
+    p.wait_state("rs", SiteState::Ready).await;
+    let (code, _) = query(&p, "rs", "GET status\nColumns: num_hosts").await;
+    assert_eq!(code, 200);
+    p.shutdown().await;
+}
+
+/// Run the Perl client; its output lines are sorted answers.
+fn perl(args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/perl/lsq.pl");
+    let out = std::process::Command::new("perl").arg(script).args(args).output().expect("run perl");
+    assert!(
+        out.status.success(),
+        "perl {args:?} failed (is libmonitoring-livestatus-perl installed?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn monitoring_livestatus_gets_the_same_rows_through_livemux(core: Core) {
+    let Some(rs) = site(core, 100, 5).await else { return };
+    let p = Proxy::start(vec![("rs", rs.tcp_address(), params())]).await;
+    p.wait_state("rs", SiteState::Ready).await;
+    let sock = p.socket("rs").display().to_string();
+    let peer = format!("127.0.0.1:{}", rs.port);
+    let (direct, via0, via1) = tokio::task::block_in_place(|| {
+        (
+            perl(&["peer", &peer, "0", "queries"]),
+            perl(&["socket", &sock, "0", "queries"]),
+            perl(&["socket", &sock, "1", "queries"]),
+        )
+    });
+    assert!(direct.lines().count() > 100, "the client got real answers:\n{direct}");
+    assert!(direct.contains("error\tnosuchtable\t404"), "{direct}");
+    assert_eq!(via0, direct, "keepalive off");
+    assert_eq!(via1, direct, "keepalive on");
+    let done = tokio::task::block_in_place(|| perl(&["socket", &sock, "1", "command"]));
+    assert_eq!(done, "command\tvisible\n");
+    p.shutdown().await;
+}
+
+async fn cached_answers_equal_direct_ones_and_a_reload_makes_them_fresh(core: Core) {
+    let Some(rs) = site(core, 20, 2).await else { return };
+    let p = Proxy::start(vec![("rs", rs.tcp_address(), params())]).await;
+    p.wait_state("rs", SiteState::Ready).await;
+    // What the GUI marks `Cache: reload`.
+    let gui = [
+        "GET status\nColumns: livestatus_version program_version program_start num_hosts num_services\n",
+        "GET hostgroups\nColumns: name alias\n",
+        "GET commands\nColumns: name\n",
+        "GET hosts\nColumns: alias\nFilter: name = host-0001\n",
+        "GET hosts\nColumns: name groups\nOutputFormat: json\n",
+    ];
+    let stats = || p.app.as_ref().unwrap().cache_stats("rs");
+    for q in gui {
+        let json = q.contains("json");
+        let (status, body) = fixed16(&mut (direct_conn(&rs, &format!("{q}ResponseHeader: fixed16\n\n")).await)).await;
+        let direct = normalise(core, status, &body, json);
+        assert_eq!(direct.status, 200, "{q}");
+        for round in 0..2 {
+            let (code, body) = query(&p, "rs", &format!("{q}Cache: reload")).await;
+            assert_eq!(normalise(core, code, body.as_bytes(), json), direct, "{q} (round {round})");
+        }
+    }
+    let st = stats();
+    assert_eq!((st.misses, st.hits, st.entries), (5, 5, 5));
+
+    // A reload: the heartbeat sees the new program_start, and the cached
+    // site status is asked again.
+    let q = "GET status\nColumns: program_start\nCache: reload";
+    let (_, before) = query(&p, "rs", q).await;
+    let old: i64 = before.trim().parse().unwrap();
+    // program_start has a resolution of one second.
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_millis(1100)).await;
+    tokio::task::block_in_place(|| rs.reload());
+    let h = p.site("rs");
+    let seen = tokio::time::timeout(PATIENCE, h.wait_for(|s| s.program_start.is_some_and(|ps| ps != old)))
+        .await
+        .expect("the heartbeat sees the reload");
+    p.wait_state("rs", SiteState::Ready).await;
+    let fresh = seen.program_start.unwrap();
+    assert!(fresh > old, "{fresh} after {old}");
+    let (code, after) = query(&p, "rs", q).await;
+    assert_eq!((code, after), (200, format!("{fresh}\n")), "no stale answer after the reload");
+    let direct = direct_raw(&rs, "GET status\nColumns: program_start\n\n").await;
+    assert_eq!(String::from_utf8_lossy(&direct), format!("{fresh}\n"));
+    assert!(stats().invalidations >= 1);
+    p.shutdown().await;
+}
+
+/// A direct TCP connection with `request` sent.
+async fn direct_conn(site: &RealSite, request: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", site.port)).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    s
+}
+
+// === Icinga 2 only ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icinga_queries_it_drops_silently_get_a_clear_error_through_livemux() {
+    let Some(ic) = site(Core::Icinga, 20, 2).await else { return };
+    let p = Proxy::start(vec![("ic", ic.tcp_address(), params())]).await;
+    p.wait_state("ic", SiteState::Ready).await;
+    // Icinga 2 closes the connection without a byte for a filter without an
+    // operator, even with fixed16 first. (Naemon answers it with a 400:
+    // see `no_bad_request_changes_what_another_client_receives`.)
+    let req = "GET hosts\nResponseHeader: fixed16\nFilter: name\n\n";
+    assert!(direct_raw(&ic, req).await.is_empty());
+    let mut c = p.client("ic").await;
+    let (code, body) = ask(&mut c, req).await;
+    assert_eq!((code, body.as_str()), (502, "site 'ic': the site closed the connection without answering\n"));
+    // The site stays usable.
+    let (code, body) = query(&p, "ic", "GET status\nColumns: num_hosts").await;
+    assert_eq!((code, body.as_str()), (200, "20\n"));
+    assert_eq!(p.site("ic").status().generation, 0, "a bad query is not a dead site");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icinga_more_channels_than_it_serves_shrink_the_pool_and_every_query_is_answered() {
+    // Icinga 2 serves at most 2 × its cores connections at once (fewer
+    // while checks run in the same thread pool). Naemon serves every
+    // connection with a thread of its own, so this is Icinga's alone.
+    let Some(ic) = site(Core::Icinga, 20, 2).await else { return };
+    let limit = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
+    let channels = limit + 1;
+    let params = SiteParams { channels, query_timeout: 2 * PATIENCE, ..params() };
+    let p = Proxy::start(vec![("ic", ic.tcp_address(), params)]).await;
+    p.wait_state("ic", SiteState::Ready).await;
+    let snap =
+        eventually_snapshot(&p, "ic", "a smaller pool", |s| s.channels_served.is_some() && s.channels_connecting == 0)
+            .await;
+    let served = snap.channels_served.unwrap();
+    assert!(served < channels && snap.channels.len() <= served, "{snap:?}");
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..channels * 2 {
+        let path = p.socket("ic");
+        tasks.spawn(async move {
+            let mut c = UnixStream::connect(path).await.unwrap();
+            for _ in 0..3 {
+                c.write_all(b"GET status\nColumns: num_hosts\nKeepAlive: on\nResponseHeader: fixed16\n\n")
+                    .await
+                    .unwrap();
+                assert_eq!(read_answer(&mut c).await, (200, "20\n".to_owned()));
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(p.site("ic").status().generation, 0, "never declared down");
+    p.shutdown().await;
+}
