@@ -10,11 +10,12 @@ under the same machine conditions.
 
 Peers: "direct" (the client talks to the site itself: the physical limit),
 "haproxy" (HAProxy from Debian in TCP mode, one UNIX-socket frontend per site
-like livemux's), "livemux". Sites: the simulated site (livemux-simsite) and a
-real Icinga 2 site (scripts/icinga-site.sh). Each measurement reports rate,
+like livemux's), "livemux". Sites: the simulated site (livemux-simsite) and
+real Icinga 2 and Naemon sites (scripts/icinga-site.sh, scripts/naemon-site.sh,
+with the same objects). Each measurement reports rate,
 p50, p99, and the proxy's CPU (percent of one core) and peak RSS (VmHWM,
-reset before each measurement). Needs: cargo, haproxy, icinga2 (installed by
-scripts/install-test-deps.sh), python3.
+reset before each measurement). Needs: cargo, haproxy, icinga2, a Naemon
+build (all from scripts/install-test-deps.sh), python3.
 """
 
 import argparse
@@ -37,6 +38,7 @@ LIVEMUX = os.path.join(REL, "livemux")
 LOAD = os.path.join(REL, "livemux-load")
 SIM = os.path.join(REL, "livemux-simsite")
 ICINGA = os.path.join(ROOT, "scripts", "icinga-site.sh")
+NAEMON = os.path.join(ROOT, "scripts", "naemon-site.sh")
 DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 SMALL = "GET status\\nColumns: program_version"
@@ -104,14 +106,14 @@ class Bench:
         self.quick = quick
         self.work = tempfile.mkdtemp(prefix="lmbench", dir="/tmp")
         self.procs = []
-        self.icinga_dirs = []
+        self.site_dirs = []
         self.secs = 1.5 if quick else 5
 
     def close(self):
         for p in reversed(self.procs):
             p.stop()
-        for d in self.icinga_dirs:
-            subprocess.run([ICINGA, "stop", "--dir", d, "--fast"], capture_output=True)
+        for script, d in self.site_dirs:
+            subprocess.run([script, "stop", "--dir", d, "--fast"], capture_output=True)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def proc(self, name, args):
@@ -168,29 +170,44 @@ class Bench:
         return p, {name: f"unix:{d}/{name}" for name, _ in sites}
 
     def icinga(self, hosts=1000, services=10):
-        d = tempfile.mkdtemp(prefix="ic", dir=self.work)
+        return self.real_site(ICINGA, "ic", hosts, services)
+
+    def naemon(self, hosts=1000, services=10):
+        return self.real_site(NAEMON, "na", hosts, services)
+
+    def real_site(self, script, prefix, hosts, services):
+        d = tempfile.mkdtemp(prefix=prefix, dir=self.work)
         for _ in range(5):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            r = subprocess.run([ICINGA, "start", "--dir", d, "--port", str(port), "--hosts", str(hosts),
+            r = subprocess.run([script, "start", "--dir", d, "--port", str(port), "--hosts", str(hosts),
                                 "--services", str(services)], capture_output=True, text=True)
             if r.returncode == 0:
-                self.icinga_dirs.append(d)
+                self.site_dirs.append((script, d))
                 return f"127.0.0.1:{port}", f"{d}/live"
             if "could not bind" not in r.stderr:
-                raise RuntimeError(f"icinga-site.sh failed: {r.stderr[-2000:]}")
-        raise RuntimeError("no free port for Icinga 2")
+                raise RuntimeError(f"{os.path.basename(script)} failed: {r.stderr[-2000:]}")
+        raise RuntimeError(f"no free port for {os.path.basename(script)}")
 
     # === measurement ===
 
-    def load(self, label, targets, query=SMALL, clients=1, secs=None, extra=(), proxy=None, warmup=0.3):
-        secs = secs or self.secs
-        tf = os.path.join(self.work, "targets.txt")
+    def load_args(self, label, targets, query, clients, secs, extra, warmup):
+        tf = tempfile.mktemp(prefix="targets", suffix=".txt", dir=self.work)
         with open(tf, "w") as f:
             f.write("\n".join(targets) + "\n")
-        args = [LOAD, "--label", label, "--query", query, "--clients", str(clients), "--duration", f"{secs}s",
+        return [LOAD, "--label", label, "--query", query, "--clients", str(clients), "--duration", f"{secs}s",
                 "--warmup", f"{warmup}s", "--targets-file", tf, *extra]
+
+    def load(self, label, targets, query=SMALL, clients=1, secs=None, extra=(), proxy=None, warmup=0.3, beside=None):
+        """One measurement; `beside` (load arguments) runs another load at the same time, whose result is
+        returned in j["beside"]."""
+        secs = secs or self.secs
+        args = self.load_args(label, targets, query, clients, secs, extra, warmup)
+        other = None
+        if beside:
+            other = subprocess.Popen(self.load_args(secs=secs, warmup=warmup, **beside), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
         if proxy:
             proxy.reset_peak()
             cpu0, t0 = proxy.cpu(), time.monotonic()
@@ -199,6 +216,12 @@ class Bench:
         if not lines:
             raise RuntimeError(f"livemux-load failed: {r.stdout}{r.stderr}")
         j = json.loads(lines[-1])
+        if other:
+            out, err = other.communicate(timeout=secs + 600)
+            olines = [l for l in out.splitlines() if l.startswith("{")]
+            if not olines:
+                raise RuntimeError(f"livemux-load (beside) failed: {out}{err}")
+            j["beside"] = json.loads(olines[-1])
         if proxy:
             wall = time.monotonic() - t0
             j["cpu_pct"] = (proxy.cpu() - cpu0) / wall * 100
@@ -239,10 +262,11 @@ def scenario1(b, targets):
     lm, ls = b.livemux([("sim", addr)])
     sites = [("simulated site", addr, hs["sim"], ls["sim"], hp, lm)]
     if not b.quick:
-        ic_addr, ic_unix = b.icinga()
-        hp2, hs2 = b.haproxy([("ic", ic_addr)])
-        lm2, ls2 = b.livemux([("ic", ic_addr)], channels=2)
-        sites.append(("Icinga 2", ic_addr, hs2["ic"], ls2["ic"], hp2, lm2))
+        for site_name, start in (("Icinga 2", b.icinga), ("Naemon", b.naemon)):
+            addr2, _ = start()
+            hp2, hs2 = b.haproxy([("rs", addr2)])
+            lm2, ls2 = b.livemux([("rs", addr2)], channels=2)
+            sites.append((site_name, addr2, hs2["rs"], ls2["rs"], hp2, lm2))
     overheads = []
     for name, addr, hsock, lsock, hproc, lproc in sites:
         res = {"direct": [], "haproxy": [], "livemux": []}
@@ -250,6 +274,11 @@ def scenario1(b, targets):
             res["direct"].append(b.load(f"s1 {name} direct", [f"tcp:{addr}"], extra=["--quickack"]))
             res["haproxy"].append(b.load(f"s1 {name} haproxy", [hsock], proxy=hproc))
             res["livemux"].append(b.load(f"s1 {name} livemux", [lsock], proxy=lproc))
+        if name != "simulated site":
+            # What a client that does not re-arm quick ACKs gets from a real
+            # core over TCP: the 40 ms delayed-ACK stall.
+            j = b.load(f"s1 {name} direct, no quick-ACK", [f"tcp:{addr}"])
+            rows.append([name, "direct (TCP, no quick-ACK: delayed-ACK stall)"] + row_cells(j))
         for peer, runs in res.items():
             j = min(runs, key=lambda r: abs(r["p50_us"] - statistics.median(x["p50_us"] for x in runs)))
             label = "direct (TCP, client quick-ACKs)" if peer == "direct" else peer
@@ -484,7 +513,8 @@ def scenario8(b, targets):
     _, (local,) = b.sims(1, name="cachelocal")
     _, (remote,) = b.sims(1, knobs=["rtt_ms=20"], name="cacheremote")
     ic_addr, _ = b.icinga(hosts=1000, services=10)
-    sites = [("sim", local), ("sim20ms", remote), ("icinga", ic_addr)]
+    na_addr, _ = b.naemon(hosts=1000, services=10)
+    sites = [("sim", local), ("sim20ms", remote), ("icinga", ic_addr), ("naemon", na_addr)]
     # Icinga 2 serves 2 × cores connections (4 here) and nothing beyond, so
     # 3 channels leave one for the direct measurements.
     lm, ls = b.livemux(sites, channels=3)
@@ -499,15 +529,42 @@ def scenario8(b, targets):
                 j = b.load(f"s8 {name} {clients} {label}", [target], query=query, clients=clients, proxy=proc)
                 res[(name, clients, label)] = j
                 rows.append([name, str(clients), label] + row_cells(j))
-    for name in ("sim", "icinga"):
+    for name in ("sim", "icinga", "naemon"):
         hit = res[(name, 1, "livemux, `Cache: reload` (hits)")]
         miss = res[(name, 1, "livemux, uncached (the cost of a miss)")]
         targets.append((f"scenario 8 (information): {name}, 1 client, cached hit p50 vs miss p50",
                         f"{fmt_us(hit['p50_us'])} vs {fmt_us(miss['p50_us'])} ms", hit["p50_us"] <= miss["p50_us"]))
     return ("### 8. The query cache (`GET hostgroups`, one site each)\n\n"
             "`sim20ms` is the simulated site with a 20 ms round trip (a remote site); "
-            "`icinga` a real Icinga 2 site with 1,000 hosts.\n\n" +
+            "`icinga` and `naemon` real Icinga 2 and Naemon sites with 1,000 hosts.\n\n" +
             table(["site", "clients", "path"] + STD, rows) + "\n")
+
+
+def scenario9(b, targets):
+    """Channel hygiene: one client's bad queries among other clients' good ones."""
+    good = "GET status\\nColumns: num_hosts num_services"
+    # A bad filter operator: Naemon answers 400 and keeps the connection (so
+    # livemux proves it clean with a heartbeat and keeps it).
+    bad = "GET hosts\\nColumns: name\\nFilter: name <> x"
+    na_addr, _ = b.naemon(hosts=1000, services=10)
+    _, (remote,) = b.sims(1, knobs=["rtt_ms=20", "mk_headers=1"], name="hygiene20ms")
+    sites = [("naemon", na_addr), ("sim20ms", remote)]
+    lm, ls = b.livemux(sites, channels=2)
+    rows = []
+    for name, _ in sites:
+        alone = b.load(f"s9 {name} good alone", [ls[name]], query=good, clients=8, proxy=lm)
+        rows.append([name, "8 clients, good queries alone", "-"] + row_cells(alone))
+        bad_load = dict(label=f"s9 {name} bad", targets=[ls[name]], query=bad, clients=1,
+                        extra=["--accept-errors"])
+        mixed = b.load(f"s9 {name} good beside bad", [ls[name]], query=good, clients=8, proxy=lm, beside=bad_load)
+        rows.append([name, "8 clients, good queries, beside 1 client sending only bad ones",
+                     f"{mixed['beside']['rate']:.0f}"] + row_cells(mixed))
+    return ("### 9. Channel hygiene: a client sending bad queries among good ones (livemux, 2 channels)\n\n"
+            "Every error answer costs its channel a heartbeat on it before it is lent again (see README, "
+            "*One client's bad request never reaches another client*). `bad/s` is the bad client's rate; "
+            "the other columns are the good clients'. `sim20ms` is the simulated site with a 20 ms round "
+            "trip in mk-livestatus mode (errors keep the connection).\n\n" +
+            table(["site", "load", "bad/s"] + STD, rows) + "\n")
 
 
 def criterion(b, targets):
@@ -558,7 +615,7 @@ def main():
             subprocess.run([os.path.join(ROOT, "scripts", "install-test-deps.sh")], check=True)
     built = time.monotonic() - started
     started = time.monotonic()
-    scenarios = [scenario1, scenario2, scenario3, scenario4, scenario5, scenario6, scenario7, scenario8]
+    scenarios = [scenario1, scenario2, scenario3, scenario4, scenario5, scenario6, scenario7, scenario8, scenario9]
     wanted = {int(x) for x in args.only.split(",")} if args.only else None
     sections, targets = [], []
     b = Bench(args.quick)
