@@ -7,6 +7,7 @@
 //! ([`QueryError::kind`]) and the side to blame ([`QueryError::side`]).
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use livemux_protocol::{HeaderError, Status};
@@ -112,14 +113,19 @@ pub enum SiteError {
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     /// The site is known to be down; answered at once.
-    #[error("site '{site}' is down: {reason}")]
+    #[error("site '{site}' is down: {cause}")]
     SiteDown {
         /// Site name.
         site: String,
-        /// The last failure.
-        reason: String,
-        /// The failure is a certificate that could not be verified (495).
-        certificate: bool,
+        /// The failure that took it down (a certificate that could not be
+        /// verified answers 495).
+        cause: Arc<SiteError>,
+    },
+    /// The site went down while the query was being answered.
+    #[error("site '{site}' went down while the query was running")]
+    WentDown {
+        /// Site name.
+        site: String,
     },
     /// The site has not completed its first connection yet.
     #[error("site '{site}' is not connected yet (no channel within {})", fmt_duration(*waited))]
@@ -178,9 +184,13 @@ impl QueryError {
     /// Status code of the error response.
     pub fn status(&self) -> Status {
         match self {
-            QueryError::SiteDown { certificate: true, .. } => Status::CertificateError,
+            QueryError::SiteDown { cause, .. } if matches!(**cause, SiteError::Certificate { .. }) => {
+                Status::CertificateError
+            }
             QueryError::Site { source: SiteError::Certificate { .. }, .. } => Status::CertificateError,
-            QueryError::SiteDown { .. } | QueryError::Site { .. } => Status::SiteUnavailable,
+            QueryError::SiteDown { .. } | QueryError::WentDown { .. } | QueryError::Site { .. } => {
+                Status::SiteUnavailable
+            }
             QueryError::NotConnected { .. } | QueryError::NoFreeChannel { .. } | QueryError::ShuttingDown => {
                 Status::Busy
             }
@@ -194,6 +204,7 @@ impl QueryError {
     pub fn kind(&self) -> &'static str {
         match self {
             QueryError::SiteDown { .. } => "site_down",
+            QueryError::WentDown { .. } => "site_went_down",
             QueryError::NotConnected { .. } => "not_connected",
             QueryError::NoFreeChannel { .. } => "no_free_channel",
             QueryError::Timeout { .. } => "query_timeout",
@@ -208,6 +219,7 @@ impl QueryError {
     pub fn side(&self) -> Side {
         match self {
             QueryError::SiteDown { .. }
+            | QueryError::WentDown { .. }
             | QueryError::NotConnected { .. }
             | QueryError::Timeout { .. }
             | QueryError::Site { .. } => Side::Site,
@@ -247,11 +259,12 @@ mod tests {
     fn messages_name_the_site_and_the_cause() {
         let e = QueryError::SiteDown {
             site: "berlin".into(),
-            reason: SiteError::HeartbeatTimeout(Duration::from_secs(2)).to_string(),
-            certificate: false,
+            cause: Arc::new(SiteError::HeartbeatTimeout(Duration::from_secs(2))),
         };
         assert_eq!(e.to_string(), "site 'berlin' is down: heartbeat not answered within 2s");
         assert_eq!(e.status(), Status::SiteUnavailable);
+        let cause = Arc::new(SiteError::Certificate { address: "tls://x:1".into(), detail: "expired".into() });
+        assert_eq!(QueryError::SiteDown { site: "b".into(), cause }.status(), Status::CertificateError);
         let e = QueryError::NoFreeChannel { site: "b".into(), waited: Duration::from_millis(3000) };
         assert_eq!(e.to_string(), "no channel to site 'b' became free within 3s");
         assert_eq!(e.status().code(), 503);

@@ -90,7 +90,7 @@ impl QueryFailed<'_> {
     pub fn emit(self) {
         let (site, kind, error) = (self.site, self.error.kind(), self.error);
         match error {
-            QueryError::SiteDown { .. } | QueryError::ShuttingDown => {
+            QueryError::SiteDown { .. } | QueryError::WentDown { .. } | QueryError::ShuttingDown => {
                 tracing::debug!(site, kind, "query answered with an error: {error}")
             }
             QueryError::NotConnected { .. } => tracing::info!(site, kind, "query answered with an error: {error}"),

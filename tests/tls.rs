@@ -96,6 +96,59 @@ async fn a_certificate_from_an_untrusted_ca_marks_the_site_down_with_495() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_already_waiting_when_a_certificate_fails_get_495_too() {
+    // A site whose TLS handshake is held until the test lets it go: a query
+    // sent while the site is starting waits for the first channel, and the
+    // certificate failure must reach it as a 495, as it reaches later ones.
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = livemux::tls::server_config(&livemux::config::ListenerTls {
+        cert_file: pki.rogue_server.cert.clone(),
+        key_file: pki.rogue_server.key.clone(),
+    })
+    .unwrap();
+    let (go, held) = tokio::sync::oneshot::channel::<()>();
+    let site = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = held.await;
+        // The handshake fails on livemux's side; the outcome here is moot.
+        let _ = tokio_rustls::TlsAcceptor::from(server).accept(tcp).await;
+    });
+    let params = SiteParams { channel_timeout: Duration::from_secs(10), ..tls_params(&pki.ca) };
+    let p = proxy(format!("tls://127.0.0.1:{port}"), params).await;
+    let mut c = p.client("s1").await;
+    c.write_all(b"GET status\nColumns: num_hosts\nResponseHeader: fixed16\n\n").await.unwrap();
+    eventually_snapshot(&p, "s1", "the query waits for the first channel", |s| s.clients_waiting == 1).await;
+    go.send(()).unwrap();
+    let (code, body) = read_answer(&mut c).await;
+    assert_eq!(code, 495, "{body}");
+    assert!(body.contains("issued by a CA that is not in ca_file"), "{body}");
+    site.await.unwrap();
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_v1_certificate_is_explained_in_words() {
+    // OpenSSL-based clients accept a version 1 certificate; rustls does not.
+    // The operator must learn what is wrong and how to reissue it.
+    let pki = Pki::new();
+    let v1 = tokio::task::block_in_place(|| pki.v1_server());
+    let s = sim("s1").await;
+    let st = tokio::task::block_in_place(|| Stunnel::start(s.tcp_addr().unwrap(), &v1, None));
+    let p = proxy(st.address(), tls_params(&pki.ca)).await;
+    let (code, body) = down_error(&p).await;
+    assert_eq!(code, 495, "{body}");
+    assert!(body.contains("'CN=v1-site.example' issued by 'CN=livemux test CA'"), "names the certificate: {body}");
+    assert!(
+        body.contains("it is an X.509 version 1 certificate (no extensions), and livemux needs version 3: reissue it"),
+        "says what is wrong and what to do: {body}"
+    );
+    assert!(!body.contains("OtherError"), "no library names: {body}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_marks_the_site_down_with_495() {
     let pki = Pki::new();
     let s = sim("s1").await;
@@ -103,7 +156,8 @@ async fn an_expired_certificate_marks_the_site_down_with_495() {
     let p = proxy(st.address(), tls_params(&pki.ca)).await;
     let (code, body) = down_error(&p).await;
     assert_eq!(code, 495);
-    assert!(body.contains("'CN=old-site.example'") && body.contains(": expired"), "{body}");
+    assert!(body.contains("'CN=old-site.example'") && body.contains(": it expired at 2021-01-01"), "{body}");
+    assert!(body.contains("renew the site's certificate"), "says what to do: {body}");
     p.shutdown().await;
 }
 

@@ -55,9 +55,8 @@ pub(crate) enum Request {
 /// Why the actor refused to lend a channel.
 #[derive(Debug, Clone)]
 pub(crate) enum AcquireError {
-    /// The site is down: the last failure, and whether it is a certificate
-    /// that could not be verified.
-    Down(String, bool),
+    /// The site is down: the failure that took it down.
+    Down(Arc<SiteError>),
     /// The proxy is shutting down.
     ShuttingDown,
 }
@@ -135,9 +134,8 @@ pub(crate) struct Actor {
 
     state: SiteState,
     state_since: SystemTime,
-    last_error: Option<String>,
-    /// The last error is a certificate that could not be verified.
-    last_error_certificate: bool,
+    /// The failure that took the site down last.
+    last_error: Option<Arc<SiteError>>,
     last_failed_connect: Option<SystemTime>,
     heartbeats: u64,
     program_start: Option<i64>,
@@ -185,7 +183,6 @@ impl Actor {
             state: SiteState::Starting,
             state_since: SystemTime::now(),
             last_error: None,
-            last_error_certificate: false,
             last_failed_connect: None,
             heartbeats: 0,
             program_start: None,
@@ -270,9 +267,10 @@ impl Actor {
                 let _ = reply.send(self.snapshot());
             }
             Request::Acquire { fresh, reply } => {
-                if self.state == SiteState::Down {
-                    let reason = self.last_error.clone().unwrap_or_default();
-                    let _ = reply.send(Err(AcquireError::Down(reason, self.last_error_certificate)));
+                if self.state == SiteState::Down
+                    && let Some(cause) = &self.last_error
+                {
+                    let _ = reply.send(Err(AcquireError::Down(cause.clone())));
                     return;
                 }
                 self.waiters.push_back(Waiter { fresh, reply });
@@ -379,7 +377,7 @@ impl Actor {
                             // refused connect means nobody listens any more.
                             self.not_admitted(e);
                         } else {
-                            self.go_down_with(e);
+                            self.go_down(e);
                         }
                     }
                 }
@@ -415,10 +413,10 @@ impl Actor {
                             "extra-connection heartbeat unanswered while the site serves only the busy pool; not a failure");
                     }
                     (Err(e), _) => {
-                        let e = self.refine(e, purpose);
-                        self.go_down_with(e);
+                        let e = super::connector::explain(&self.cfg.address, e, purpose == Purpose::Probe);
+                        self.go_down(e);
                     }
-                    (Ok(_), None) => self.go_down("heartbeat channel lost".into()),
+                    (Ok(_), None) => self.go_down(SiteError::ClosedWithoutAnswer),
                 }
             }
             Event::Verified { generation, id, channel, result } => {
@@ -475,8 +473,8 @@ impl Actor {
                 | SiteError::ConnectTimeout { .. }
         );
         if serving == 0 || !limited {
-            let e = self.refine(e, Purpose::Pool);
-            self.go_down_with(e);
+            let e = super::connector::explain(&self.cfg.address, e, false);
+            self.go_down(e);
             return;
         }
         self.capacity = Some(serving.min(self.channel_limit()));
@@ -612,7 +610,7 @@ impl Actor {
         let (address, params) = (self.cfg.address.clone(), self.cfg.params.clone());
         let (tx, generation, tls) = (self.events_tx.clone(), self.generation, self.tls.clone());
         tokio::spawn(async move {
-            let result = connect(&address, &params, tls.as_deref()).await;
+            let result = connect(&address, &params, tls.as_ref()).await;
             let _ = tx.send(Event::Connected { generation, purpose, result });
         });
     }
@@ -668,41 +666,15 @@ impl Actor {
 
     // === state ===
 
-    /// A heartbeat failure, made more specific where possible: TLS errors
-    /// inside I/O errors, and a fresh plaintext connection closed without a
-    /// word (often a TLS port).
-    fn refine(&self, e: SiteError, purpose: Purpose) -> SiteError {
-        let address = self.cfg.address.to_string();
-        let fresh_plaintext =
-            purpose == Purpose::Probe && matches!(self.cfg.address, crate::config::SiteAddress::Tcp { .. });
-        let hint = |what: &str| {
-            SiteError::HeartbeatAnswer(format!(
-                "the site {what} without answering (if it expects TLS, use a tls:// address)"
-            ))
-        };
-        match e {
-            SiteError::Io(io) if fresh_plaintext && io.kind() == std::io::ErrorKind::ConnectionReset => {
-                hint("reset the connection")
-            }
-            SiteError::Io(io) => crate::tls::classify(&address, &io).unwrap_or(SiteError::Io(io)),
-            SiteError::ClosedWithoutAnswer if fresh_plaintext => hint("closed the connection"),
-            other => other,
-        }
-    }
-
-    fn go_down_with(&mut self, e: SiteError) {
-        let certificate = matches!(e, SiteError::Certificate { .. });
-        self.go_down(e.to_string());
-        self.last_error_certificate = certificate;
-    }
-
-    fn go_down(&mut self, reason: String) {
+    /// The site failed with `e`: record it and publish the state first, then
+    /// answer every waiter and stop the queries in flight, so that all of
+    /// them see the cause (a certificate failure is a 495 for them too).
+    fn go_down(&mut self, e: SiteError) {
         let was = self.state;
-        self.last_error = Some(reason.clone());
-        self.last_error_certificate = false;
+        let cause = Arc::new(e);
+        self.last_error = Some(cause.clone());
         self.generation += 1;
-        self.down_token.cancel();
-        self.down_token = CancellationToken::new();
+        let in_flight = std::mem::take(&mut self.down_token);
         self.idle.clear();
         self.busy.clear();
         self.heartbeat_in_flight = false;
@@ -712,15 +684,16 @@ impl Actor {
         self.capacity = None;
         self.grow_at = None;
         self.warned_capacity = None;
-        for w in self.waiters.drain(..) {
-            let _ = w.reply.send(Err(AcquireError::Down(reason.clone(), false)));
-        }
         if was == SiteState::Down {
-            tracing::debug!(site = %self.cfg.name, %reason, "reconnect failed; retrying in {}", fmt_duration(self.cfg.params.connect_retry));
+            tracing::debug!(site = %self.cfg.name, reason = %cause, "reconnect failed; retrying in {}", fmt_duration(self.cfg.params.connect_retry));
             self.publish();
         } else {
-            self.set_state(SiteState::Down, reason);
+            self.set_state(SiteState::Down, cause.to_string());
         }
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(Err(AcquireError::Down(cause.clone())));
+        }
+        in_flight.cancel();
     }
 
     fn set_state(&mut self, to: SiteState, reason: String) {
@@ -741,6 +714,7 @@ impl Actor {
             generation: self.generation,
             program_start: self.program_start,
             heartbeats: self.heartbeats,
+            last_error: self.last_error.clone(),
         });
     }
 
@@ -761,7 +735,7 @@ impl Actor {
             address: self.cfg.address.to_string(),
             state: self.state,
             since: timestamp(self.state_since),
-            last_error: self.last_error.clone(),
+            last_error: self.last_error.as_ref().map(|e| e.to_string()),
             last_failed_connect: self.last_failed_connect.map(timestamp),
             heartbeats_received: self.heartbeats,
             program_start: self.program_start,

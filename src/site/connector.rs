@@ -116,7 +116,7 @@ impl AsyncWrite for SiteStream {
 pub async fn connect(
     address: &SiteAddress,
     params: &SiteParams,
-    tls: Option<&crate::tls::SiteTls>,
+    tls: Option<&std::sync::Arc<crate::tls::SiteTls>>,
 ) -> Result<SiteStream, SiteError> {
     match address {
         SiteAddress::Unix(path) => within(address, params, UnixStream::connect(path)).await.map(SiteStream::Unix),
@@ -127,7 +127,7 @@ pub async fn connect(
                 let detail = "no TLS settings for this site".to_owned();
                 return Err(SiteError::Tls { address: address.to_string(), detail });
             };
-            let connector = tokio_rustls::TlsConnector::from(tls.config());
+            let connector = tokio_rustls::TlsConnector::from(tls.config().await);
             let after = tls.handshake_timeout();
             match tokio::time::timeout(after, connector.connect(tls.server_name(), stream)).await {
                 Ok(Ok(s)) => {
@@ -169,5 +169,26 @@ async fn within<T>(
         Ok(Ok(s)) => Ok(s),
         Ok(Err(source)) => Err(SiteError::Connect { address: address.to_string(), source }),
         Err(_) => Err(SiteError::ConnectTimeout { address: address.to_string(), after: params.connect_timeout }),
+    }
+}
+
+/// A failure on a new connection (its connect, handshake or first
+/// heartbeat), made more specific where possible: TLS errors inside I/O
+/// errors, and a `first` plaintext connection reset or closed without a
+/// word (often a TLS port on a `tcp://` address).
+pub(crate) fn explain(address: &SiteAddress, e: SiteError, first: bool) -> SiteError {
+    let fresh_plaintext = first && matches!(address, SiteAddress::Tcp { .. });
+    let hint = |what: &str| {
+        SiteError::HeartbeatAnswer(format!(
+            "the site {what} without answering (if it expects TLS, use a tls:// address)"
+        ))
+    };
+    match e {
+        SiteError::Io(io) if fresh_plaintext && io.kind() == io::ErrorKind::ConnectionReset => {
+            hint("reset the connection")
+        }
+        SiteError::Io(io) => crate::tls::classify(&address.to_string(), &io).unwrap_or(SiteError::Io(io)),
+        SiteError::ClosedWithoutAnswer if fresh_plaintext => hint("closed the connection"),
+        other => other,
     }
 }

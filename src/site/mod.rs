@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{SiteConfig, SiteParams};
-use crate::error::QueryError;
+use crate::error::{QueryError, SiteError};
 use actor::{AcquireError, Actor, Request};
 pub use channel::Lease;
 pub use exchange::{SiteResponse, send_commands, send_query};
@@ -59,7 +59,7 @@ impl std::fmt::Display for SiteState {
 }
 
 /// What a handle can see of a site without asking the actor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SiteStatus {
     /// Current state.
     pub state: SiteState,
@@ -69,6 +69,8 @@ pub struct SiteStatus {
     pub program_start: Option<i64>,
     /// Heartbeats answered so far.
     pub heartbeats: u64,
+    /// The failure that took the site down last (kept after it recovered).
+    pub last_error: Option<Arc<SiteError>>,
 }
 
 /// One channel in a [`SiteSnapshot`].
@@ -167,7 +169,13 @@ impl SiteHandle {
         tracker: &TaskTracker,
     ) -> SiteHandle {
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
-        let initial = SiteStatus { state: SiteState::Starting, generation: 0, program_start: None, heartbeats: 0 };
+        let initial = SiteStatus {
+            state: SiteState::Starting,
+            generation: 0,
+            program_start: None,
+            heartbeats: 0,
+            last_error: None,
+        };
         let (status_tx, status_rx) = watch::channel(initial);
         let inner = HandleInner {
             name: cfg.name.clone(),
@@ -196,14 +204,14 @@ impl SiteHandle {
 
     /// The site's current status.
     pub fn status(&self) -> SiteStatus {
-        *self.inner.status.borrow()
+        self.inner.status.borrow().clone()
     }
 
     /// Wait until the status satisfies `f` (returns at once if it already does).
     pub async fn wait_for(&self, mut f: impl FnMut(&SiteStatus) -> bool) -> SiteStatus {
         let mut rx = self.inner.status.clone();
         match rx.wait_for(|s| f(s)).await {
-            Ok(s) => *s,
+            Ok(s) => s.clone(),
             Err(_) => self.status(),
         }
     }
@@ -222,8 +230,8 @@ impl SiteHandle {
         }
         match tokio::time::timeout_at(wait_until, rx).await {
             Ok(Ok(Ok(lease))) => Ok(lease),
-            Ok(Ok(Err(AcquireError::Down(reason, certificate)))) => {
-                Err(QueryError::SiteDown { site: self.inner.name.clone(), reason, certificate })
+            Ok(Ok(Err(AcquireError::Down(cause)))) => {
+                Err(QueryError::SiteDown { site: self.inner.name.clone(), cause })
             }
             Ok(Ok(Err(AcquireError::ShuttingDown))) | Ok(Err(_)) => Err(QueryError::ShuttingDown),
             Err(_) => Err(self.wait_error(start, wait_until, deadline)),
@@ -247,12 +255,14 @@ impl SiteHandle {
         QueryError::Timeout { site: self.inner.name.clone(), after: self.inner.params.query_timeout }
     }
 
-    /// The error for queries cut off because the site went down.
+    /// The error for queries cut off because the site went down: the cause
+    /// (published before queries are stopped), when known.
     pub(crate) fn down_error(&self) -> QueryError {
-        QueryError::SiteDown {
-            site: self.inner.name.clone(),
-            reason: "the site went down while the query was running".into(),
-            certificate: false,
+        let site = self.inner.name.clone();
+        let status = self.inner.status.borrow();
+        match (&status.state, &status.last_error) {
+            (SiteState::Down, Some(cause)) => QueryError::SiteDown { site, cause: cause.clone() },
+            _ => QueryError::WentDown { site },
         }
     }
 

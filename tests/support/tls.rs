@@ -19,8 +19,9 @@ pub struct Pair {
 /// Everything the TLS tests need, in a temporary directory.
 pub struct Pki {
     pub dir: tempfile::TempDir,
-    /// The CA livemux trusts (ca_file).
+    /// The CA livemux trusts (ca_file), and its key.
     pub ca: PathBuf,
+    pub ca_key: PathBuf,
     /// Server certificate for localhost/127.0.0.1, signed by `ca`.
     pub server: Pair,
     /// The same, expired.
@@ -41,6 +42,10 @@ struct Ca {
 }
 
 impl Ca {
+    fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
     fn new(name: &str) -> (Ca, String) {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -84,6 +89,7 @@ impl Pki {
         let (cca, cca_pem) = Ca::new("client CA");
         Pki {
             ca: write(d, "ca.pem", &ca_pem),
+            ca_key: write(d, "ca.key", &ca.key_pem()),
             server: pair(d, "server", ca.sign("site1.example", false)),
             expired: pair(d, "expired", ca.sign("old-site.example", true)),
             rogue_ca: write(d, "rogue-ca.pem", &rogue_pem),
@@ -93,6 +99,48 @@ impl Pki {
             rogue_client: pair(d, "rogue-client", rogue.sign("intruder", false)),
             dir,
         }
+    }
+}
+
+impl Pki {
+    /// A server certificate in X.509 version 1 form (no extensions), signed
+    /// by `ca`: what `openssl x509 -req` makes without an extensions file.
+    pub fn v1_server(&self) -> Pair {
+        let d = self.dir.path();
+        let key = KeyPair::generate().expect("leaf key");
+        let pair = Pair { cert: d.join("v1.pem"), key: write(d, "v1.key", &key.serialize_pem()) };
+        let csr = d.join("v1.csr");
+        let run = |args: &[&std::ffi::OsStr]| {
+            let out = Command::new("openssl").args(args).output().expect("run openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&[
+            "req".as_ref(),
+            "-new".as_ref(),
+            "-key".as_ref(),
+            pair.key.as_os_str(),
+            "-subj".as_ref(),
+            "/CN=v1-site.example".as_ref(),
+            "-out".as_ref(),
+            csr.as_os_str(),
+        ]);
+        run(&[
+            "x509".as_ref(),
+            "-req".as_ref(),
+            "-in".as_ref(),
+            csr.as_os_str(),
+            "-CA".as_ref(),
+            self.ca.as_os_str(),
+            "-CAkey".as_ref(),
+            self.ca_key.as_os_str(),
+            "-set_serial".as_ref(),
+            "7".as_ref(),
+            "-days".as_ref(),
+            "30".as_ref(),
+            "-out".as_ref(),
+            pair.cert.as_os_str(),
+        ]);
+        pair
     }
 }
 

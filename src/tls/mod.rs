@@ -13,7 +13,10 @@
 //!
 //! The CA file and the client certificate are checked for changes before
 //! every new connection and re-read when they changed; open channels keep
-//! the session they have. One `ClientConfig` per site is shared by all its
+//! the session they have. The check runs on tokio's blocking pool (a file
+//! on a slow or hung file system must not stall the runtime's thread), and
+//! the lock around the loaded configuration is only ever held to copy or
+//! swap a pointer. One `ClientConfig` per site is shared by all its
 //! connections, so a reconnect resumes the previous TLS session (one round
 //! trip, no certificate exchange) when the site allows it.
 
@@ -33,6 +36,9 @@ use serde::Serialize;
 
 use crate::config::{ListenerTls, TlsSettings};
 use crate::error::SiteError;
+use words::{Described, describe, reason};
+
+mod words;
 
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -132,23 +138,45 @@ impl SiteTls {
         })
     }
 
-    /// The configuration for a new connection, re-read if its files changed.
-    pub fn config(&self) -> Arc<ClientConfig> {
-        let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+    /// The configuration for a new connection, re-read if its files
+    /// changed; the files are looked at on the blocking pool.
+    pub async fn config(self: &Arc<Self>) -> Arc<ClientConfig> {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || me.refresh()).await {
+            Ok(c) => c,
+            // The runtime is shutting down: what is loaded will do.
+            Err(_) => self.lock().config.clone(),
+        }
+    }
+
+    /// Check the files (blocking I/O) and re-read them if they changed.
+    fn refresh(&self) -> Arc<ClientConfig> {
         let now = stamps(&self.settings);
-        if now != l.stamps && l.failed.as_ref() != Some(&now) {
-            match client_config(&self.settings) {
-                Ok(c) => {
-                    tracing::info!(files = ?now.iter().map(|(p, _)| p).collect::<Vec<_>>(), "TLS files changed; re-read them");
-                    *l = Loaded { config: Arc::new(c), stamps: now, at: SystemTime::now(), failed: None };
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "TLS files changed but cannot be used; keeping the previous ones");
-                    l.failed = Some(now);
-                }
+        {
+            let l = self.lock();
+            if now == l.stamps || l.failed.as_ref() == Some(&now) {
+                return l.config.clone();
             }
         }
-        l.config.clone()
+        let files = || now.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        match client_config(&self.settings) {
+            Ok(c) => {
+                tracing::info!(files = %files(), "TLS files changed; re-read them");
+                let config = Arc::new(c);
+                *self.lock() = Loaded { config: config.clone(), stamps: now, at: SystemTime::now(), failed: None };
+                config
+            }
+            Err(e) => {
+                tracing::warn!(files = %files(), error = %e, "TLS files changed but cannot be used; keeping the previous ones");
+                let mut l = self.lock();
+                l.failed = Some(now);
+                l.config.clone()
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The name presented in SNI and (with `server_name`) checked.
@@ -169,7 +197,7 @@ impl SiteTls {
 
     /// For the state file.
     pub fn snapshot(&self) -> TlsSnapshot {
-        let at = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).at;
+        let at = self.lock().at;
         TlsSnapshot {
             handshakes_full: self.full.load(Ordering::Relaxed),
             handshakes_resumed: self.resumed.load(Ordering::Relaxed),
@@ -313,55 +341,6 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
-/// A certificate failure with the certificate it concerns.
-#[derive(Debug)]
-struct Described {
-    certificate: String,
-    reason: String,
-}
-
-impl std::fmt::Display for Described {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.certificate, self.reason)
-    }
-}
-
-impl std::error::Error for Described {}
-
-/// Subject, issuer and validity of a DER certificate.
-fn describe(der: &[u8]) -> String {
-    match x509_parser::parse_x509_certificate(der) {
-        Ok((_, c)) => {
-            let v = c.validity();
-            format!(
-                "certificate '{}' issued by '{}' (valid {} to {})",
-                c.subject(),
-                c.issuer(),
-                v.not_before,
-                v.not_after
-            )
-        }
-        Err(_) => "an unparsable certificate".to_owned(),
-    }
-}
-
-fn reason(e: &CertificateError) -> String {
-    match e {
-        CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired".into(),
-        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "not valid yet".into(),
-        CertificateError::UnknownIssuer => "issued by a CA that is not in ca_file".into(),
-        CertificateError::BadSignature => "bad signature".into(),
-        CertificateError::Revoked => "revoked".into(),
-        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-            "not valid for server_name".into()
-        }
-        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-            "not meant for a TLS server".into()
-        }
-        other => format!("{other:?}"),
-    }
-}
-
 /// A TLS failure found inside an I/O error (tokio-rustls wraps rustls
 /// errors), as a specific [`SiteError`]; `None` for other I/O errors.
 pub fn classify(address: &str, e: &io::Error) -> Option<SiteError> {
@@ -421,12 +400,12 @@ mod tests {
         std::fs::write(&ca, ca_pem("one")).expect("write CA");
         let settings = TlsSettings { ca_file: Some(ca.clone()), ..TlsSettings::default() };
         let tls = SiteTls::new(&settings, "localhost").expect("TLS settings");
-        let first = tls.config();
-        assert!(Arc::ptr_eq(&first, &tls.config()), "unchanged: not read again");
+        let first = tls.refresh();
+        assert!(Arc::ptr_eq(&first, &tls.refresh()), "unchanged: not read again");
         // A bundle of two, with the modification time of the old file.
         let mtime = std::fs::metadata(&ca).and_then(|m| m.modified()).expect("mtime");
         std::fs::write(&ca, ca_pem("one") + &ca_pem("two")).expect("rewrite CA");
         std::fs::File::options().write(true).open(&ca).and_then(|f| f.set_modified(mtime)).expect("set mtime");
-        assert!(!Arc::ptr_eq(&first, &tls.config()), "changed size: read again");
+        assert!(!Arc::ptr_eq(&first, &tls.refresh()), "changed size: read again");
     }
 }
