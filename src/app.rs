@@ -152,7 +152,7 @@ impl App {
         let cache = crate::cache::Cache::new(config.cache_budget, config.cache_max_entry);
         let mut sites = Vec::with_capacity(config.sites.len());
         for ((site, (l, file, tcp)), tls) in config.sites.iter().zip(bound).zip(tls) {
-            let handle = SiteHandle::spawn(site.clone(), tls.client, sites_stop.clone(), &sites_tracker);
+            let handle = SiteHandle::spawn(site.clone(), tls.client, cache.clone(), sites_stop.clone(), &sites_tracker);
             let ctx = listener::Accepting {
                 site: handle.clone(),
                 shutdown: shutdown.clone(),
@@ -222,7 +222,7 @@ impl App {
                 fmt_duration(grace)
             );
         }
-        crate::state::write(&self.config.state_file, &self.sites, &self.budget, &self.cache).await;
+        crate::state::write(&self.config.state_file, &self.sites, &self.budget).await;
         self.sites_stop.cancel();
         self.sites_tracker.close();
         if tokio::time::timeout(SITES_STOP_TIMEOUT, self.sites_tracker.wait()).await.is_err() {

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -280,6 +280,100 @@ impl Inner {
             s.bytes += cost as u64;
             self.lru.put(key, entry);
         }
+    }
+}
+
+/// A copy of an answer's body, collected while it is relayed, for the
+/// cache and for identical queries waiting on this one.
+///
+/// The [`Leader`] is told as soon as the site's side of the answer is
+/// complete, not when a (possibly slow) client has taken it all: waiting
+/// queries never wait for another client. An answer larger than the
+/// cache's per-entry limit is not collected; dropping the capture then
+/// releases the waiters to ask the site themselves.
+pub struct Capture {
+    /// `None` once given up: the answers in flight would exceed the cache
+    /// budget (the waiters were released at that moment).
+    leader: Option<Leader>,
+    tag: Tag,
+    parts: Vec<Bytes>,
+}
+
+impl Capture {
+    /// Collect the answer for `leader`; `tag` is the site's state before
+    /// the query was sent.
+    pub fn new(leader: Leader, tag: Tag) -> Capture {
+        Capture { leader: Some(leader), tag, parts: Vec::new() }
+    }
+
+    /// An answer of `length` bytes can be collected.
+    pub(crate) fn accepts(&self, length: u64) -> bool {
+        self.leader.as_ref().is_some_and(|l| length <= l.max_entry() as u64)
+    }
+
+    /// Another part of the body.
+    pub(crate) fn push(&mut self, chunk: &Bytes) {
+        let Some(leader) = self.leader.as_mut() else { return };
+        if leader.reserve(chunk.len()) {
+            self.parts.push(chunk.clone());
+        } else if let Some(l) = self.leader.take() {
+            self.parts = Vec::new();
+            l.finish(None);
+        }
+    }
+
+    /// The site's side of the answer is complete: share (and store) it.
+    pub(crate) fn finish(self, raw_header: [u8; FIXED16_LEN], status: Status) {
+        let Some(leader) = self.leader else { return };
+        let mut body = BytesMut::with_capacity(self.parts.iter().map(Bytes::len).sum());
+        for p in &self.parts {
+            body.extend_from_slice(p);
+        }
+        leader.finish(Some(Entry::new(raw_header, status, body.freeze(), self.tag)));
+    }
+}
+
+/// What the cache makes of a query.
+pub enum Plan {
+    /// Answer from this entry.
+    Hit(Arc<Entry>),
+    /// Send it to the site, collecting the answer for identical queries
+    /// (and the cache) through this capture.
+    Lead(Capture),
+    /// Send it to the site; nothing to share.
+    Alone,
+    /// The query's deadline passed while it waited for an identical one.
+    TimedOut,
+}
+
+impl Cache {
+    /// Decide what to do with a query: answer it from the cache, wait (up
+    /// to `deadline`) for an identical one in flight, or send it to the
+    /// site. A leader that shares nothing (an error, an answer too large)
+    /// sends its waiters on their own way; after two such leaders a query
+    /// stops waiting and goes to the site by itself. `tag` is the site's
+    /// state before the query; `store` is false for an uncached query that
+    /// only takes part in single-flight.
+    pub async fn plan(
+        self: &Arc<Self>,
+        key: Key,
+        tag: Tag,
+        max_age: Option<Duration>,
+        store: bool,
+        deadline: tokio::time::Instant,
+    ) -> Plan {
+        for _ in 0..2 {
+            match self.lookup(key.clone(), tag, max_age, store) {
+                Lookup::Hit(entry) => return Plan::Hit(entry),
+                Lookup::Lead(leader) => return Plan::Lead(Capture::new(leader, tag)),
+                Lookup::Wait(waiting) => match tokio::time::timeout_at(deadline, waiting.answer()).await {
+                    Ok(Some(entry)) => return Plan::Hit(entry),
+                    Ok(None) => continue,
+                    Err(_) => return Plan::TimedOut,
+                },
+            }
+        }
+        Plan::Alone
     }
 }
 

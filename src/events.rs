@@ -193,7 +193,7 @@ impl CommandFailed<'_> {
 /// A TCP client was dropped because its host stopped answering.
 pub struct ClientReaped<'a> {
     /// The site whose socket it was on.
-    pub site: &'a crate::site::SiteHandle,
+    pub site: &'a str,
     /// The client's address.
     pub peer: &'a str,
     /// The signal that decided it.
@@ -203,10 +203,10 @@ pub struct ClientReaped<'a> {
 }
 
 impl ClientReaped<'_> {
-    /// Write the log line and count it for the state file.
+    /// Write the log line.
     pub fn emit(self) {
         tracing::warn!(
-            site = self.site.name(),
+            site = self.site,
             peer = self.peer,
             stuck = self.stuck,
             "dropped unresponsive TCP client {}: {} ({} bytes stuck)",
@@ -214,7 +214,6 @@ impl ClientReaped<'_> {
             self.reason,
             self.stuck
         );
-        self.site.note_reaped(self.peer, self.reason);
     }
 }
 

@@ -12,6 +12,7 @@
 //!   [`site::SiteHandle`] every client of a site uses.
 //! - [`client`]: the per-site UNIX sockets and client sessions.
 //! - [`relay`]: moving a site's answer to a client under one deadline.
+//! - [`watchdog`]: the send-stall watchdog for TCP clients.
 //! - [`cache`]: `Cache: reload` answers and single-flight.
 //! - [`spool`]: holding answers for slow clients, within memory and disk budgets.
 //! - [`sockopt`]: TCP socket options (nodelay, keepalive, user timeout).
@@ -39,5 +40,6 @@ pub mod sockopt;
 pub mod spool;
 pub mod state;
 pub mod tls;
+pub mod watchdog;
 
 pub use livemux_protocol as protocol;

@@ -64,7 +64,7 @@ fn main() -> ExitCode {
                 let threads = c.worker_threads;
                 (Job::Run(c), threads)
             }
-            Err(e) => return fail(format_args!("{}: {e}", config.display())),
+            Err(e) => return config_failed(&config, &e),
         },
         other => (Job::Other(other), 1),
     };
@@ -83,7 +83,7 @@ fn main() -> ExitCode {
                     }
                     Err(e) => fail(format_args!("{}: {e}", config.display())),
                 },
-                Err(e) => fail(format_args!("{}: {e}", config.display())),
+                Err(e) => config_failed(&config, &e),
             },
             Job::Other(Command::Demo { dir }) => match livemux::demo::run(dir, stop_signal(install_signals())).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -196,6 +196,14 @@ fn init_logging(level: Option<&str>) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Every problem in a configuration file, one line each, as compilers do.
+fn config_failed(path: &std::path::Path, errors: &livemux::config::ConfigErrors) -> ExitCode {
+    for e in &errors.0 {
+        eprintln!("livemux: {}: {e}", path.display());
+    }
+    ExitCode::FAILURE
 }
 
 fn fail(msg: std::fmt::Arguments<'_>) -> ExitCode {

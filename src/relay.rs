@@ -21,13 +21,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::cache::{Entry, Leader, Tag};
-use crate::client::watchdog::{Reaped, Watchdog};
+use crate::cache::Capture;
 use crate::error::QueryError;
 use crate::site::exchange::body_error;
 use crate::site::{Lease, SiteHandle, SiteResponse};
 use crate::spool::{Next, Spool, SpoolBudget};
-use livemux_protocol::{FIXED16_LEN, ReplyStyle, ResponseHeader, Status};
+use crate::watchdog::{Reaped, Watchdog};
+use livemux_protocol::{FIXED16_LEN, ReplyStyle, ResponseHeader};
 
 /// Bytes read from a site per step (also the streaming window per answer).
 pub const CHUNK: usize = 64 * 1024;
@@ -70,49 +70,6 @@ pub enum Relayed {
     },
 }
 
-/// A copy of an answer's body, collected while it is relayed, for the
-/// cache and for identical queries waiting on this one.
-///
-/// The [`Leader`] is told as soon as the site's side of the answer is
-/// complete, not when a (possibly slow) client has taken it all: waiting
-/// queries never wait for another client. An answer larger than the
-/// cache's per-entry limit is not collected; dropping the capture then
-/// releases the waiters to ask the site themselves.
-pub struct Capture {
-    /// `None` once given up: the answers in flight would exceed the cache
-    /// budget (the waiters were released at that moment).
-    leader: Option<Leader>,
-    tag: Tag,
-    parts: Vec<Bytes>,
-}
-
-impl Capture {
-    /// Collect the answer for `leader`; `tag` is the site's state before
-    /// the query was sent.
-    pub fn new(leader: Leader, tag: Tag) -> Capture {
-        Capture { leader: Some(leader), tag, parts: Vec::new() }
-    }
-
-    fn push(&mut self, chunk: &Bytes) {
-        let Some(leader) = self.leader.as_mut() else { return };
-        if leader.reserve(chunk.len()) {
-            self.parts.push(chunk.clone());
-        } else if let Some(l) = self.leader.take() {
-            self.parts = Vec::new();
-            l.finish(None);
-        }
-    }
-
-    fn finish(self, raw_header: [u8; FIXED16_LEN], status: Status) {
-        let Some(leader) = self.leader else { return };
-        let mut body = BytesMut::with_capacity(self.parts.iter().map(Bytes::len).sum());
-        for p in &self.parts {
-            body.extend_from_slice(p);
-        }
-        leader.finish(Some(Entry::new(raw_header, status, body.freeze(), self.tag)));
-    }
-}
-
 /// What a relay needs besides the answer and the client.
 pub struct RelayContext<'a> {
     /// The site answering.
@@ -133,7 +90,7 @@ pub struct RelayContext<'a> {
 pub async fn relay<C: AsyncWrite + Unpin>(resp: SiteResponse, client: &mut C, ctx: RelayContext<'_>) -> Relayed {
     let RelayContext { site, style, deadline, budget, watchdog, capture } = ctx;
     let SiteResponse { raw_header, header, prefix, lease } = resp;
-    let capture = capture.filter(|c| c.leader.as_ref().is_some_and(|l| header.length <= l.max_entry() as u64));
+    let capture = capture.filter(|c| c.accepts(header.length));
     let spool = Spool::new(budget.clone());
     let total = header.length + if style.fixed16 { FIXED16_LEN as u64 } else { 0 };
     let head = style.fixed16.then_some(raw_header);

@@ -53,18 +53,11 @@ pub enum SiteEntry {
 }
 
 /// Take a snapshot of all sites.
-pub async fn collect(
-    sites: &[SiteHandle],
-    budget: &crate::spool::SpoolBudget,
-    cache: &crate::cache::Cache,
-) -> StateFile {
+pub async fn collect(sites: &[SiteHandle], budget: &crate::spool::SpoolBudget) -> StateFile {
     let mut entries = Vec::with_capacity(sites.len());
     for s in sites {
         entries.push(match s.snapshot(SNAPSHOT_TIMEOUT).await {
-            Some(mut snap) => {
-                snap.cache = Some(cache.stats(s.name()));
-                SiteEntry::Known(Box::new(snap))
-            }
+            Some(snap) => SiteEntry::Known(Box::new(snap)),
             None => SiteEntry::Unknown { name: s.name().to_owned(), state: "unknown" },
         });
     }
@@ -152,7 +145,7 @@ pub async fn run(
             }
         }
         cache_log.maybe_log(&sites, &cache, false);
-        let ok = write(&path, &sites, &budget, &cache).await;
+        let ok = write(&path, &sites, &budget).await;
         match (ok, failing) {
             (true, true) => {
                 tracing::info!(path = %path.display(), "state file written again");
@@ -166,13 +159,8 @@ pub async fn run(
 
 /// Collect and write the state file (the daemon also calls this for the
 /// last one, at shutdown); false (after a log line) if it failed.
-pub async fn write(
-    path: &Path,
-    sites: &[SiteHandle],
-    budget: &crate::spool::SpoolBudget,
-    cache: &crate::cache::Cache,
-) -> bool {
-    let state = collect(sites, budget, cache).await;
+pub async fn write(path: &Path, sites: &[SiteHandle], budget: &crate::spool::SpoolBudget) -> bool {
+    let state = collect(sites, budget).await;
     let p = path.to_owned();
     match tokio::task::spawn_blocking(move || write_atomically(&p, &state)).await {
         Ok(Ok(())) => true,

@@ -36,6 +36,21 @@ fn check_config_accepts_good_files_and_names_key_and_line_of_bad_ones() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 3: defaults.query_timeout: 'soon' is not a duration"), "{err}");
 
+    // Every problem at once, one line each, each naming file, line and key.
+    std::fs::write(
+        &bad,
+        "[defaults]\nchanels = 5\nquery_timeout = \"soon\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
+    )
+    .unwrap();
+    let out = livemux(&["check-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    let file = bad.display();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert_eq!(lines[0], format!("livemux: {file}: line 2: defaults.chanels: unknown key `chanels`"));
+    assert!(lines[1].starts_with(&format!("livemux: {file}: line 3: defaults.query_timeout: 'soon'")), "{err}");
+
     let out = livemux(&["check-config", "--config", "/nonexistent/livemux.toml"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/livemux.toml"));

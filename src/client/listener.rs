@@ -160,7 +160,7 @@ pub struct Accepting {
 impl Accepting {
     /// Run a session for an accepted client, or refuse it when the site has
     /// `max_clients` already.
-    fn admit<S>(&self, stream: S, watchdog: Option<super::watchdog::Watchdog>)
+    fn admit<S>(&self, stream: S, watchdog: Option<crate::watchdog::Watchdog>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -174,7 +174,7 @@ impl Accepting {
     }
 
     /// Run a session for an admitted client; its permit ends with it.
-    fn spawn_session<S>(&self, stream: S, watchdog: Option<super::watchdog::Watchdog>, permit: OwnedSemaphorePermit)
+    fn spawn_session<S>(&self, stream: S, watchdog: Option<crate::watchdog::Watchdog>, permit: OwnedSemaphorePermit)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -259,7 +259,7 @@ pub async fn serve_tcp(
             tracing::warn!(site = ctx.site.name(), %peer, error = %e, "cannot set keepalive on a TCP client");
         }
         let watchdog = match stream.as_fd().try_clone_to_owned() {
-            Ok(fd) => Some(super::watchdog::Watchdog::new(fd, peer.to_string(), params.send_stall_grace)),
+            Ok(fd) => Some(crate::watchdog::Watchdog::new(fd, peer.to_string(), params.send_stall_grace)),
             Err(e) => {
                 tracing::warn!(site = ctx.site.name(), %peer, error = %e, "no send-stall watchdog for this client");
                 None

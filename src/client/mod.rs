@@ -5,8 +5,9 @@
 //!   one refused), the accept loop, the `max_clients` bound.
 //! - [`session`]: one client connection: read a request, answer it, repeat
 //!   while `KeepAlive: on`.
-//! - [`watchdog`]: the send-stall watchdog for TCP clients.
+//!
+//! The send-stall watchdog for TCP clients is [`crate::watchdog`]: the relay
+//! uses it while it writes, so it sits below both.
 
 pub mod listener;
 pub mod session;
-pub mod watchdog;

@@ -17,13 +17,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{Cache, Entry, Key, Leader, Lookup, Tag};
-use crate::client::watchdog::{Reaped, Watchdog};
+use crate::cache::{Cache, Capture, Entry, Key, Plan, Tag};
 use crate::error::QueryError;
 use crate::events;
-use crate::relay::{Capture, RelayContext, Relayed, SendEnd, relay, send};
+use crate::relay::{RelayContext, Relayed, SendEnd, relay, send};
 use crate::site::{SiteHandle, send_commands, send_query};
 use crate::spool::SpoolBudget;
+use crate::watchdog::{Reaped, Watchdog};
 use livemux_protocol::{
     CommandRequest, Framer, Query, ReplyStyle, Request, RequestError, ResponseHeader, Status, error_response,
 };
@@ -116,7 +116,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         // Keepalive found the peer gone while it was idle.
                         (Some(w), std::io::ErrorKind::TimedOut) => {
                             let reason = format!("keepalive: peer unreachable ({e})");
-                            events::ClientReaped { site: &self.site, peer: &w.peer, reason: &reason, stuck: 0 }.emit();
+                            events::ClientReaped { site: self.site.name(), peer: &w.peer, reason: &reason, stuck: 0 }
+                                .emit();
+                            self.site.note_reaped(&w.peer, &reason);
                         }
                         _ => tracing::debug!(site = self.site.name(), error = %e, "client read failed"),
                     }
@@ -215,20 +217,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let status = self.site.status();
         let tag = Tag { generation: status.generation, program_start: status.program_start };
         let key = Key::new(self.site.name(), &self.wire);
-        // A leader that shares nothing (error, answer too large) sends the
-        // waiters on their own way; twice at most, then no more waiting.
-        for _ in 0..2 {
-            match self.cache.lookup(key.clone(), tag, params.cache_max_age, cacheable) {
-                Lookup::Hit(entry) => return self.serve_entry(&entry, q, deadline).await,
-                Lookup::Lead(leader) => return self.fetch(q, deadline, Some((leader, tag))).await,
-                Lookup::Wait(waiting) => match tokio::time::timeout_at(deadline, waiting.answer()).await {
-                    Ok(Some(entry)) => return self.serve_entry(&entry, q, deadline).await,
-                    Ok(None) => continue,
-                    Err(_) => return self.query_failed(&self.site.timeout_error(), q.style, deadline).await,
-                },
-            }
+        match self.cache.plan(key, tag, params.cache_max_age, cacheable, deadline).await {
+            Plan::Hit(entry) => self.serve_entry(&entry, q, deadline).await,
+            Plan::Lead(capture) => self.fetch(q, deadline, Some(capture)).await,
+            Plan::Alone => self.fetch(q, deadline, None).await,
+            Plan::TimedOut => self.query_failed(&self.site.timeout_error(), q.style, deadline).await,
         }
-        self.fetch(q, deadline, None).await
     }
 
     /// Write a complete answer held in memory. The body is written from the
@@ -267,12 +261,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.dead = true;
         let peer = self.watchdog.as_ref().map_or("?", |w| w.peer.as_str());
         let reason = format!("{} ({sent} of {total} bytes sent)", reaped.reason);
-        events::ClientReaped { site: &self.site, peer, reason: &reason, stuck: reaped.stuck }.emit();
+        events::ClientReaped { site: self.site.name(), peer, reason: &reason, stuck: reaped.stuck }.emit();
+        self.site.note_reaped(peer, &reason);
     }
 
     /// Send a query to the site and relay its answer; a `leader` gets the
     /// answer for the cache and for identical queries waiting.
-    async fn fetch(&mut self, q: &Query, deadline: Instant, leader: Option<(Leader, Tag)>) -> bool {
+    async fn fetch(&mut self, q: &Query, deadline: Instant, capture: Option<Capture>) -> bool {
         let style = q.style;
         // The per-query futures are boxed: an idle session's own state stays
         // a few hundred bytes instead of the relay's ~10 KiB.
@@ -287,7 +282,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             deadline,
             budget: &self.budget,
             watchdog: self.watchdog.as_mut(),
-            capture: leader.map(|(leader, tag)| Capture::new(leader, tag)),
+            capture,
         };
         match Box::pin(relay(resp, &mut self.stream, ctx)).await {
             Relayed::Complete => style.keepalive && (style.fixed16 || status == Status::Ok),

@@ -1,27 +1,52 @@
-//! Configuration: TOML text → [`RawConfig`] (serde, spans kept) → [`Config`]
+//! Configuration: TOML text → raw values (serde, spans kept) → [`Config`]
 //! (typed, validated, no `Option` where a default exists).
 //!
-//! Precedence: a key inside a `[[site]]` table overrides the same key in
-//! `[defaults]`, which overrides the built-in default. Every error names the
-//! key and the line it is on. Unknown keys, bad durations, duplicate site
-//! names and out-of-range values are rejected; nothing is bound or connected
-//! before the whole file has been validated.
+//! - `raw`: the file as written (every value with its place in the file).
+//! - `validate`: raw to typed; every problem collected with key and line.
+//! - `units`: sizes and durations as written.
+//! - this file: the typed configuration and its defaults.
 //!
-//! Durations are strings such as `"5s"`, `"250ms"` or `"2m"`.
+//! Precedence: a key inside a `[[site]]` table overrides the same key in
+//! `[defaults]`, which overrides the built-in default. Unknown keys, values
+//! of the wrong type, bad durations and sizes, duplicate site names and
+//! out-of-range values are rejected, all of them in one report (a file that
+//! is not valid TOML is reported with all its syntax errors instead);
+//! nothing is bound or connected before the whole file has been validated.
 
 use std::fmt;
-use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use livemux_protocol::Limits;
-use serde::Deserialize;
-use toml::Spanned;
+
+pub use units::{parse_duration, parse_size};
+
+mod raw;
+mod units;
+mod validate;
 
 /// Longest UNIX socket path the kernel accepts (`sun_path` is 108 bytes).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// A configuration error, with the key and line it concerns.
+/// Every problem found in a configuration file, in line order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// One problem in a configuration, with the key and line it concerns.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
     /// 1-based line, when known.
@@ -42,104 +67,6 @@ impl fmt::Display for ConfigError {
         }
         f.write_str(&self.message)
     }
-}
-
-/// A size as written: a number of bytes, or a string with a unit ("64MiB").
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum RawSize {
-    /// Bytes.
-    Bytes(i64),
-    /// With a unit: B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB: powers of 1000).
-    Text(String),
-}
-
-/// Parse a size such as `"512KiB"`, `"64 MiB"`, `"1GB"` or `"4096"`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{text}' is not a size; write e.g. \"64MiB\" or 4096"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        "tib" | "t" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        u => return Err(format!("'{text}': unknown unit '{u}' (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("'{text}' is too large"))
-}
-
-/// Per-site parameters as written in `[defaults]` or a `[[site]]` table.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSite {
-    name: Option<Spanned<String>>,
-    address: Option<Spanned<String>>,
-    channels: Option<Spanned<i64>>,
-    heartbeat_interval: Option<Spanned<String>>,
-    heartbeat_timeout: Option<Spanned<String>>,
-    channel_timeout: Option<Spanned<String>>,
-    query_timeout: Option<Spanned<String>>,
-    connect_retry: Option<Spanned<String>>,
-    channel_retry: Option<Spanned<String>>,
-    connect_timeout: Option<Spanned<String>>,
-    client_idle_timeout: Option<Spanned<String>>,
-    client_request_timeout: Option<Spanned<String>>,
-    max_clients: Option<Spanned<i64>>,
-    max_request_bytes: Option<Spanned<RawSize>>,
-    max_header_lines: Option<Spanned<i64>>,
-    max_line_bytes: Option<Spanned<RawSize>>,
-    keepalive_idle: Option<Spanned<String>>,
-    keepalive_interval: Option<Spanned<String>>,
-    keepalive_count: Option<Spanned<i64>>,
-    tcp_user_timeout: Option<Spanned<String>>,
-    response_idle_timeout: Option<Spanned<String>>,
-    send_stall_grace: Option<Spanned<String>>,
-    listen: Option<Spanned<String>>,
-    only_from: Option<Spanned<Vec<Spanned<String>>>>,
-    tls: Option<Spanned<RawListenerTls>>,
-    ca_file: Option<Spanned<String>>,
-    verify: Option<Spanned<bool>>,
-    server_name: Option<Spanned<String>>,
-    client_cert_file: Option<Spanned<String>>,
-    client_key_file: Option<Spanned<String>>,
-    tls_handshake_timeout: Option<Spanned<String>>,
-    cache: Option<Spanned<bool>>,
-    cache_max_age: Option<Spanned<String>>,
-    coalesce: Option<Spanned<bool>>,
-}
-
-/// `tls = { cert_file = "...", key_file = "..." }` of a TCP listener.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawListenerTls {
-    cert_file: String,
-    key_file: String,
-}
-
-/// The file as written.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    socket_dir: Option<Spanned<String>>,
-    state_file: Option<Spanned<String>>,
-    state_interval: Option<Spanned<String>>,
-    shutdown_grace: Option<Spanned<String>>,
-    worker_threads: Option<Spanned<i64>>,
-    spool_dir: Option<Spanned<String>>,
-    spool_memory_per_response: Option<Spanned<RawSize>>,
-    spool_memory_budget: Option<Spanned<RawSize>>,
-    spool_disk_budget: Option<Spanned<RawSize>>,
-    cache_budget: Option<Spanned<RawSize>>,
-    cache_max_entry: Option<Spanned<RawSize>>,
-    defaults: Option<Spanned<RawSite>>,
-    site: Option<Vec<Spanned<RawSite>>>,
 }
 
 /// Where a site's Livestatus is.
@@ -442,386 +369,163 @@ impl Config {
         self.socket_dir.join(site)
     }
 
-    /// Parse and validate configuration text.
-    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-            line: e.span().map(|s| line_of(text, s.start)),
-            key: None,
-            message: e.message().trim().to_owned(),
+    /// Parse and validate configuration text; every problem found is
+    /// reported, each with its key and line.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        let mut v = validate::Validator::new(text);
+        // Syntax errors first, all of them (the parser recovers).
+        let (doc, syntax) = toml::de::DeTable::parse_recoverable(text);
+        if !syntax.is_empty() {
+            let mut errors: Vec<_> = syntax
+                .iter()
+                .map(|e| ConfigError {
+                    line: e.span().map(|s| v.line(s.start)),
+                    key: None,
+                    message: e.message().trim().to_owned(),
+                })
+                .collect();
+            errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+            return Err(ConfigErrors(errors));
+        }
+        let mut unknown = Vec::new();
+        let raw: Result<raw::RawConfig, _> = toml::de::Deserializer::parse(text)
+            .and_then(|d| serde_ignored::deserialize(d, |path| unknown.push(keys::of(&path))));
+        let raw = raw.map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                line: e.span().map(|s| v.line(s.start)),
+                key: None,
+                message: e.message().trim().to_owned(),
+            }])
         })?;
-        Validator { text }.config(raw)
+        for path in unknown {
+            let span = keys::span(doc.get_ref(), &path).unwrap_or(0..0);
+            let (name, key) = (keys::last(&path), keys::render(&path));
+            v.err(span, &key, format!("unknown key `{name}`"));
+        }
+        let config = v.config(raw);
+        if v.errors.is_empty() {
+            Ok(config)
+        } else {
+            v.errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+            Err(ConfigErrors(v.errors))
+        }
     }
 
     /// Read and validate a configuration file.
-    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            line: None,
-            key: None,
-            message: format!("cannot read {}: {e}", path.display()),
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                line: None,
+                key: None,
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
         })?;
         Config::from_toml(&text)
     }
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket_dir: PathBuf::from("/run/livemux"),
+            state_file: PathBuf::from("/var/lib/livemux/state.json"),
+            state_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+            worker_threads: 1,
+            spool: SpoolConfig::default(),
+            cache_budget: 64 << 20,
+            cache_max_entry: 1 << 20,
+            sites: Vec::new(),
+        }
+    }
 }
 
-/// Turns raw values into typed ones, reporting errors with their lines.
-struct Validator<'a> {
-    text: &'a str,
-}
+/// Keys as paths through the file, for unknown keys.
+mod keys {
+    use std::ops::Range;
 
-impl Validator<'_> {
-    fn err(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError { line: Some(line_of(self.text, span.start)), key: Some(key.to_owned()), message: message.into() }
+    use toml::Spanned;
+    use toml::de::{DeTable, DeValue};
+
+    /// One step of a path: a table key or an array index.
+    #[derive(Debug, Clone, PartialEq)]
+    pub(super) enum Step {
+        Key(String),
+        Index(usize),
     }
 
-    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let path = |v: Option<Spanned<String>>, key: &str, default: &str| -> Result<PathBuf, ConfigError> {
-            match v {
-                None => Ok(PathBuf::from(default)),
-                Some(s) if s.get_ref().is_empty() => Err(self.err(s.span(), key, "must not be empty")),
-                Some(s) => Ok(PathBuf::from(s.into_inner())),
-            }
-        };
-        let socket_dir = path(raw.socket_dir, "socket_dir", "/run/livemux")?;
-        let state_file = path(raw.state_file, "state_file", "/var/lib/livemux/state.json")?;
-        let state_interval = self.duration(raw.state_interval.as_ref(), "state_interval", Duration::from_secs(5))?;
-        let shutdown_grace = self.duration(raw.shutdown_grace.as_ref(), "shutdown_grace", Duration::from_secs(10))?;
-        let worker_threads = self.int(raw.worker_threads.as_ref(), "worker_threads", 1, 1..=256)?;
-        let d = SpoolConfig::default();
-        let spool = SpoolConfig {
-            dir: path(raw.spool_dir, "spool_dir", &d.dir.to_string_lossy())?,
-            memory_per_response: self.size(
-                raw.spool_memory_per_response.as_ref(),
-                "spool_memory_per_response",
-                d.memory_per_response as u64,
-                0..=1 << 40,
-            )? as usize,
-            memory_budget: self.size(
-                raw.spool_memory_budget.as_ref(),
-                "spool_memory_budget",
-                d.memory_budget as u64,
-                0..=1 << 40,
-            )? as usize,
-            disk_budget: self.size(raw.spool_disk_budget.as_ref(), "spool_disk_budget", d.disk_budget, 0..=1 << 50)?,
-        };
-
-        let defaults_raw = raw.defaults.map(|d| (d.span(), d.into_inner())).unwrap_or_default();
-        let d = &defaults_raw.1;
-        if let Some(v) = &d.only_from {
-            return Err(self.err(v.span(), "defaults.only_from", "belongs in a [[site]] table, not in [defaults]"));
-        }
-        if let Some(v) = &d.tls {
-            return Err(self.err(v.span(), "defaults.tls", "belongs in a [[site]] table, not in [defaults]"));
-        }
-        for (field, what) in [(&d.name, "name"), (&d.address, "address"), (&d.listen, "listen")] {
-            if let Some(v) = field {
-                return Err(self.err(
-                    v.span(),
-                    &format!("defaults.{what}"),
-                    "belongs in a [[site]] table, not in [defaults]",
-                ));
+    /// The steps of a path serde_ignored reports (without serde's own
+    /// wrappers, such as the one that keeps spans).
+    pub(super) fn of(path: &serde_ignored::Path<'_>) -> Vec<Step> {
+        use serde_ignored::Path;
+        let mut steps = Vec::new();
+        let mut p = path;
+        loop {
+            match p {
+                Path::Root => break,
+                Path::Seq { parent, index } => {
+                    steps.push(Step::Index(*index));
+                    p = parent;
+                }
+                Path::Map { parent, key } => {
+                    if !key.starts_with("$__") {
+                        steps.push(Step::Key(key.clone()));
+                    }
+                    p = parent;
+                }
+                Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => p = parent,
             }
         }
-        let defaults = self.params(&defaults_raw.1, &SiteParams::default(), "defaults")?;
-
-        let raw_sites = raw.site.unwrap_or_default();
-        if raw_sites.is_empty() {
-            return Err(ConfigError {
-                line: None,
-                key: Some("site".into()),
-                message: "no [[site]] is configured".into(),
-            });
-        }
-        let mut sites: Vec<SiteConfig> = Vec::with_capacity(raw_sites.len());
-        for (i, s) in raw_sites.into_iter().enumerate() {
-            let span = s.span();
-            let s = s.into_inner();
-            let prefix = format!("site[{}]", i + 1);
-            let name =
-                s.name.as_ref().ok_or_else(|| self.err(span.clone(), &format!("{prefix}.name"), "is required"))?;
-            self.site_name(name, &prefix)?;
-            if sites.iter().any(|o| o.name == *name.get_ref()) {
-                return Err(self.err(
-                    name.span(),
-                    &format!("{prefix}.name"),
-                    format!("duplicate site name '{}'", name.get_ref()),
-                ));
-            }
-            let sock = socket_dir.join(name.get_ref());
-            if sock.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(self.err(
-                    name.span(),
-                    &format!("{prefix}.name"),
-                    format!(
-                        "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter socket_dir",
-                        sock.display()
-                    ),
-                ));
-            }
-            let address = s
-                .address
-                .as_ref()
-                .ok_or_else(|| self.err(span.clone(), &format!("{prefix}.address"), "is required"))?;
-            let parsed: SiteAddress = address
-                .get_ref()
-                .parse()
-                .map_err(|m: String| self.err(address.span(), &format!("{prefix}.address"), m))?;
-            let params = self.params(&s, &defaults, &prefix)?;
-            if matches!(parsed, SiteAddress::Tls { .. }) && params.tls.verify && params.tls.ca_file.is_none() {
-                return Err(self.err(
-                    address.span(),
-                    &format!("{prefix}.ca_file"),
-                    "is required for a tls:// address (or set verify = false to encrypt without verifying)",
-                ));
-            }
-            let listen = self.listen(&s, &prefix, span.clone())?;
-            sites.push(SiteConfig { name: name.get_ref().clone(), address: parsed, params, listen });
-        }
-        let cache_budget = self.size(raw.cache_budget.as_ref(), "cache_budget", 64 << 20, 0..=1 << 40)? as usize;
-        let cache_max_entry =
-            self.size(raw.cache_max_entry.as_ref(), "cache_max_entry", 1 << 20, 0..=1 << 34)? as usize;
-        Ok(Config {
-            socket_dir,
-            state_file,
-            state_interval,
-            shutdown_grace,
-            worker_threads,
-            spool,
-            cache_budget,
-            cache_max_entry,
-            sites,
-        })
+        steps.reverse();
+        steps
     }
 
-    fn listen(&self, raw: &RawSite, prefix: &str, site: Range<usize>) -> Result<Option<TcpListen>, ConfigError> {
-        let Some(l) = &raw.listen else {
-            if let Some(o) = &raw.only_from {
-                return Err(self.err(o.span(), &format!("{prefix}.only_from"), "only_from needs listen"));
-            }
-            if let Some(t) = &raw.tls {
-                return Err(self.err(t.span(), &format!("{prefix}.tls"), "tls (for the TCP listener) needs listen"));
-            }
-            return Ok(None);
-        };
-        let key = format!("{prefix}.listen");
-        let text = l.get_ref();
-        let addr: std::net::SocketAddr = text.parse().map_err(|_| {
-            self.err(
-                l.span(),
-                &key,
-                format!("'{text}' is not an address:port (e.g. \"127.0.0.1:6560\" or \"[::1]:6560\")"),
-            )
-        })?;
-        let mut only_from = Vec::new();
-        for e in raw.only_from.iter().flat_map(|o| o.get_ref()) {
-            let t = e.get_ref().trim();
-            let net = t
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| {
-                    self.err(
-                        e.span(),
-                        &format!("{prefix}.only_from"),
-                        format!("'{t}' is neither an address nor a network"),
-                    )
-                })?;
-            only_from.push(net);
-        }
-        if only_from.is_empty() && !addr.ip().is_loopback() {
-            let span = raw.only_from.as_ref().map_or(site, |o| o.span());
-            return Err(self.err(
-                span,
-                &format!("{prefix}.only_from"),
-                format!("is required (and must not be empty) when listening on the non-loopback address {addr}"),
-            ));
-        }
-        let tls = raw.tls.as_ref().map(|t| ListenerTls {
-            cert_file: PathBuf::from(&t.get_ref().cert_file),
-            key_file: PathBuf::from(&t.get_ref().key_file),
-        });
-        Ok(Some(TcpListen { addr, only_from, tls }))
-    }
-
-    fn site_name(&self, name: &Spanned<String>, prefix: &str) -> Result<(), ConfigError> {
-        let n = name.get_ref();
-        let ok = !n.is_empty()
-            && n.len() <= 64
-            && n.as_bytes()[0].is_ascii_alphanumeric()
-            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if ok {
-            Ok(())
-        } else {
-            Err(self.err(
-                name.span(),
-                &format!("{prefix}.name"),
-                format!("'{n}' is not a valid site name (letters, digits, '_', '.', '-'; at most 64; starting with a letter or digit)"),
-            ))
-        }
-    }
-
-    fn params(&self, raw: &RawSite, base: &SiteParams, prefix: &str) -> Result<SiteParams, ConfigError> {
-        let key = |k: &str| format!("{prefix}.{k}");
-        let mut p = base.clone();
-        p.channels = self.int(raw.channels.as_ref(), &key("channels"), p.channels, 1..=50)?;
-        p.heartbeat_interval =
-            self.duration(raw.heartbeat_interval.as_ref(), &key("heartbeat_interval"), p.heartbeat_interval)?;
-        p.heartbeat_timeout =
-            self.duration(raw.heartbeat_timeout.as_ref(), &key("heartbeat_timeout"), p.heartbeat_timeout)?;
-        p.channel_timeout = self.duration(raw.channel_timeout.as_ref(), &key("channel_timeout"), p.channel_timeout)?;
-        p.query_timeout = self.duration(raw.query_timeout.as_ref(), &key("query_timeout"), p.query_timeout)?;
-        p.connect_retry = self.duration(raw.connect_retry.as_ref(), &key("connect_retry"), p.connect_retry)?;
-        p.channel_retry = self.duration(raw.channel_retry.as_ref(), &key("channel_retry"), p.channel_retry)?;
-        p.connect_timeout = self.duration(raw.connect_timeout.as_ref(), &key("connect_timeout"), p.connect_timeout)?;
-        p.client_idle_timeout =
-            self.duration(raw.client_idle_timeout.as_ref(), &key("client_idle_timeout"), p.client_idle_timeout)?;
-        p.client_request_timeout = self.duration(
-            raw.client_request_timeout.as_ref(),
-            &key("client_request_timeout"),
-            p.client_request_timeout,
-        )?;
-        p.max_clients = self.int(raw.max_clients.as_ref(), &key("max_clients"), p.max_clients, 1..=1_000_000)?;
-        let l = &mut p.limits;
-        l.max_request_bytes = self.size(
-            raw.max_request_bytes.as_ref(),
-            &key("max_request_bytes"),
-            l.max_request_bytes as u64,
-            1024..=1 << 30,
-        )? as usize;
-        l.max_header_lines =
-            self.int(raw.max_header_lines.as_ref(), &key("max_header_lines"), l.max_header_lines, 1..=10_000_000)?;
-        l.max_line_bytes =
-            self.size(raw.max_line_bytes.as_ref(), &key("max_line_bytes"), l.max_line_bytes as u64, 64..=1 << 30)?
-                as usize;
-        let k = &mut p.keepalive;
-        // The kernel takes whole seconds, 1..=32767 (TCP_KEEPIDLE, TCP_KEEPINTVL).
-        let secs = Duration::from_secs(1)..=Duration::from_secs(32767);
-        k.idle = self.duration_in(raw.keepalive_idle.as_ref(), &key("keepalive_idle"), k.idle, &secs, "1s..=32767s")?;
-        k.interval = self.duration_in(
-            raw.keepalive_interval.as_ref(),
-            &key("keepalive_interval"),
-            k.interval,
-            &secs,
-            "1s..=32767s",
-        )?;
-        k.count = self.int(raw.keepalive_count.as_ref(), &key("keepalive_count"), k.count as usize, 1..=100)? as u32;
-        p.tcp_user_timeout =
-            self.duration(raw.tcp_user_timeout.as_ref(), &key("tcp_user_timeout"), p.tcp_user_timeout)?;
-        p.response_idle_timeout =
-            self.duration(raw.response_idle_timeout.as_ref(), &key("response_idle_timeout"), p.response_idle_timeout)?;
-        p.send_stall_grace =
-            self.duration(raw.send_stall_grace.as_ref(), &key("send_stall_grace"), p.send_stall_grace)?;
-        let t = &mut p.tls;
-        if let Some(v) = &raw.ca_file {
-            t.ca_file = Some(PathBuf::from(v.get_ref()));
-        }
-        if let Some(v) = &raw.verify {
-            t.verify = *v.get_ref();
-        }
-        if let Some(v) = &raw.server_name {
-            t.server_name = Some(v.get_ref().clone());
-        }
-        match (&raw.client_cert_file, &raw.client_key_file) {
-            (Some(c), Some(k)) => t.client_cert = Some((PathBuf::from(c.get_ref()), PathBuf::from(k.get_ref()))),
-            (None, None) => {}
-            (Some(c), None) => {
-                return Err(self.err(c.span(), &key("client_key_file"), "is required with client_cert_file"));
-            }
-            (None, Some(k)) => {
-                return Err(self.err(k.span(), &key("client_cert_file"), "is required with client_key_file"));
+    /// `site[2].chanels` (array positions counted from 1, as people do).
+    pub(super) fn render(steps: &[Step]) -> String {
+        let mut out = String::new();
+        for s in steps {
+            match s {
+                Step::Key(k) if out.is_empty() => out.push_str(k),
+                Step::Key(k) => {
+                    out.push('.');
+                    out.push_str(k);
+                }
+                Step::Index(i) => out.push_str(&format!("[{}]", i + 1)),
             }
         }
-        t.handshake_timeout =
-            self.duration(raw.tls_handshake_timeout.as_ref(), &key("tls_handshake_timeout"), t.handshake_timeout)?;
-        if let Some(v) = &raw.cache {
-            p.cache = *v.get_ref();
-        }
-        if let Some(v) = &raw.coalesce {
-            p.coalesce = *v.get_ref();
-        }
-        if raw.cache_max_age.is_some() {
-            p.cache_max_age = Some(self.duration(raw.cache_max_age.as_ref(), &key("cache_max_age"), Duration::ZERO)?);
-        }
-        if let Some(t) = raw.heartbeat_timeout.as_ref().or(raw.heartbeat_interval.as_ref())
-            && p.heartbeat_timeout > p.heartbeat_interval
-        {
-            return Err(self.err(
-                t.span(),
-                &key("heartbeat_timeout"),
-                format!(
-                    "{} is longer than heartbeat_interval ({})",
-                    humantime::format_duration(p.heartbeat_timeout),
-                    humantime::format_duration(p.heartbeat_interval)
-                ),
-            ));
-        }
-        Ok(p)
+        out
     }
 
-    fn int(
-        &self,
-        v: Option<&Spanned<i64>>,
-        key: &str,
-        default: usize,
-        range: std::ops::RangeInclusive<usize>,
-    ) -> Result<usize, ConfigError> {
-        let Some(v) = v else { return Ok(default) };
-        let n = *v.get_ref();
-        match usize::try_from(n) {
-            Ok(n) if range.contains(&n) => Ok(n),
-            _ => Err(self.err(v.span(), key, format!("{n} is out of range {}..={}", range.start(), range.end()))),
-        }
+    /// The last key of a path.
+    pub(super) fn last(steps: &[Step]) -> String {
+        steps.iter().rev().find_map(|s| if let Step::Key(k) = s { Some(k.clone()) } else { None }).unwrap_or_default()
     }
 
-    fn size(
-        &self,
-        v: Option<&Spanned<RawSize>>,
-        key: &str,
-        default: u64,
-        range: std::ops::RangeInclusive<u64>,
-    ) -> Result<u64, ConfigError> {
-        let Some(v) = v else { return Ok(default) };
-        let n = match v.get_ref() {
-            RawSize::Bytes(n) => u64::try_from(*n).map_err(|_| self.err(v.span(), key, format!("{n} is negative")))?,
-            RawSize::Text(t) => parse_size(t).map_err(|m| self.err(v.span(), key, m))?,
-        };
-        if !range.contains(&n) {
-            return Err(self.err(
-                v.span(),
-                key,
-                format!("{n} bytes is out of range {}..={}", range.start(), range.end()),
-            ));
+    /// Where the last key of a path is written.
+    pub(super) fn span(doc: &DeTable<'_>, steps: &[Step]) -> Option<Range<usize>> {
+        let mut table = doc;
+        let mut value: Option<&Spanned<DeValue<'_>>> = None;
+        let mut key_span = None;
+        for s in steps {
+            match s {
+                Step::Key(k) => {
+                    let t = match value.map(|v| v.get_ref()) {
+                        None => table,
+                        Some(DeValue::Table(t)) => t,
+                        _ => return key_span,
+                    };
+                    let (key, v) = t.iter().find(|(key, _)| key.get_ref() == k)?;
+                    key_span = Some(key.span());
+                    table = t;
+                    value = Some(v);
+                }
+                Step::Index(i) => match value.map(|v| v.get_ref()) {
+                    Some(DeValue::Array(a)) => value = Some(a.get(*i)?),
+                    _ => return key_span,
+                },
+            }
         }
-        Ok(n)
-    }
-
-    fn duration(&self, v: Option<&Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
-        let range = Duration::from_millis(1)..=Duration::from_secs(7 * 86400);
-        self.duration_in(v, key, default, &range, "1ms..=7d")
-    }
-
-    fn duration_in(
-        &self,
-        v: Option<&Spanned<String>>,
-        key: &str,
-        default: Duration,
-        range: &std::ops::RangeInclusive<Duration>,
-        range_text: &str,
-    ) -> Result<Duration, ConfigError> {
-        let Some(v) = v else { return Ok(default) };
-        let d = humantime::parse_duration(v.get_ref()).map_err(|e| {
-            self.err(
-                v.span(),
-                key,
-                format!("'{}' is not a duration ({e}); write e.g. \"5s\" or \"250ms\"", v.get_ref()),
-            )
-        })?;
-        if !range.contains(&d) {
-            return Err(self.err(v.span(), key, format!("'{}' is out of range {range_text}", v.get_ref())));
-        }
-        Ok(d)
+        key_span
     }
 }
 

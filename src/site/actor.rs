@@ -4,10 +4,13 @@
 //! Everything that changes a site's state happens in this task, in one
 //! `select!` over: shutdown, events from its own helpers (channels returned,
 //! connects finished, heartbeats answered), requests from handles (acquire a
-//! channel, snapshot), an idle channel becoming readable (the site closed it),
-//! and the next timer (heartbeat, reconnect, stall check). The actor never
-//! waits for I/O itself: connects and heartbeats run in helper tasks that
-//! report back as events, so a slow site never delays another request.
+//! channel, snapshot), an idle channel becoming readable (the site closed
+//! it), and the next timer. The actor never waits for I/O itself: connects
+//! and heartbeats run in helper tasks it owns (a `JoinSet`, aborted with
+//! the actor) that report back as events, so a slow site never delays
+//! another request. What to do is decided by the [`Pool`] (which channel,
+//! how many connections) and the heartbeat [`Schedule`]; the actor reads as
+//! "on X, ask them, do Y".
 //!
 //! States: `starting` (first connect and heartbeat in progress; queries wait
 //! for a channel), `ready`, `down` (answers every query at once with the last
@@ -19,8 +22,8 @@
 //! ("admission"): a site that accepts more connections than it serves
 //! (Icinga 2 serves 2 × its cores; the rest wait in the kernel's backlog) or
 //! closes the surplus (xinetd's `instances`) costs a warning and a smaller
-//! pool, never a query stuck on a connection nobody reads. The pool tries to
-//! grow back every `channel_retry`.
+//! pool, never a query stuck on a connection nobody reads. After an error
+//! answer a channel is proved clean the same way before it is lent again.
 //!
 //! A heartbeat normally borrows the least recently used idle channel. When
 //! every channel is busy the heartbeat waits for one; if meanwhile the site
@@ -29,18 +32,19 @@
 //! answers it and stays ready (its queries are not disturbed); a hung core
 //! does not, and is declared down.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{Activity, Channel, Lease, Return, looks_alive, poll_dead_idle};
-use super::connector::{SiteStream, connect};
-use super::heartbeat;
-use super::{ChannelSnapshot, SiteSnapshot, SiteState, SiteStatus, timestamp};
+use super::connector::{Connect, SiteStream};
+use super::heartbeat::{self, Schedule};
+use super::pool::{Conn, Grow, Pool, Shrink, Use, Waiting};
+use super::{PoolReport, SiteState, SiteStatus};
 use crate::config::SiteConfig;
 use crate::error::{SiteError, fmt_duration};
 
@@ -49,7 +53,7 @@ pub(crate) enum Request {
     /// Lend a channel; `fresh` asks for one that never carried a query.
     Acquire { fresh: bool, reply: oneshot::Sender<Result<Lease, AcquireError>> },
     /// Describe the site for the state file.
-    Snapshot { reply: oneshot::Sender<SiteSnapshot> },
+    Snapshot { reply: oneshot::Sender<PoolReport> },
 }
 
 /// Why the actor refused to lend a channel.
@@ -88,22 +92,37 @@ pub(crate) enum Event {
     Verified { generation: u64, id: u64, channel: Option<Channel>, result: Result<i64, SiteError> },
 }
 
-struct Waiter {
+/// A query waiting for a channel.
+pub(crate) struct Waiter {
     fresh: bool,
     reply: oneshot::Sender<Result<Lease, AcquireError>>,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Busy {
-    Query,
-    Heartbeat,
-    /// Proved clean with a heartbeat after an error answer.
-    Verify,
+impl Waiting for Waiter {
+    fn fresh(&self) -> bool {
+        self.fresh
+    }
+
+    fn gone(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+impl Conn for Channel {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn used(&self) -> bool {
+        self.uses > 0
+    }
 }
 
 pub(crate) struct Actor {
     cfg: SiteConfig,
-    /// TLS toward the site (`tls://` addresses).
+    /// Opens connections to the site.
+    connector: Arc<dyn Connect>,
+    /// TLS toward the site (`tls://` addresses), for the snapshot.
     tls: Option<Arc<crate::tls::SiteTls>>,
     requests: mpsc::Receiver<Request>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -113,24 +132,11 @@ pub(crate) struct Actor {
     status_tx: watch::Sender<SiteStatus>,
     shutdown: CancellationToken,
     activity: Arc<Activity>,
+    /// Connects and heartbeats in flight; aborted when the actor ends.
+    helpers: JoinSet<()>,
 
-    /// Idle channels; front = least recently used (heartbeats take it),
-    /// back = most recently used (queries take it).
-    idle: VecDeque<Channel>,
-    /// Lent channels: id → what for and since when.
-    busy: BTreeMap<u64, (Busy, SystemTime)>,
-    /// Connect attempts in flight for the pool (and the probe).
-    connecting: usize,
-    /// New pool channels whose admission heartbeat is in flight.
-    admitting: usize,
-    /// The site served fewer channels than configured: the pool's size.
-    capacity: Option<usize>,
-    /// When to try one channel more than `capacity`.
-    grow_at: Option<Instant>,
-    /// The smallest capacity reported in the log so far.
-    warned_capacity: Option<usize>,
-    /// Queries waiting for a channel, in arrival order.
-    waiters: VecDeque<Waiter>,
+    pool: Pool<Channel, Waiter>,
+    schedule: Schedule,
 
     state: SiteState,
     state_since: SystemTime,
@@ -144,12 +150,7 @@ pub(crate) struct Actor {
     generation: u64,
     /// Cancelled when the site goes down, to stop queries in flight.
     down_token: CancellationToken,
-    next_heartbeat: Option<Instant>,
-    heartbeat_in_flight: bool,
-    /// A heartbeat is due but every channel is busy (since when). If the
-    /// site stays silent for a heartbeat period, the heartbeat goes out on an
-    /// extra connection.
-    heartbeat_pending: Option<Instant>,
+    /// When to reconnect after the site went down.
     retry_at: Option<Instant>,
     next_id: u64,
 }
@@ -157,14 +158,19 @@ pub(crate) struct Actor {
 impl Actor {
     pub(crate) fn new(
         cfg: SiteConfig,
+        connector: Arc<dyn Connect>,
         tls: Option<Arc<crate::tls::SiteTls>>,
         requests: mpsc::Receiver<Request>,
         status_tx: watch::Sender<SiteStatus>,
         shutdown: CancellationToken,
     ) -> Actor {
         let (events_tx, events) = mpsc::unbounded_channel();
+        let p = &cfg.params;
+        let pool = Pool::new(p.channels, p.channel_retry);
+        let schedule = Schedule::new(p.heartbeat_interval, p.heartbeat_timeout);
         Actor {
             cfg,
+            connector,
             tls,
             requests,
             events,
@@ -172,14 +178,9 @@ impl Actor {
             status_tx,
             shutdown,
             activity: Arc::new(Activity::new()),
-            idle: VecDeque::new(),
-            busy: BTreeMap::new(),
-            connecting: 0,
-            admitting: 0,
-            capacity: None,
-            grow_at: None,
-            warned_capacity: None,
-            waiters: VecDeque::new(),
+            helpers: JoinSet::new(),
+            pool,
+            schedule,
             state: SiteState::Starting,
             state_since: SystemTime::now(),
             last_error: None,
@@ -188,9 +189,6 @@ impl Actor {
             program_start: None,
             generation: 0,
             down_token: CancellationToken::new(),
-            next_heartbeat: None,
-            heartbeat_in_flight: false,
-            heartbeat_pending: None,
             retry_at: None,
             next_id: 1,
         }
@@ -208,12 +206,13 @@ impl Actor {
                     Some(r) => self.on_request(r),
                     None => break,
                 },
-                i = std::future::poll_fn(|cx| poll_dead_idle(self.idle.make_contiguous(), cx)) => {
-                    if let Some(ch) = self.idle.remove(i) {
-                        tracing::debug!(site = %self.cfg.name, channel = ch.id, "idle channel closed by the site; replacing it");
+                i = std::future::poll_fn(|cx| poll_dead_idle(self.pool.idle_mut(), cx)) => {
+                    if let Some(ch) = self.pool.remove_idle(i) {
+                        tracing::debug!(channel = ch.id, "idle channel closed by the site; replacing it");
                     }
                     self.ensure_channels();
                 }
+                Some(_) = self.helpers.join_next(), if !self.helpers.is_empty() => {}
                 _ = sleep_until(timer) => self.on_timer(),
             }
         }
@@ -224,15 +223,16 @@ impl Actor {
     /// queries in flight finish (the daemon bounds this by `shutdown_grace`);
     /// no more heartbeats or connects.
     async fn drain(mut self) {
-        for w in self.waiters.drain(..) {
+        for w in self.pool.take_waiters() {
             let _ = w.reply.send(Err(AcquireError::ShuttingDown));
         }
-        self.idle.clear();
-        while self.busy.values().any(|(kind, _)| matches!(kind, Busy::Query)) {
+        self.pool.close_idle();
+        self.helpers.abort_all();
+        while self.pool.queries_in_flight() {
             tokio::select! {
                 Some(ev) = self.events.recv() => {
                     if let Event::Returned { channel, .. } = ev {
-                        self.busy.remove(&channel.id);
+                        self.pool.returned(channel.id);
                     }
                 }
                 req = self.requests.recv() => match req {
@@ -240,7 +240,7 @@ impl Actor {
                         let _ = reply.send(Err(AcquireError::ShuttingDown));
                     }
                     Some(Request::Snapshot { reply }) => {
-                        let _ = reply.send(self.snapshot());
+                        let _ = reply.send(self.report());
                     }
                     None => break,
                 },
@@ -250,13 +250,8 @@ impl Actor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let stall = self.heartbeat_pending.map(|since| self.stall_deadline(since));
-        [self.retry_at, self.next_heartbeat, stall, self.grow_at].into_iter().flatten().min()
-    }
-
-    fn stall_deadline(&self, pending_since: Instant) -> Instant {
-        let p = &self.cfg.params;
-        pending_since.max(self.activity.last_rx()) + p.heartbeat_interval + p.heartbeat_timeout
+        let heartbeat = self.schedule.next_deadline(self.activity.last_rx());
+        [self.retry_at, heartbeat, self.pool.next_deadline()].into_iter().flatten().min()
     }
 
     // === requests ===
@@ -264,7 +259,7 @@ impl Actor {
     fn on_request(&mut self, req: Request) {
         match req {
             Request::Snapshot { reply } => {
-                let _ = reply.send(self.snapshot());
+                let _ = reply.send(self.report());
             }
             Request::Acquire { fresh, reply } => {
                 if self.state == SiteState::Down
@@ -273,7 +268,7 @@ impl Actor {
                     let _ = reply.send(Err(AcquireError::Down(cause.clone())));
                     return;
                 }
-                self.waiters.push_back(Waiter { fresh, reply });
+                self.pool.wait(Waiter { fresh, reply });
                 self.dispatch();
             }
         }
@@ -281,52 +276,27 @@ impl Actor {
 
     /// Hand idle channels to the pending heartbeat, then to waiters in order.
     fn dispatch(&mut self) {
-        let before = self.idle.len();
-        self.idle.retain_mut(looks_alive);
-        if self.idle.len() < before {
+        if self.pool.retain_idle(looks_alive) > 0 {
             self.ensure_channels();
         }
-        if self.heartbeat_pending.is_some()
-            && !self.heartbeat_in_flight
-            && let Some(ch) = self.idle.pop_front()
+        if self.schedule.wants_channel()
+            && let Some(ch) = self.pool.take_for_heartbeat(SystemTime::now())
         {
             self.start_heartbeat(ch, Purpose::Pool);
         }
-        let mut i = 0;
-        while i < self.waiters.len() && !self.idle.is_empty() {
-            if self.waiters[i].reply.is_closed() {
-                self.waiters.remove(i);
-                continue;
-            }
-            let fresh = self.waiters[i].fresh;
-            let pick = if fresh { self.idle.iter().rposition(|c| c.uses == 0) } else { Some(self.idle.len() - 1) };
-            let Some(pos) = pick else {
-                i += 1;
-                continue;
-            };
-            let Some(w) = self.waiters.remove(i) else { break };
-            let Some(ch) = self.idle.remove(pos) else { break };
-            let id = ch.id;
+        while let Some((w, ch)) = self.pool.next_lend(SystemTime::now()) {
             let lease = Lease::new(ch, self.events_tx.clone(), self.activity.clone(), self.down_token.clone());
-            self.busy.insert(id, (Busy::Query, SystemTime::now()));
             if let Err(Ok(lease)) = w.reply.send(Ok(lease)) {
                 // The client stopped waiting just now: the channel is untouched.
-                self.busy.remove(&id);
                 if let Some(ch) = lease.unlend() {
-                    self.idle.push_back(ch);
+                    self.pool.unlend(ch);
                 }
             }
         }
-        self.make_fresh_channel_if_needed();
-    }
-
-    /// A retry waits for a never-used channel. If none is on its way, trade
-    /// the least recently used idle channel for a new connection.
-    fn make_fresh_channel_if_needed(&mut self) {
-        if self.state != SiteState::Ready || self.connecting > 0 || !self.waiters.iter().any(|w| w.fresh) {
-            return;
-        }
-        if self.idle.pop_front().is_some() || self.open_channels() < self.channel_limit() {
+        if self.state == SiteState::Ready
+            && let Some(traded) = self.pool.fresh_connect()
+        {
+            drop(traded);
             self.start_connect(Purpose::Pool);
         }
     }
@@ -335,136 +305,156 @@ impl Actor {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Returned { channel, how, reason } => {
-                self.busy.remove(&channel.id);
-                if how == Return::Verify && channel.generation == self.generation && self.state != SiteState::Down {
-                    self.start_verification(channel);
-                } else if how == Return::Close || channel.generation != self.generation || self.state == SiteState::Down
-                {
-                    if let Some(reason) = reason {
-                        tracing::debug!(site = %self.cfg.name, channel = channel.id, %reason, "channel closed");
-                    }
-                    drop(channel);
-                    self.ensure_channels();
-                } else {
-                    self.idle.push_back(channel);
-                }
-                self.dispatch();
-            }
-            Event::Connected { generation, purpose, result } => {
-                if purpose != Purpose::Extra {
-                    self.connecting -= 1;
-                }
-                if generation != self.generation {
-                    self.ensure_channels();
-                    return;
-                }
-                match result {
-                    Ok(stream) => {
-                        let ch = self.new_channel(stream);
-                        if purpose == Purpose::Pool {
-                            self.start_admission(ch);
-                        } else {
-                            self.start_heartbeat(ch, purpose);
-                        }
-                    }
-                    Err(e) => {
-                        self.last_failed_connect = Some(SystemTime::now());
-                        if purpose == Purpose::Pool && matches!(e, SiteError::ConnectTimeout { .. }) {
-                            // A connect that timed out (a lost SYN, a
-                            // firewall limiting new connections) while other
-                            // channels work: the pool shrinks to those. A
-                            // refused connect means nobody listens any more.
-                            self.not_admitted(e);
-                        } else {
-                            self.go_down(e);
-                        }
-                    }
-                }
-            }
+            Event::Returned { channel, how, reason } => self.on_returned(channel, how, reason),
+            Event::Connected { generation, purpose, result } => self.on_connected(generation, purpose, result),
             Event::Heartbeat { generation, purpose, channel, result } => {
-                if generation != self.generation {
-                    return;
-                }
-                self.heartbeat_in_flight = false;
-                match (result, channel) {
-                    (Ok(program_start), Some(mut ch)) => {
-                        self.busy.remove(&ch.id);
-                        ch.uses += 1;
-                        ch.since = SystemTime::now();
-                        self.heartbeats += 1;
-                        self.note_program_start(program_start);
-                        if purpose != Purpose::Extra || self.open_channels() < self.channel_limit() {
-                            self.idle.push_back(ch);
-                        }
-                        if purpose == Purpose::Probe {
-                            self.set_state(SiteState::Ready, "connected and answering heartbeats".into());
-                            self.next_heartbeat = Some(Instant::now() + self.cfg.params.heartbeat_interval);
-                            self.ensure_channels();
-                        }
-                        self.dispatch();
-                    }
-                    (Err(e), _) if purpose == Purpose::Extra && self.at_known_capacity() && !self.silent_too_long() => {
-                        // The site has shown it serves no more connections
-                        // than the busy pool: an extra one going unserved
-                        // says nothing about its health, until the site has
-                        // been silent for `response_idle_timeout`.
-                        tracing::debug!(site = %self.cfg.name, error = %e,
-                            "extra-connection heartbeat unanswered while the site serves only the busy pool; not a failure");
-                    }
-                    (Err(e), _) => {
-                        let e = super::connector::explain(&self.cfg.address, e, purpose == Purpose::Probe);
-                        self.go_down(e);
-                    }
-                    (Ok(_), None) => self.go_down(SiteError::ClosedWithoutAnswer),
-                }
+                self.on_heartbeat(generation, purpose, channel, result)
             }
-            Event::Verified { generation, id, channel, result } => {
-                self.busy.remove(&id);
-                match (result, channel) {
-                    (Ok(program_start), Some(ch)) if generation == self.generation && self.state != SiteState::Down => {
-                        self.note_program_start(program_start);
-                        self.idle.push_back(ch);
-                    }
-                    (Ok(_), _) => {}
-                    (Err(e), _) => {
-                        // Not the site's failure: the channel carried a bad
-                        // request, and the core dealt with it in its own way.
-                        tracing::debug!(site = %self.cfg.name, channel = id, error = %e,
-                            "channel closed: not clean after an error answer");
-                    }
+            Event::Admitted { generation, channel, result } => self.on_admitted(generation, channel, result),
+            Event::Verified { generation, id, channel, result } => self.on_verified(generation, id, channel, result),
+        }
+    }
+
+    fn on_returned(&mut self, channel: Channel, how: Return, reason: Option<String>) {
+        self.pool.returned(channel.id);
+        let current = channel.generation == self.generation && self.state != SiteState::Down;
+        match how {
+            Return::Reuse if current => self.pool.push_idle(channel),
+            Return::Verify if current => self.start_verification(channel),
+            _ => {
+                if let Some(reason) = reason {
+                    tracing::debug!(channel = channel.id, %reason, "channel closed");
                 }
+                drop(channel);
                 self.ensure_channels();
-                self.dispatch();
             }
-            Event::Admitted { generation, channel, result } => {
-                self.admitting -= 1;
-                if generation != self.generation {
-                    self.ensure_channels();
-                    return;
+        }
+        self.dispatch();
+    }
+
+    fn on_connected(&mut self, generation: u64, purpose: Purpose, result: Result<SiteStream, SiteError>) {
+        if purpose != Purpose::Extra {
+            self.pool.connect_finished();
+        }
+        if generation != self.generation {
+            self.ensure_channels();
+            return;
+        }
+        match result {
+            Ok(stream) => {
+                let ch = self.new_channel(stream);
+                if purpose == Purpose::Pool {
+                    self.start_admission(ch);
+                } else {
+                    self.start_heartbeat(ch, purpose);
                 }
-                match (result, channel) {
-                    (Ok(program_start), Some(ch)) => {
-                        self.note_program_start(program_start);
-                        self.idle.push_back(ch);
-                        self.grew();
-                        self.dispatch();
-                    }
-                    (Err(e), _) => self.not_admitted(e),
-                    (Ok(_), None) => self.not_admitted(SiteError::ClosedWithoutAnswer),
+            }
+            Err(e) => {
+                self.last_failed_connect = Some(SystemTime::now());
+                if purpose == Purpose::Pool && matches!(e, SiteError::ConnectTimeout { .. }) {
+                    // A connect that timed out (a lost SYN, a firewall
+                    // limiting new connections) while other channels work:
+                    // the pool shrinks to those. A refused connect means
+                    // nobody listens any more.
+                    self.not_admitted(e);
+                } else {
+                    self.go_down(e);
                 }
             }
         }
     }
 
+    fn on_heartbeat(
+        &mut self,
+        generation: u64,
+        purpose: Purpose,
+        channel: Option<Channel>,
+        result: Result<i64, SiteError>,
+    ) {
+        if generation != self.generation {
+            return;
+        }
+        self.schedule.finished();
+        match (result, channel) {
+            (Ok(program_start), Some(mut ch)) => {
+                self.pool.returned(ch.id);
+                ch.uses += 1;
+                ch.since = SystemTime::now();
+                self.heartbeats += 1;
+                self.note_program_start(program_start);
+                // An extra connection stays only if the pool has room.
+                if purpose != Purpose::Extra || self.pool.open() < self.pool.limit() {
+                    self.pool.push_idle(ch);
+                }
+                if purpose == Purpose::Probe {
+                    self.set_state(SiteState::Ready, "connected and answering heartbeats".into());
+                    self.schedule.start(Instant::now());
+                    self.ensure_channels();
+                }
+                self.dispatch();
+            }
+            (Err(e), _) if purpose == Purpose::Extra && self.pool.at_known_capacity() && !self.silent_too_long() => {
+                // The site has shown it serves no more connections than the
+                // busy pool: an extra one going unserved says nothing about
+                // its health, until the site has been silent for
+                // `response_idle_timeout`.
+                tracing::debug!(error = %e,
+                    "extra-connection heartbeat unanswered while the site serves only the busy pool; not a failure");
+            }
+            (Err(e), _) => {
+                let e = super::connector::explain(&self.cfg.address, e, purpose == Purpose::Probe);
+                self.go_down(e);
+            }
+            (Ok(_), None) => self.go_down(SiteError::ClosedWithoutAnswer),
+        }
+    }
+
+    fn on_admitted(&mut self, generation: u64, channel: Option<Channel>, result: Result<i64, SiteError>) {
+        self.pool.admission_finished();
+        if generation != self.generation {
+            self.ensure_channels();
+            return;
+        }
+        match (result, channel) {
+            (Ok(program_start), Some(ch)) => {
+                self.note_program_start(program_start);
+                match self.pool.admitted(ch) {
+                    Grow::Same => {}
+                    Grow::AllServed => {
+                        tracing::info!(channels = self.cfg.params.channels, "site serves all channels again");
+                    }
+                    // The site may serve more now: try one more at once.
+                    Grow::TryOneMore => self.ensure_channels(),
+                }
+                self.dispatch();
+            }
+            (Err(e), _) => self.not_admitted(e),
+            (Ok(_), None) => self.not_admitted(SiteError::ClosedWithoutAnswer),
+        }
+    }
+
+    fn on_verified(&mut self, generation: u64, id: u64, channel: Option<Channel>, result: Result<i64, SiteError>) {
+        self.pool.returned(id);
+        match (result, channel) {
+            (Ok(program_start), Some(ch)) if generation == self.generation && self.state != SiteState::Down => {
+                self.note_program_start(program_start);
+                self.pool.push_idle(ch);
+            }
+            (Ok(_), _) => {}
+            (Err(e), _) => {
+                // Not the site's failure: the channel carried a bad request,
+                // and the core dealt with it in its own way.
+                tracing::debug!(channel = id, error = %e, "channel closed: not clean after an error answer");
+            }
+        }
+        self.ensure_channels();
+        self.dispatch();
+    }
+
     /// A new pool channel could not be connected in time, or did not answer
-    /// its admission heartbeat. With other channels working, the site serves
-    /// no more connections than those: the pool shrinks to them (whether the
-    /// site is alive is the heartbeat's business). With none, the site is down.
+    /// its admission heartbeat: the pool shrinks to the channels that work,
+    /// or, with none, the site is down.
     fn not_admitted(&mut self, e: SiteError) {
-        // Channels connecting or being admitted count: if they fail too, the
-        // site goes down with their (often clearer) reason.
-        let serving = self.open_channels();
         let limited = matches!(
             e,
             SiteError::HeartbeatTimeout(_)
@@ -472,20 +462,16 @@ impl Actor {
                 | SiteError::Io(_)
                 | SiteError::ConnectTimeout { .. }
         );
-        if serving == 0 || !limited {
+        let Shrink::Limited { serving, first } = self.pool.not_admitted(Instant::now(), limited) else {
             let e = super::connector::explain(&self.cfg.address, e, false);
-            self.go_down(e);
-            return;
-        }
-        self.capacity = Some(serving.min(self.channel_limit()));
-        self.grow_at = Some(Instant::now() + self.cfg.params.channel_retry);
+            return self.go_down(e);
+        };
         let reason = match &e {
             SiteError::HeartbeatTimeout(t) => format!("got no answer within {}", fmt_duration(*t)),
             SiteError::ClosedWithoutAnswer => "was closed without an answer".to_owned(),
             other => format!("failed ({other})"),
         };
-        if self.warned_capacity.is_none_or(|w| serving < w) {
-            self.warned_capacity = Some(serving);
+        if first {
             crate::events::ChannelsLimited {
                 site: &self.cfg.name,
                 serving,
@@ -495,24 +481,7 @@ impl Actor {
             }
             .emit();
         } else {
-            tracing::debug!(site = %self.cfg.name, serving, %reason, "one more channel is still not served");
-        }
-    }
-
-    /// A new channel was admitted. While the pool is limited, one that
-    /// reached the limit tries one more right away: the site may serve
-    /// more now.
-    fn grew(&mut self) {
-        let Some(c) = self.capacity else { return };
-        let open = self.open_channels();
-        if open >= self.cfg.params.channels {
-            tracing::info!(site = %self.cfg.name, channels = self.cfg.params.channels, "site serves all channels again");
-            self.capacity = None;
-            self.warned_capacity = None;
-            self.grow_at = None;
-        } else if open >= c {
-            self.capacity = Some(c + 1);
-            self.ensure_channels();
+            tracing::debug!(serving, %reason, "one more channel is still not served");
         }
     }
 
@@ -521,22 +490,11 @@ impl Actor {
         self.activity.last_rx().elapsed() >= self.cfg.params.response_idle_timeout
     }
 
-    /// The site serves fewer connections than `channels`, and the pool
-    /// holds all it serves.
-    fn at_known_capacity(&self) -> bool {
-        self.capacity.is_some_and(|c| self.serving_channels() >= c)
-    }
-
-    /// The pool's size: `channels`, or fewer if the site serves fewer.
-    fn channel_limit(&self) -> usize {
-        self.capacity.unwrap_or(self.cfg.params.channels)
-    }
-
     fn note_program_start(&mut self, ps: i64) {
         if let Some(old) = self.program_start
             && old != ps
         {
-            tracing::info!(site = %self.cfg.name, old, new = ps, "site's core restarted or reloaded (program_start changed)");
+            tracing::info!(old, new = ps, "site's core restarted or reloaded (program_start changed)");
         }
         self.program_start = Some(ps);
         self.publish();
@@ -550,69 +508,49 @@ impl Actor {
             self.retry_at = None;
             self.start_connect(Purpose::Probe);
         }
-        if self.state == SiteState::Ready
-            && let Some(t) = self.next_heartbeat
-            && now >= t
-        {
-            self.next_heartbeat = Some(now + self.cfg.params.heartbeat_interval);
-            self.waiters.retain(|w| !w.reply.is_closed());
-            if !self.heartbeat_in_flight {
-                self.heartbeat_pending.get_or_insert(now);
+        if self.schedule.due(now) {
+            self.pool.drop_gone_waiters();
+            if self.schedule.wants_channel() {
                 self.dispatch();
             }
         }
-        if self.grow_at.is_some_and(|t| now >= t) {
-            self.grow_at = None;
-            if self.state == SiteState::Ready
-                && let Some(c) = self.capacity
-            {
-                self.capacity = Some(c + 1);
-                self.ensure_channels();
-            }
+        if self.pool.on_timer(now, self.state == SiteState::Ready) {
+            self.ensure_channels();
         }
-        if let Some(since) = self.heartbeat_pending
-            && now >= self.stall_deadline(since)
-            && !self.heartbeat_in_flight
-        {
-            tracing::debug!(site = %self.cfg.name, "all channels busy and the site silent; heartbeat on an extra connection");
-            self.heartbeat_pending = None;
-            self.heartbeat_in_flight = true;
+        if self.schedule.take_stalled(now, self.activity.last_rx()) {
+            tracing::debug!("all channels busy and the site silent; heartbeat on an extra connection");
             self.start_connect(Purpose::Extra);
         }
     }
 
     // === connections and heartbeats ===
 
-    /// Channels that answered the site's heartbeat (idle or in use).
-    fn serving_channels(&self) -> usize {
-        self.idle.len() + self.busy.len()
-    }
-
-    fn open_channels(&self) -> usize {
-        self.idle.len() + self.busy.len() + self.connecting + self.admitting
-    }
-
-    /// While ready, keep `channels` (or as many as the site serves)
-    /// connections open or opening.
+    /// While ready, keep the pool at its size.
     fn ensure_channels(&mut self) {
         if self.state != SiteState::Ready {
             return;
         }
-        for _ in self.open_channels()..self.channel_limit() {
+        for _ in 0..self.pool.connects_wanted() {
             self.start_connect(Purpose::Pool);
         }
     }
 
     fn start_connect(&mut self, purpose: Purpose) {
         if purpose != Purpose::Extra {
-            self.connecting += 1;
+            self.pool.connect_started();
         }
-        let (address, params) = (self.cfg.address.clone(), self.cfg.params.clone());
-        let (tx, generation, tls) = (self.events_tx.clone(), self.generation, self.tls.clone());
-        tokio::spawn(async move {
-            let result = connect(&address, &params, tls.as_ref()).await;
+        let (tx, generation) = (self.events_tx.clone(), self.generation);
+        let attempt = self.connector.connect();
+        self.spawn(async move {
+            let result = attempt.await;
             let _ = tx.send(Event::Connected { generation, purpose, result });
         });
+    }
+
+    /// Run a helper in the current span, owned by the actor.
+    fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        use tracing::Instrument;
+        self.helpers.spawn(task.instrument(tracing::Span::current()));
     }
 
     fn new_channel(&mut self, stream: SiteStream) -> Channel {
@@ -623,7 +561,7 @@ impl Actor {
 
     /// Check a new pool channel with a heartbeat before lending it.
     fn start_admission(&mut self, ch: Channel) {
-        self.admitting += 1;
+        self.pool.admission_started();
         let generation = self.generation;
         self.spawn_heartbeat(ch, move |channel, result| Event::Admitted { generation, channel, result });
     }
@@ -632,14 +570,13 @@ impl Actor {
     /// be answered, else it is closed (see `channel::Return::Verify`).
     fn start_verification(&mut self, ch: Channel) {
         let (generation, id) = (self.generation, ch.id);
-        self.busy.insert(id, (Busy::Verify, SystemTime::now()));
+        self.pool.lent(id, Use::Verify, SystemTime::now());
         self.spawn_heartbeat(ch, move |channel, result| Event::Verified { generation, id, channel, result });
     }
 
     fn start_heartbeat(&mut self, ch: Channel, purpose: Purpose) {
-        self.heartbeat_in_flight = true;
-        self.heartbeat_pending = None;
-        self.busy.insert(ch.id, (Busy::Heartbeat, SystemTime::now()));
+        self.schedule.sent();
+        self.pool.lent(ch.id, Use::Heartbeat, SystemTime::now());
         let generation = self.generation;
         self.spawn_heartbeat(ch, move |channel, result| Event::Heartbeat { generation, purpose, channel, result });
     }
@@ -648,13 +585,13 @@ impl Actor {
     /// `heartbeat_timeout`; `report` makes the event (the channel comes back
     /// only if it answered).
     fn spawn_heartbeat(
-        &self,
+        &mut self,
         mut ch: Channel,
         report: impl FnOnce(Option<Channel>, Result<i64, SiteError>) -> Event + Send + 'static,
     ) {
         let tx = self.events_tx.clone();
         let timeout = self.cfg.params.heartbeat_timeout;
-        tokio::spawn(async move {
+        self.spawn(async move {
             let (channel, result) = match tokio::time::timeout(timeout, heartbeat::exchange(&mut ch.stream)).await {
                 Ok(Ok(ps)) => (Some(ch), Ok(ps)),
                 Ok(Err(e)) => (None, Err(e)),
@@ -675,22 +612,16 @@ impl Actor {
         self.last_error = Some(cause.clone());
         self.generation += 1;
         let in_flight = std::mem::take(&mut self.down_token);
-        self.idle.clear();
-        self.busy.clear();
-        self.heartbeat_in_flight = false;
-        self.heartbeat_pending = None;
-        self.next_heartbeat = None;
+        let waiters = self.pool.reset();
+        self.schedule.stop();
         self.retry_at = Some(Instant::now() + self.cfg.params.connect_retry);
-        self.capacity = None;
-        self.grow_at = None;
-        self.warned_capacity = None;
         if was == SiteState::Down {
-            tracing::debug!(site = %self.cfg.name, reason = %cause, "reconnect failed; retrying in {}", fmt_duration(self.cfg.params.connect_retry));
+            tracing::debug!(reason = %cause, "reconnect failed; retrying in {}", fmt_duration(self.cfg.params.connect_retry));
             self.publish();
         } else {
             self.set_state(SiteState::Down, cause.to_string());
         }
-        for w in self.waiters.drain(..) {
+        for w in waiters {
             let _ = w.reply.send(Err(AcquireError::Down(cause.clone())));
         }
         in_flight.cancel();
@@ -718,37 +649,20 @@ impl Actor {
         });
     }
 
-    fn snapshot(&self) -> SiteSnapshot {
-        let mut channels: Vec<ChannelSnapshot> =
-            self.idle.iter().map(|c| ChannelSnapshot { id: c.id, state: "idle", since: timestamp(c.since) }).collect();
-        for (id, (kind, since)) in &self.busy {
-            let state = match kind {
-                Busy::Query => "busy",
-                Busy::Heartbeat => "heartbeat",
-                Busy::Verify => "verifying",
-            };
-            channels.push(ChannelSnapshot { id: *id, state, since: timestamp(*since) });
-        }
-        channels.sort_by_key(|c| c.id);
-        SiteSnapshot {
-            name: self.cfg.name.clone(),
-            address: self.cfg.address.to_string(),
+    /// What only the actor knows of the site, for its snapshot.
+    fn report(&self) -> PoolReport {
+        PoolReport {
             state: self.state,
-            since: timestamp(self.state_since),
+            since: self.state_since,
             last_error: self.last_error.as_ref().map(|e| e.to_string()),
-            last_failed_connect: self.last_failed_connect.map(timestamp),
-            heartbeats_received: self.heartbeats,
+            last_failed_connect: self.last_failed_connect,
+            heartbeats: self.heartbeats,
             program_start: self.program_start,
-            channels,
-            channels_connecting: self.connecting + self.admitting,
-            channels_served: self.capacity,
-            clients_waiting: self.waiters.iter().filter(|w| !w.reply.is_closed()).count(),
-            clients_connected: 0,
-            clients_reaped: 0,
-            last_reaped: None,
-            listen: None,
+            channels: self.pool.describe(|c| c.since),
+            opening: self.pool.opening(),
+            served: self.pool.capacity(),
+            waiting: self.pool.waiting(),
             tls: self.tls.as_ref().map(|t| t.snapshot()),
-            cache: None,
         }
     }
 }

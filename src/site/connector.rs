@@ -1,5 +1,9 @@
 //! Opening connections to a site, each under `connect_timeout`.
 //!
+//! The site actor opens connections through a [`Connect`]: the network
+//! ([`NetConnector`]: TCP, UNIX, TLS) in the daemon, an in-memory simulated
+//! site in the actor's tests, which run on tokio's paused clock.
+//!
 //! [`SiteStream`] is the connection type of a channel: TCP or UNIX. On TCP
 //! the proxy sets `TCP_NODELAY` (a query goes out in one write) and re-arms
 //! `TCP_QUICKACK` before every read: Icinga 2 writes the fixed16 header and
@@ -28,6 +32,9 @@ pub enum SiteStream {
     Unix(UnixStream),
     /// Livestatus over TLS.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// An in-memory connection to a simulated site (tests).
+    #[cfg(test)]
+    Memory(tokio::io::DuplexStream),
 }
 
 impl SiteStream {
@@ -43,6 +50,8 @@ impl SiteStream {
             // Reading processes TLS records (session tickets give no data
             // and stay Pending); only data, close_notify or errors are Ready.
             SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, &mut buf).map(|_| ()),
+            #[cfg(test)]
+            SiteStream::Memory(s) => Pin::new(s).poll_read(cx, &mut buf).map(|_| ()),
         }
     }
 }
@@ -76,6 +85,8 @@ impl AsyncRead for SiteStream {
                 }
                 r
             }
+            #[cfg(test)]
+            SiteStream::Memory(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -86,6 +97,8 @@ impl AsyncWrite for SiteStream {
             SiteStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             SiteStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            #[cfg(test)]
+            SiteStream::Memory(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -94,6 +107,8 @@ impl AsyncWrite for SiteStream {
             SiteStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             SiteStream::Unix(s) => Pin::new(s).poll_flush(cx),
             SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            #[cfg(test)]
+            SiteStream::Memory(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -102,7 +117,42 @@ impl AsyncWrite for SiteStream {
             SiteStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             SiteStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            #[cfg(test)]
+            SiteStream::Memory(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+/// The future of one connection attempt.
+pub(crate) type Connecting = Pin<Box<dyn std::future::Future<Output = Result<SiteStream, SiteError>> + Send>>;
+
+/// How the site actor opens a connection to its site.
+pub(crate) trait Connect: Send + Sync + 'static {
+    /// Start one connection attempt.
+    fn connect(&self) -> Connecting;
+}
+
+/// Connections over the network, to a site's configured address.
+pub(crate) struct NetConnector {
+    address: SiteAddress,
+    params: SiteParams,
+    tls: Option<std::sync::Arc<crate::tls::SiteTls>>,
+}
+
+impl NetConnector {
+    pub(crate) fn new(
+        address: SiteAddress,
+        params: SiteParams,
+        tls: Option<std::sync::Arc<crate::tls::SiteTls>>,
+    ) -> Self {
+        NetConnector { address, params, tls }
+    }
+}
+
+impl Connect for NetConnector {
+    fn connect(&self) -> Connecting {
+        let (address, params, tls) = (self.address.clone(), self.params.clone(), self.tls.clone());
+        Box::pin(async move { connect(&address, &params, tls.as_ref()).await })
     }
 }
 

@@ -49,3 +49,141 @@ pub(crate) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) 
         .parse::<i64>()
         .map_err(|_| SiteError::HeartbeatAnswer(format!("program_start is not a number: {text:?}")))
 }
+
+/// When heartbeats are due, and when a site whose channels are all busy
+/// has been silent long enough to check it on an extra connection: plain
+/// values in, decisions out (no clock is read here).
+///
+/// A heartbeat is due every `interval` while the site is ready. It takes
+/// an idle channel; while every channel is busy it waits ("pending"). If
+/// the site sends nothing for `interval + timeout` after the heartbeat
+/// became pending (or after its last byte, whichever is later), the
+/// heartbeat goes out on one extra connection instead: a site busy with
+/// slow queries answers it, a hung core does not.
+#[derive(Debug, Clone)]
+pub(crate) struct Schedule {
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+    /// The next heartbeat (None while the site is not ready).
+    next: Option<tokio::time::Instant>,
+    /// A heartbeat is on its way.
+    in_flight: bool,
+    /// A heartbeat is due but waits for a channel, since then.
+    pending: Option<tokio::time::Instant>,
+}
+
+impl Schedule {
+    pub(crate) fn new(interval: std::time::Duration, timeout: std::time::Duration) -> Self {
+        Schedule { interval, timeout, next: None, in_flight: false, pending: None }
+    }
+
+    /// The site became ready at `now`: the first heartbeat is one interval away.
+    pub(crate) fn start(&mut self, now: tokio::time::Instant) {
+        self.next = Some(now + self.interval);
+    }
+
+    /// The site went down: no heartbeats until it is ready again.
+    pub(crate) fn stop(&mut self) {
+        *self = Schedule::new(self.interval, self.timeout);
+    }
+
+    /// The timer at `now`: true when a heartbeat became due (it is pending
+    /// until a channel takes it).
+    pub(crate) fn due(&mut self, now: tokio::time::Instant) -> bool {
+        if self.next.is_none_or(|t| now < t) {
+            return false;
+        }
+        self.next = Some(now + self.interval);
+        if !self.in_flight {
+            self.pending.get_or_insert(now);
+        }
+        true
+    }
+
+    /// A heartbeat waits for an idle channel.
+    pub(crate) fn wants_channel(&self) -> bool {
+        self.pending.is_some() && !self.in_flight
+    }
+
+    /// A heartbeat went out (on a pool channel, a new connection, or an
+    /// extra connection).
+    pub(crate) fn sent(&mut self) {
+        self.in_flight = true;
+        self.pending = None;
+    }
+
+    /// The heartbeat in flight finished (answered or not).
+    pub(crate) fn finished(&mut self) {
+        self.in_flight = false;
+    }
+
+    /// When a pending heartbeat goes out on an extra connection, given when
+    /// the site last sent a byte.
+    pub(crate) fn stall_deadline(&self, last_rx: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let since = self.pending?;
+        Some(since.max(last_rx) + self.interval + self.timeout)
+    }
+
+    /// The pending heartbeat has waited too long at `now`: send it on an
+    /// extra connection (and mark it sent).
+    pub(crate) fn take_stalled(&mut self, now: tokio::time::Instant, last_rx: tokio::time::Instant) -> bool {
+        if self.in_flight || self.stall_deadline(last_rx).is_none_or(|t| now < t) {
+            return false;
+        }
+        self.sent();
+        true
+    }
+
+    /// The next instant this schedule needs the timer for.
+    pub(crate) fn next_deadline(&self, last_rx: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        [self.next, self.stall_deadline(last_rx)].into_iter().flatten().min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::Schedule;
+
+    #[test]
+    fn a_heartbeat_is_due_every_interval_while_ready() {
+        let t0 = Instant::now();
+        let s5 = Duration::from_secs(5);
+        let mut s = Schedule::new(s5, Duration::from_secs(2));
+        assert!(!s.due(t0 + s5), "not before the site is ready");
+        s.start(t0);
+        assert_eq!(s.next_deadline(t0), Some(t0 + s5));
+        assert!(!s.due(t0 + s5 - Duration::from_millis(1)));
+        assert!(s.due(t0 + s5));
+        assert!(s.wants_channel());
+        s.sent();
+        assert!(!s.wants_channel());
+        assert_eq!(s.next_deadline(t0), Some(t0 + 2 * s5));
+        // Still in flight at the next interval: nothing new pending.
+        assert!(s.due(t0 + 2 * s5));
+        assert!(!s.wants_channel());
+        s.finished();
+        s.stop();
+        assert_eq!(s.next_deadline(t0), None);
+    }
+
+    #[test]
+    fn a_pending_heartbeat_goes_out_on_an_extra_connection_once_the_site_is_silent_long_enough() {
+        let t0 = Instant::now();
+        let (s5, s2) = (Duration::from_secs(5), Duration::from_secs(2));
+        let mut s = Schedule::new(s5, s2);
+        s.start(t0);
+        assert!(s.due(t0 + s5)); // every channel busy: it stays pending
+        let pending = t0 + s5;
+        // The site keeps answering the busy channels: the deadline moves.
+        let last_rx = pending + Duration::from_secs(4);
+        assert_eq!(s.stall_deadline(last_rx), Some(last_rx + s5 + s2));
+        assert!(!s.take_stalled(last_rx + s5 + s2 - Duration::from_millis(1), last_rx));
+        assert!(s.take_stalled(last_rx + s5 + s2, last_rx));
+        assert!(!s.wants_channel(), "sent on the extra connection");
+        assert_eq!(s.stall_deadline(last_rx), None);
+    }
+}

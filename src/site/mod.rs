@@ -5,6 +5,7 @@
 //! inventory sync or a federated query that fans out to many handles at once.
 //!
 //! - [`actor`]: the task that owns channels, heartbeat and state.
+//! - [`pool`]: the pool's bookkeeping and decisions, without I/O.
 //! - [`channel`]: channels and the leases that lend them to queries.
 //! - [`connector`]: opening TCP/UNIX connections under a timeout.
 //! - [`heartbeat`]: the protocol-level liveness query.
@@ -15,6 +16,9 @@ pub mod channel;
 pub mod connector;
 pub mod exchange;
 pub(crate) mod heartbeat;
+pub(crate) mod pool;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,6 +130,24 @@ pub struct SiteSnapshot {
     pub channels_served: Option<usize>,
 }
 
+/// What the actor reports of its site: the part of a [`SiteSnapshot`] only
+/// it knows.
+pub(crate) struct PoolReport {
+    pub state: SiteState,
+    pub since: SystemTime,
+    pub last_error: Option<String>,
+    pub last_failed_connect: Option<SystemTime>,
+    pub heartbeats: u64,
+    pub program_start: Option<i64>,
+    /// (id, state, since) of every open channel.
+    pub channels: Vec<(u64, &'static str, SystemTime)>,
+    /// Connects and admissions in flight.
+    pub opening: usize,
+    pub served: Option<usize>,
+    pub waiting: usize,
+    pub tls: Option<crate::tls::TlsSnapshot>,
+}
+
 /// A dropped TCP client, for the state file.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReapRecord {
@@ -149,7 +171,10 @@ pub struct SiteHandle {
 
 struct HandleInner {
     name: String,
+    address: String,
     params: SiteParams,
+    /// The daemon's query cache (for the site's counters in its snapshot).
+    cache: Arc<crate::cache::Cache>,
     requests: mpsc::Sender<Request>,
     status: watch::Receiver<SiteStatus>,
     clients: AtomicU64,
@@ -165,6 +190,20 @@ impl SiteHandle {
     pub fn spawn(
         cfg: SiteConfig,
         tls: Option<std::sync::Arc<crate::tls::SiteTls>>,
+        cache: Arc<crate::cache::Cache>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> SiteHandle {
+        let connector = Arc::new(connector::NetConnector::new(cfg.address.clone(), cfg.params.clone(), tls.clone()));
+        SiteHandle::spawn_with(cfg, connector, tls, cache, shutdown, tracker)
+    }
+
+    /// [`SiteHandle::spawn`] with connections opened by `connector`.
+    pub(crate) fn spawn_with(
+        cfg: SiteConfig,
+        connector: Arc<dyn connector::Connect>,
+        tls: Option<std::sync::Arc<crate::tls::SiteTls>>,
+        cache: Arc<crate::cache::Cache>,
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> SiteHandle {
@@ -179,7 +218,9 @@ impl SiteHandle {
         let (status_tx, status_rx) = watch::channel(initial);
         let inner = HandleInner {
             name: cfg.name.clone(),
+            address: cfg.address.to_string(),
             params: cfg.params.clone(),
+            cache,
             requests: tx,
             status: status_rx,
             clients: AtomicU64::new(0),
@@ -187,8 +228,9 @@ impl SiteHandle {
             last_reaped: std::sync::Mutex::new(None),
             listen: std::sync::OnceLock::new(),
         };
-        let actor = Actor::new(cfg, tls, rx, status_tx, shutdown);
-        tracker.spawn(actor.run());
+        let span = tracing::info_span!("site", site = %cfg.name);
+        let actor = Actor::new(cfg, connector, tls, rx, status_tx, shutdown);
+        tracker.spawn(tracing::Instrument::instrument(actor.run(), span));
         SiteHandle { inner: Arc::new(inner) }
     }
 
@@ -266,20 +308,42 @@ impl SiteHandle {
         }
     }
 
-    /// Ask the actor for a snapshot; `None` if it is gone or does not answer
-    /// within `timeout`.
+    /// Describe the site for the state file: what the actor reports, the
+    /// handle's client counters and the site's cache counters, composed
+    /// here and nowhere else. `None` if the actor is gone or does not
+    /// answer within `timeout`.
     pub async fn snapshot(&self, timeout: Duration) -> Option<SiteSnapshot> {
         let (reply, rx) = oneshot::channel();
         let ask = async {
             self.inner.requests.send(Request::Snapshot { reply }).await.ok()?;
             rx.await.ok()
         };
-        let mut snap = tokio::time::timeout(timeout, ask).await.ok().flatten()?;
-        snap.clients_connected = self.inner.clients.load(Ordering::Relaxed);
-        snap.clients_reaped = self.inner.reaped.load(Ordering::Relaxed);
-        snap.last_reaped = self.inner.last_reaped.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        snap.listen = self.inner.listen.get().map(|a| a.to_string());
-        Some(snap)
+        let r = tokio::time::timeout(timeout, ask).await.ok().flatten()?;
+        let i = &self.inner;
+        Some(SiteSnapshot {
+            name: i.name.clone(),
+            address: i.address.clone(),
+            state: r.state,
+            since: timestamp(r.since),
+            last_error: r.last_error,
+            last_failed_connect: r.last_failed_connect.map(timestamp),
+            heartbeats_received: r.heartbeats,
+            program_start: r.program_start,
+            channels: r
+                .channels
+                .into_iter()
+                .map(|(id, state, since)| ChannelSnapshot { id, state, since: timestamp(since) })
+                .collect(),
+            channels_connecting: r.opening,
+            channels_served: r.served,
+            clients_waiting: r.waiting,
+            clients_connected: i.clients.load(Ordering::Relaxed),
+            clients_reaped: i.reaped.load(Ordering::Relaxed),
+            last_reaped: i.last_reaped.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            listen: i.listen.get().map(|a| a.to_string()),
+            tls: r.tls,
+            cache: Some(i.cache.stats(&i.name)),
+        })
     }
 
     /// Count a dropped TCP client.

@@ -53,6 +53,8 @@ pub enum Listen {
     Tcp(SocketAddr),
     /// A UNIX socket path (a stale file is replaced).
     Unix(PathBuf),
+    /// No socket: connections come from [`SimSite::connect_in_memory`].
+    Memory,
 }
 
 /// What a simulated site serves and where.
@@ -241,19 +243,34 @@ impl SimSite {
         Ok(SimSite { shared, listen, running: Mutex::new(token) })
     }
 
-    /// The address in livemux's notation: `tcp://127.0.0.1:PORT` or `unix:///path`.
+    /// The address in livemux's notation: `tcp://127.0.0.1:PORT` or
+    /// `unix:///path` (`memory` for an in-memory site).
     pub fn address(&self) -> String {
         match &self.listen {
             Listen::Tcp(a) => format!("tcp://{a}"),
             Listen::Unix(p) => format!("unix://{}", p.display()),
+            Listen::Memory => "memory".to_owned(),
         }
+    }
+
+    /// A connection without a socket, served like an accepted one (and
+    /// refused while the site is stopped): for tests on tokio's paused
+    /// clock, where no real I/O may stand between two timers.
+    pub fn connect_in_memory(&self) -> io::Result<tokio::io::DuplexStream> {
+        let token = lock(&self.running).clone();
+        if token.is_cancelled() {
+            return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "the simulated site is stopped"));
+        }
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        spawn_conn(&self.shared, theirs, token.child_token());
+        Ok(ours)
     }
 
     /// The bound TCP address, if TCP.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         match &self.listen {
             Listen::Tcp(a) => Some(*a),
-            Listen::Unix(_) => None,
+            Listen::Unix(_) | Listen::Memory => None,
         }
     }
 
@@ -367,6 +384,7 @@ async fn bind_and_serve(shared: &Arc<Shared>, listen: &Listen, token: Cancellati
             });
             Ok(Listen::Unix(path.clone()))
         }
+        Listen::Memory => Ok(Listen::Memory),
     }
 }
 

@@ -1,0 +1,493 @@
+//! Raw values to typed ones, with every problem in the file collected: each
+//! with the key and the line it is on.
+//!
+//! A getter that finds a problem records it and returns `None`; the caller
+//! keeps the default and goes on, so one run reports everything wrong.
+
+use std::ops::{Range, RangeInclusive};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::{Field, RawConfig, RawSite, Scalar};
+use super::units::{parse_duration, parse_size};
+use super::{
+    Config, ConfigError, ListenerTls, MAX_SOCKET_PATH, SiteAddress, SiteConfig, SiteParams, SpoolConfig, TcpListen,
+};
+
+/// Durations anywhere: 1 ms to 7 days.
+const DURATIONS: RangeInclusive<Duration> = Duration::from_millis(1)..=Duration::from_secs(7 * 86400);
+/// TCP keepalive times: the kernel takes whole seconds, 1..=32767
+/// (TCP_KEEPIDLE, TCP_KEEPINTVL).
+const KEEPALIVE: RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::from_secs(32767);
+
+pub(super) struct Validator<'a> {
+    text: &'a str,
+    pub(super) errors: Vec<ConfigError>,
+}
+
+/// Set each listed field of `$p` from the raw value of the same name, with
+/// the getter (and its argument) named after the field.
+macro_rules! set {
+    ($v:ident, $raw:ident, $p:expr, $prefix:expr; $($field:ident: $get:ident $(($arg:expr))?),* $(,)?) => {
+        $(
+            let name = key_of($prefix, stringify!($field));
+            if let Some(x) = $v.$get(&$raw.$field, &name $(, $arg)?) {
+                $p.$field = x;
+            }
+        )*
+    };
+}
+
+impl<'a> Validator<'a> {
+    pub(super) fn new(text: &'a str) -> Self {
+        Validator { text, errors: Vec::new() }
+    }
+
+    pub(super) fn line(&self, offset: usize) -> usize {
+        self.text.as_bytes()[..offset.min(self.text.len())].iter().filter(|b| **b == b'\n').count() + 1
+    }
+
+    pub(super) fn err(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        let line = Some(self.line(span.start));
+        self.errors.push(ConfigError { line, key: Some(key.to_owned()), message: message.into() });
+    }
+
+    fn wrong_type(&mut self, v: &Spanned<Scalar>, key: &str, expected: &str) {
+        self.err(v.span(), key, format!("expected {expected}, found {}", v.get_ref().described()));
+    }
+
+    // === getters: Some(value), or None after recording the problem ===
+
+    fn text(&mut self, v: &Field, key: &str) -> Option<String> {
+        let v = v.as_ref()?;
+        match v.get_ref() {
+            Scalar::Text(t) => Some(t.clone()),
+            _ => {
+                self.wrong_type(v, key, "a string");
+                None
+            }
+        }
+    }
+
+    fn path(&mut self, v: &Field, key: &str) -> Option<PathBuf> {
+        let text = self.text(v, key)?;
+        if text.is_empty() {
+            self.err(v.as_ref()?.span(), key, "must not be empty");
+            return None;
+        }
+        Some(PathBuf::from(text))
+    }
+
+    fn some_path(&mut self, v: &Field, key: &str) -> Option<Option<PathBuf>> {
+        self.path(v, key).map(Some)
+    }
+
+    fn some_text(&mut self, v: &Field, key: &str) -> Option<Option<String>> {
+        self.text(v, key).map(Some)
+    }
+
+    fn flag(&mut self, v: &Field, key: &str) -> Option<bool> {
+        let v = v.as_ref()?;
+        match v.get_ref() {
+            Scalar::Bool(b) => Some(*b),
+            _ => {
+                self.wrong_type(v, key, "true or false");
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, v: &Field, key: &str, range: RangeInclusive<usize>) -> Option<usize> {
+        let v = v.as_ref()?;
+        let Scalar::Int(n) = v.get_ref() else {
+            self.wrong_type(v, key, &format!("a whole number in {}..={}", range.start(), range.end()));
+            return None;
+        };
+        match usize::try_from(*n) {
+            Ok(n) if range.contains(&n) => Some(n),
+            _ => {
+                self.err(v.span(), key, format!("{n} is out of range {}..={}", range.start(), range.end()));
+                None
+            }
+        }
+    }
+
+    fn size(&mut self, v: &Field, key: &str, range: RangeInclusive<u64>) -> Option<u64> {
+        let v = v.as_ref()?;
+        let n = match v.get_ref() {
+            Scalar::Int(n) => match u64::try_from(*n) {
+                Ok(n) => n,
+                Err(_) => {
+                    self.err(v.span(), key, format!("{n} is negative"));
+                    return None;
+                }
+            },
+            Scalar::Text(t) => match parse_size(t) {
+                Ok(n) => n,
+                Err(m) => {
+                    self.err(v.span(), key, m);
+                    return None;
+                }
+            },
+            _ => {
+                self.wrong_type(v, key, "a size such as \"64MiB\" or a number of bytes");
+                return None;
+            }
+        };
+        if !range.contains(&n) {
+            self.err(v.span(), key, format!("{n} bytes is out of range {}..={}", range.start(), range.end()));
+            return None;
+        }
+        Some(n)
+    }
+
+    fn byte_count(&mut self, v: &Field, key: &str, range: RangeInclusive<u64>) -> Option<usize> {
+        self.size(v, key, range).map(|n| n as usize)
+    }
+
+    fn duration(&mut self, v: &Field, key: &str) -> Option<Duration> {
+        self.duration_in(v, key, (DURATIONS, "1ms..=7d"))
+    }
+
+    fn some_duration(&mut self, v: &Field, key: &str) -> Option<Option<Duration>> {
+        self.duration(v, key).map(Some)
+    }
+
+    fn duration_in(
+        &mut self,
+        v: &Field,
+        key: &str,
+        (range, range_text): (RangeInclusive<Duration>, &str),
+    ) -> Option<Duration> {
+        let v = v.as_ref()?;
+        let Scalar::Text(t) = v.get_ref() else {
+            self.wrong_type(v, key, "a duration such as \"5s\" or \"250ms\"");
+            return None;
+        };
+        match parse_duration(t) {
+            Ok(d) if range.contains(&d) => Some(d),
+            Ok(_) => {
+                self.err(v.span(), key, format!("'{t}' is out of range {range_text}"));
+                None
+            }
+            Err(m) => {
+                self.err(v.span(), key, m);
+                None
+            }
+        }
+    }
+
+    // === the file ===
+
+    pub(super) fn config(&mut self, raw: RawConfig) -> Config {
+        let mut c = Config::default();
+        set!(self, raw, c, "";
+            socket_dir: path,
+            state_file: path,
+            state_interval: duration,
+            shutdown_grace: duration,
+            worker_threads: count(1..=256),
+            cache_budget: byte_count(0..=1 << 40),
+            cache_max_entry: byte_count(0..=1 << 34),
+        );
+        let mut spool = SpoolConfig::default();
+        let s = &mut spool;
+        if let Some(d) = self.path(&raw.spool_dir, "spool_dir") {
+            s.dir = d;
+        }
+        if let Some(n) = self.byte_count(&raw.spool_memory_per_response, "spool_memory_per_response", 0..=1 << 40) {
+            s.memory_per_response = n;
+        }
+        if let Some(n) = self.byte_count(&raw.spool_memory_budget, "spool_memory_budget", 0..=1 << 40) {
+            s.memory_budget = n;
+        }
+        if let Some(n) = self.size(&raw.spool_disk_budget, "spool_disk_budget", 0..=1 << 50) {
+            s.disk_budget = n;
+        }
+        c.spool = spool;
+
+        let defaults = raw.defaults.map(|d| d.into_inner()).unwrap_or_default();
+        for (field, what) in [
+            (defaults.name.as_ref().map(|v| v.span()), "name"),
+            (defaults.address.as_ref().map(|v| v.span()), "address"),
+            (defaults.listen.as_ref().map(|v| v.span()), "listen"),
+            (defaults.only_from.as_ref().map(|v| v.span()), "only_from"),
+            (defaults.tls.as_ref().map(|v| v.span()), "tls"),
+        ] {
+            if let Some(span) = field {
+                self.err(span, &format!("defaults.{what}"), "belongs in a [[site]] table, not in [defaults]");
+            }
+        }
+        let base = self.params(&defaults, &SiteParams::default(), "defaults");
+
+        let raw_sites = raw.site.unwrap_or_default();
+        if raw_sites.is_empty() {
+            self.errors.push(ConfigError {
+                line: None,
+                key: Some("site".into()),
+                message: "no [[site]] is configured".into(),
+            });
+        }
+        let mut names = Vec::new();
+        for (i, s) in raw_sites.into_iter().enumerate() {
+            let span = s.span();
+            let s = s.into_inner();
+            if let Some(site) = self.site(&s, i + 1, span, &base, &c.socket_dir, &mut names) {
+                c.sites.push(site);
+            }
+        }
+        c
+    }
+
+    fn site(
+        &mut self,
+        s: &RawSite,
+        n: usize,
+        span: Range<usize>,
+        base: &SiteParams,
+        socket_dir: &std::path::Path,
+        names: &mut Vec<String>,
+    ) -> Option<SiteConfig> {
+        let prefix = format!("site[{n}]");
+        let params = self.params(s, base, &prefix);
+        let listen = self.listen(s, &prefix, span.clone());
+        let name_key = format!("{prefix}.name");
+        let name = match &s.name {
+            None => {
+                self.err(span.clone(), &name_key, "is required");
+                None
+            }
+            Some(v) => self.site_name(v, &name_key, socket_dir, names),
+        };
+        let addr_key = format!("{prefix}.address");
+        let address = match &s.address {
+            None => {
+                self.err(span, &addr_key, "is required");
+                None
+            }
+            Some(v) => {
+                let text = self.text(&s.address, &addr_key)?;
+                match text.parse::<SiteAddress>() {
+                    Ok(a) => Some((a, v.span())),
+                    Err(m) => {
+                        self.err(v.span(), &addr_key, m);
+                        None
+                    }
+                }
+            }
+        };
+        let ((address, addr_span), name, listen) = (address?, name?, listen?);
+        if matches!(address, SiteAddress::Tls { .. }) && params.tls.verify && params.tls.ca_file.is_none() {
+            self.err(
+                addr_span,
+                &format!("{prefix}.ca_file"),
+                "is required for a tls:// address (or set verify = false to encrypt without verifying)",
+            );
+        }
+        Some(SiteConfig { name, address, params, listen })
+    }
+
+    /// A valid, new site name (recorded in `names`) whose socket path fits.
+    fn site_name(
+        &mut self,
+        v: &Spanned<Scalar>,
+        key: &str,
+        socket_dir: &std::path::Path,
+        names: &mut Vec<String>,
+    ) -> Option<String> {
+        let Scalar::Text(n) = v.get_ref() else {
+            self.wrong_type(v, key, "a string");
+            return None;
+        };
+        let ok = !n.is_empty()
+            && n.len() <= 64
+            && n.as_bytes()[0].is_ascii_alphanumeric()
+            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !ok {
+            self.err(
+                v.span(),
+                key,
+                format!(
+                    "'{n}' is not a valid site name (letters, digits, '_', '.', '-'; at most 64; starting with a \
+                     letter or digit)"
+                ),
+            );
+            return None;
+        }
+        if names.contains(n) {
+            self.err(v.span(), key, format!("duplicate site name '{n}'"));
+            return None;
+        }
+        names.push(n.clone());
+        let sock = socket_dir.join(n);
+        if sock.as_os_str().len() > MAX_SOCKET_PATH {
+            self.err(
+                v.span(),
+                key,
+                format!(
+                    "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter socket_dir",
+                    sock.display()
+                ),
+            );
+            return None;
+        }
+        Some(n.clone())
+    }
+
+    fn listen(&mut self, raw: &RawSite, prefix: &str, site: Range<usize>) -> Option<Option<TcpListen>> {
+        let Some(l) = &raw.listen else {
+            if let Some(o) = &raw.only_from {
+                self.err(o.span(), &format!("{prefix}.only_from"), "only_from needs listen");
+            }
+            if let Some(t) = &raw.tls {
+                self.err(t.span(), &format!("{prefix}.tls"), "tls (for the TCP listener) needs listen");
+            }
+            return Some(None);
+        };
+        let key = format!("{prefix}.listen");
+        let text = self.text(&raw.listen, &key)?;
+        let addr: std::net::SocketAddr = match text.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                let msg = format!("'{text}' is not an address:port (e.g. \"127.0.0.1:6560\" or \"[::1]:6560\")");
+                self.err(l.span(), &key, msg);
+                return None;
+            }
+        };
+        let from_key = format!("{prefix}.only_from");
+        let mut only_from = Vec::new();
+        let mut ok = true;
+        for e in raw.only_from.iter().flat_map(|o| o.get_ref()) {
+            let Scalar::Text(t) = e.get_ref() else {
+                self.wrong_type(e, &from_key, "an address or network as a string");
+                ok = false;
+                continue;
+            };
+            let t = t.trim();
+            match t.parse::<ipnet::IpNet>().or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+                Ok(net) => only_from.push(net),
+                Err(_) => {
+                    self.err(e.span(), &from_key, format!("'{t}' is neither an address nor a network"));
+                    ok = false;
+                }
+            }
+        }
+        if ok && only_from.is_empty() && !addr.ip().is_loopback() {
+            let span = raw.only_from.as_ref().map_or(site, |o| o.span());
+            self.err(
+                span,
+                &from_key,
+                format!("is required (and must not be empty) when listening on the non-loopback address {addr}"),
+            );
+            ok = false;
+        }
+        let tls = match &raw.tls {
+            None => None,
+            Some(t) => {
+                let tls_key = format!("{prefix}.tls");
+                let t_span = t.span();
+                let t = t.get_ref();
+                let cert = self.path(&t.cert_file, &format!("{tls_key}.cert_file"));
+                let key_file = self.path(&t.key_file, &format!("{tls_key}.key_file"));
+                for (v, what) in [(&t.cert_file, "cert_file"), (&t.key_file, "key_file")] {
+                    if v.is_none() {
+                        self.err(t_span.clone(), &format!("{tls_key}.{what}"), "is required");
+                    }
+                }
+                match (cert, key_file) {
+                    (Some(cert_file), Some(key_file)) => Some(ListenerTls { cert_file, key_file }),
+                    _ => {
+                        ok = false;
+                        None
+                    }
+                }
+            }
+        };
+        ok.then_some(Some(TcpListen { addr, only_from, tls }))
+    }
+
+    fn params(&mut self, raw: &RawSite, base: &SiteParams, prefix: &str) -> SiteParams {
+        let mut p = base.clone();
+        set!(self, raw, p, prefix;
+            channels: count(1..=50),
+            heartbeat_interval: duration,
+            heartbeat_timeout: duration,
+            channel_timeout: duration,
+            query_timeout: duration,
+            connect_retry: duration,
+            channel_retry: duration,
+            connect_timeout: duration,
+            client_idle_timeout: duration,
+            client_request_timeout: duration,
+            max_clients: count(1..=1_000_000),
+            tcp_user_timeout: duration,
+            response_idle_timeout: duration,
+            send_stall_grace: duration,
+            cache: flag,
+            cache_max_age: some_duration,
+            coalesce: flag,
+        );
+        set!(self, raw, p.limits, prefix;
+            max_request_bytes: byte_count(1024..=1 << 30),
+            max_header_lines: count(1..=10_000_000),
+            max_line_bytes: byte_count(64..=1 << 30),
+        );
+        let k = &mut p.keepalive;
+        if let Some(d) = self.duration_in(&raw.keepalive_idle, &format!("{prefix}.keepalive_idle"), keepalive()) {
+            k.idle = d;
+        }
+        if let Some(d) = self.duration_in(&raw.keepalive_interval, &format!("{prefix}.keepalive_interval"), keepalive())
+        {
+            k.interval = d;
+        }
+        if let Some(n) = self.count(&raw.keepalive_count, &format!("{prefix}.keepalive_count"), 1..=100) {
+            k.count = n as u32;
+        }
+        let t = &mut p.tls;
+        set!(self, raw, t, prefix;
+            ca_file: some_path,
+            verify: flag,
+            server_name: some_text,
+        );
+        if let Some(d) = self.duration(&raw.tls_handshake_timeout, &format!("{prefix}.tls_handshake_timeout")) {
+            p.tls.handshake_timeout = d;
+        }
+        let cert = self.path(&raw.client_cert_file, &format!("{prefix}.client_cert_file"));
+        let key = self.path(&raw.client_key_file, &format!("{prefix}.client_key_file"));
+        match (&raw.client_cert_file, &raw.client_key_file, cert, key) {
+            (_, _, Some(c), Some(k)) => p.tls.client_cert = Some((c, k)),
+            (Some(c), None, ..) => {
+                self.err(c.span(), &format!("{prefix}.client_key_file"), "is required with client_cert_file")
+            }
+            (None, Some(k), ..) => {
+                self.err(k.span(), &format!("{prefix}.client_cert_file"), "is required with client_key_file")
+            }
+            _ => {}
+        }
+        if let Some(t) = raw.heartbeat_timeout.as_ref().or(raw.heartbeat_interval.as_ref())
+            && p.heartbeat_timeout > p.heartbeat_interval
+        {
+            self.err(
+                t.span(),
+                &format!("{prefix}.heartbeat_timeout"),
+                format!(
+                    "{} is longer than heartbeat_interval ({})",
+                    humantime::format_duration(p.heartbeat_timeout),
+                    humantime::format_duration(p.heartbeat_interval)
+                ),
+            );
+        }
+        p
+    }
+}
+
+/// `prefix.field`, or `field` at the top level.
+fn key_of(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() { field.to_owned() } else { format!("{prefix}.{field}") }
+}
+
+fn keepalive() -> (RangeInclusive<Duration>, &'static str) {
+    (KEEPALIVE, "1s..=32767s")
+}

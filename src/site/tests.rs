@@ -1,0 +1,222 @@
+//! The site actor's timers on tokio's paused clock, against an in-memory
+//! simulated site: every timer fires at its exact virtual instant, and no
+//! socket stands between two of them (the clock moves only when nothing
+//! else can run).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use livemux_simsite::{Listen, SimConfig, SimSite};
+use tokio::io::AsyncReadExt;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::connector::{Connect, Connecting, SiteStream};
+use super::*;
+use crate::config::{SiteAddress, SiteConfig, SiteParams};
+
+/// Connections to an in-memory simulated site; counts the attempts.
+struct Memory {
+    site: Arc<SimSite>,
+    attempts: AtomicU64,
+}
+
+impl Connect for Memory {
+    fn connect(&self) -> Connecting {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        let result = self
+            .site
+            .connect_in_memory()
+            .map(SiteStream::Memory)
+            .map_err(|source| SiteError::Connect { address: "memory".into(), source });
+        Box::pin(async move { result })
+    }
+}
+
+struct Fixture {
+    handle: SiteHandle,
+    site: Arc<SimSite>,
+    connector: Arc<Memory>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    /// When the actor was started (virtual time).
+    t0: Instant,
+}
+
+impl Fixture {
+    async fn start(params: SiteParams) -> Fixture {
+        let cfg = SimConfig { listen: Listen::Memory, ..SimConfig::tcp("mem") };
+        let site = Arc::new(SimSite::start(cfg).await.expect("in-memory site"));
+        let connector = Arc::new(Memory { site: site.clone(), attempts: AtomicU64::new(0) });
+        let cfg = SiteConfig { name: "mem".into(), address: SiteAddress::Unix("/mem".into()), params, listen: None };
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let t0 = Instant::now();
+        let cache = crate::cache::Cache::new(1 << 20, 1 << 16);
+        let handle = SiteHandle::spawn_with(cfg, connector.clone(), None, cache, shutdown.clone(), &tracker);
+        Fixture { handle, site, connector, shutdown, tracker, t0 }
+    }
+
+    /// Sleep until `at` after the start.
+    async fn at(&self, at: Duration) {
+        sleep_until(self.t0 + at).await;
+    }
+
+    fn state(&self) -> SiteState {
+        self.handle.status().state
+    }
+
+    fn attempts(&self) -> u64 {
+        self.connector.attempts.load(Ordering::Relaxed)
+    }
+
+    fn heartbeats(&self) -> u64 {
+        self.site.queries_on("status")
+    }
+
+    async fn snapshot(&self) -> SiteSnapshot {
+        self.handle.snapshot(Duration::from_secs(1)).await.expect("snapshot")
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// One query through the handle; the answer's status and body.
+async fn ask(h: &SiteHandle, text: &str) -> Result<(u16, String), QueryError> {
+    let q = livemux_protocol::Query::from_text(text).expect("a valid query");
+    let mut wire = Vec::new();
+    q.encode_for_site(&mut wire);
+    let resp = send_query(h, &wire, Instant::now() + h.params().query_timeout).await?;
+    let SiteResponse { header, prefix, mut lease, .. } = resp;
+    let mut body = prefix.to_vec();
+    let mut rest = vec![0u8; header.length as usize - body.len()];
+    lease.read_exact(&mut rest).await.expect("the body");
+    body.extend(rest);
+    lease.release();
+    Ok((header.status.code(), String::from_utf8(body).expect("utf-8")))
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_go_out_every_heartbeat_interval() {
+    let f = Fixture::start(SiteParams { channels: 1, ..SiteParams::default() }).await;
+    f.at(MS).await;
+    assert_eq!(f.state(), SiteState::Ready, "ready at once: the first connection answered its heartbeat");
+    let first = f.heartbeats();
+    for n in 1..=3u64 {
+        f.at(secs(5 * n) - MS).await;
+        assert_eq!(f.heartbeats(), first + n - 1, "not before {}s", 5 * n);
+        f.at(secs(5 * n) + MS).await;
+        assert_eq!(f.heartbeats(), first + n, "at {}s", 5 * n);
+    }
+    f.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_core_is_down_after_heartbeat_timeout_and_retried_every_connect_retry() {
+    // Defaults: heartbeat every 5 s, 2 s to answer, 4 s between reconnects.
+    let f = Fixture::start(SiteParams { channels: 1, ..SiteParams::default() }).await;
+    f.at(MS).await;
+    assert_eq!(f.state(), SiteState::Ready);
+    f.site.set_knobs(|k| k.hang = true);
+    f.at(secs(7) - MS).await;
+    assert_eq!(f.state(), SiteState::Ready, "the heartbeat at 5 s has 2 s to be answered");
+    f.at(secs(7) + MS).await;
+    assert_eq!(f.state(), SiteState::Down);
+    let (code, body) = match ask(&f.handle, "GET status\nColumns: num_hosts").await {
+        Err(e) => (e.status().code(), e.to_string()),
+        Ok(a) => panic!("answered while down: {a:?}"),
+    };
+    assert_eq!((code, body.as_str()), (502, "site 'mem' is down: heartbeat not answered within 2s"));
+    // Reconnects: at 11 s (its heartbeat hangs too: down at 13 s), at 17 s, ...
+    let attempts = f.attempts();
+    f.at(secs(11) - MS).await;
+    assert_eq!(f.attempts(), attempts, "cooling for connect_retry");
+    f.at(secs(11) + MS).await;
+    assert_eq!(f.attempts(), attempts + 1, "one reconnect at 11 s");
+    f.at(secs(13) + MS).await;
+    assert_eq!(f.state(), SiteState::Down, "its heartbeat was not answered either");
+    f.site.set_knobs(|k| k.hang = false);
+    f.at(secs(17) - MS).await;
+    assert_eq!((f.state(), f.attempts()), (SiteState::Down, attempts + 1));
+    f.at(secs(17) + MS).await;
+    assert_eq!((f.state(), f.attempts()), (SiteState::Ready, attempts + 2), "ready again with the reconnect at 17 s");
+    f.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_query_waits_channel_timeout_for_a_channel_and_no_longer() {
+    let f = Fixture::start(SiteParams { channels: 1, ..SiteParams::default() }).await;
+    f.at(MS).await;
+    f.site.set_knobs(|k| {
+        k.hang = true;
+        k.fault_table = Some("hosts".into());
+    });
+    let busy = tokio::spawn({
+        let h = f.handle.clone();
+        async move { ask(&h, "GET hosts\nColumns: name").await }
+    });
+    f.at(secs(1)).await;
+    let started = Instant::now();
+    let waited = ask(&f.handle, "GET status\nColumns: num_hosts").await.expect_err("no channel");
+    assert_eq!(Instant::now() - started, secs(3), "channel_timeout, exactly");
+    assert_eq!(waited.to_string(), "no channel to site 'mem' became free within 3s");
+    f.site.set_knobs(|k| k.hang = false);
+    assert_eq!(busy.await.expect("task").expect("answered").0, 200);
+    f.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_channels_the_site_closes_are_replaced_at_once() {
+    let f = Fixture::start(SiteParams { channels: 2, ..SiteParams::default() }).await;
+    f.at(MS).await;
+    assert_eq!(f.snapshot().await.channels.len(), 2);
+    let attempts = f.attempts();
+    f.site.close_idle_connections();
+    f.at(secs(1)).await;
+    assert_eq!(f.attempts(), attempts + 2, "both replaced, without waiting for a heartbeat");
+    let snap = f.snapshot().await;
+    assert_eq!((snap.channels.len(), snap.state), (2, SiteState::Ready));
+    assert_eq!(ask(&f.handle, "GET status\nColumns: num_hosts").await.expect("answer"), (200, "100\n".into()));
+    f.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_site_serving_fewer_channels_gets_a_smaller_pool_and_one_more_try_every_channel_retry() {
+    // 3 channels asked for, 2 served: the third's admission heartbeat goes
+    // unanswered for heartbeat_timeout (2 s); one more is tried every
+    // channel_retry (60 s).
+    let f = Fixture::start(SiteParams { channels: 3, ..SiteParams::default() }).await;
+    f.site.set_knobs(|k| k.max_connections = 2);
+    f.at(MS).await;
+    assert_eq!((f.state(), f.attempts()), (SiteState::Ready, 3), "the probe and two pool channels");
+    f.at(secs(2) + MS).await;
+    let snap = f.snapshot().await;
+    assert_eq!((snap.channels_served, snap.channels.len(), snap.channels_connecting), (Some(2), 2, 0));
+    f.at(secs(62) - MS).await;
+    assert_eq!(f.attempts(), 3, "no new try before channel_retry");
+    f.at(secs(62) + MS).await;
+    assert_eq!(f.attempts(), 4, "one more try at 62 s");
+    f.at(secs(64) + MS).await;
+    assert_eq!(f.snapshot().await.channels_served, Some(2), "still not served");
+    // The site serves a third connection now: the next try (60 s after the
+    // last one failed, at 64 s) succeeds.
+    f.site.set_knobs(|k| k.max_connections = 3);
+    f.at(secs(124) - MS).await;
+    assert_eq!(f.attempts(), 4);
+    f.at(secs(124) + MS).await;
+    let snap = f.snapshot().await;
+    assert_eq!((f.attempts(), snap.channels_served, snap.channels.len()), (5, None, 3));
+    assert_eq!(f.state(), SiteState::Ready, "never down meanwhile");
+    f.stop().await;
+}
