@@ -161,14 +161,18 @@ impl App {
                 limit: std::sync::Arc::new(tokio::sync::Semaphore::new(site.params.max_clients)),
                 cache: cache.clone(),
             };
+            use tracing::Instrument;
             if let (Some(t), Some(listen)) = (tcp, site.listen.clone()) {
-                if let Ok(addr) = t.local_addr() {
-                    handle.set_listen_addr(addr);
-                    tracing::info!(site = %site.name, %addr, "TCP listener ready");
+                let addr = t.local_addr().map_or_else(|_| listen.addr.to_string(), |a| a.to_string());
+                if let Ok(a) = t.local_addr() {
+                    handle.set_listen_addr(a);
+                    tracing::info!(site = %site.name, addr = %a, "TCP listener ready");
                 }
-                tracker.spawn(listener::serve_tcp(t, listen, tls.server, ctx.clone()));
+                let span = tracing::info_span!("listen", site = %site.name, on = %addr);
+                tracker.spawn(listener::serve_tcp(t, listen, tls.server, ctx.clone()).instrument(span));
             }
-            tracker.spawn(listener::serve_unix(l, file, ctx));
+            let span = tracing::info_span!("listen", site = %site.name, on = %file.path().display());
+            tracker.spawn(listener::serve_unix(l, file, ctx).instrument(span));
             sites.push(handle);
         }
         tracker.spawn(crate::state::run(

@@ -2,6 +2,11 @@
 //! later, its metric), so a call site reads `SiteStateChanged { .. }.emit()`
 //! and every occurrence of an event looks the same in the log.
 //!
+//! Every event is emitted inside a span that names its site (`site{site=..}`
+//! in the site's actor, `client{site=.. peer=..}` in a client session,
+//! `listen{site=.. on=..}` in a listener), so the events carry no site of
+//! their own.
+//!
 //! Levels: site state changes are `warn` (down) or `info`; a client's
 //! malformed request or a client leaving mid-response is `info` (it is the
 //! client's business, not an alarm); per-query failures caused by a site that
@@ -15,8 +20,6 @@ use livemux_protocol::RequestError;
 
 /// A site changed state.
 pub struct SiteStateChanged<'a> {
-    /// Site name.
-    pub site: &'a str,
     /// Previous state.
     pub from: SiteState,
     /// New state.
@@ -33,12 +36,12 @@ impl SiteStateChanged<'_> {
         let after = fmt_duration(self.after);
         match self.to {
             SiteState::Down => {
-                tracing::warn!(site = self.site, from = %self.from, reason = self.reason, "site is down (was {} for {after}): {}", self.from, self.reason)
+                tracing::warn!(from = %self.from, reason = self.reason, "site is down (was {} for {after}): {}", self.from, self.reason)
             }
             SiteState::Ready => {
-                tracing::info!(site = self.site, from = %self.from, "site is ready (was {} for {after}): {}", self.from, self.reason)
+                tracing::info!(from = %self.from, "site is ready (was {} for {after}): {}", self.from, self.reason)
             }
-            SiteState::Starting => tracing::info!(site = self.site, "site is starting"),
+            SiteState::Starting => tracing::info!("site is starting"),
         }
     }
 }
@@ -47,8 +50,6 @@ impl SiteStateChanged<'_> {
 /// connections than `channels` asks for (Icinga 2 serves 2 × its CPU cores;
 /// xinetd closes connections over its `instances`).
 pub struct ChannelsLimited<'a> {
-    /// Site name.
-    pub site: &'a str,
     /// Channels the site does serve.
     pub serving: usize,
     /// The configured `channels`.
@@ -63,7 +64,6 @@ impl ChannelsLimited<'_> {
     /// Write the log line.
     pub fn emit(self) {
         tracing::warn!(
-            site = self.site,
             serving = self.serving,
             configured = self.configured,
             "site serves only {} of {} channels: a new channel {}; using {} and trying one more every {} \
@@ -79,8 +79,6 @@ impl ChannelsLimited<'_> {
 
 /// A client's query ended with an error response from the proxy.
 pub struct QueryFailed<'a> {
-    /// Site name.
-    pub site: &'a str,
     /// The error sent to the client.
     pub error: &'a QueryError,
 }
@@ -88,24 +86,22 @@ pub struct QueryFailed<'a> {
 impl QueryFailed<'_> {
     /// Write the log line.
     pub fn emit(self) {
-        let (site, kind, error) = (self.site, self.error.kind(), self.error);
+        let (kind, error) = (self.error.kind(), self.error);
         match error {
             QueryError::SiteDown { .. } | QueryError::WentDown { .. } | QueryError::ShuttingDown => {
-                tracing::debug!(site, kind, "query answered with an error: {error}")
+                tracing::debug!(kind, "query answered with an error: {error}")
             }
-            QueryError::NotConnected { .. } => tracing::info!(site, kind, "query answered with an error: {error}"),
+            QueryError::NotConnected { .. } => tracing::info!(kind, "query answered with an error: {error}"),
             QueryError::Refused { status, .. } => {
-                tracing::info!(site, kind, "the site refused the query with an unframed error ({status}): {error}")
+                tracing::info!(kind, "the site refused the query with an unframed error ({status}): {error}")
             }
-            _ => tracing::warn!(site, kind, "query answered with an error: {error}"),
+            _ => tracing::warn!(kind, "query answered with an error: {error}"),
         }
     }
 }
 
 /// A client sent a request the proxy refused.
 pub struct RequestRejected<'a> {
-    /// Site name.
-    pub site: &'a str,
     /// Why.
     pub error: &'a RequestError,
 }
@@ -113,25 +109,22 @@ pub struct RequestRejected<'a> {
 impl RequestRejected<'_> {
     /// Write the log line.
     pub fn emit(self) {
-        tracing::info!(site = self.site, status = %self.error.status(), "client request rejected: {}", self.error);
+        tracing::info!(status = %self.error.status(), "client request rejected: {}", self.error);
     }
 }
 
 /// A client went away while its response was being sent.
-pub struct ClientClosedMidResponse<'a> {
-    /// Site name.
-    pub site: &'a str,
+pub struct ClientClosedMidResponse {
     /// Bytes of the response sent.
     pub sent: u64,
     /// Bytes of the response in total.
     pub total: u64,
 }
 
-impl ClientClosedMidResponse<'_> {
+impl ClientClosedMidResponse {
     /// Write the log line.
     pub fn emit(self) {
         tracing::info!(
-            site = self.site,
             sent = self.sent,
             total = self.total,
             "client closed connection while sending response ({} of {} bytes sent)",
@@ -143,8 +136,6 @@ impl ClientClosedMidResponse<'_> {
 
 /// A response was cut off after part of it had been sent.
 pub struct ResponseCut<'a> {
-    /// Site name.
-    pub site: &'a str,
     /// Bytes of the response sent.
     pub sent: u64,
     /// Bytes of the response in total.
@@ -157,7 +148,6 @@ impl ResponseCut<'_> {
     /// Write the log line.
     pub fn emit(self) {
         tracing::warn!(
-            site = self.site,
             sent = self.sent,
             total = self.total,
             kind = self.error.kind(),
@@ -171,8 +161,6 @@ impl ResponseCut<'_> {
 
 /// A `COMMAND` could not be forwarded.
 pub struct CommandFailed<'a> {
-    /// Site name.
-    pub site: &'a str,
     /// Number of commands in the request.
     pub commands: usize,
     /// Why.
@@ -182,18 +170,16 @@ pub struct CommandFailed<'a> {
 impl CommandFailed<'_> {
     /// Write the log line.
     pub fn emit(self) {
-        let (site, commands, kind, error) = (self.site, self.commands, self.error.kind(), self.error);
+        let (commands, kind, error) = (self.commands, self.error.kind(), self.error);
         match error {
-            QueryError::Refused { .. } => tracing::info!(site, commands, kind, "COMMAND rejected by the site: {error}"),
-            _ => tracing::warn!(site, commands, kind, "COMMAND not forwarded: {error}"),
+            QueryError::Refused { .. } => tracing::info!(commands, kind, "COMMAND rejected by the site: {error}"),
+            _ => tracing::warn!(commands, kind, "COMMAND not forwarded: {error}"),
         }
     }
 }
 
 /// A TCP client was dropped because its host stopped answering.
 pub struct ClientReaped<'a> {
-    /// The site whose socket it was on.
-    pub site: &'a str,
     /// The client's address.
     pub peer: &'a str,
     /// The signal that decided it.
@@ -206,7 +192,6 @@ impl ClientReaped<'_> {
     /// Write the log line.
     pub fn emit(self) {
         tracing::warn!(
-            site = self.site,
             peer = self.peer,
             stuck = self.stuck,
             "dropped unresponsive TCP client {}: {} ({} bytes stuck)",
@@ -218,16 +203,14 @@ impl ClientReaped<'_> {
 }
 
 /// A TCP client from a source outside `only_from` was turned away.
-pub struct ClientRefused<'a> {
-    /// Site name.
-    pub site: &'a str,
+pub struct ClientRefused {
     /// The client's address.
     pub peer: std::net::SocketAddr,
 }
 
-impl ClientRefused<'_> {
+impl ClientRefused {
     /// Write the log line.
     pub fn emit(self) {
-        tracing::warn!(site = self.site, peer = %self.peer, "refused TCP client {}: not in only_from", self.peer);
+        tracing::warn!(peer = %self.peer, "refused TCP client {}: not in only_from", self.peer);
     }
 }

@@ -160,12 +160,12 @@ pub struct Accepting {
 impl Accepting {
     /// Run a session for an accepted client, or refuse it when the site has
     /// `max_clients` already.
-    fn admit<S>(&self, stream: S, watchdog: Option<crate::watchdog::Watchdog>)
+    fn admit<S>(&self, stream: S, peer: &str, watchdog: Option<crate::watchdog::Watchdog>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         match self.limit.clone().try_acquire_owned() {
-            Ok(permit) => self.spawn_session(stream, watchdog, permit),
+            Ok(permit) => self.spawn_session(stream, self.span(peer), watchdog, permit),
             Err(_) => {
                 self.log_busy();
                 self.tracker.spawn(refuse(stream, self.site.params().max_clients));
@@ -173,11 +173,23 @@ impl Accepting {
         }
     }
 
+    /// The span of a client's session: every log line of it names the
+    /// site and the client.
+    fn span(&self, peer: &str) -> tracing::Span {
+        tracing::info_span!(parent: None, "client", site = %self.site.name(), peer = %peer)
+    }
+
     /// Run a session for an admitted client; its permit ends with it.
-    fn spawn_session<S>(&self, stream: S, watchdog: Option<crate::watchdog::Watchdog>, permit: OwnedSemaphorePermit)
-    where
+    fn spawn_session<S>(
+        &self,
+        stream: S,
+        span: tracing::Span,
+        watchdog: Option<crate::watchdog::Watchdog>,
+        permit: OwnedSemaphorePermit,
+    ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        use tracing::Instrument;
         let session = Session::new(
             self.site.clone(),
             stream,
@@ -186,21 +198,24 @@ impl Accepting {
             self.cache.clone(),
             watchdog,
         );
-        self.tracker.spawn(async move {
-            session.run().await;
-            drop(permit);
-        });
+        self.tracker.spawn(
+            async move {
+                session.run().await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
     }
 
     fn log_busy(&self) {
         let max = self.site.params().max_clients;
-        tracing::warn!(site = self.site.name(), max_clients = max, "client refused: too many clients for this site");
+        tracing::warn!(max_clients = max, "client refused: too many clients for this site");
     }
 
     /// Wait out an `accept()` failure (e.g. no file descriptors left);
     /// `false` on shutdown.
     async fn backoff(&self, error: &io::Error) -> bool {
-        tracing::warn!(site = self.site.name(), %error, "accept failed");
+        tracing::warn!(%error, "accept failed");
         tokio::select! {
             _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => true,
             _ = self.shutdown.cancelled() => false,
@@ -211,13 +226,18 @@ impl Accepting {
 /// Accept clients on a site's UNIX socket until shutdown; then remove the
 /// socket (if it is still this daemon's).
 pub async fn serve_unix(listener: UnixListener, file: SocketFile, ctx: Accepting) {
+    let mut clients = 0u64;
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = ctx.shutdown.cancelled() => break,
         };
         match accepted {
-            Ok((s, _)) => ctx.admit(s, None),
+            Ok((s, _)) => {
+                // UNIX clients have no address: they are numbered.
+                clients += 1;
+                ctx.admit(s, &format!("unix#{clients}"), None);
+            }
             Err(e) if ctx.backoff(&e).await => continue,
             Err(_) => break,
         }
@@ -248,7 +268,7 @@ pub async fn serve_tcp(
             Err(_) => break,
         };
         if !listen.allows(peer.ip()) {
-            crate::events::ClientRefused { site: ctx.site.name(), peer }.emit();
+            crate::events::ClientRefused { peer }.emit();
             // A clean close: FIN first (a query already sent may still turn
             // it into a reset; either way the client gets no data).
             let mut stream = stream;
@@ -256,17 +276,18 @@ pub async fn serve_tcp(
             continue;
         }
         if let Err(e) = crate::sockopt::tune_client(&stream, &params.keepalive) {
-            tracing::warn!(site = ctx.site.name(), %peer, error = %e, "cannot set keepalive on a TCP client");
+            tracing::warn!(%peer, error = %e, "cannot set keepalive on a TCP client");
         }
         let watchdog = match stream.as_fd().try_clone_to_owned() {
             Ok(fd) => Some(crate::watchdog::Watchdog::new(fd, peer.to_string(), params.send_stall_grace)),
             Err(e) => {
-                tracing::warn!(site = ctx.site.name(), %peer, error = %e, "no send-stall watchdog for this client");
+                tracing::warn!(%peer, error = %e, "no send-stall watchdog for this client");
                 None
             }
         };
+        let peer_name = peer.to_string();
         let Some(acceptor) = tls.clone() else {
-            ctx.admit(stream, watchdog);
+            ctx.admit(stream, &peer_name, watchdog);
             continue;
         };
         // The permit comes first, so handshakes in progress count too. A
@@ -275,14 +296,15 @@ pub async fn serve_tcp(
             ctx.log_busy();
             continue;
         };
-        let (ctx2, after) = (ctx.clone(), params.tls.handshake_timeout);
-        ctx.tracker.spawn(async move {
+        let (ctx2, after, span) = (ctx.clone(), params.tls.handshake_timeout, ctx.span(&peer_name));
+        let handshake = async move {
             match tokio::time::timeout(after, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => ctx2.spawn_session(s, watchdog, permit),
-                Ok(Err(e)) => tracing::info!(site = ctx2.site.name(), %peer, error = %e, "TLS handshake with client {peer} failed"),
-                Err(_) => tracing::info!(site = ctx2.site.name(), %peer, "TLS handshake with client {peer} did not finish in time"),
+                Ok(Ok(s)) => ctx2.spawn_session(s, tracing::Span::current(), watchdog, permit),
+                Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake with client {peer} failed"),
+                Err(_) => tracing::info!("TLS handshake with client {peer} did not finish in time"),
             }
-        });
+        };
+        ctx.tracker.spawn(tracing::Instrument::instrument(handshake, span));
     }
 }
 

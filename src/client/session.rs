@@ -105,7 +105,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(Some(b)) => b,
                 Ok(None) => break,
                 Err(ReadError::Limit(e)) => {
-                    events::RequestRejected { site: self.site.name(), error: &e }.emit();
+                    events::RequestRejected { error: &e }.emit();
                     let style = self.framer.style();
                     let deadline = Instant::now() + self.site.params().query_timeout;
                     self.write_error(e.status(), &e.to_string(), style, deadline).await;
@@ -116,11 +116,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         // Keepalive found the peer gone while it was idle.
                         (Some(w), std::io::ErrorKind::TimedOut) => {
                             let reason = format!("keepalive: peer unreachable ({e})");
-                            events::ClientReaped { site: self.site.name(), peer: &w.peer, reason: &reason, stuck: 0 }
-                                .emit();
+                            events::ClientReaped { peer: &w.peer, reason: &reason, stuck: 0 }.emit();
                             self.site.note_reaped(&w.peer, &reason);
                         }
-                        _ => tracing::debug!(site = self.site.name(), error = %e, "client read failed"),
+                        _ => tracing::debug!(error = %e, "client read failed"),
                     }
                     break;
                 }
@@ -130,7 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(Request::Get(q)) => self.answer(&q, deadline).await,
                 Ok(Request::Command(c)) => self.command(&c, deadline).await,
                 Err(e) => {
-                    events::RequestRejected { site: self.site.name(), error: &e }.emit();
+                    events::RequestRejected { error: &e }.emit();
                     let style = ReplyStyle::sniff(&block);
                     self.write_error(e.status(), &e.to_string(), style, deadline).await;
                     style.keepalive && style.fixed16
@@ -184,7 +183,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 r = tokio::time::timeout_at(until, self.stream.read_buf(&mut self.buf)) => match r {
                     Ok(r) => r.map_err(ReadError::Io)?,
                     Err(_) if waiting_for_new => {
-                        tracing::debug!(site = self.site.name(), "closing client connection idle for {}",
+                        tracing::debug!("closing client connection idle for {}",
                             crate::error::fmt_duration(params.client_idle_timeout));
                         return Ok(None);
                     }
@@ -248,11 +247,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Log why an answer could not be sent completely.
     fn sending_failed(&mut self, end: SendEnd, sent: u64, total: u64) {
         match end {
-            SendEnd::Gone => events::ClientClosedMidResponse { site: self.site.name(), sent, total }.emit(),
+            SendEnd::Gone => events::ClientClosedMidResponse { sent, total }.emit(),
             SendEnd::Reaped(reaped) => self.reaped(&reaped, sent, total),
             SendEnd::Deadline => {
                 let error = self.site.timeout_error();
-                events::ResponseCut { site: self.site.name(), sent, total, error: &error }.emit();
+                events::ResponseCut { sent, total, error: &error }.emit();
             }
         }
     }
@@ -261,7 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.dead = true;
         let peer = self.watchdog.as_ref().map_or("?", |w| w.peer.as_str());
         let reason = format!("{} ({sent} of {total} bytes sent)", reaped.reason);
-        events::ClientReaped { site: self.site.name(), peer, reason: &reason, stuck: reaped.stuck }.emit();
+        events::ClientReaped { peer, reason: &reason, stuck: reaped.stuck }.emit();
         self.site.note_reaped(peer, &reason);
     }
 
@@ -288,7 +287,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Relayed::Complete => style.keepalive && (style.fixed16 || status == Status::Ok),
             Relayed::NothingSent(e) => self.query_failed(&e, style, deadline).await,
             Relayed::ClientGone { sent, total } => {
-                events::ClientClosedMidResponse { site: self.site.name(), sent, total }.emit();
+                events::ClientClosedMidResponse { sent, total }.emit();
                 false
             }
             Relayed::Reaped { sent, total, reaped } => {
@@ -296,14 +295,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 false
             }
             Relayed::Cut { error, sent, total } => {
-                events::ResponseCut { site: self.site.name(), sent, total, error: &error }.emit();
+                events::ResponseCut { sent, total, error: &error }.emit();
                 false
             }
         }
     }
 
     async fn query_failed(&mut self, e: &QueryError, style: ReplyStyle, deadline: Instant) -> bool {
-        events::QueryFailed { site: self.site.name(), error: e }.emit();
+        events::QueryFailed { error: e }.emit();
         self.write_error(e.status(), &e.to_string(), style, deadline).await
     }
 
@@ -320,7 +319,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Ok(()) => true,
             Err(e) => {
-                events::CommandFailed { site: self.site.name(), commands: c.commands.len(), error: &e }.emit();
+                events::CommandFailed { commands: c.commands.len(), error: &e }.emit();
                 if c.style.fixed16 {
                     self.write_error(e.status(), &e.to_string(), c.style, deadline).await
                 } else {

@@ -473,7 +473,6 @@ impl Actor {
         };
         if first {
             crate::events::ChannelsLimited {
-                site: &self.cfg.name,
                 serving,
                 configured: self.cfg.params.channels,
                 reason: &reason,
@@ -635,7 +634,7 @@ impl Actor {
         let was_for = SystemTime::now().duration_since(self.state_since).unwrap_or_default();
         self.state = to;
         self.state_since = SystemTime::now();
-        crate::events::SiteStateChanged { site: &self.cfg.name, from, to, reason: &reason, after: was_for }.emit();
+        crate::events::SiteStateChanged { from, to, reason: &reason, after: was_for }.emit();
         self.publish();
     }
 

@@ -164,8 +164,10 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
         match outcome {
             Ok(Ok(ResponseStart { raw, header, prefix, surplus })) => {
                 if surplus {
-                    tracing::debug!(site = %site.name(), channel = lease.channel_id(),
-                        "the site sent more than its answer; the channel will be closed after it");
+                    tracing::debug!(
+                        channel = lease.channel_id(),
+                        "the site sent more than its answer; the channel will be closed after it"
+                    );
                     lease.close_after_answer();
                 } else if header.status != Status::Ok {
                     lease.answered_with_error();
@@ -173,7 +175,7 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
                 return Ok(SiteResponse { raw_header: raw, header, prefix, lease });
             }
             Ok(Err(f)) if !f.any_byte && reused && !fresh => {
-                tracing::debug!(site = %site.name(), channel = lease.channel_id(), error = %f.error,
+                tracing::debug!(channel = lease.channel_id(), error = %f.error,
                     "reused channel failed before answering; retrying once on a fresh channel");
                 lease.discard(f.error.to_string());
                 fresh = true;
@@ -218,7 +220,7 @@ pub async fn send_commands(site: &SiteHandle, wire: &[u8], deadline: Instant) ->
                     return Err(QueryError::Refused { site: site.name().to_owned(), status, message });
                 }
                 Ok(Err(e)) => {
-                    tracing::info!(site = %site.name(), error = %e,
+                    tracing::info!(error = %e,
                         "channel closed: the site's answer after a COMMAND was not clean");
                     lease.discard(format!("after a COMMAND: {e}"));
                 }
