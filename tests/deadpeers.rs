@@ -112,7 +112,7 @@ fn a_half_open_client_mid_response_is_reaped_and_its_channel_freed() {
         let snap = eventually_snapshot(&p, "s1", "client reaped", |s| s.clients_reaped == 1).await;
         let took = t0.elapsed();
         assert!(took >= GRACE, "not before the grace period: {took:?}");
-        assert!(took <= GRACE + Duration::from_secs(1), "within grace + 1 s: {took:?}");
+        assert!(took <= GRACE + SCHEDULING_MARGIN, "within the grace (+ the margin): {took:?}");
         let last = snap.last_reaped.expect("the reap is recorded");
         assert!(last.peer.starts_with("127.0.0.1:") && last.reason.contains("no ACK"), "{last:?}");
         // The channel is free again: the next query is answered.
@@ -150,7 +150,7 @@ fn a_client_unreachable_for_less_than_the_grace_is_kept() {
 fn a_paused_client_is_not_reaped() {
     in_netns("SIGSTOP client", || async {
         let s = sim("s1").await;
-        // A slow site, so the client is surely mid-answer when stopped.
+        // A slow site: its answer takes over a second.
         s.set_knobs(|k| {
             k.bulk_bytes = 64 * MIB;
             k.write_chunk = 256 * 1024;
@@ -162,8 +162,9 @@ fn a_paused_client_is_not_reaped() {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        eventually_snapshot(&p, "s1", "the client is being answered", |s| s.clients_connected == 1).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The site has begun its answer (about 1.3 s of writes): the client
+        // is stopped while the proxy has the answer to send.
+        eventually("the site is answering", || s.queries_on("bulk") == 1).await;
         support::process::interrupt(&child, nix::sys::signal::Signal::SIGSTOP);
         tokio::time::sleep(GRACE * 2).await;
         support::process::interrupt(&child, nix::sys::signal::Signal::SIGCONT);
@@ -254,7 +255,10 @@ fn an_idle_client_that_vanishes_is_dropped_by_keepalive_and_a_live_one_is_kept()
         let bound = ka.idle + ka.interval * ka.count;
         let snap = eventually_snapshot(&p, "s1", "the vanished client dropped", |s| s.clients_connected == 1).await;
         let took = t0.elapsed();
-        assert!(took <= bound + Duration::from_millis(1500), "gone after idle + interval × count: {took:?}");
+        // Keepalive probes are timed by the kernel in whole seconds: one more
+        // second than the scheduling margin.
+        let kernel = Duration::from_secs(1);
+        assert!(took <= bound + kernel + SCHEDULING_MARGIN, "gone after idle + interval × count: {took:?}");
         assert!(took >= ka.idle, "not before keepalive could tell: {took:?}");
         assert_eq!(snap.clients_reaped, 1);
         assert!(snap.last_reaped.unwrap().reason.starts_with("keepalive"));
@@ -278,10 +282,11 @@ fn a_black_holed_site_is_marked_down_clients_get_errors_and_it_recovers() {
         let t0 = Instant::now();
         p.wait_state("s1", SiteState::Down).await;
         let bound = params.heartbeat_interval + params.heartbeat_timeout;
-        assert!(t0.elapsed() <= bound + Duration::from_secs(1), "down within its bound: {:?}", t0.elapsed());
+        assert!(t0.elapsed() <= bound + SCHEDULING_MARGIN, "down within its bound: {:?}", t0.elapsed());
         let started = Instant::now();
         let (code, body) = query(&p, "s1", "GET status\nColumns: num_hosts").await;
-        assert!(started.elapsed() < Duration::from_secs(1), "answered at once");
+        // Not waiting for a channel (channel_timeout, 3 s) or a connect (1 s).
+        assert!(started.elapsed() < params.connect_timeout, "answered at once: {:?}", started.elapsed());
         assert_eq!(code, 502);
         assert!(body.starts_with("site 's1' is down: "), "{body}");
         // Reconnects meet the black hole: they end by connect_timeout, not a refusal.
@@ -339,7 +344,8 @@ fn a_site_that_vanishes_mid_answer_is_marked_down_and_the_client_is_not_left_han
         drop_port("vanish", s.tcp_addr().unwrap().port());
         let t0 = Instant::now();
         p.wait_state("s1", SiteState::Down).await;
-        assert!(t0.elapsed() <= params.heartbeat_interval + params.heartbeat_timeout + Duration::from_secs(1));
+        let bound = params.heartbeat_interval + params.heartbeat_timeout;
+        assert!(t0.elapsed() <= bound + SCHEDULING_MARGIN, "down within its bound: {:?}", t0.elapsed());
         // The client gets the end of the connection, with a body shorter
         // than announced; never a hang.
         let rest = read_to_eof(&mut c).await;

@@ -19,6 +19,8 @@ async fn a_hung_core_is_detected_by_the_heartbeat_and_recovers_on_its_own() {
     // site's name and the last failure.
     let started = tokio::time::Instant::now();
     let (code, body) = query(&p, "s1", "GET hosts\nColumns: name").await;
+    // Well below channel_timeout (10 s), which a query would wait for if the
+    // proxy did not know the site is down.
     assert!(started.elapsed() < Duration::from_secs(5), "answered without waiting for a channel");
     assert_eq!(code, 502);
     assert_eq!(body, "site 's1' is down: heartbeat not answered within 200ms\n");
@@ -119,10 +121,12 @@ async fn a_busy_but_silent_site_is_checked_on_an_extra_connection() {
         k.fault_table = Some("hosts".into());
     });
     let heartbeats = p.site("s1").status().heartbeats;
+    let connections = s.stats().accepted;
     let (code, body) = query(&p, "s1", "GET hosts\nColumns: name\nLimit: 1").await;
     assert_eq!((code, body.as_str()), (200, "host-0000\n"));
     let st = p.site("s1").status();
     assert_eq!((st.state, st.generation), (SiteState::Ready, 0), "a slow query is not a dead site");
+    assert!(s.stats().accepted > connections, "the heartbeat went out on an extra connection");
     assert!(st.heartbeats > heartbeats, "heartbeats went on meanwhile");
     p.shutdown().await;
 }
@@ -131,12 +135,22 @@ async fn a_busy_but_silent_site_is_checked_on_an_extra_connection() {
 async fn a_hung_core_with_every_channel_busy_is_declared_down() {
     let params = SiteParams { channels: 1, ..fast_params() };
     let (p, s) = Proxy::with_sim("s1", params).await;
+    // First the one channel is taken by a query that hangs (only queries on
+    // `hosts` hang, so no heartbeat can be caught by it); then the whole
+    // core hangs: only a heartbeat on an extra connection can find out.
+    s.set_knobs(|k| {
+        k.hang = true;
+        k.fault_table = Some("hosts".into());
+    });
     let mut c = p.client("s1").await;
-    s.set_knobs(|k| k.hang = true);
     tokio::io::AsyncWriteExt::write_all(&mut c, b"GET hosts\nColumns: name\nResponseHeader: fixed16\n\n")
         .await
         .unwrap();
+    eventually("the query holds the channel", || s.queries_on("hosts") == 1).await;
+    let connections = s.stats().accepted;
+    s.set_knobs(|k| k.fault_table = None);
     p.wait_state("s1", SiteState::Down).await;
+    assert_eq!(s.stats().accepted, connections + 1, "detected on one extra connection");
     // The query in flight is released with the reason, long before query_timeout.
     let (code, body) = read_answer(&mut c).await;
     assert_eq!(code, 502);

@@ -126,7 +126,12 @@ async fn a_hung_core_on_every_channel_a_limited_site_serves_is_down_after_respon
         ..fast_params()
     };
     let (p, s) = limited_site(2, params).await;
-    s.set_knobs(|k| k.hang = true);
+    // Both channels take a query that hangs (only `hosts` hangs, so no
+    // heartbeat is caught on them), then the whole core hangs.
+    s.set_knobs(|k| {
+        k.hang = true;
+        k.fault_table = Some("hosts".into());
+    });
     let mut clients = Vec::new();
     for h in 0..2 {
         let mut c = p.client("s1").await;
@@ -134,6 +139,8 @@ async fn a_hung_core_on_every_channel_a_limited_site_serves_is_down_after_respon
         c.write_all(q.as_bytes()).await.unwrap();
         clients.push(c);
     }
+    eventually("both queries hold a channel", || s.queries_on("hosts") == 2).await;
+    s.set_knobs(|k| k.fault_table = None);
     let started = tokio::time::Instant::now();
     p.wait_state("s1", SiteState::Down).await;
     // Silence counts from the site's last byte: the last heartbeat answer,

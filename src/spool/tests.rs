@@ -213,3 +213,34 @@ async fn the_disk_budget_counts_what_is_waiting_not_what_was_sent() {
     assert_eq!(taken, 1980 * 1000);
     assert!(peak < 300_000, "disk budget in use peaked at {peak} bytes for a backlog of ~20,000");
 }
+
+#[tokio::test]
+async fn what_the_client_has_read_is_given_back_during_the_drain_disk_blocks_included() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let b = budget(dir.path(), 0, 0, 1 << 30);
+    let spool = Spool::new(b.clone());
+    // Block-sized chunks, so every range read frees whole blocks.
+    for i in 0..64 {
+        spool.push(chunk(i, 4096)).await.unwrap();
+    }
+    spool.finish(Ok(()));
+    let on_disk = b.usage().disk_used;
+    assert!(on_disk >= 63 * 4096, "spilled: {on_disk}");
+    let file = spool.lock().file.clone().expect("a spool file");
+    let allocated = |f: &File| f.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    assert!(allocated(&file) >= on_disk, "the file holds what it is counted for");
+    let mut read = 0u64;
+    while read < 32 * 4096 {
+        match spool.next().await {
+            Next::Data(d) => read += d.len() as u64,
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+    // Half read: half given back, to the budget and to the file system.
+    let left = b.usage().disk_used;
+    assert_eq!(left, 64 * 4096 - read, "the budget counts only what is still waiting (the first chunk was in memory)");
+    assert!(allocated(&file) <= left + 4096, "read ranges are punched out of the file: {} allocated", allocated(&file));
+    while let Next::Data(_) = spool.next().await {}
+    assert_eq!(b.usage().disk_used, 0);
+}

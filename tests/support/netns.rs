@@ -5,7 +5,8 @@
 //! and then builds the runtime, so every thread, socket and process the body
 //! creates is inside. The namespace dies with its threads.
 //!
-//! These tests need root. Elsewhere they print why they skip and pass; as
+//! These tests need root. Elsewhere they say why they skip (see
+//! `support::skip`; where `CI` is set they fail instead); as
 //! root, a missing `nft` or a refused namespace is a failure (CI installs
 //! nftables and runs as root).
 #![allow(dead_code)]
@@ -21,7 +22,7 @@ where
     Fut: Future<Output = ()>,
 {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED {name}: needs root for a private network namespace and nftables");
+        super::skip(name, "needs root for a private network namespace and nftables");
         return;
     }
     let handle = std::thread::spawn(move || {
