@@ -20,7 +20,8 @@
 //! - [`state`]: the JSON state file.
 //! - [`events`]: one struct per observable event (log line).
 //! - [`error`]: error types, classified by who failed.
-//! - [`cli`], [`demo`]: the `query` and `demo` commands.
+//! - [`cli`], `demo`: the `query` and `demo` commands (`demo`, with the
+//!   simulated site it runs, only with the default feature `demo`).
 //!
 //! The wire format lives in the sans-I/O crate [`livemux_protocol`].
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 pub mod events;

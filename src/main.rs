@@ -33,6 +33,7 @@ enum Command {
         config: PathBuf,
     },
     /// Start three simulated sites and the proxy in front of them.
+    #[cfg(feature = "demo")]
     Demo {
         /// Directory for sockets and state (default: a new temporary directory).
         #[arg(long)]
@@ -85,6 +86,7 @@ fn main() -> ExitCode {
                 },
                 Err(e) => config_failed(&config, &e),
             },
+            #[cfg(feature = "demo")]
             Job::Other(Command::Demo { dir }) => match livemux::demo::run(dir, stop_signal(install_signals())).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(format_args!("demo failed: {e}")),

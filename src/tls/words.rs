@@ -27,15 +27,13 @@ impl std::error::Error for Described {}
 
 /// Subject, issuer and validity of a DER certificate.
 pub(super) fn describe(der: &[u8]) -> String {
-    match x509_parser::parse_x509_certificate(der) {
-        Ok((_, c)) => {
-            let v = c.validity();
+    use x509_cert::der::Decode;
+    match x509_cert::Certificate::from_der(der) {
+        Ok(c) => {
+            let t = &c.tbs_certificate;
             format!(
                 "certificate '{}' issued by '{}' (valid {} to {})",
-                c.subject(),
-                c.issuer(),
-                v.not_before,
-                v.not_after
+                t.subject, t.issuer, t.validity.not_before, t.validity.not_after
             )
         }
         Err(_) => "a certificate that cannot be parsed as X.509".to_owned(),

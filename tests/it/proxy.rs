@@ -1,12 +1,10 @@
 //! The proxy in front of simulated sites: framing, header rewriting,
 //! commands, pipelining, channel waits, timeouts, retries.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use livemux::site::SiteState;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Ask the simulated site directly over TCP; everything until EOF.

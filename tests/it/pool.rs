@@ -2,14 +2,12 @@
 //! than `channels` asks for (as Icinga 2 does: 2 × its CPU cores, the rest
 //! wait unread in the kernel's backlog).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use livemux::config::SiteParams;
 use livemux::site::SiteState;
 use livemux_simsite::SimSite;
-use support::*;
 use tokio::io::AsyncWriteExt;
 
 /// A simulated site that serves only `served` connections, behind a proxy

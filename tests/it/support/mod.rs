@@ -1,6 +1,5 @@
 //! Test helpers: a proxy in a temporary directory in front of simulated
 //! sites, raw Livestatus clients, and condition waits with deadlines.
-#![allow(dead_code)]
 
 pub mod netns;
 pub mod process;
@@ -85,7 +84,8 @@ pub fn test_config(dir: &std::path::Path, sites: Vec<(&str, String, SiteParams)>
 /// A running proxy in a temporary directory.
 pub struct Proxy {
     pub app: Option<App>,
-    pub dir: tempfile::TempDir,
+    /// Sockets, spool and state file; removed when the proxy is dropped.
+    _dir: tempfile::TempDir,
     pub config: Config,
 }
 
@@ -95,13 +95,13 @@ impl Proxy {
         let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
         let config = test_config(dir.path(), sites);
         let app = App::start(config.clone()).await.expect("start proxy");
-        Proxy { app: Some(app), dir, config }
+        Proxy { app: Some(app), _dir: dir, config }
     }
 
     /// A proxy for a complete configuration (sockets and state in `dir`).
     pub async fn start_config(dir: tempfile::TempDir, config: Config) -> Proxy {
         let app = App::start(config.clone()).await.expect("start proxy");
-        Proxy { app: Some(app), dir, config }
+        Proxy { app: Some(app), _dir: dir, config }
     }
 
     /// Like [`Proxy::start`] with a different spool configuration (its `dir`
@@ -114,7 +114,7 @@ impl Proxy {
         let mut config = test_config(dir.path(), sites);
         config.spool = livemux::config::SpoolConfig { dir: dir.path().join("spool"), ..spool };
         let app = App::start(config.clone()).await.expect("start proxy");
-        Proxy { app: Some(app), dir, config }
+        Proxy { app: Some(app), _dir: dir, config }
     }
 
     /// One simulated site behind the proxy, with `params`; waits until ready.

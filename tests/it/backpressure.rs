@@ -5,15 +5,13 @@
 //! - lighttpd #2796 (seed 002): with minimal buffering the proxy stopped
 //!   reading the backend and never resumed; responses hung or were cut.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::process::*;
+use crate::support::*;
 use livemux::config::{SiteParams, SpoolConfig};
 use livemux::site::SiteState;
 use livemux_simsite::bulk::Checker;
-use support::process::*;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 

@@ -1,5 +1,5 @@
 //! Dead peers, in private network namespaces with nftables (root only; see
-//! `support::netns`). Each test reproduces a production failure:
+//! `crate::support::netns`). Each test reproduces a production failure:
 //! - half-open clients wedging the send path (seed 004): reaped by the
 //!   send-stall watchdog, while paused, slow and zero-window clients are not;
 //! - idle clients that vanish without a FIN piling up (seed 003): cleaned up
@@ -10,16 +10,14 @@
 //! Every "is reaped" test has a twin proving that activity just inside the
 //! limit keeps the peer alive.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::netns::*;
+use crate::support::*;
 use livemux::config::{Keepalive, SiteParams, SpoolConfig, TcpListen};
 use livemux::site::SiteState;
 use livemux_simsite::bulk::Checker;
-use support::netns::*;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -157,7 +155,7 @@ fn a_paused_client_is_not_reaped() {
             k.write_pause = Duration::from_millis(5);
         });
         let (p, addr) = proxy_with_listener(&s, params(), SpoolConfig::default()).await;
-        let mut child = std::process::Command::new(support::process::BIN)
+        let mut child = std::process::Command::new(crate::support::process::BIN)
             .args(["query", "--tcp", &addr.to_string(), "GET bulk"])
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -165,9 +163,9 @@ fn a_paused_client_is_not_reaped() {
         // The site has begun its answer (about 1.3 s of writes): the client
         // is stopped while the proxy has the answer to send.
         eventually("the site is answering", || s.queries_on("bulk") == 1).await;
-        support::process::interrupt(&child, nix::sys::signal::Signal::SIGSTOP);
+        crate::support::process::interrupt(&child, nix::sys::signal::Signal::SIGSTOP);
         tokio::time::sleep(GRACE * 2).await;
-        support::process::interrupt(&child, nix::sys::signal::Signal::SIGCONT);
+        crate::support::process::interrupt(&child, nix::sys::signal::Signal::SIGCONT);
         let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
         assert!(status.success(), "the paused client got its whole answer");
         assert_eq!(reaped(&p).await, 0);
@@ -363,7 +361,7 @@ fn only_from_admits_listed_sources_and_refuses_others_ipv4_and_ipv6() {
         let s = sim("s1").await;
         let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
         let mut proxy = tokio::task::block_in_place(|| {
-            support::process::ProxyProcess::start_with_sites(
+            crate::support::process::ProxyProcess::start_with_sites(
                 dir.path(),
                 "",
                 "",

@@ -11,7 +11,6 @@
 //! Real-peer tests must run in CI. If a core cannot be started they fail,
 //! unless `LIVEMUX_SKIP_REAL_PEERS=1` is set and `CI` is not, in which case
 //! they print a SKIPPED line and pass (for machines without root or apt).
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -1,5 +1,4 @@
 //! The `livemux` binary as a child process: its log lines, signals, memory.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -13,14 +13,12 @@
 //! 2-core machine), so every site here gets at most 2 channels, leaving room
 //! for a direct connection and the occasional extra heartbeat.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::realsite::{Core, RealSite};
+use crate::support::*;
 use livemux::config::SiteParams;
 use livemux::site::SiteState;
-use support::realsite::{Core, RealSite};
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixStream};
 

@@ -1,12 +1,10 @@
 //! Heartbeats and dead sites: detection, instant errors, recovery on its own.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use livemux::config::SiteParams;
 use livemux::site::SiteState;
-use support::*;
 
 #[tokio::test]
 async fn a_hung_core_is_detected_by_the_heartbeat_and_recovers_on_its_own() {

@@ -1,15 +1,13 @@
 //! TLS toward sites (stunnel in front of Icinga 2 or the simulated site,
 //! certificates made at test time) and on the cascading listener.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::realsite::{Core, RealSite};
+use crate::support::tls::{Pki, Stunnel};
+use crate::support::*;
 use livemux::config::{SiteParams, TcpListen, TlsSettings};
 use livemux::site::SiteState;
-use support::realsite::{Core, RealSite};
-use support::tls::{Pki, Stunnel};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn tls_params(ca: &std::path::Path) -> SiteParams {

@@ -1,12 +1,10 @@
 //! The query cache (`Cache: reload`) and single-flight, against the
 //! simulated site, which counts the queries it receives per table.
 
-mod support;
-
+use crate::support::*;
 use livemux::config::SiteParams;
 use livemux::site::SiteState;
 use livemux_simsite::bulk::Checker;
-use support::*;
 use tokio::io::AsyncWriteExt;
 
 const GROUPS: &str = "GET hostgroups\nCache: reload\nColumns: name alias";

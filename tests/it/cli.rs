@@ -1,13 +1,11 @@
 //! The `livemux` binary: check-config, query, run (logs, signals), demo.
 
-mod support;
-
 use livemux::site::SiteState;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use support::process::*;
-use support::*;
+use crate::support::process::*;
+use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_livemux");
 
@@ -197,6 +195,7 @@ fn run_refuses_a_bad_config_and_a_socket_in_use() {
     assert!(!dir.path().join("s2/a").exists(), "no socket left behind");
 }
 
+#[cfg(feature = "demo")]
 #[test]
 fn demo_serves_three_sites_until_interrupted() {
     let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();

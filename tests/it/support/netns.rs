@@ -6,10 +6,9 @@
 //! creates is inside. The namespace dies with its threads.
 //!
 //! These tests need root. Elsewhere they say why they skip (see
-//! `support::skip`; where `CI` is set they fail instead); as
+//! `super::skip`; where `CI` is set they fail instead); as
 //! root, a missing `nft` or a refused namespace is a failure (CI installs
 //! nftables and runs as root).
-#![allow(dead_code)]
 
 use std::future::Future;
 use std::io::Write;

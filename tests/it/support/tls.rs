@@ -1,6 +1,5 @@
 //! Certificates made at test time (rcgen) and stunnel, the TLS terminator
 //! Checkmk sites put in front of their core.
-#![allow(dead_code)]
 
 use std::io::Write;
 use std::net::SocketAddr;

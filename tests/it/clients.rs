@@ -1,16 +1,14 @@
 //! The client side: bad input, limits, error shapes, the socket file.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use crate::support::*;
 use livemux::app::{App, StartError};
 use livemux::client::listener::BindError;
 use livemux::config::SiteParams;
 use livemux::site::SiteState;
 use livemux_protocol::Limits;
-use support::*;
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
@@ -186,7 +184,7 @@ async fn a_flood_of_empty_lines_is_not_buffered() {
     let s = sim("s1").await;
     let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
     let proxy = tokio::task::block_in_place(|| {
-        support::process::ProxyProcess::start(dir.path(), "", "", &[("s1", s.address())])
+        crate::support::process::ProxyProcess::start(dir.path(), "", "", &[("s1", s.address())])
     });
     let mut c = tokio::net::UnixStream::connect(proxy.socket("s1")).await.unwrap();
     // 256 MiB of empty lines (skipped, as between requests), then a request.

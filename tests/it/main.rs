@@ -1,0 +1,27 @@
+//! livemux's integration tests, one test binary (the shared `support`
+//! module is compiled once). Each module is one subject:
+//!
+//! - `proxy`, `clients`, `heartbeat`, `pool`: the proxy in front of
+//!   simulated sites (framing, errors, limits, heartbeats, the channel pool);
+//! - `cache`: `Cache: reload` and single-flight;
+//! - `backpressure`: slow, pausing and vanishing clients, sites failing
+//!   mid-answer, peak memory for 1 GiB answers;
+//! - `deadpeers`: dead peers in private network namespaces (root);
+//! - `tls`: TLS toward sites (stunnel) and on the listener;
+//! - `realpeers`: real Icinga 2 and Naemon sites, and Monitoring::Livestatus;
+//! - `cli`: the `livemux` binary.
+//!
+//! Run one subject with `cargo test --test it proxy::`.
+
+mod support;
+
+mod backpressure;
+mod cache;
+mod cli;
+mod clients;
+mod deadpeers;
+mod heartbeat;
+mod pool;
+mod proxy;
+mod realpeers;
+mod tls;
