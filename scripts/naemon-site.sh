@@ -43,28 +43,14 @@ set -euo pipefail
 
 prog=${0##*/}
 here=$(cd "$(dirname "$0")" && pwd)
-say() { printf '%s: %s\n' "$prog" "$*" >&2; }
-die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
 
 core_version=1.5.2
 ls_version=1.5.1
 tarballs=$here/../third_party/naemon
 prefix=${LIVEMUX_NAEMON_PREFIX:-${XDG_CACHE_HOME:-$HOME/.cache}/livemux/naemon-$core_version-livestatus-$ls_version}
 
-dir="" port="" hosts=100 services=10 sig="" fast=0
-cmd=${1:-}
-[ $# -gt 0 ] && shift
-while [ $# -gt 0 ]; do
-    case $1 in
-        --dir) dir=$2; shift 2 ;;
-        --port) port=$2; shift 2 ;;
-        --hosts) hosts=$2; shift 2 ;;
-        --services) services=$2; shift 2 ;;
-        --sig) sig=$2; shift 2 ;;
-        --fast) fast=1; shift ;;
-        *) die "unknown argument '$1'" ;;
-    esac
-done
+# shellcheck source=site-lib.sh
+. "$(dirname "$0")/site-lib.sh"
 
 # ------------------------------------------------------------------ build
 
@@ -140,12 +126,6 @@ build_naemon() {
 
 # ------------------------------------------------------------------ sites
 
-need_dir() {
-    [ -n "$dir" ] || die "--dir is required"
-    case $dir in /*) ;; *) dir=$PWD/$dir ;; esac
-    dir=${dir%/}
-}
-
 # PIDs of every process of this site: the core, its command-file helper and
 # its check worker, recognised by this site's paths on their command lines.
 site_pids() {
@@ -156,20 +136,6 @@ core_pid() {
     local pid
     pid=$(cat "$dir/run/naemon.pid" 2>/dev/null || true)
     [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && site_pids | grep -qx "$pid" && echo "$pid"
-}
-
-# One query over TCP (bash /dev/tcp), print the body; status 0 on 200.
-lq() {
-    local q=$1 fd head len body=""
-    exec {fd}<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null || return 2
-    printf '%s' "$q" >&"$fd" || { exec {fd}>&-; return 3; }
-    IFS= LC_ALL=C read -r -t 10 -u "$fd" head || { exec {fd}>&-; return 4; }
-    len=${head:4}; len=${len// /}
-    [[ $len =~ ^[0-9]+$ ]] || { exec {fd}>&-; return 5; }
-    [ "$len" -eq 0 ] || IFS= LC_ALL=C read -r -d '' -t 10 -N "$len" -u "$fd" body || true
-    exec {fd}>&-
-    printf '%s' "$body"
-    [ "${head:0:3}" = 200 ]
 }
 
 # The number a Stats query answers, or "?".
@@ -280,11 +246,7 @@ EOF
 }
 
 start_site() {
-    need_dir
-    [[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || die "--port must be 1..65535"
-    [[ $hosts =~ ^[0-9]+$ ]] && [ "$hosts" -ge 1 ] || die "--hosts must be a positive number"
-    [[ $services =~ ^[0-9]+$ ]] || die "--services must be a number"
-    [ ${#dir} -le 100 ] || die "directory path too long for the UNIX socket: $dir"
+    check_start_args
     local built_prefix
     built_prefix=$(build_naemon)
     if [ -e "$dir" ] && [ ! -f "$dir/.livemux-naemon-site" ] && [ -n "$(ls -A "$dir")" ]; then
