@@ -101,6 +101,10 @@ pub enum SiteError {
     /// Mid-answer, the site sent nothing for `response_idle_timeout`.
     #[error("the site sent nothing for {} in the middle of the answer", fmt_duration(*.0))]
     ResponseIdle(Duration),
+    /// The query's channel was given up before it received a byte of its
+    /// answer (it was pipelined behind another answer that failed).
+    #[error("the channel it was sent on could not be used ({0})")]
+    ChannelLost(&'static str),
     /// A heartbeat was not answered in time.
     #[error("heartbeat not answered within {}", fmt_duration(*.0))]
     HeartbeatTimeout(Duration),

@@ -173,7 +173,14 @@ async fn read_half(
         if let Some(c) = capture.as_mut() {
             c.push(&chunk);
         }
-        match tokio::time::timeout_at(deadline, spool.push(chunk)).await {
+        // Queries pipelined behind this answer must not wait for this
+        // client: if it streams, they go elsewhere.
+        let stalls = || {
+            if let Some(l) = lease.as_ref() {
+                l.stalls();
+            }
+        };
+        match tokio::time::timeout_at(deadline, spool.push_with(chunk, stalls)).await {
             // Both halves share this task: let the writer take the chunk out
             // before reading more, or a fast site would fill the spool (and
             // spill to disk) even for a client that keeps up.

@@ -219,6 +219,13 @@ impl Spool {
 
     /// Add the next bytes of the answer; waits while there is no room.
     pub async fn push(&self, chunk: Bytes) -> Result<(), WriterGone> {
+        self.push_with(chunk, || {}).await
+    }
+
+    /// [`Spool::push`], calling `stalls` once if the reader has to wait for
+    /// the client (the budgets are used up: the answer streams).
+    pub async fn push_with(&self, chunk: Bytes, stalls: impl FnOnce()) -> Result<(), WriterGone> {
+        let mut stalls = Some(stalls);
         let n = chunk.len();
         loop {
             let place = {
@@ -252,6 +259,9 @@ impl Spool {
             };
             let (offset, written) = match place {
                 Place::Wait => {
+                    if let Some(f) = stalls.take() {
+                        f();
+                    }
                     self.data.notify_one();
                     self.room.notified().await;
                     self.lock().reader_waiting = false;

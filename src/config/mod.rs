@@ -25,6 +25,14 @@ mod raw;
 mod units;
 mod validate;
 
+/// `channels_max` unless set (or `channels`, when that is larger): half of
+/// the 20 connections a Checkmk site's Livestatus serves by default, so the
+/// site's other clients keep room.
+pub const DEFAULT_CHANNELS_MAX: usize = 10;
+
+/// `pipeline_depth` unless set; see docs/BENCHMARKS.md (scenario 3).
+pub const DEFAULT_PIPELINE_DEPTH: usize = 4;
+
 /// Longest UNIX socket path the kernel accepts (`sun_path` is 108 bytes).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -216,8 +224,17 @@ impl TcpListen {
 /// Settings of one site, every default applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SiteParams {
-    /// Persistent connections kept open to the site (1..=50).
+    /// Persistent connections kept open to the site while idle (1..=50).
     pub channels: usize,
+    /// Persistent connections open at most: more than `channels` are opened
+    /// while queries wait and no channel is idle (`channels..=200`).
+    pub channels_max: usize,
+    /// A channel above `channels` that is idle this long is closed.
+    pub channel_idle_timeout: Duration,
+    /// Queries in flight on one channel at most (1 = no pipelining): a `GET`
+    /// that finds every channel busy while the pool is at `channels_max`
+    /// is written behind the fewest queries on a busy channel.
+    pub pipeline_depth: usize,
     /// Time between two heartbeats.
     pub heartbeat_interval: Duration,
     /// A heartbeat must be answered within this time.
@@ -272,6 +289,9 @@ impl Default for SiteParams {
     fn default() -> Self {
         SiteParams {
             channels: 5,
+            channels_max: DEFAULT_CHANNELS_MAX,
+            channel_idle_timeout: Duration::from_secs(60),
+            pipeline_depth: DEFAULT_PIPELINE_DEPTH,
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(2),
             channel_timeout: Duration::from_secs(3),

@@ -309,3 +309,26 @@ fn every_syntax_error_is_reported_with_its_line() {
     lines.dedup();
     assert_eq!(lines, [Some(1), Some(4)], "both bad lines, in order: {errors:?}");
 }
+
+#[test]
+fn an_elastic_pool_and_pipelining_have_keys_and_checks() {
+    let c = Config::from_toml(
+        "[defaults]\nchannel_idle_timeout = \"30s\"\npipeline_depth = 6\n[[site]]\nname = \"a\"\n\
+         address = \"tcp://h:1\"\n[[site]]\nname = \"b\"\naddress = \"tcp://h:2\"\nchannels = 15\n\
+         [[site]]\nname = \"c\"\naddress = \"tcp://h:3\"\nchannels = 2\nchannels_max = 4\npipeline_depth = 1\n",
+    )
+    .unwrap();
+    let p: Vec<_> =
+        c.sites.iter().map(|s| (s.params.channels, s.params.channels_max, s.params.pipeline_depth)).collect();
+    assert_eq!(p, [(5, 10, 6), (15, 15, 6), (2, 4, 1)], "channels_max follows a larger channels unless set");
+    assert_eq!(c.sites[0].params.channel_idle_timeout, Duration::from_secs(30));
+    let d = SiteParams::default();
+    assert_eq!((d.channels_max, d.channel_idle_timeout, d.pipeline_depth), (10, Duration::from_secs(60), 4));
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nchannels = 8\nchannels_max = 6\n");
+    assert_eq!((e.line, e.key.as_deref()), (Some(5), Some("site[1].channels_max")));
+    assert_eq!(e.message, "6 is below channels (8)");
+    let e = error("[defaults]\nchannels_max = 6\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nchannels = 8\n");
+    assert_eq!(e.key.as_deref(), Some("site[1].channels_max"), "set in [defaults]: it does not follow");
+    let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\npipeline_depth = 0\n");
+    assert_eq!(e.message, "0 is out of range 1..=64");
+}

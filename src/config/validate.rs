@@ -25,6 +25,8 @@ const KEEPALIVE: RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::f
 pub(super) struct Validator<'a> {
     text: &'a str,
     pub(super) errors: Vec<ConfigError>,
+    /// `[defaults]` sets `channels_max` (then it does not follow `channels`).
+    defaults_set_channels_max: bool,
 }
 
 /// Set each listed field of `$p` from the raw value of the same name, with
@@ -42,7 +44,7 @@ macro_rules! set {
 
 impl<'a> Validator<'a> {
     pub(super) fn new(text: &'a str) -> Self {
-        Validator { text, errors: Vec::new() }
+        Validator { text, errors: Vec::new(), defaults_set_channels_max: false }
     }
 
     pub(super) fn line(&self, offset: usize) -> usize {
@@ -412,6 +414,9 @@ impl<'a> Validator<'a> {
         let mut p = base.clone();
         set!(self, raw, p, prefix;
             channels: count(1..=50),
+            channels_max: count(1..=200),
+            channel_idle_timeout: duration,
+            pipeline_depth: count(1..=64),
             heartbeat_interval: duration,
             heartbeat_timeout: duration,
             channel_timeout: duration,
@@ -465,6 +470,22 @@ impl<'a> Validator<'a> {
                 self.err(k.span(), &format!("{prefix}.client_cert_file"), "is required with client_key_file")
             }
             _ => {}
+        }
+        // Unless set anywhere, channels_max follows channels up.
+        if prefix == "defaults" {
+            self.defaults_set_channels_max = raw.channels_max.is_some();
+        }
+        if raw.channels_max.is_none() && !self.defaults_set_channels_max {
+            p.channels_max = p.channels.max(super::DEFAULT_CHANNELS_MAX);
+        }
+        if let Some(m) = raw.channels_max.as_ref().or(raw.channels.as_ref())
+            && p.channels_max < p.channels
+        {
+            self.err(
+                m.span(),
+                &key_of(prefix, "channels_max"),
+                format!("{} is below channels ({})", p.channels_max, p.channels),
+            );
         }
         if let Some(t) = raw.heartbeat_timeout.as_ref().or(raw.heartbeat_interval.as_ref())
             && p.heartbeat_timeout > p.heartbeat_interval

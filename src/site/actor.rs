@@ -43,15 +43,15 @@ use tokio_util::sync::CancellationToken;
 use super::channel::{Activity, Channel, Lease, Return, looks_alive, poll_dead_idle};
 use super::connector::{Connect, SiteStream};
 use super::heartbeat::{self, Schedule};
-use super::pool::{Conn, Grow, Pool, Shrink, Use, Waiting};
+use super::pool::{Back, Conn, Grow, Pool, Shrink, Sizes, Use, Waiting, Want};
 use super::{PoolReport, SiteState, SiteStatus};
 use crate::config::SiteConfig;
 use crate::error::{SiteError, fmt_duration};
 
 /// Requests from [`SiteHandle`](super::SiteHandle)s.
 pub(crate) enum Request {
-    /// Lend a channel; `fresh` asks for one that never carried a query.
-    Acquire { fresh: bool, reply: oneshot::Sender<Result<Lease, AcquireError>> },
+    /// Lend a channel (or a place on one) for `want`.
+    Acquire { want: Want, reply: oneshot::Sender<Result<Lease, AcquireError>> },
     /// Describe the site for the state file.
     Snapshot { reply: oneshot::Sender<PoolReport> },
 }
@@ -81,7 +81,7 @@ pub(crate) enum Purpose {
 /// Reports from the actor's helpers and leases.
 pub(crate) enum Event {
     /// A lease ended.
-    Returned { channel: Channel, how: Return, reason: Option<String> },
+    Returned { id: u64, how: Return, reason: Option<String> },
     /// A connect attempt finished.
     Connected { generation: u64, purpose: Purpose, result: Result<SiteStream, SiteError> },
     /// A heartbeat finished; the channel comes back only if it answered.
@@ -94,13 +94,13 @@ pub(crate) enum Event {
 
 /// A query waiting for a channel.
 pub(crate) struct Waiter {
-    fresh: bool,
+    want: Want,
     reply: oneshot::Sender<Result<Lease, AcquireError>>,
 }
 
 impl Waiting for Waiter {
-    fn fresh(&self) -> bool {
-        self.fresh
+    fn wants(&self) -> Want {
+        self.want
     }
 
     fn gone(&self) -> bool {
@@ -166,7 +166,13 @@ impl Actor {
     ) -> Actor {
         let (events_tx, events) = mpsc::unbounded_channel();
         let p = &cfg.params;
-        let pool = Pool::new(p.channels, p.channel_retry);
+        let pool = Pool::new(Sizes {
+            channels: p.channels,
+            channels_max: p.channels_max,
+            pipeline_depth: p.pipeline_depth,
+            idle_timeout: p.channel_idle_timeout,
+            channel_retry: p.channel_retry,
+        });
         let schedule = Schedule::new(p.heartbeat_interval, p.heartbeat_timeout);
         Actor {
             cfg,
@@ -231,8 +237,8 @@ impl Actor {
         while self.pool.queries_in_flight() {
             tokio::select! {
                 Some(ev) = self.events.recv() => {
-                    if let Event::Returned { channel, .. } = ev {
-                        self.pool.returned(channel.id);
+                    if let Event::Returned { id, .. } = ev {
+                        let _ = self.pool.left(id, Back::Close);
                     }
                 }
                 req = self.requests.recv() => match req {
@@ -261,15 +267,17 @@ impl Actor {
             Request::Snapshot { reply } => {
                 let _ = reply.send(self.report());
             }
-            Request::Acquire { fresh, reply } => {
+            Request::Acquire { want, reply } => {
                 if self.state == SiteState::Down
                     && let Some(cause) = &self.last_error
                 {
                     let _ = reply.send(Err(AcquireError::Down(cause.clone())));
                     return;
                 }
-                self.pool.wait(Waiter { fresh, reply });
+                self.pool.wait(Waiter { want, reply });
                 self.dispatch();
+                // Queries that found no idle channel may grow the pool.
+                self.ensure_channels();
             }
         }
     }
@@ -284,13 +292,13 @@ impl Actor {
         {
             self.start_heartbeat(ch, Purpose::Pool);
         }
-        while let Some((w, ch)) = self.pool.next_lend(SystemTime::now()) {
-            let lease = Lease::new(ch, self.events_tx.clone(), self.activity.clone(), self.down_token.clone());
+        let shareable = |c: &Channel| c.link.poisoned().is_none();
+        while let Some((w, id)) = self.pool.next_lend(SystemTime::now(), shareable) {
+            let Some(ch) = self.pool.channel_mut(id) else { continue };
+            let lease = Lease::new(ch, self.events_tx.clone(), self.down_token.clone());
             if let Err(Ok(lease)) = w.reply.send(Ok(lease)) {
                 // The client stopped waiting just now: the channel is untouched.
-                if let Some(ch) = lease.unlend() {
-                    self.pool.unlend(ch);
-                }
+                lease.unlend();
             }
         }
         if self.state == SiteState::Ready
@@ -305,7 +313,7 @@ impl Actor {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Returned { channel, how, reason } => self.on_returned(channel, how, reason),
+            Event::Returned { id, how, reason } => self.on_returned(id, how, reason),
             Event::Connected { generation, purpose, result } => self.on_connected(generation, purpose, result),
             Event::Heartbeat { generation, purpose, channel, result } => {
                 self.on_heartbeat(generation, purpose, channel, result)
@@ -315,18 +323,26 @@ impl Actor {
         }
     }
 
-    fn on_returned(&mut self, channel: Channel, how: Return, reason: Option<String>) {
-        self.pool.returned(channel.id);
-        let current = channel.generation == self.generation && self.state != SiteState::Down;
-        match how {
-            Return::Reuse if current => self.pool.push_idle(channel),
-            Return::Verify if current => self.start_verification(channel),
-            _ => {
-                if let Some(reason) = reason {
-                    tracing::debug!(channel = channel.id, %reason, "channel closed");
+    fn on_returned(&mut self, id: u64, how: Return, reason: Option<String>) {
+        let back = match how {
+            Return::Reuse => Back::Reuse,
+            Return::Verify => Back::Verify,
+            Return::Close => Back::Close,
+        };
+        if let Some(reason) = &reason {
+            tracing::debug!(channel = id, %reason, "a query left its channel");
+        }
+        // The channel comes out when its last query left.
+        if let Some((channel, back)) = self.pool.left(id, back) {
+            let current = channel.generation == self.generation && self.state != SiteState::Down;
+            match back {
+                Back::Reuse if current => self.pool.push_idle(channel, Instant::now()),
+                Back::Verify if current && channel.link.recover() => self.start_verification(channel),
+                _ => {
+                    tracing::debug!(channel = id, "channel closed");
+                    drop(channel);
+                    self.ensure_channels();
                 }
-                drop(channel);
-                self.ensure_channels();
             }
         }
         self.dispatch();
@@ -384,7 +400,7 @@ impl Actor {
                 self.note_program_start(program_start);
                 // An extra connection stays only if the pool has room.
                 if purpose != Purpose::Extra || self.pool.open() < self.pool.limit() {
-                    self.pool.push_idle(ch);
+                    self.pool.push_idle(ch, Instant::now());
                 }
                 if purpose == Purpose::Probe {
                     self.set_state(SiteState::Ready, "connected and answering heartbeats".into());
@@ -418,7 +434,7 @@ impl Actor {
         match (result, channel) {
             (Ok(program_start), Some(ch)) => {
                 self.note_program_start(program_start);
-                match self.pool.admitted(ch) {
+                match self.pool.admitted(ch, Instant::now()) {
                     Grow::Same => {}
                     Grow::AllServed => {
                         tracing::info!(channels = self.cfg.params.channels, "site serves all channels again");
@@ -438,7 +454,7 @@ impl Actor {
         match (result, channel) {
             (Ok(program_start), Some(ch)) if generation == self.generation && self.state != SiteState::Down => {
                 self.note_program_start(program_start);
-                self.pool.push_idle(ch);
+                self.pool.push_idle(ch, Instant::now());
             }
             (Ok(_), _) => {}
             (Err(e), _) => {
@@ -513,7 +529,12 @@ impl Actor {
                 self.dispatch();
             }
         }
-        if self.pool.on_timer(now, self.state == SiteState::Ready) {
+        let (grow, idle_too_long) = self.pool.on_timer(now, self.state == SiteState::Ready);
+        if !idle_too_long.is_empty() {
+            tracing::debug!(channels = idle_too_long.len(), "closing channels idle for channel_idle_timeout");
+        }
+        drop(idle_too_long);
+        if grow {
             self.ensure_channels();
         }
         if self.schedule.take_stalled(now, self.activity.last_rx()) {
@@ -555,7 +576,7 @@ impl Actor {
     fn new_channel(&mut self, stream: SiteStream) -> Channel {
         let id = self.next_id;
         self.next_id += 1;
-        Channel { id, stream, uses: 0, generation: self.generation, since: SystemTime::now() }
+        Channel::new(id, stream, self.generation, self.activity.clone())
     }
 
     /// Check a new pool channel with a heartbeat before lending it.
@@ -585,13 +606,13 @@ impl Actor {
     /// only if it answered).
     fn spawn_heartbeat(
         &mut self,
-        mut ch: Channel,
+        ch: Channel,
         report: impl FnOnce(Option<Channel>, Result<i64, SiteError>) -> Event + Send + 'static,
     ) {
         let tx = self.events_tx.clone();
         let timeout = self.cfg.params.heartbeat_timeout;
         self.spawn(async move {
-            let (channel, result) = match tokio::time::timeout(timeout, heartbeat::exchange(&mut ch.stream)).await {
+            let (channel, result) = match tokio::time::timeout(timeout, heartbeat::exchange(&ch.link)).await {
                 Ok(Ok(ps)) => (Some(ch), Ok(ps)),
                 Ok(Err(e)) => (None, Err(e)),
                 Err(_) => (None, Err(SiteError::HeartbeatTimeout(timeout))),
@@ -657,7 +678,12 @@ impl Actor {
             last_failed_connect: self.last_failed_connect,
             heartbeats: self.heartbeats,
             program_start: self.program_start,
-            channels: self.pool.describe(|c| c.since),
+            channels: self
+                .pool
+                .describe(|c| c.since)
+                .into_iter()
+                .map(|(id, state, since, _)| (id, state, since))
+                .collect(),
             opening: self.pool.opening(),
             served: self.pool.capacity(),
             waiting: self.pool.waiting(),

@@ -1,33 +1,49 @@
-//! Channels (persistent connections to a site) and leases on them.
+//! Channels (persistent connections to a site), the [`Link`] that several
+//! pipelined queries share, and the [`Lease`] each query holds.
 //!
-//! The site actor owns idle channels. A query borrows one as a [`Lease`]: the
-//! lease is the connection (it implements `AsyncRead`/`AsyncWrite`) plus the
-//! way back to the actor. [`Lease::release`] returns a channel whose answer
-//! was read completely; [`Lease::discard`] closes one in an unknown state.
-//! A lease dropped without either (a task cancelled mid-query) counts as
-//! discarded, so a channel is never leaked and never reused half-read.
+//! The site actor owns every channel; a query borrows one as a [`Lease`].
+//! The connection itself is a [`Link`]: its writing side takes one whole
+//! request at a time, and each request that expects an answer draws a
+//! ticket as it is written. Answers come in the order the requests went
+//! out, so the reading side goes to the tickets in turn: a query reads its
+//! answer when its [`Turn`] comes, and gives the reading side on (with any
+//! bytes it read past its answer) when it has read all of it. One query
+//! alone on a channel gets its turn at once, so pipelining costs nothing
+//! when it is not used.
 //!
-//! A channel is reused only when the site has consumed exactly the request
-//! it answered. After a `200` that holds. After an error answer it need not:
-//! an mk-livestatus core (Naemon, Checkmk) stops reading a request at a bad
-//! header line and takes the lines after it for the next request, so the
-//! next query on that connection would read the answer to those leftovers.
-//! A lease whose answer was an error ([`Lease::answered_with_error`]) is
-//! therefore returned as [`Return::Verify`]: the actor sends a heartbeat on
-//! it and reuses it only if that is answered cleanly (leftovers cannot turn
+//! A query behind another on a channel must not get what is not its answer.
+//! Whatever makes the channel untrustworthy for those behind it *poisons*
+//! it: an error answer (an mk-livestatus core may take the rest of a bad
+//! request for the next request), bytes that belong to no request, a read
+//! that failed, a query that gave up mid-answer or before its turn, an
+//! answer ahead that has to wait for a slow client. Every query still
+//! waiting for its turn on a poisoned channel gets [`Poisoned`] without
+//! reading a byte, and sends its `GET` again on another channel; the
+//! channel is closed when the last query has left it.
+//!
+//! A channel is reused only when the site has consumed exactly the requests
+//! it answered. After a `200` that holds. After an error answer it need not,
+//! so a lease whose answer was an error ([`Lease::answered_with_error`]) is
+//! returned as [`Return::Verify`]: the actor sends a heartbeat on it and
+//! reuses it only if that is answered cleanly (leftovers cannot turn
 //! keep-alive on, since the proxy strips the client's `KeepAlive` and
 //! `ResponseHeader` lines, so a core that read leftovers answers them and
 //! closes: the heartbeat sees that). Anything else closes the channel.
+//!
+//! A lease dropped without [`Lease::release`] or [`Lease::discard`] (a task
+//! cancelled mid-query) counts as discarded, so a channel is never leaked
+//! and never reused half-read.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::mpsc;
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -60,13 +76,244 @@ impl Activity {
     }
 }
 
-/// One persistent connection to a site.
-#[derive(Debug)]
+/// A channel's tickets: the order its answers come in.
+#[derive(Debug, Clone, Default)]
+struct Turns {
+    /// Tickets drawn so far (the next one's number).
+    issued: u64,
+    /// The ticket whose answer is next on the wire.
+    serving: u64,
+    /// Why queries still waiting must not read here.
+    poisoned: Option<&'static str>,
+}
+
+/// The reading side of a connection, and what was read past an answer.
+struct Reader {
+    half: ReadHalf<SiteStream>,
+    pending: Bytes,
+}
+
+/// A connection to a site, shared by the queries pipelined on it.
+pub struct Link {
+    /// Requests go out whole, one at a time.
+    writer: tokio::sync::Mutex<WriteHalf<SiteStream>>,
+    /// Taken by the query whose turn it is; only ever locked to take or put.
+    reader: Mutex<Option<Reader>>,
+    turns: watch::Sender<Turns>,
+    activity: Arc<Activity>,
+}
+
+/// The channel cannot be read for this ticket: the query received no byte
+/// of its answer and may be sent again elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Poisoned(pub &'static str);
+
+impl std::fmt::Display for Poisoned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl Link {
+    pub(crate) fn new(stream: SiteStream, activity: Arc<Activity>) -> Link {
+        let (half, write) = tokio::io::split(stream);
+        Link {
+            writer: tokio::sync::Mutex::new(write),
+            reader: Mutex::new(Some(Reader { half, pending: Bytes::new() })),
+            turns: watch::Sender::new(Turns::default()),
+            activity,
+        }
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Option<Reader>> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write a request that expects an answer; its ticket is its place in
+    /// the order of answers. A poisoned channel takes no more requests.
+    pub(crate) async fn send(&self, wire: &[u8]) -> Result<u64, Result<Poisoned, io::Error>> {
+        let mut w = self.writer.lock().await;
+        if let Some(why) = self.poisoned() {
+            return Err(Ok(Poisoned(why)));
+        }
+        let mut ticket = 0;
+        self.turns.send_modify(|t| {
+            ticket = t.issued;
+            t.issued += 1;
+        });
+        let written = async {
+            w.write_all(wire).await?;
+            w.flush().await
+        };
+        match written.await {
+            Ok(()) => Ok(ticket),
+            Err(e) => {
+                // The request may be half out: nobody can trust this channel.
+                self.poison("a request could not be written");
+                Err(Err(e))
+            }
+        }
+    }
+
+    /// Write requests that expect no answer (`COMMAND`s).
+    pub(crate) async fn send_unanswered(&self, wire: &[u8]) -> io::Result<()> {
+        let mut w = self.writer.lock().await;
+        w.write_all(wire).await?;
+        w.flush().await
+    }
+
+    /// Wait until the answer to `ticket` is next, and take the reading side.
+    pub(crate) async fn turn(self: &Arc<Self>, ticket: u64) -> Result<Turn, Poisoned> {
+        let mut rx = self.turns.subscribe();
+        let t = rx.wait_for(|t| t.serving == ticket || t.poisoned.is_some()).await;
+        let poisoned = match t {
+            Ok(t) => t.poisoned,
+            // The sender lives in `self`: it cannot be gone.
+            Err(_) => Some("the channel is gone"),
+        };
+        if let Some(why) = poisoned {
+            return Err(Poisoned(why));
+        }
+        match self.reader().take() {
+            Some(reader) => Ok(Turn { link: self.clone(), ticket, reader: Some(reader), finished: false }),
+            None => Err(Poisoned("the channel's reading side is gone")),
+        }
+    }
+
+    /// Make every query still waiting for its turn go elsewhere.
+    pub(crate) fn poison(&self, why: &'static str) {
+        self.turns.send_if_modified(|t| {
+            let fresh = t.poisoned.is_none();
+            t.poisoned.get_or_insert(why);
+            fresh
+        });
+    }
+
+    /// Lift the poison of a channel that has no request left on the wire
+    /// (every ticket was read), to prove it clean with a heartbeat; false
+    /// if requests are still outstanding.
+    pub(crate) fn recover(&self) -> bool {
+        let mut ok = false;
+        self.turns.send_modify(|t| {
+            ok = t.serving == t.issued;
+            if ok {
+                t.poisoned = None;
+            }
+        });
+        ok
+    }
+
+    /// Why the channel cannot be trusted any more, if it cannot.
+    pub(crate) fn poisoned(&self) -> Option<&'static str> {
+        self.turns.borrow().poisoned
+    }
+
+    /// Tickets drawn after `ticket` (queries waiting behind it).
+    fn behind(&self, ticket: u64) -> u64 {
+        self.turns.borrow().issued.saturating_sub(ticket + 1)
+    }
+
+    /// Poll an idle channel for a sign that it died: EOF, an error or stray
+    /// bytes (nothing should arrive on an idle connection). Registers for a
+    /// wake-up otherwise.
+    pub(crate) fn poll_idle_event(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut guard = self.reader();
+        let Some(r) = guard.as_mut() else { return Poll::Ready(()) };
+        if !r.pending.is_empty() {
+            return Poll::Ready(());
+        }
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        Pin::new(&mut r.half).poll_read(cx, &mut buf).map(|_| ())
+    }
+}
+
+/// The reading side of a channel while a query reads its answer.
+pub(crate) struct Turn {
+    link: Arc<Link>,
+    ticket: u64,
+    reader: Option<Reader>,
+    finished: bool,
+}
+
+impl Turn {
+    /// Bytes read past this answer go back: they are the next answer's.
+    pub(crate) fn unread(&mut self, bytes: Bytes) {
+        if let Some(r) = self.reader.as_mut()
+            && !bytes.is_empty()
+        {
+            let mut all = bytes::BytesMut::with_capacity(bytes.len() + r.pending.len());
+            all.extend_from_slice(&bytes);
+            all.extend_from_slice(&r.pending);
+            r.pending = all.freeze();
+        }
+    }
+
+    /// Queries waiting for their turn behind this one.
+    pub(crate) fn behind(&self) -> u64 {
+        self.link.behind(self.ticket)
+    }
+
+    /// The whole answer was read: the next ticket's turn.
+    pub(crate) fn finish(mut self) {
+        self.finished = true;
+        self.hand_on();
+    }
+
+    fn hand_on(&mut self) {
+        if let Some(r) = self.reader.take() {
+            *self.link.reader() = Some(r);
+        }
+        if !self.finished {
+            self.link.poison("a query gave up in the middle of its answer");
+        }
+        let ticket = self.ticket;
+        self.link.turns.send_if_modified(|t| {
+            if t.serving == ticket {
+                t.serving += 1;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if self.reader.is_some() {
+            self.hand_on();
+        }
+    }
+}
+
+impl AsyncRead for Turn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Some(r) = this.reader.as_mut() else {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "turn already finished")));
+        };
+        if !r.pending.is_empty() {
+            let n = r.pending.len().min(buf.remaining());
+            buf.put_slice(&r.pending[..n]);
+            r.pending.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let res = Pin::new(&mut r.half).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.link.activity.touch();
+        }
+        res
+    }
+}
+
+/// One persistent connection to a site, as the actor keeps it.
 pub struct Channel {
     /// Number, unique within the site; new connections get new numbers.
     pub id: u64,
     /// The connection.
-    pub stream: SiteStream,
+    pub link: Arc<Link>,
     /// Queries (and heartbeats) sent on it so far.
     pub uses: u64,
     /// The site generation it was opened in; stale after the site went down.
@@ -75,8 +322,20 @@ pub struct Channel {
     pub since: SystemTime,
 }
 
+impl Channel {
+    pub(crate) fn new(id: u64, stream: SiteStream, generation: u64, activity: Arc<Activity>) -> Channel {
+        Channel { id, link: Arc::new(Link::new(stream, activity)), uses: 0, generation, since: SystemTime::now() }
+    }
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel").field("id", &self.id).field("uses", &self.uses).finish()
+    }
+}
+
 /// What becomes of a channel when its lease ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Return {
     /// Clean: back to the idle pool.
     Reuse,
@@ -87,39 +346,43 @@ pub(crate) enum Return {
     Close,
 }
 
-/// A channel lent to one query.
+/// A channel lent to one query (possibly one of several pipelined on it).
 pub struct Lease {
-    channel: Option<Channel>,
+    id: u64,
+    link: Arc<Link>,
+    /// This query's ticket, once its request is out.
+    ticket: Option<u64>,
+    /// The reading side, while it is this query's turn.
+    turn: Option<Turn>,
     reused: bool,
     /// The site answered with an error status: see [`Return::Verify`].
     error_answer: bool,
-    /// The site sent bytes beyond its answer: closed when released.
+    /// The site sent bytes beyond its answer with nobody behind: closed when released.
     dirty: bool,
     /// A byte was written or read: the channel's state is the query's now.
     touched: bool,
+    /// Already given back.
+    done: bool,
     returns: mpsc::UnboundedSender<Event>,
-    activity: Arc<Activity>,
     down: CancellationToken,
 }
 
 impl Lease {
-    pub(crate) fn new(
-        mut channel: Channel,
-        returns: mpsc::UnboundedSender<Event>,
-        activity: Arc<Activity>,
-        down: CancellationToken,
-    ) -> Lease {
+    pub(crate) fn new(channel: &mut Channel, returns: mpsc::UnboundedSender<Event>, down: CancellationToken) -> Lease {
         let reused = channel.uses > 0;
         channel.uses += 1;
         channel.since = SystemTime::now();
         Lease {
-            channel: Some(channel),
+            id: channel.id,
+            link: channel.link.clone(),
+            ticket: None,
+            turn: None,
             reused,
             error_answer: false,
             dirty: false,
             touched: false,
+            done: false,
             returns,
-            activity,
             down,
         }
     }
@@ -132,7 +395,7 @@ impl Lease {
 
     /// The channel's number.
     pub fn channel_id(&self) -> u64 {
-        self.channel.as_ref().map_or(0, |c| c.id)
+        self.id
     }
 
     /// Cancelled when the site is declared down; the query should stop.
@@ -140,105 +403,146 @@ impl Lease {
         self.down.clone()
     }
 
-    /// The site's answer on this channel is an error: when released, the
-    /// channel is proved clean with a heartbeat before it is reused.
+    /// Send the query (it expects an answer), then wait for its turn to read,
+    /// at most `turn_wait` (a query pipelined behind an answer that takes
+    /// longer gives the channel up and goes elsewhere). `Err(Ok(p))`: the
+    /// channel was given up for it before it read a byte.
+    pub(crate) async fn send(
+        &mut self,
+        wire: &[u8],
+        turn_wait: std::time::Duration,
+    ) -> Result<(), Result<Poisoned, io::Error>> {
+        self.touched = true;
+        let ticket = self.link.send(wire).await?;
+        self.ticket = Some(ticket);
+        let turn = match tokio::time::timeout(turn_wait, self.link.turn(ticket)).await {
+            Ok(t) => t.map_err(Ok)?,
+            Err(_) => {
+                let why = "the answer ahead of it took longer than channel_timeout";
+                self.link.poison(why);
+                return Err(Ok(Poisoned(why)));
+            }
+        };
+        self.turn = Some(turn);
+        Ok(())
+    }
+
+    /// Send requests that expect no answer (`COMMAND`s, on a channel lent
+    /// to them alone).
+    pub(crate) async fn send_unanswered(&mut self, wire: &[u8]) -> io::Result<()> {
+        self.touched = true;
+        self.link.send_unanswered(wire).await
+    }
+
+    /// Bytes read past this query's answer go back to the channel: with
+    /// queries behind, they are the next answers; with none, they belong to
+    /// no request and the channel is closed after this one.
+    pub(crate) fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        match self.turn.as_mut() {
+            Some(t) if t.behind() > 0 => t.unread(bytes),
+            _ => {
+                self.dirty = true;
+                self.link.poison("the site sent more than was asked");
+            }
+        }
+    }
+
+    /// The site's answer on this channel is an error: queries behind it go
+    /// elsewhere (a core may take the rest of a bad request for the next
+    /// request), and when released, the channel is proved clean with a
+    /// heartbeat before it is reused.
     pub fn answered_with_error(&mut self) {
         self.error_answer = true;
+        self.link.poison("an answer ahead of it was an error");
     }
 
-    /// The site sent more than its answer: when released, the channel is
-    /// closed, not reused.
-    pub fn close_after_answer(&mut self) {
-        self.dirty = true;
+    /// This query's answer has to wait for its slow client: queries
+    /// pipelined behind it must not wait for that client too.
+    pub(crate) fn stalls(&self) {
+        if self.turn.as_ref().is_some_and(|t| t.behind() > 0) {
+            self.link.poison("an answer ahead of it waits for a slow client");
+        }
     }
 
-    /// Return the channel for reuse: its answer was read completely (after
+    /// Return the channel for reuse: the answer was read completely (after
     /// an error answer, reuse waits for a clean heartbeat on it).
     pub fn release(mut self) {
-        if self.dirty {
-            return self.give_back(Return::Close, Some("the site sent more than its answer".into()));
+        if let Some(t) = self.turn.take() {
+            t.finish();
         }
-        let how = if self.error_answer { Return::Verify } else { Return::Reuse };
+        let behind = self.ticket.map_or(0, |t| self.link.behind(t));
+        let how = if self.dirty {
+            Return::Close
+        } else if self.error_answer {
+            // With requests behind it on the wire, their answers would meet
+            // the heartbeat: only a channel it had alone can be proved clean.
+            if behind == 0 { Return::Verify } else { Return::Close }
+        } else if self.link.poisoned().is_some() {
+            Return::Close
+        } else {
+            Return::Reuse
+        };
         self.give_back(how, None);
     }
 
     /// Close the channel: it is in an unknown state.
     pub fn discard(mut self, reason: impl Into<String>) {
+        self.link.poison("the channel failed");
+        self.turn = None;
         self.give_back(Return::Close, Some(reason.into()));
     }
 
-    /// Take the channel back out of a lease that never reached a query
-    /// (the waiting client went away); it is as it was.
-    pub(crate) fn unlend(mut self) -> Option<Channel> {
-        let mut ch = self.channel.take()?;
-        ch.uses -= 1;
-        Some(ch)
+    /// The query never used the lease (it stopped waiting just as the
+    /// channel arrived): the channel is as it was.
+    pub(crate) fn unlend(mut self) {
+        self.give_back(Return::Reuse, None);
     }
 
     fn give_back(&mut self, how: Return, reason: Option<String>) {
-        if let Some(mut channel) = self.channel.take() {
-            channel.since = SystemTime::now();
-            // If the actor is gone the channel is simply closed here.
-            let _ = self.returns.send(Event::Returned { channel, how, reason });
+        if self.done {
+            return;
         }
-    }
-
-    fn stream(&mut self) -> io::Result<&mut SiteStream> {
-        match self.channel.as_mut() {
-            Some(c) => Ok(&mut c.stream),
-            None => Err(io::Error::new(io::ErrorKind::NotConnected, "channel already returned")),
-        }
+        self.done = true;
+        // If the actor is gone the channel is simply closed with it.
+        let _ = self.returns.send(Event::Returned { id: self.id, how, reason });
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         if self.touched {
+            self.link.poison("a query gave up");
+            self.turn = None;
             self.give_back(Return::Close, Some("query abandoned mid-answer".into()));
-        } else if let Some(mut channel) = self.channel.take() {
+        } else {
             // Never used (the query gave up waiting just as it arrived): the
             // channel is as good as before.
-            channel.uses -= 1;
-            let _ = self.returns.send(Event::Returned { channel, how: Return::Reuse, reason: None });
+            self.give_back(Return::Reuse, None);
         }
     }
 }
 
 impl AsyncRead for Lease {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.touched = true;
-        let before = buf.filled().len();
-        let res = Pin::new(this.stream()?).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.activity.touch();
+        match self.get_mut().turn.as_mut() {
+            Some(t) => Pin::new(t).poll_read(cx, buf),
+            None => Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "not this query's turn"))),
         }
-        res
-    }
-}
-
-impl AsyncWrite for Lease {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.touched = true;
-        Pin::new(this.stream()?).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().stream()?).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().stream()?).poll_shutdown(cx)
     }
 }
 
 /// Poll idle channels for a sign that they died: any readable event on an
 /// idle channel (EOF, stray data, error) means it cannot be used. Returns the
 /// index of the first such channel; registers for wake-ups on all others.
-pub(crate) fn poll_dead_idle(idle: &mut [Channel], cx: &mut Context<'_>) -> Poll<usize> {
-    for (i, ch) in idle.iter_mut().enumerate() {
-        if ch.stream.poll_idle_event(cx).is_ready() {
+pub(crate) fn poll_dead_idle<'a>(idle: impl Iterator<Item = &'a mut Channel>, cx: &mut Context<'_>) -> Poll<usize> {
+    for (i, ch) in idle.enumerate() {
+        if ch.link.poll_idle_event(cx).is_ready() {
             return Poll::Ready(i);
         }
     }
@@ -248,5 +552,5 @@ pub(crate) fn poll_dead_idle(idle: &mut [Channel], cx: &mut Context<'_>) -> Poll
 /// True if an idle channel can be handed out: nothing is readable on it.
 pub(crate) fn looks_alive(ch: &mut Channel) -> bool {
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    ch.stream.poll_idle_event(&mut cx).is_pending()
+    ch.link.poll_idle_event(&mut cx).is_pending()
 }

@@ -37,25 +37,6 @@ pub enum SiteStream {
     Memory(tokio::io::DuplexStream),
 }
 
-impl SiteStream {
-    /// Poll for readability without consuming data meant for a query and
-    /// without the quick-ACK syscall: `Ready` means the idle connection got
-    /// EOF, an error or stray bytes, so it cannot be used.
-    pub(crate) fn poll_idle_event(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut byte = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut byte);
-        match self {
-            SiteStream::Tcp(s) => Pin::new(s).poll_read(cx, &mut buf).map(|_| ()),
-            SiteStream::Unix(s) => Pin::new(s).poll_read(cx, &mut buf).map(|_| ()),
-            // Reading processes TLS records (session tickets give no data
-            // and stay Pending); only data, close_notify or errors are Ready.
-            SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, &mut buf).map(|_| ()),
-            #[cfg(test)]
-            SiteStream::Memory(s) => Pin::new(s).poll_read(cx, &mut buf).map(|_| ()),
-        }
-    }
-}
-
 fn rearm_quickack(s: &TcpStream) {
     #[cfg(target_os = "linux")]
     {

@@ -11,11 +11,12 @@
 use std::io;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
 use super::SiteHandle;
 use super::channel::Lease;
+use super::pool::Want;
 use crate::error::{QueryError, SiteError};
 use livemux_protocol::{FIXED16_LEN, ResponseHeader, Status};
 
@@ -72,13 +73,11 @@ pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
     raw.copy_from_slice(&buf[..FIXED16_LEN]);
     let header = ResponseHeader::decode(&raw).map_err(|e| HeaderFailure { any_byte: true, error: e.into() })?;
     let mut prefix = buf.split_off(FIXED16_LEN).freeze();
-    // Bytes beyond the announced body belong to no request of ours (a core
-    // answering the leftovers of a request it stopped reading): the answer
-    // is whole, but the channel must not be reused.
-    let surplus = prefix.len() as u64 > header.length;
-    if surplus {
-        prefix.truncate(header.length as usize);
-    }
+    // Bytes beyond the announced body: the next pipelined answer, or bytes
+    // that belong to no request (a core answering the leftovers of a
+    // request it stopped reading). The caller decides.
+    let surplus =
+        if prefix.len() as u64 > header.length { prefix.split_off(header.length as usize) } else { Bytes::new() };
     Ok(ResponseStart { raw, header, prefix, surplus })
 }
 
@@ -90,8 +89,8 @@ pub(crate) struct ResponseStart {
     pub header: ResponseHeader,
     /// Body bytes that came with the header (never more than the body).
     pub prefix: Bytes,
-    /// More bytes than the body followed the header: the channel is dirty.
-    pub surplus: bool,
+    /// Bytes read past the body.
+    pub surplus: Bytes,
 }
 
 /// The rest of an answer that did not start with a header: a TLS record,
@@ -138,24 +137,36 @@ pub struct SiteResponse {
     pub lease: Lease,
 }
 
+/// Why an attempt ended before the answer's header.
+enum Failed {
+    /// The channel was poisoned before this query read a byte.
+    Poisoned(super::channel::Poisoned),
+    /// Sending or reading the header failed.
+    Header(HeaderFailure),
+}
+
 /// Send a query (already encoded for the site) and wait for its header.
 ///
 /// Waits for a channel at most `channel_timeout`, and for everything at most
-/// until `deadline`.
+/// until `deadline`. A query that got no byte of its answer because its
+/// channel turned out stale (reused, failed at once) is sent once more on a
+/// fresh channel; one whose pipeline was given up (see `channel`) once more
+/// on any other. Never more than once.
 pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Result<SiteResponse, QueryError> {
-    let mut fresh = false;
+    let mut want = Want::Get;
+    let mut retried = false;
     loop {
-        let mut lease = site.acquire(fresh, deadline).await?;
+        let mut lease = site.acquire(want, deadline).await?;
         let reused = lease.reused();
         let down = lease.down_signal();
         let unframed_wait = site.params().response_idle_timeout;
+        let turn_wait = site.params().channel_timeout;
         let attempt = async {
-            let sent = async {
-                lease.write_all(wire).await?;
-                lease.flush().await
-            };
-            sent.await.map_err(|e| HeaderFailure { any_byte: false, error: e.into() })?;
-            read_response_start(&mut lease, PREFETCH, unframed_wait).await
+            lease.send(wire, turn_wait).await.map_err(|e| match e {
+                Ok(p) => Failed::Poisoned(p),
+                Err(io) => Failed::Header(HeaderFailure { any_byte: false, error: io.into() }),
+            })?;
+            read_response_start(&mut lease, PREFETCH, unframed_wait).await.map_err(Failed::Header)
         };
         let outcome = tokio::select! {
             r = tokio::time::timeout_at(deadline, attempt) => r,
@@ -163,24 +174,31 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
         };
         match outcome {
             Ok(Ok(ResponseStart { raw, header, prefix, surplus })) => {
-                if surplus {
-                    tracing::debug!(
-                        channel = lease.channel_id(),
-                        "the site sent more than its answer; the channel will be closed after it"
-                    );
-                    lease.close_after_answer();
-                } else if header.status != Status::Ok {
+                if header.status != Status::Ok {
                     lease.answered_with_error();
                 }
+                lease.unread(surplus);
                 return Ok(SiteResponse { raw_header: raw, header, prefix, lease });
             }
-            Ok(Err(f)) if !f.any_byte && reused && !fresh => {
+            Ok(Err(Failed::Poisoned(p))) if !retried => {
+                tracing::debug!(channel = lease.channel_id(), reason = %p,
+                    "pipelined query given up before its answer; sending it again on another channel");
+                lease.discard(p.to_string());
+                retried = true;
+            }
+            Ok(Err(Failed::Poisoned(p))) => {
+                lease.discard(p.to_string());
+                let source = SiteError::ChannelLost(p.0);
+                return Err(QueryError::Site { site: site.name().to_owned(), source });
+            }
+            Ok(Err(Failed::Header(f))) if !f.any_byte && reused && !retried => {
                 tracing::debug!(channel = lease.channel_id(), error = %f.error,
                     "reused channel failed before answering; retrying once on a fresh channel");
                 lease.discard(f.error.to_string());
-                fresh = true;
+                retried = true;
+                want = Want::Fresh;
             }
-            Ok(Err(f)) => {
+            Ok(Err(Failed::Header(f))) => {
                 lease.discard(f.error.to_string());
                 return Err(QueryError::from_site(site.name(), f.error));
             }
@@ -195,6 +213,7 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
 /// Forward `COMMAND`s (already encoded, each with its empty line). The
 /// site sends no answer to them, except an mk-livestatus core to one it
 /// rejects: a line like `400: Unknown command` (without the fixed16 header).
+/// They take a channel of their own: nothing is pipelined with them.
 ///
 /// After the commands a heartbeat goes out on the same channel, and the call
 /// returns when it is answered (at most `heartbeat_timeout`): the site
@@ -205,16 +224,22 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
 /// answer is still on it), as it is whenever the heartbeat is not answered
 /// cleanly.
 pub async fn send_commands(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Result<(), QueryError> {
-    let mut lease = site.acquire(false, deadline).await?;
-    let write = tokio::time::timeout_at(deadline, async {
-        lease.write_all(wire).await?;
-        lease.flush().await
-    });
-    match write.await {
+    let mut lease = site.acquire(Want::Alone, deadline).await?;
+    match tokio::time::timeout_at(deadline, lease.send_unanswered(wire)).await {
         Ok(Ok(())) => {
             let until = deadline.min(Instant::now() + site.params().heartbeat_timeout);
-            match tokio::time::timeout_at(until, super::heartbeat::exchange(&mut lease)).await {
-                Ok(Ok(_)) => lease.release(),
+            let heartbeat = async {
+                lease.send(super::heartbeat::QUERY, until.saturating_duration_since(Instant::now())).await.map_err(
+                    |e| match e {
+                        Ok(p) => SiteError::ChannelLost(p.0),
+                        Err(io) => SiteError::Io(io),
+                    },
+                )?;
+                super::heartbeat::read_answer(&mut lease).await
+            };
+            match tokio::time::timeout_at(until, heartbeat).await {
+                Ok(Ok((_, surplus))) if surplus.is_empty() => lease.release(),
+                Ok(Ok(_)) => lease.discard("after a COMMAND the site sent more than the heartbeat's answer"),
                 Ok(Err(SiteError::Unframed { status, message })) => {
                     lease.discard("after a COMMAND the site answered with an error line");
                     return Err(QueryError::Refused { site: site.name().to_owned(), status, message });
@@ -259,10 +284,13 @@ mod tests {
     #[tokio::test]
     async fn a_header_and_its_body_and_nothing_more() {
         let s = start_of(b"200           4\n100\n").await.ok().expect("a framed answer");
-        assert_eq!((s.header.status, s.header.length, &s.prefix[..], s.surplus), (Status::Ok, 4, &b"100\n"[..], false));
+        assert_eq!(
+            (s.header.status, s.header.length, &s.prefix[..], &s.surplus[..]),
+            (Status::Ok, 4, &b"100\n"[..], &b""[..])
+        );
         let s = start_of(b"400           4\nbad\nInvalid request method\n").await.ok().expect("a framed answer");
         assert_eq!(&s.prefix[..], b"bad\n", "the body, not what follows it");
-        assert!(s.surplus, "bytes after the answer make the channel dirty");
+        assert_eq!(&s.surplus[..], b"Invalid request method\n", "what follows, for the caller to judge");
     }
 
     #[tokio::test]

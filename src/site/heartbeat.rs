@@ -4,8 +4,9 @@
 //! returns the core's start time, which changes when the core restarts or
 //! reloads its configuration (what invalidates cached answers).
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::channel::Link;
 use super::exchange::read_response_start;
 use crate::error::SiteError;
 use livemux_protocol::Status;
@@ -16,23 +17,35 @@ pub(crate) const QUERY: &[u8] = b"GET status\nResponseHeader: fixed16\nKeepAlive
 /// A heartbeat answer is a number; anything longer is not a heartbeat answer.
 const MAX_BODY: u64 = 4096;
 
-/// Send a heartbeat on `stream` and return the site's `program_start`.
-pub(crate) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<i64, SiteError> {
-    stream.write_all(QUERY).await?;
-    stream.flush().await?;
-    // The caller bounds the whole exchange (`heartbeat_timeout`).
-    let unbounded = std::time::Duration::MAX;
-    let start = read_response_start(stream, MAX_BODY as usize, unbounded).await.map_err(|f| f.error)?;
-    let (header, prefix) = (start.header, start.prefix);
-    if start.surplus {
+/// Send a heartbeat on an idle channel and return the site's
+/// `program_start` (the caller bounds it by `heartbeat_timeout`).
+pub(crate) async fn exchange(link: &std::sync::Arc<Link>) -> Result<i64, SiteError> {
+    let ticket = link.send(QUERY).await.map_err(|e| match e {
+        Ok(p) => SiteError::HeartbeatAnswer(format!("the channel cannot be used: {p}")),
+        Err(io) => SiteError::Io(io),
+    })?;
+    let mut turn = link.turn(ticket).await.map_err(|p| SiteError::HeartbeatAnswer(format!("{p}")))?;
+    let (program_start, surplus) = read_answer(&mut turn).await?;
+    if !surplus.is_empty() {
         return Err(SiteError::HeartbeatAnswer("the site sent more bytes than its answer".into()));
     }
+    turn.finish();
+    Ok(program_start)
+}
+
+/// Read a heartbeat answer (after [`QUERY`] was sent): the site's
+/// `program_start`, and whatever was read past the answer.
+pub(crate) async fn read_answer<R: AsyncRead + Unpin>(r: &mut R) -> Result<(i64, bytes::Bytes), SiteError> {
+    // The caller bounds the whole exchange (`heartbeat_timeout`).
+    let unbounded = std::time::Duration::MAX;
+    let start = read_response_start(r, MAX_BODY as usize, unbounded).await.map_err(|f| f.error)?;
+    let (header, prefix) = (start.header, start.prefix);
     if header.length > MAX_BODY {
         return Err(SiteError::HeartbeatAnswer(format!("answer of {} bytes is not a heartbeat answer", header.length)));
     }
     let mut body = vec![0u8; header.length as usize];
     body[..prefix.len()].copy_from_slice(&prefix);
-    stream.read_exact(&mut body[prefix.len()..]).await.map_err(|e| match e.kind() {
+    r.read_exact(&mut body[prefix.len()..]).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => {
             SiteError::Truncated { got: 16 + prefix.len() as u64, expected: 16 + header.length }
         }
@@ -44,10 +57,12 @@ pub(crate) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) 
         let first = text.lines().next().unwrap_or_default();
         return Err(SiteError::HeartbeatAnswer(format!("the site answered {}: {first}", header.status)));
     }
-    text.trim_matches(|c| c == '[' || c == ']' || c == '\n')
+    let ps = text
+        .trim_matches(|c| c == '[' || c == ']' || c == '\n')
         .trim()
         .parse::<i64>()
-        .map_err(|_| SiteError::HeartbeatAnswer(format!("program_start is not a number: {text:?}")))
+        .map_err(|_| SiteError::HeartbeatAnswer(format!("program_start is not a number: {text:?}")))?;
+    Ok((ps, start.surplus))
 }
 
 /// When heartbeats are due, and when a site whose channels are all busy

@@ -35,6 +35,7 @@ use crate::error::{QueryError, SiteError};
 use actor::{AcquireError, Actor, Request};
 pub use channel::Lease;
 pub use exchange::{SiteResponse, send_commands, send_query};
+pub use pool::Want;
 
 /// Capacity of a site's request queue. Requests are tiny and the actor
 /// answers each at once; the bound only matters if it is stuck.
@@ -258,13 +259,14 @@ impl SiteHandle {
         }
     }
 
-    /// Borrow a channel: at most `channel_timeout`, and not past `deadline`.
-    pub async fn acquire(&self, fresh: bool, deadline: Instant) -> Result<Lease, QueryError> {
+    /// Borrow a channel (or a place on one) for `want`: at most
+    /// `channel_timeout`, and not past `deadline`.
+    pub async fn acquire(&self, want: Want, deadline: Instant) -> Result<Lease, QueryError> {
         let params = &self.inner.params;
         let start = Instant::now();
         let wait_until = deadline.min(start + params.channel_timeout);
         let (reply, rx) = oneshot::channel();
-        let sent = tokio::time::timeout_at(wait_until, self.inner.requests.send(Request::Acquire { fresh, reply }));
+        let sent = tokio::time::timeout_at(wait_until, self.inner.requests.send(Request::Acquire { want, reply }));
         match sent.await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(QueryError::ShuttingDown),

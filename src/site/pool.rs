@@ -1,7 +1,8 @@
 //! The channel pool's bookkeeping and decisions, without I/O.
 //!
-//! Which idle channel a waiting query gets, which one carries the next
-//! heartbeat, how many connections to open, and how large the pool is when
+//! Which channel a waiting query gets, when a query is pipelined behind
+//! others on a busy channel, which channel carries the next heartbeat, how
+//! many connections to open or close, and how large the pool may grow when
 //! the site serves fewer connections than configured: plain values in,
 //! decisions out. The site actor owns the pool and carries its decisions
 //! out (connects, heartbeats, replies); the pool never waits, reads a clock
@@ -13,11 +14,19 @@
 //! ([`Waiting`]): the actor uses its `Channel` and a reply sender, the
 //! tests numbers.
 //!
-//! Sizes: the pool keeps `channels` connections open or opening while the
-//! site is ready. A new channel answers a heartbeat before it is lent
-//! ("admission"); when one is not served, the pool's size (`capacity`)
-//! shrinks to the channels the site does serve, and one more is tried every
-//! `channel_retry` until all are served again.
+//! Sizes. While the site is ready the pool keeps `channels` connections
+//! open or opening (the floor). When queries wait and no channel is idle it
+//! opens more, up to `channels_max`; a channel above the floor that stays
+//! idle for `channel_idle_timeout` is closed. Every new channel answers a
+//! heartbeat before it is lent ("admission"); one that is not served caps
+//! the pool at the channels the site does serve (`capacity`), and one more
+//! is tried every `channel_retry` until all are served again.
+//!
+//! Pipelining. With `pipeline_depth` above 1, a `GET` that finds no idle
+//! channel while the pool is at its limit (every channel open or on its
+//! way) joins the busy channel with the fewest queries in flight, up to
+//! `pipeline_depth` each. A `COMMAND` only ever takes an idle channel, and
+//! nothing joins a channel while it carries one.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime};
@@ -34,18 +43,31 @@ pub(crate) trait Conn {
 
 /// What the pool needs to know of a query waiting for a channel.
 pub(crate) trait Waiting {
-    /// It wants a channel that never carried anything (a retry after a
-    /// reused channel failed).
-    fn fresh(&self) -> bool;
+    /// What it may be given.
+    fn wants(&self) -> Want;
     /// It stopped waiting (its client gave up).
     fn gone(&self) -> bool;
+}
+
+/// What a query may be given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// A `GET`: an idle channel, or a place in the pipeline of a busy one.
+    Get,
+    /// A `GET` sent again after a reused channel failed: an idle channel
+    /// that never carried anything.
+    Fresh,
+    /// `COMMAND`s: an idle channel, not shared while they are on it.
+    Alone,
 }
 
 /// What a lent channel is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Use {
-    /// A query.
+    /// Queries (one, or several pipelined).
     Query,
+    /// `COMMAND`s, alone.
+    Command,
     /// A heartbeat (the scheduled one, or the first on a new connection).
     Heartbeat,
     /// The heartbeat that proves it clean after an error answer.
@@ -56,11 +78,22 @@ impl Use {
     /// The name in the state file.
     pub(crate) fn name(self) -> &'static str {
         match self {
-            Use::Query => "busy",
+            Use::Query | Use::Command => "busy",
             Use::Heartbeat => "heartbeat",
             Use::Verify => "verifying",
         }
     }
+}
+
+/// How one query left a channel, from best to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Back {
+    /// Clean: it can be lent again.
+    Reuse,
+    /// Prove it clean with a heartbeat first.
+    Verify,
+    /// Close it.
+    Close,
 }
 
 /// A new channel was not served.
@@ -68,8 +101,8 @@ impl Use {
 pub(crate) enum Shrink {
     /// No channel works: the site is down.
     Down,
-    /// The pool now holds the `serving` channels that work; `first` is true
-    /// when this is the smallest size seen so far (worth a warning).
+    /// The pool is capped at the `serving` channels that work; `first` is
+    /// true when this is the smallest size seen so far (worth a warning).
     Limited { serving: usize, first: bool },
 }
 
@@ -78,29 +111,58 @@ pub(crate) enum Shrink {
 pub(crate) enum Grow {
     /// Nothing changes.
     Same,
-    /// The site serves every configured channel again.
+    /// The site serves every channel the pool may open again.
     AllServed,
-    /// The pool reached its reduced size: try one more at once.
+    /// The pool reached its cap: the site may serve more, try one more.
     TryOneMore,
+}
+
+/// The sizes the pool works with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sizes {
+    /// Channels kept open while idle (`channels`).
+    pub channels: usize,
+    /// Channels open at most (`channels_max`).
+    pub channels_max: usize,
+    /// Queries in flight per channel at most (`pipeline_depth`; 1 = none).
+    pub pipeline_depth: usize,
+    /// A channel above `channels` idle this long is closed.
+    pub idle_timeout: Duration,
+    /// How often one more channel is tried while the site serves fewer.
+    pub channel_retry: Duration,
+}
+
+/// A channel that is lent (its channel value is away during a heartbeat).
+struct Lent<C> {
+    channel: Option<C>,
+    what: Use,
+    since: SystemTime,
+    /// Queries on it (for `Use::Query`).
+    in_flight: usize,
+    /// The worst way a query has left it so far.
+    back: Back,
+}
+
+/// An idle channel, and since when.
+struct Idle<C> {
+    channel: C,
+    since: Instant,
 }
 
 /// The pool of one site.
 pub(crate) struct Pool<C, W> {
-    /// The configured size (`channels`).
-    channels: usize,
-    /// How often one more channel is tried while the pool is reduced.
-    channel_retry: Duration,
+    sizes: Sizes,
     /// Idle channels; front = least recently used (heartbeats take it),
     /// back = most recently used (queries take it, so rarely used channels
     /// are the ones the heartbeat keeps checking).
-    idle: VecDeque<C>,
-    /// Lent channels: what for, and since when (for the state file).
-    busy: BTreeMap<u64, (Use, SystemTime)>,
+    idle: VecDeque<Idle<C>>,
+    /// Lent channels.
+    busy: BTreeMap<u64, Lent<C>>,
     /// Connects in flight for the pool (the probe included).
     connecting: usize,
     /// New channels whose admission heartbeat is in flight.
     admitting: usize,
-    /// The site served fewer channels than `channels`: the pool's size.
+    /// The site served fewer channels than the pool asked for: the cap.
     capacity: Option<usize>,
     /// When to try one channel more than `capacity`.
     grow_at: Option<Instant>,
@@ -111,10 +173,9 @@ pub(crate) struct Pool<C, W> {
 }
 
 impl<C: Conn, W: Waiting> Pool<C, W> {
-    pub(crate) fn new(channels: usize, channel_retry: Duration) -> Self {
+    pub(crate) fn new(sizes: Sizes) -> Self {
         Pool {
-            channels,
-            channel_retry,
+            sizes,
             idle: VecDeque::new(),
             busy: BTreeMap::new(),
             connecting: 0,
@@ -128,12 +189,19 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
 
     // === sizes ===
 
-    /// The pool's size: `channels`, or fewer while the site serves fewer.
+    /// Channels open at most: `channels_max`, or fewer while the site
+    /// serves fewer.
     pub(crate) fn limit(&self) -> usize {
-        self.capacity.unwrap_or(self.channels)
+        self.capacity.map_or(self.sizes.channels_max, |c| c.min(self.sizes.channels_max))
     }
 
-    /// Channels that answered a heartbeat (idle or lent).
+    /// Channels kept open while idle: `channels`, or fewer while the site
+    /// serves fewer.
+    fn floor(&self) -> usize {
+        self.sizes.channels.min(self.limit())
+    }
+
+    /// Channels that answered the site's heartbeat (idle or lent).
     pub(crate) fn serving(&self) -> usize {
         self.idle.len() + self.busy.len()
     }
@@ -143,17 +211,25 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         self.serving() + self.connecting + self.admitting
     }
 
-    /// Connections to open now to bring the pool to its size.
-    pub(crate) fn connects_wanted(&self) -> usize {
-        self.limit().saturating_sub(self.open())
+    /// Queries waiting that still want an answer.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiters.iter().filter(|w| !w.gone()).count()
     }
 
-    /// The reduced size, if the site serves fewer than `channels`.
+    /// Connections to open now: up to the floor always, and beyond it (up
+    /// to the limit) for the queries that wait while no channel is idle.
+    pub(crate) fn connects_wanted(&self) -> usize {
+        let demand = self.busy.len() + self.waiting();
+        let want = demand.max(self.floor()).min(self.limit());
+        want.saturating_sub(self.open())
+    }
+
+    /// The cap, if the site serves fewer channels than the pool may open.
     pub(crate) fn capacity(&self) -> Option<usize> {
         self.capacity
     }
 
-    /// The pool is reduced and holds every channel the site serves: one
+    /// The pool is capped and holds every channel the site serves: one
     /// more connection would not be served.
     pub(crate) fn at_known_capacity(&self) -> bool {
         self.capacity.is_some_and(|c| self.serving() >= c)
@@ -183,11 +259,11 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     }
 
     /// A new channel answered its admission heartbeat: it joins the pool.
-    pub(crate) fn admitted(&mut self, c: C) -> Grow {
-        self.idle.push_back(c);
+    pub(crate) fn admitted(&mut self, c: C, now: Instant) -> Grow {
+        self.push_idle(c, now);
         let Some(cap) = self.capacity else { return Grow::Same };
         let open = self.open();
-        if open >= self.channels {
+        if open >= self.sizes.channels_max {
             self.capacity = None;
             self.warned = None;
             self.grow_at = None;
@@ -203,7 +279,7 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// A new channel could not be connected in time, or did not answer its
     /// admission heartbeat (`limited`: the kind of failure a site gives when
     /// it serves no more connections). With other channels working, the
-    /// pool shrinks to them and tries one more after `channel_retry`; with
+    /// pool is capped at them and tries one more after `channel_retry`; with
     /// none, or for another kind of failure, the site is down.
     pub(crate) fn not_admitted(&mut self, now: Instant, limited: bool) -> Shrink {
         // Channels still connecting or being admitted count: if they fail
@@ -213,7 +289,7 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
             return Shrink::Down;
         }
         self.capacity = Some(serving.min(self.limit()));
-        self.grow_at = Some(now + self.channel_retry);
+        self.grow_at = Some(now + self.sizes.channel_retry);
         let first = self.warned.is_none_or(|w| serving < w);
         if first {
             self.warned = Some(serving);
@@ -221,71 +297,92 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         Shrink::Limited { serving, first }
     }
 
-    /// When the next timer of the pool is due.
+    /// When the next timer of the pool is due: a growth try, or an idle
+    /// channel above the floor to close.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.grow_at
+        let surplus = self.idle.len().saturating_sub(self.floor_for_idle());
+        let expiry = self.idle.iter().take(surplus).map(|i| i.since + self.sizes.idle_timeout).min();
+        [self.grow_at, expiry].into_iter().flatten().min()
     }
 
-    /// The timer: while reduced, allow one more channel every
-    /// `channel_retry`. True when a connect should start.
-    pub(crate) fn on_timer(&mut self, now: Instant, ready: bool) -> bool {
-        if self.grow_at.is_none_or(|t| now < t) {
-            return false;
-        }
-        self.grow_at = None;
-        match self.capacity {
-            Some(c) if ready => {
+    /// How many idle channels are kept however long they are idle: the
+    /// floor, less the channels already lent.
+    fn floor_for_idle(&self) -> usize {
+        self.floor().saturating_sub(self.busy.len())
+    }
+
+    /// The timer: allow one more channel every `channel_retry` while capped
+    /// (true when a connect should be considered), and take out the idle
+    /// channels above the floor that were idle for `channel_idle_timeout`
+    /// (to be closed).
+    pub(crate) fn on_timer(&mut self, now: Instant, ready: bool) -> (bool, Vec<C>) {
+        let mut grow = false;
+        if self.grow_at.is_some_and(|t| now >= t) {
+            self.grow_at = None;
+            if let (Some(c), true) = (self.capacity, ready) {
                 self.capacity = Some(c + 1);
-                true
+                grow = true;
             }
-            _ => false,
         }
+        let mut expired = Vec::new();
+        while self.idle.len() > self.floor_for_idle()
+            && self.idle.front().is_some_and(|i| now >= i.since + self.sizes.idle_timeout)
+        {
+            if let Some(i) = self.idle.pop_front() {
+                expired.push(i.channel);
+            }
+        }
+        (grow, expired)
     }
 
     // === channels ===
 
     /// An idle channel (a new one after its first heartbeat, or one whose
-    /// lease or heartbeat ended cleanly).
-    pub(crate) fn push_idle(&mut self, c: C) {
+    /// queries or heartbeat ended cleanly).
+    pub(crate) fn push_idle(&mut self, c: C, now: Instant) {
         self.busy.remove(&c.id());
-        self.idle.push_back(c);
+        self.idle.push_back(Idle { channel: c, since: now });
     }
 
-    /// A lent channel came back (to be closed, verified or made idle by the
-    /// caller): it is no longer busy.
+    /// A channel away for a heartbeat or verification: no longer busy.
     pub(crate) fn returned(&mut self, id: u64) {
         self.busy.remove(&id);
     }
 
-    /// Mark a channel as busy with `what` (a heartbeat on a new connection,
-    /// a verification).
+    /// Mark a channel as lent for `what` (a heartbeat on a new connection,
+    /// a verification); the channel itself is away.
     pub(crate) fn lent(&mut self, id: u64, what: Use, now: SystemTime) {
-        self.busy.insert(id, (what, now));
+        self.busy.insert(id, Lent { channel: None, what, since: now, in_flight: 0, back: Back::Reuse });
     }
 
     /// Drop the idle channels `alive` says are dead; how many were dropped.
     pub(crate) fn retain_idle(&mut self, mut alive: impl FnMut(&mut C) -> bool) -> usize {
         let before = self.idle.len();
-        self.idle.retain_mut(|c| alive(c));
+        self.idle.retain_mut(|i| alive(&mut i.channel));
         before - self.idle.len()
     }
 
     /// The idle channels, for watching them (a readable idle channel died).
-    pub(crate) fn idle_mut(&mut self) -> &mut [C] {
-        self.idle.make_contiguous()
+    pub(crate) fn idle_mut(&mut self) -> impl Iterator<Item = &mut C> {
+        self.idle.iter_mut().map(|i| &mut i.channel)
     }
 
     /// Take out the idle channel at `index` (it died).
     pub(crate) fn remove_idle(&mut self, index: usize) -> Option<C> {
-        self.idle.remove(index)
+        self.idle.remove(index).map(|i| i.channel)
     }
 
     /// The channel for the scheduled heartbeat: the least recently used
-    /// idle one.
+    /// idle one (it is away until the heartbeat ends).
     pub(crate) fn take_for_heartbeat(&mut self, now: SystemTime) -> Option<C> {
-        let c = self.idle.pop_front()?;
-        self.busy.insert(c.id(), (Use::Heartbeat, now));
+        let c = self.idle.pop_front()?.channel;
+        self.lent(c.id(), Use::Heartbeat, now);
         Some(c)
+    }
+
+    /// A lent channel, to make a lease on it.
+    pub(crate) fn channel_mut(&mut self, id: u64) -> Option<&mut C> {
+        self.busy.get_mut(&id)?.channel.as_mut()
     }
 
     // === waiting queries ===
@@ -295,56 +392,86 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         self.waiters.push_back(w);
     }
 
-    /// The next waiting query that an idle channel can serve, and that
-    /// channel (marked busy): the most recently used one, or for a retry a
-    /// channel that never carried anything. Queries that stopped waiting
-    /// are dropped on the way.
-    pub(crate) fn next_lend(&mut self, now: SystemTime) -> Option<(W, C)> {
+    /// The next waiting query that can be served now, and the channel it
+    /// gets (see the module's rules): an idle channel (the most recently
+    /// used one; for [`Want::Fresh`] one that never carried anything), or,
+    /// for a `GET` while the pool is at its limit, a place behind the
+    /// fewest queries on a busy channel that `shareable` allows. Queries
+    /// that stopped waiting are dropped on the way.
+    pub(crate) fn next_lend(&mut self, now: SystemTime, shareable: impl Fn(&C) -> bool) -> Option<(W, u64)> {
         let mut i = 0;
-        while i < self.waiters.len() && !self.idle.is_empty() {
+        while i < self.waiters.len() {
             if self.waiters[i].gone() {
                 self.waiters.remove(i);
                 continue;
             }
-            let pick = if self.waiters[i].fresh() {
-                self.idle.iter().rposition(|c| !c.used())
-            } else {
-                Some(self.idle.len() - 1)
+            let want = self.waiters[i].wants();
+            let pick = match want {
+                Want::Fresh => self.idle.iter().rposition(|c| !c.channel.used()),
+                Want::Get | Want::Alone => self.idle.len().checked_sub(1),
             };
-            let Some(pos) = pick else {
-                i += 1;
-                continue;
-            };
-            let (Some(w), Some(c)) = (self.waiters.remove(i), self.idle.remove(pos)) else { break };
-            self.busy.insert(c.id(), (Use::Query, now));
-            return Some((w, c));
+            if let Some(pos) = pick {
+                let (Some(w), Some(idle)) = (self.waiters.remove(i), self.idle.remove(pos)) else { break };
+                let what = if want == Want::Alone { Use::Command } else { Use::Query };
+                let id = idle.channel.id();
+                let lent = Lent { channel: Some(idle.channel), what, since: now, in_flight: 1, back: Back::Reuse };
+                self.busy.insert(id, lent);
+                return Some((w, id));
+            }
+            if want == Want::Get
+                && let Some(id) = self.pipeline_slot(&shareable)
+                && let Some(w) = self.waiters.remove(i)
+            {
+                if let Some(l) = self.busy.get_mut(&id) {
+                    l.in_flight += 1;
+                }
+                return Some((w, id));
+            }
+            i += 1;
         }
         None
     }
 
-    /// A lent channel that never reached its query (the query stopped
-    /// waiting just then): idle again, as it was.
-    pub(crate) fn unlend(&mut self, c: C) {
-        self.busy.remove(&c.id());
-        self.idle.push_back(c);
+    /// A busy channel a `GET` may be pipelined on: only while the pool is
+    /// at its limit, the one with the fewest queries below the depth.
+    fn pipeline_slot(&self, shareable: &impl Fn(&C) -> bool) -> Option<u64> {
+        if self.sizes.pipeline_depth <= 1 || self.open() < self.limit() {
+            return None;
+        }
+        self.busy
+            .iter()
+            .filter(|(_, l)| l.what == Use::Query && l.back == Back::Reuse && l.in_flight < self.sizes.pipeline_depth)
+            .filter_map(|(id, l)| Some((*id, l.in_flight, l.channel.as_ref()?)))
+            .filter(|(_, _, c)| shareable(c))
+            .min_by_key(|(id, n, _)| (*n, *id))
+            .map(|(id, ..)| id)
+    }
+
+    /// A query left a channel (`back`: how). When it was the last one on
+    /// it, the channel comes out with the worst way any query left it, for
+    /// the caller to make idle, verify or close.
+    pub(crate) fn left(&mut self, id: u64, back: Back) -> Option<(C, Back)> {
+        let l = self.busy.get_mut(&id)?;
+        l.back = l.back.max(back);
+        l.in_flight = l.in_flight.saturating_sub(1);
+        if l.in_flight > 0 {
+            return None;
+        }
+        let l = self.busy.remove(&id)?;
+        Some((l.channel?, l.back))
     }
 
     /// A retry waits for a never-used channel and none is on its way: start
     /// a connect, trading the least recently used idle channel for it when
     /// the pool is full. `Some(traded)` means connect (and close `traded`).
     pub(crate) fn fresh_connect(&mut self) -> Option<Option<C>> {
-        if self.connecting > 0 || !self.waiters.iter().any(|w| w.fresh() && !w.gone()) {
+        if self.connecting > 0 || !self.waiters.iter().any(|w| w.wants() == Want::Fresh && !w.gone()) {
             return None;
         }
-        if let Some(c) = self.idle.pop_front() {
-            return Some(Some(c));
+        if self.open() < self.limit() {
+            return Some(None);
         }
-        (self.open() < self.limit()).then_some(None)
-    }
-
-    /// Queries waiting that still want an answer.
-    pub(crate) fn waiting(&self) -> usize {
-        self.waiters.iter().filter(|w| !w.gone()).count()
+        self.idle.pop_front().map(|i| Some(i.channel))
     }
 
     /// Forget queries that stopped waiting.
@@ -359,9 +486,9 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
 
     // === the site went down, or the daemon stops ===
 
-    /// The site went down: every channel is gone, the pool's size is
-    /// `channels` again (the site may serve more when it is back). Returns
-    /// the waiting queries, to be answered with the failure.
+    /// The site went down: every channel is gone, and the cap with them
+    /// (the site may serve more when it is back). Returns the waiting
+    /// queries, to be answered with the failure.
     pub(crate) fn reset(&mut self) -> VecDeque<W> {
         self.idle.clear();
         self.busy.clear();
@@ -378,213 +505,22 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
 
     /// Queries still hold a channel.
     pub(crate) fn queries_in_flight(&self) -> bool {
-        self.busy.values().any(|(what, _)| *what == Use::Query)
+        self.busy.values().any(|l| matches!(l.what, Use::Query | Use::Command))
     }
 
     // === the state file ===
 
-    /// Every open channel: (id, state name, since), in id order.
-    pub(crate) fn describe(&self, idle_since: impl Fn(&C) -> SystemTime) -> Vec<(u64, &'static str, SystemTime)> {
-        let mut all: Vec<_> = self.idle.iter().map(|c| (c.id(), "idle", idle_since(c))).collect();
-        all.extend(self.busy.iter().map(|(id, (what, since))| (*id, what.name(), *since)));
+    /// Every open channel: (id, state name, since, queries on it), in id order.
+    pub(crate) fn describe(
+        &self,
+        idle_since: impl Fn(&C) -> SystemTime,
+    ) -> Vec<(u64, &'static str, SystemTime, usize)> {
+        let mut all: Vec<_> = self.idle.iter().map(|i| (i.channel.id(), "idle", idle_since(&i.channel), 0)).collect();
+        all.extend(self.busy.iter().map(|(id, l)| (*id, l.what.name(), l.since, l.in_flight)));
         all.sort_by_key(|(id, ..)| *id);
         all
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, PartialEq)]
-    struct C {
-        id: u64,
-        used: bool,
-    }
-
-    impl Conn for C {
-        fn id(&self) -> u64 {
-            self.id
-        }
-        fn used(&self) -> bool {
-            self.used
-        }
-    }
-
-    #[derive(Debug, PartialEq)]
-    struct W {
-        n: u32,
-        fresh: bool,
-        gone: bool,
-    }
-
-    impl Waiting for W {
-        fn fresh(&self) -> bool {
-            self.fresh
-        }
-        fn gone(&self) -> bool {
-            self.gone
-        }
-    }
-
-    fn w(n: u32) -> W {
-        W { n, fresh: false, gone: false }
-    }
-
-    fn c(id: u64) -> C {
-        C { id, used: true }
-    }
-
-    const T: SystemTime = SystemTime::UNIX_EPOCH;
-
-    /// A pool of `n` configured channels with channels 1..=n idle.
-    fn full(n: usize) -> Pool<C, W> {
-        let mut p = Pool::new(n, Duration::from_secs(60));
-        for id in 1..=n as u64 {
-            p.push_idle(c(id));
-        }
-        p
-    }
-
-    #[test]
-    fn queries_get_the_most_recently_used_channel_in_arrival_order() {
-        let mut p = full(3);
-        p.wait(w(1));
-        p.wait(w(2));
-        let (first, ch) = p.next_lend(T).expect("a lend");
-        assert_eq!((first.n, ch.id), (1, 3), "first come, most recently used channel");
-        let (second, ch2) = p.next_lend(T).expect("a lend");
-        assert_eq!((second.n, ch2.id), (2, 2));
-        assert_eq!(p.next_lend(T), None, "nobody waits");
-        assert_eq!((p.serving(), p.open(), p.connects_wanted()), (3, 3, 0));
-        p.push_idle(ch);
-        assert!(p.queries_in_flight(), "channel 2 is still out");
-        p.push_idle(ch2);
-        assert!(!p.queries_in_flight());
-    }
-
-    #[test]
-    fn the_heartbeat_takes_the_least_recently_used_channel() {
-        let mut p = full(3);
-        let hb = p.take_for_heartbeat(T).expect("an idle channel");
-        assert_eq!(hb.id, 1);
-        assert_eq!(
-            p.describe(|_| T).iter().map(|(id, s, _)| (*id, *s)).collect::<Vec<_>>(),
-            [(1, "heartbeat"), (2, "idle"), (3, "idle")]
-        );
-    }
-
-    #[test]
-    fn queries_that_stopped_waiting_are_skipped_and_forgotten() {
-        let mut p = full(1);
-        p.wait(W { n: 1, fresh: false, gone: true });
-        p.wait(w(2));
-        assert_eq!(p.waiting(), 1);
-        let (got, _) = p.next_lend(T).expect("a lend");
-        assert_eq!(got.n, 2);
-        assert_eq!(p.take_waiters().len(), 0, "the gone one was dropped on the way");
-    }
-
-    #[test]
-    fn a_retry_gets_only_a_never_used_channel_and_trades_an_idle_one_for_it() {
-        let mut p = full(2);
-        p.wait(W { n: 1, fresh: true, gone: false });
-        assert_eq!(p.next_lend(T), None, "every idle channel was used");
-        // The pool is full: the least recently used idle channel is traded.
-        let traded = p.fresh_connect().expect("a connect");
-        assert_eq!(traded, Some(c(1)));
-        p.connect_started();
-        assert_eq!(p.fresh_connect(), None, "one connect on its way is enough");
-        p.connect_finished();
-        p.admission_started();
-        p.admission_finished();
-        p.push_idle(C { id: 3, used: false });
-        let (got, ch) = p.next_lend(T).expect("the new channel");
-        assert_eq!((got.n, ch.id), (1, 3));
-    }
-
-    #[test]
-    fn the_pool_opens_up_to_its_size_counting_connections_on_their_way() {
-        let mut p: Pool<C, W> = Pool::new(5, Duration::from_secs(60));
-        assert_eq!(p.connects_wanted(), 5);
-        p.connect_started();
-        p.connect_started();
-        assert_eq!(p.connects_wanted(), 3);
-        p.connect_finished();
-        p.admission_started();
-        assert_eq!((p.open(), p.opening(), p.connects_wanted()), (2, 2, 3));
-    }
-
-    #[test]
-    fn a_site_serving_fewer_channels_shrinks_the_pool_and_one_more_is_tried_every_channel_retry() {
-        let t0 = Instant::now();
-        let mut p = full(2);
-        p.channels = 4;
-        p.admission_started(); // the third, not served
-        p.admission_finished();
-        assert_eq!(p.not_admitted(t0, true), Shrink::Limited { serving: 2, first: true });
-        assert_eq!((p.limit(), p.capacity(), p.connects_wanted()), (2, Some(2), 0));
-        assert!(p.at_known_capacity());
-        assert_eq!(p.next_deadline(), Some(t0 + Duration::from_secs(60)));
-        assert!(!p.on_timer(t0 + Duration::from_secs(59), true), "not before channel_retry");
-        assert!(p.on_timer(t0 + Duration::from_secs(60), true), "one more try");
-        assert_eq!((p.limit(), p.connects_wanted()), (3, 1));
-        p.connect_started();
-        p.connect_finished();
-        p.admission_started();
-        p.admission_finished();
-        // Not served again: no second warning for the same size.
-        let t1 = t0 + Duration::from_secs(62);
-        assert_eq!(p.not_admitted(t1, true), Shrink::Limited { serving: 2, first: false });
-        assert_eq!(p.next_deadline(), Some(t1 + Duration::from_secs(60)));
-        // Served this time: the pool reached its reduced size, try one more at once.
-        assert!(p.on_timer(t1 + Duration::from_secs(60), true));
-        assert_eq!(p.admitted(c(3)), Grow::TryOneMore);
-        assert_eq!((p.limit(), p.connects_wanted()), (4, 1));
-        assert_eq!(p.admitted(c(4)), Grow::AllServed);
-        assert_eq!((p.capacity(), p.next_deadline()), (None, None));
-    }
-
-    #[test]
-    fn no_working_channel_or_another_failure_means_the_site_is_down() {
-        let t0 = Instant::now();
-        let mut p: Pool<C, W> = Pool::new(3, Duration::from_secs(60));
-        assert_eq!(p.not_admitted(t0, true), Shrink::Down, "nothing works");
-        let mut p = full(1);
-        assert_eq!(p.not_admitted(t0, false), Shrink::Down, "not the kind of failure of a limited site");
-    }
-
-    #[test]
-    fn growth_waits_for_the_site_to_be_ready() {
-        let t0 = Instant::now();
-        let mut p = full(1);
-        p.channels = 2;
-        assert!(matches!(p.not_admitted(t0, true), Shrink::Limited { .. }));
-        assert!(!p.on_timer(t0 + Duration::from_secs(60), false), "not while down or starting");
-        assert_eq!(p.next_deadline(), None, "the timer is spent");
-    }
-
-    #[test]
-    fn going_down_empties_the_pool_and_hands_back_the_waiters() {
-        let t0 = Instant::now();
-        let mut p = full(2);
-        p.channels = 3;
-        let _ = p.not_admitted(t0, true);
-        p.wait(w(1));
-        assert!(p.next_lend(T).is_some());
-        p.wait(w(2));
-        p.wait(w(3));
-        let waiters = p.reset();
-        assert_eq!(waiters.iter().map(|w| w.n).collect::<Vec<_>>(), [2, 3]);
-        assert_eq!((p.serving(), p.capacity(), p.next_deadline(), p.limit()), (0, None, None, 3));
-    }
-
-    #[test]
-    fn dead_idle_channels_are_dropped() {
-        let mut p = full(3);
-        assert_eq!(p.retain_idle(|c| c.id != 2), 1);
-        assert_eq!(p.connects_wanted(), 1);
-        assert_eq!(p.remove_idle(0), Some(c(1)));
-        assert_eq!(p.connects_wanted(), 2);
-    }
-}
+mod tests;

@@ -156,7 +156,8 @@ async fn a_hung_core_is_down_after_heartbeat_timeout_and_retried_every_connect_r
 
 #[tokio::test(start_paused = true)]
 async fn a_query_waits_channel_timeout_for_a_channel_and_no_longer() {
-    let f = Fixture::start(SiteParams { channels: 1, ..SiteParams::default() }).await;
+    let params = SiteParams { channels: 1, channels_max: 1, pipeline_depth: 1, ..SiteParams::default() };
+    let f = Fixture::start(params).await;
     f.at(MS).await;
     f.site.set_knobs(|k| {
         k.hang = true;
@@ -196,7 +197,7 @@ async fn a_site_serving_fewer_channels_gets_a_smaller_pool_and_one_more_try_ever
     // 3 channels asked for, 2 served: the third's admission heartbeat goes
     // unanswered for heartbeat_timeout (2 s); one more is tried every
     // channel_retry (60 s).
-    let f = Fixture::start(SiteParams { channels: 3, ..SiteParams::default() }).await;
+    let f = Fixture::start(SiteParams { channels: 3, channels_max: 3, ..SiteParams::default() }).await;
     f.site.set_knobs(|k| k.max_connections = 2);
     f.at(MS).await;
     assert_eq!((f.state(), f.attempts()), (SiteState::Ready, 3), "the probe and two pool channels");

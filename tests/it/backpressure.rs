@@ -114,6 +114,7 @@ async fn seed_000_a_multi_site_request_read_site_by_site_costs_nobody_an_answer(
     // would hold every channel and all other clients would wait.
     let params = SiteParams {
         channels: 1,
+        channels_max: 1,
         channel_timeout: Duration::from_secs(1),
         query_timeout: Duration::from_secs(60),
         ..fast_params()

@@ -295,7 +295,7 @@ async fn waiting_queries_do_not_wait_for_a_slow_leading_client() {
 async fn coalescing_uncached_queries_is_a_per_site_option() {
     let q = "GET hostgroups\nColumns: name";
     for coalesce in [true, false] {
-        let params = SiteParams { coalesce, channels: 3, ..fast_params() };
+        let params = SiteParams { coalesce, channels: 3, channels_max: 3, ..fast_params() };
         let (p, s) = Proxy::with_sim("s1", params).await;
         s.set_knobs(|k| {
             k.hang = true;

@@ -157,7 +157,7 @@ async fn clients_vanishing_while_their_queries_wait_leave_nothing_behind() {
     // once: nine wait for the channel, one holds it. livemux learns that a
     // client left when it writes the answer; each query then ends, with its
     // session, its place in the queue and its hold on the channel.
-    let params = SiteParams { channels: 1, channel_timeout: Duration::from_secs(10), ..fast_params() };
+    let params = SiteParams { channels: 1, channels_max: 1, channel_timeout: Duration::from_secs(10), ..fast_params() };
     let (p, s) = Proxy::with_sim("s1", params).await;
     s.set_knobs(|k| {
         k.delay = Duration::from_millis(100);

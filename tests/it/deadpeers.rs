@@ -28,6 +28,8 @@ const GRACE: Duration = Duration::from_millis(1500);
 fn params() -> SiteParams {
     SiteParams {
         channels: 1,
+        channels_max: 1,
+        pipeline_depth: 1,
         heartbeat_interval: Duration::from_millis(500),
         heartbeat_timeout: Duration::from_millis(300),
         connect_retry: Duration::from_millis(300),
@@ -332,7 +334,7 @@ fn a_site_that_vanishes_mid_answer_is_marked_down_and_the_client_is_not_left_han
             k.write_chunk = 64 * 1024;
             k.write_pause = Duration::from_millis(10);
         });
-        let params = SiteParams { channels: 2, ..params() };
+        let params = SiteParams { channels: 2, channels_max: 2, ..params() };
         let p = Proxy::start(vec![("s1", s.address(), params.clone())]).await;
         p.wait_state("s1", SiteState::Ready).await;
         let mut c = p.client("s1").await;
@@ -406,7 +408,7 @@ fn only_from_admits_listed_sources_and_refuses_others_ipv4_and_ipv6() {
 fn a_new_channel_timing_out_while_others_work_shrinks_the_pool_and_the_site_stays_up() {
     in_netns("new connections dropped", || async {
         let s = sim("s1").await;
-        let params = SiteParams { channels: 2, channel_retry: Duration::from_secs(3600), ..params() };
+        let params = SiteParams { channels: 2, channels_max: 2, channel_retry: Duration::from_secs(3600), ..params() };
         let (p, _addr) = proxy_with_listener(&s, params, SpoolConfig::default()).await;
         eventually_snapshot(&p, "s1", "both channels open", |snap| {
             snap.channels.len() == 2 && snap.channels_connecting == 0

@@ -86,7 +86,7 @@ async fn program_start_changes_are_seen_by_the_next_heartbeat() {
 
 #[tokio::test]
 async fn a_site_busy_with_slow_but_progressing_answers_is_not_declared_dead() {
-    let params = SiteParams { channels: 1, ..fast_params() };
+    let params = SiteParams { channels: 1, channels_max: 1, ..fast_params() };
     let (p, s) = Proxy::with_sim("s1", params).await;
     // 64 KiB in 1 KiB pieces every 40 ms: about 2.5 s, far longer than
     // heartbeat interval + timeout (500 ms), with bytes flowing all along.
@@ -111,7 +111,7 @@ async fn a_site_busy_with_slow_but_progressing_answers_is_not_declared_dead() {
 
 #[tokio::test]
 async fn a_busy_but_silent_site_is_checked_on_an_extra_connection() {
-    let params = SiteParams { channels: 1, channel_timeout: Duration::from_secs(10), ..fast_params() };
+    let params = SiteParams { channels: 1, channels_max: 1, channel_timeout: Duration::from_secs(10), ..fast_params() };
     let (p, s) = Proxy::with_sim("s1", params).await;
     // The one channel waits 2 s for its first byte; the core is healthy.
     s.set_knobs(|k| {
@@ -131,7 +131,7 @@ async fn a_busy_but_silent_site_is_checked_on_an_extra_connection() {
 
 #[tokio::test]
 async fn a_hung_core_with_every_channel_busy_is_declared_down() {
-    let params = SiteParams { channels: 1, ..fast_params() };
+    let params = SiteParams { channels: 1, channels_max: 1, ..fast_params() };
     let (p, s) = Proxy::with_sim("s1", params).await;
     // First the one channel is taken by a query that hangs (only queries on
     // `hosts` hang, so no heartbeat can be caught by it); then the whole

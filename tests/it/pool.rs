@@ -58,6 +58,7 @@ async fn a_site_serving_fewer_connections_than_channels_gets_a_smaller_pool_and_
     // query_timeout: make that longer than the test's patience.
     let params = SiteParams {
         channels: 5,
+        channels_max: 5,
         query_timeout: 2 * PATIENCE,
         channel_retry: Duration::from_secs(3600),
         ..fast_params()
@@ -70,7 +71,8 @@ async fn a_site_serving_fewer_connections_than_channels_gets_a_smaller_pool_and_
 
 #[tokio::test]
 async fn the_pool_grows_back_when_the_site_serves_more_again() {
-    let params = SiteParams { channels: 4, channel_retry: Duration::from_millis(300), ..fast_params() };
+    let params =
+        SiteParams { channels: 4, channels_max: 4, channel_retry: Duration::from_millis(300), ..fast_params() };
     let (p, s) = limited_site(2, params).await;
     s.set_knobs(|k| k.max_connections = 0);
     eventually_snapshot(&p, "s1", "all 4 channels", |snap| {
@@ -104,7 +106,7 @@ async fn slow_queries_on_every_channel_a_limited_site_serves_do_not_make_it_down
     // The site serves 2 connections; both channels are busy with queries that
     // send nothing for longer than a heartbeat period. The heartbeat on an
     // extra connection cannot be served, which must not count as a failure.
-    let params = SiteParams { channels: 3, channel_retry: Duration::from_secs(3600), ..fast_params() };
+    let params = SiteParams { channels: 3, channels_max: 3, channel_retry: Duration::from_secs(3600), ..fast_params() };
     let (p, s) = limited_site(2, params).await;
     s.set_knobs(|k| {
         k.delay = Duration::from_millis(1500);
@@ -119,6 +121,7 @@ async fn slow_queries_on_every_channel_a_limited_site_serves_do_not_make_it_down
 async fn a_hung_core_on_every_channel_a_limited_site_serves_is_down_after_response_idle_timeout() {
     let params = SiteParams {
         channels: 3,
+        channels_max: 3,
         channel_retry: Duration::from_secs(3600),
         response_idle_timeout: Duration::from_secs(1),
         ..fast_params()

@@ -109,7 +109,7 @@ async fn commands_are_forwarded_one_by_one_and_not_answered() {
 async fn a_core_answering_a_command_cannot_spoil_the_next_query() {
     // Old mk-livestatus versions answer a rejected COMMAND with a bare error
     // line. On the one channel, the next query must not read it as its answer.
-    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, ..fast_params() }).await;
+    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, channels_max: 1, ..fast_params() }).await;
     s.set_knobs(|k| k.command_reply = Some("400: unknown command".into()));
     let mut c = p.client("s1").await;
     c.write_all(b"COMMAND [1] NO_SUCH_COMMAND;x\n\n").await.unwrap();
@@ -126,7 +126,7 @@ async fn a_core_answering_a_command_cannot_spoil_the_next_query() {
 async fn a_rejected_command_is_reported_to_a_client_asking_for_fixed16() {
     // mk-livestatus answers a command it rejects with a bare `400: ...`
     // line; a client that asked for fixed16 gets it as a proper answer.
-    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, ..fast_params() }).await;
+    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, channels_max: 1, ..fast_params() }).await;
     s.set_knobs(|k| k.command_reply = Some("400: Unknown command 'NO_SUCH_COMMAND'".into()));
     let mut c = p.client("s1").await;
     let (code, body) = ask(&mut c, "COMMAND [1] NO_SUCH_COMMAND;x\nResponseHeader: fixed16\n\n").await;
@@ -149,7 +149,8 @@ async fn a_bad_header_cannot_spoil_another_clients_query() {
     // answers with a bare `Invalid request method` and a close). On the one
     // channel, another client's query must get its own answer.
     let slow = Duration::from_secs(2);
-    let params = SiteParams { channels: 1, heartbeat_interval: slow, heartbeat_timeout: slow, ..fast_params() };
+    let params =
+        SiteParams { channels: 1, channels_max: 1, heartbeat_interval: slow, heartbeat_timeout: slow, ..fast_params() };
     let (p, s) = Proxy::with_sim("s1", params).await;
     // With a round trip, the leftovers' answer comes well after the error
     // answer: the channel looks clean when the error answer has been read.
@@ -175,7 +176,7 @@ async fn a_bad_header_cannot_spoil_another_clients_query() {
 async fn after_an_error_answer_a_clean_channel_is_proved_and_kept() {
     // An error that leaves the connection clean (the core read the whole
     // request) costs a heartbeat on the channel, not a new connection.
-    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, ..fast_params() }).await;
+    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, channels_max: 1, ..fast_params() }).await;
     s.set_knobs(|k| k.mk_headers = true);
     let before = channel_ids(&p, "s1").await;
     assert_eq!(before.len(), 1);
@@ -191,7 +192,7 @@ async fn after_an_error_answer_a_clean_channel_is_proved_and_kept() {
 async fn an_unframed_error_reaches_the_client_in_the_form_it_asked_for() {
     // A core that answers without the fixed16 header it was asked for: the
     // client gets the core's words, never a 502 about an invalid header.
-    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, ..fast_params() }).await;
+    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, channels_max: 1, ..fast_params() }).await;
     s.set_knobs(|k| {
         k.unframed_reply = Some("Invalid request method".into());
         k.fault_table = Some("hosts".into());
@@ -277,7 +278,7 @@ async fn many_pipelining_clients_share_two_channels() {
 
 #[tokio::test]
 async fn reused_channel_failing_before_any_byte_is_retried_once_on_a_fresh_one() {
-    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, ..fast_params() }).await;
+    let (p, s) = Proxy::with_sim("s1", SiteParams { channels: 1, channels_max: 1, ..fast_params() }).await;
     let (code, _) = query(&p, "s1", "GET status\nColumns: num_hosts").await;
     assert_eq!(code, 200);
     let before = s.stats();
@@ -313,7 +314,8 @@ use livemux::config::SiteParams;
 
 #[tokio::test]
 async fn idle_channels_closed_by_the_site_are_replaced_before_a_client_gets_them() {
-    let params = SiteParams { channels: 2, heartbeat_interval: Duration::from_secs(60), ..fast_params() };
+    let params =
+        SiteParams { channels: 2, channels_max: 2, heartbeat_interval: Duration::from_secs(60), ..fast_params() };
     let (p, s) = Proxy::with_sim("s1", params).await;
     eventually("both channels open", || s.stats().open == 2).await;
     assert_eq!(s.stats().accepted, 2);
@@ -329,7 +331,8 @@ async fn idle_channels_closed_by_the_site_are_replaced_before_a_client_gets_them
 
 #[tokio::test]
 async fn queries_wait_for_a_channel_in_order_and_give_up_after_channel_timeout() {
-    let params = SiteParams { channels: 1, channel_timeout: Duration::from_millis(400), ..fast_params() };
+    let params =
+        SiteParams { channels: 1, channels_max: 1, channel_timeout: Duration::from_millis(400), ..fast_params() };
     let (p, s) = Proxy::with_sim("s1", params).await;
     s.set_knobs(|k| {
         k.delay = Duration::from_secs(2);
@@ -351,7 +354,7 @@ async fn queries_wait_for_a_channel_in_order_and_give_up_after_channel_timeout()
 
 #[tokio::test]
 async fn waiting_queries_are_served_first_come_first_served() {
-    let params = SiteParams { channels: 1, channel_timeout: Duration::from_secs(10), ..fast_params() };
+    let params = SiteParams { channels: 1, channels_max: 1, channel_timeout: Duration::from_secs(10), ..fast_params() };
     let (p, s) = Proxy::with_sim("s1", params).await;
     s.set_knobs(|k| {
         k.delay = Duration::from_millis(300);

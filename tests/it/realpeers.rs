@@ -58,6 +58,8 @@ on_both_cores!(
 fn params() -> SiteParams {
     SiteParams {
         channels: 2,
+        channels_max: 2,
+        pipeline_depth: 1,
         heartbeat_interval: Duration::from_millis(500),
         heartbeat_timeout: Duration::from_millis(400),
         connect_retry: Duration::from_millis(500),
@@ -274,7 +276,7 @@ async fn no_bad_request_changes_what_another_client_receives(core: Core) {
     // the next client's query must get exactly what the core answers it
     // directly.
     let Some(rs) = site(core, 100, 5).await else { return };
-    let p = Proxy::start(vec![("rs", rs.tcp_address(), SiteParams { channels: 1, ..params() })]).await;
+    let p = Proxy::start(vec![("rs", rs.tcp_address(), SiteParams { channels: 1, channels_max: 1, ..params() })]).await;
     p.wait_state("rs", SiteState::Ready).await;
     let mut good = Vec::new();
     for q in GOOD {
@@ -552,7 +554,7 @@ async fn icinga_more_channels_than_it_serves_shrink_the_pool_and_every_query_is_
     let Some(ic) = site(Core::Icinga, 20, 2).await else { return };
     let limit = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
     let channels = limit + 1;
-    let params = SiteParams { channels, query_timeout: 2 * PATIENCE, ..params() };
+    let params = SiteParams { channels, channels_max: channels, query_timeout: 2 * PATIENCE, ..params() };
     let p = Proxy::start(vec![("ic", ic.tcp_address(), params)]).await;
     p.wait_state("ic", SiteState::Ready).await;
     let snap =

@@ -50,7 +50,7 @@ async fn a_real_core_behind_stunnel_answers_as_it_does_in_plaintext(core: Core) 
     };
     let pki = Pki::new();
     let st = tokio::task::block_in_place(|| Stunnel::start(([127, 0, 0, 1], ic.port).into(), &pki.server, None));
-    let p = proxy(st.address(), SiteParams { channels: 2, ..tls_params(&pki.ca) }).await;
+    let p = proxy(st.address(), SiteParams { channels: 2, channels_max: 2, ..tls_params(&pki.ca) }).await;
     p.wait_state("s1", SiteState::Ready).await;
     for q in [
         "GET hosts\nColumns: name state address",

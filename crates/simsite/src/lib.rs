@@ -104,9 +104,11 @@ pub struct Knobs {
     pub fault_table: Option<String>,
     /// Body size of `GET bulk`.
     pub bulk_bytes: u64,
-    /// A simulated network round trip: every answer waits this long, and
-    /// the first answer on a new connection once more (its TCP handshake).
-    /// Applies to all tables, unlike the fault knobs.
+    /// A simulated network round trip: every answer leaves this long after
+    /// its request arrived (pipelined requests arriving together are
+    /// answered together, as over a real network), the first answer on a
+    /// new connection once more (its TCP handshake). Applies to all tables,
+    /// unlike the fault knobs.
     pub rtt: Duration,
     /// Serve at most this many connections at once (0: no limit). Further
     /// connections are accepted by the kernel but not read until a served
@@ -451,6 +453,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
     let mut buf = BytesMut::with_capacity(4096);
     let mut framer = Framer::new();
     let mut first = true;
+    // When the bytes that completed the next request arrived: the simulated
+    // round trip counts from there, so requests pipelined on one connection
+    // pay it once, together, as over a real network.
+    let mut last_read = tokio::time::Instant::now();
     loop {
         let frame = loop {
             match framer.scan(&buf, &limits) {
@@ -466,6 +472,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
                 n = s.read_buf(&mut buf) => n?,
                 _ = shared.kick_idle.notified(), if idle => return Ok(()),
             };
+            last_read = tokio::time::Instant::now();
             if n == 0 {
                 break framer.finish(&buf);
             }
@@ -482,7 +489,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
         }
         let rtt = lock(&shared.knobs).rtt;
         if !rtt.is_zero() {
-            tokio::time::sleep(if first { rtt * 2 } else { rtt }).await;
+            tokio::time::sleep_until(last_read + if first { rtt * 2 } else { rtt }).await;
         }
         first = false;
         if lock(&shared.knobs).mk_headers {

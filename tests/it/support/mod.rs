@@ -40,9 +40,14 @@ pub const SCHEDULING_MARGIN: Duration = Duration::from_secs(1);
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// Site settings with short timers, so time-driven behaviour shows quickly.
+///
+/// A fixed pool (`channels_max` = `channels`) without pipelining, unless a
+/// test asks for them.
 pub fn fast_params() -> SiteParams {
     SiteParams {
         channels: 2,
+        channels_max: 2,
+        pipeline_depth: 1,
         heartbeat_interval: Duration::from_millis(300),
         heartbeat_timeout: Duration::from_millis(200),
         channel_timeout: Duration::from_secs(3),

@@ -1,0 +1,321 @@
+//! The pool's rules on plain values: numbers for channels and waiters.
+
+use super::*;
+
+#[derive(Debug, PartialEq)]
+struct C {
+    id: u64,
+    used: bool,
+}
+
+impl Conn for C {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn used(&self) -> bool {
+        self.used
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct W {
+    n: u32,
+    want: Want,
+    gone: bool,
+}
+
+impl Waiting for W {
+    fn wants(&self) -> Want {
+        self.want
+    }
+    fn gone(&self) -> bool {
+        self.gone
+    }
+}
+
+fn w(n: u32) -> W {
+    W { n, want: Want::Get, gone: false }
+}
+
+fn c(id: u64) -> C {
+    C { id, used: true }
+}
+
+const T: SystemTime = SystemTime::UNIX_EPOCH;
+const ANY: fn(&C) -> bool = |_| true;
+
+fn sizes(channels: usize, channels_max: usize, depth: usize) -> Sizes {
+    Sizes {
+        channels,
+        channels_max,
+        pipeline_depth: depth,
+        idle_timeout: Duration::from_secs(60),
+        channel_retry: Duration::from_secs(60),
+    }
+}
+
+/// A pool with channels 1..=n idle (n = `channels`).
+fn pool(channels: usize, channels_max: usize, depth: usize) -> Pool<C, W> {
+    let mut p = Pool::new(sizes(channels, channels_max, depth));
+    let now = Instant::now();
+    for id in 1..=channels as u64 {
+        p.push_idle(c(id), now);
+    }
+    p
+}
+
+/// Lend to every waiter that can be served now: (waiter, channel) pairs.
+fn lend_all(p: &mut Pool<C, W>) -> Vec<(u32, u64)> {
+    std::iter::from_fn(|| p.next_lend(T, ANY).map(|(w, id)| (w.n, id))).collect()
+}
+
+#[test]
+fn queries_get_the_most_recently_used_idle_channel_in_arrival_order() {
+    let mut p = pool(3, 3, 1);
+    p.wait(w(1));
+    p.wait(w(2));
+    assert_eq!(lend_all(&mut p), [(1, 3), (2, 2)]);
+    assert_eq!((p.serving(), p.open(), p.connects_wanted()), (3, 3, 0));
+    assert!(p.queries_in_flight());
+    assert_eq!(p.left(3, Back::Reuse), Some((c(3), Back::Reuse)));
+    p.push_idle(c(3), Instant::now());
+    assert_eq!(p.left(2, Back::Reuse), Some((c(2), Back::Reuse)));
+    assert!(!p.queries_in_flight());
+}
+
+#[test]
+fn the_heartbeat_takes_the_least_recently_used_channel() {
+    let mut p = pool(3, 3, 1);
+    let hb = p.take_for_heartbeat(T).expect("an idle channel");
+    assert_eq!(hb.id, 1);
+    let states: Vec<_> = p.describe(|_| T).iter().map(|(id, s, _, _)| (*id, *s)).collect();
+    assert_eq!(states, [(1, "heartbeat"), (2, "idle"), (3, "idle")]);
+}
+
+#[test]
+fn queries_that_stopped_waiting_are_skipped_and_forgotten() {
+    let mut p = pool(1, 1, 1);
+    p.wait(W { n: 1, want: Want::Get, gone: true });
+    p.wait(w(2));
+    assert_eq!(p.waiting(), 1);
+    assert_eq!(lend_all(&mut p), [(2, 1)]);
+    assert_eq!(p.take_waiters().len(), 0, "the gone one was dropped on the way");
+}
+
+#[test]
+fn a_retry_gets_only_a_never_used_channel_and_trades_an_idle_one_for_it_when_full() {
+    let mut p = pool(2, 2, 4);
+    p.wait(W { n: 1, want: Want::Fresh, gone: false });
+    assert_eq!(lend_all(&mut p), [], "every idle channel was used, and a retry is never pipelined");
+    // The pool is at its limit: the least recently used idle channel is traded.
+    assert_eq!(p.fresh_connect(), Some(Some(c(1))));
+    p.connect_started();
+    assert_eq!(p.fresh_connect(), None, "one connect on its way is enough");
+    p.connect_finished();
+    p.admission_started();
+    p.admission_finished();
+    p.push_idle(C { id: 3, used: false }, Instant::now());
+    assert_eq!(lend_all(&mut p), [(1, 3)]);
+}
+
+#[test]
+fn the_pool_keeps_its_floor_open_counting_connections_on_their_way() {
+    let mut p: Pool<C, W> = Pool::new(sizes(5, 10, 1));
+    assert_eq!(p.connects_wanted(), 5);
+    p.connect_started();
+    p.connect_started();
+    assert_eq!(p.connects_wanted(), 3);
+    p.connect_finished();
+    p.admission_started();
+    assert_eq!((p.open(), p.opening(), p.connects_wanted()), (2, 2, 3));
+}
+
+#[test]
+fn waiting_queries_open_more_channels_up_to_channels_max() {
+    let mut p = pool(2, 5, 1);
+    for n in 0..10 {
+        p.wait(w(n));
+    }
+    assert_eq!(lend_all(&mut p).len(), 2, "the idle ones first");
+    assert_eq!(p.waiting(), 8);
+    assert_eq!(p.connects_wanted(), 3, "up to channels_max (5), not one per waiter");
+    for _ in 0..3 {
+        p.connect_started();
+    }
+    assert_eq!(p.connects_wanted(), 0);
+}
+
+#[test]
+fn idle_channels_above_the_floor_close_after_the_idle_timeout() {
+    let t0 = Instant::now();
+    let mut p: Pool<C, W> = Pool::new(sizes(2, 5, 1));
+    for id in 1..=5 {
+        p.push_idle(c(id), t0 + Duration::from_secs(id));
+    }
+    // Three above the floor of 2; the least recently used go first.
+    assert_eq!(p.next_deadline(), Some(t0 + Duration::from_secs(61)));
+    let (grow, closed) = p.on_timer(t0 + Duration::from_secs(62), true);
+    assert!(!grow);
+    assert_eq!(closed, [c(1), c(2)], "idle for 60 s");
+    assert_eq!(p.next_deadline(), Some(t0 + Duration::from_secs(63)));
+    let (_, closed) = p.on_timer(t0 + Duration::from_secs(600), true);
+    assert_eq!(closed, [c(3)]);
+    assert_eq!((p.serving(), p.next_deadline()), (2, None), "the floor stays however idle");
+}
+
+#[test]
+fn lent_channels_count_towards_the_floor() {
+    let t0 = Instant::now();
+    let mut p: Pool<C, W> = Pool::new(sizes(2, 4, 1));
+    for id in 1..=4 {
+        p.push_idle(c(id), t0);
+    }
+    p.wait(w(1));
+    p.wait(w(2));
+    assert_eq!(lend_all(&mut p).len(), 2);
+    let (_, closed) = p.on_timer(t0 + Duration::from_secs(60), true);
+    assert_eq!(closed.len(), 2, "two lent channels make the floor: both idle ones above it close");
+}
+
+#[test]
+fn gets_are_pipelined_only_when_the_pool_is_at_its_limit_behind_the_fewest() {
+    let mut p = pool(2, 3, 3);
+    for n in 0..4 {
+        p.wait(w(n));
+    }
+    assert_eq!(lend_all(&mut p), [(0, 2), (1, 1)], "below the limit: the others wait for a new channel");
+    p.connect_started();
+    // Now every channel is open or on its way: pipeline behind the fewest.
+    assert_eq!(lend_all(&mut p), [(2, 1), (3, 2)]);
+    for n in 4..9 {
+        p.wait(w(n));
+    }
+    assert_eq!(lend_all(&mut p), [(4, 1), (5, 2)], "depth 3 reached on both");
+    assert_eq!(p.waiting(), 3);
+    let described: Vec<_> = p.describe(|_| T).iter().map(|(id, s, _, n)| (*id, *s, *n)).collect();
+    assert_eq!(described, [(1, "busy", 3), (2, "busy", 3)]);
+    // One leaves: its place goes to the next waiter.
+    assert_eq!(p.left(1, Back::Reuse), None, "two queries are still on it");
+    assert_eq!(lend_all(&mut p), [(6, 1)]);
+}
+
+#[test]
+fn commands_and_retries_are_never_pipelined_and_nothing_joins_a_command() {
+    let mut p = pool(1, 1, 4);
+    p.wait(W { n: 1, want: Want::Alone, gone: false });
+    assert_eq!(lend_all(&mut p), [(1, 1)]);
+    p.wait(w(2));
+    p.wait(W { n: 3, want: Want::Fresh, gone: false });
+    assert_eq!(lend_all(&mut p), [], "nothing behind a COMMAND");
+    assert_eq!(p.left(1, Back::Reuse), Some((c(1), Back::Reuse)));
+    p.push_idle(c(1), Instant::now());
+    assert_eq!(lend_all(&mut p), [(2, 1)]);
+    p.wait(W { n: 4, want: Want::Alone, gone: false });
+    assert_eq!(lend_all(&mut p), [], "a COMMAND never joins a busy channel");
+}
+
+#[test]
+fn a_channel_a_query_left_badly_takes_no_more_and_comes_out_with_the_worst() {
+    let mut p = pool(1, 1, 4);
+    for n in 0..3 {
+        p.wait(w(n));
+    }
+    assert_eq!(lend_all(&mut p).len(), 3);
+    assert_eq!(p.left(1, Back::Verify), None);
+    p.wait(w(9));
+    assert_eq!(lend_all(&mut p), [], "not shareable after a bad answer");
+    assert_eq!(p.left(1, Back::Reuse), None);
+    assert_eq!(p.left(1, Back::Close), Some((c(1), Back::Close)), "the worst of all");
+}
+
+#[test]
+fn the_caller_decides_which_busy_channels_are_shareable() {
+    let mut p = pool(2, 2, 4);
+    p.wait(w(1));
+    p.wait(w(2));
+    assert_eq!(lend_all(&mut p).len(), 2);
+    p.wait(w(3));
+    let only_1 = |c: &C| c.id == 1;
+    assert_eq!(p.next_lend(T, only_1).map(|(w, id)| (w.n, id)), Some((3, 1)));
+}
+
+#[test]
+fn a_site_serving_fewer_channels_caps_the_pool_and_one_more_is_tried_every_channel_retry() {
+    let t0 = Instant::now();
+    let mut p = pool(2, 4, 1);
+    for n in 0..4 {
+        p.wait(w(n));
+    }
+    assert_eq!(lend_all(&mut p).len(), 2);
+    p.admission_started(); // a third, not served
+    p.admission_finished();
+    assert_eq!(p.not_admitted(t0, true), Shrink::Limited { serving: 2, first: true });
+    assert_eq!((p.limit(), p.capacity(), p.connects_wanted()), (2, Some(2), 0));
+    assert!(p.at_known_capacity());
+    assert_eq!(p.next_deadline(), Some(t0 + Duration::from_secs(60)));
+    assert!(!p.on_timer(t0 + Duration::from_secs(59), true).0, "not before channel_retry");
+    assert!(p.on_timer(t0 + Duration::from_secs(60), true).0, "one more try");
+    assert_eq!((p.limit(), p.connects_wanted()), (3, 1));
+    p.connect_started();
+    p.connect_finished();
+    p.admission_started();
+    p.admission_finished();
+    // Not served again: no second warning for the same size.
+    let t1 = t0 + Duration::from_secs(62);
+    assert_eq!(p.not_admitted(t1, true), Shrink::Limited { serving: 2, first: false });
+    assert_eq!(p.next_deadline(), Some(t1 + Duration::from_secs(60)));
+    // Served this time: the pool reached its cap, try one more at once.
+    assert!(p.on_timer(t1 + Duration::from_secs(60), true).0);
+    assert_eq!(p.admitted(c(3), t1), Grow::TryOneMore);
+    assert_eq!((p.limit(), p.connects_wanted()), (4, 1));
+    assert_eq!(p.admitted(c(4), t1), Grow::AllServed);
+    assert_eq!((p.capacity(), p.limit()), (None, 4));
+}
+
+#[test]
+fn no_working_channel_or_another_failure_means_the_site_is_down() {
+    let t0 = Instant::now();
+    let mut p: Pool<C, W> = Pool::new(sizes(3, 3, 1));
+    assert_eq!(p.not_admitted(t0, true), Shrink::Down, "nothing works");
+    let mut p = pool(1, 1, 1);
+    assert_eq!(p.not_admitted(t0, false), Shrink::Down, "not the kind of failure of a limited site");
+}
+
+#[test]
+fn growth_waits_for_the_site_to_be_ready() {
+    let t0 = Instant::now();
+    let mut p = pool(1, 2, 1);
+    p.wait(w(1));
+    p.wait(w(2));
+    assert_eq!(lend_all(&mut p).len(), 1);
+    assert!(matches!(p.not_admitted(t0, true), Shrink::Limited { .. }));
+    assert!(!p.on_timer(t0 + Duration::from_secs(60), false).0, "not while down or starting");
+    assert_eq!(p.next_deadline(), None, "the timer is spent");
+}
+
+#[test]
+fn going_down_empties_the_pool_and_hands_back_the_waiters() {
+    let t0 = Instant::now();
+    let mut p = pool(2, 3, 1);
+    p.wait(w(1));
+    assert_eq!(lend_all(&mut p).len(), 1);
+    p.admission_started();
+    p.admission_finished();
+    let _ = p.not_admitted(t0, true);
+    p.wait(w(2));
+    p.wait(w(3));
+    assert_eq!(lend_all(&mut p).len(), 1);
+    p.wait(w(4));
+    let waiters = p.reset();
+    assert_eq!(waiters.iter().map(|w| w.n).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!((p.serving(), p.capacity(), p.next_deadline(), p.limit()), (0, None, None, 3));
+}
+
+#[test]
+fn dead_idle_channels_are_dropped() {
+    let mut p = pool(3, 3, 1);
+    assert_eq!(p.retain_idle(|c| c.id != 2), 1);
+    assert_eq!(p.connects_wanted(), 1);
+    assert_eq!(p.remove_idle(0), Some(c(1)));
+    assert_eq!(p.connects_wanted(), 2);
+}
