@@ -270,7 +270,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let style = q.style;
         // The per-query futures are boxed: an idle session's own state stays
         // a few hundred bytes instead of the relay's ~10 KiB.
-        let resp = match Box::pin(send_query(&self.site, &self.wire, deadline)).await {
+        let resp = match Box::pin(send_query(&self.site, &self.wire, q.pipelinable, deadline)).await {
             Ok(r) => r,
             Err(e) => return self.query_failed(&e, style, deadline).await,
         };

@@ -393,14 +393,17 @@ impl Actor {
         self.schedule.finished();
         match (result, channel) {
             (Ok(program_start), Some(mut ch)) => {
-                self.pool.returned(ch.id);
                 ch.uses += 1;
                 ch.since = SystemTime::now();
                 self.heartbeats += 1;
                 self.note_program_start(program_start);
                 // An extra connection stays only if the pool has room.
+                // (`push_idle` takes the channel back from its heartbeat
+                // with the idle age it had.)
                 if purpose != Purpose::Extra || self.pool.open() < self.pool.limit() {
                     self.pool.push_idle(ch, Instant::now());
+                } else {
+                    self.pool.returned(ch.id);
                 }
                 if purpose == Purpose::Probe {
                     self.set_state(SiteState::Ready, "connected and answering heartbeats".into());
@@ -532,8 +535,9 @@ impl Actor {
         let (grow, idle_too_long) = self.pool.on_timer(now, self.state == SiteState::Ready);
         if !idle_too_long.is_empty() {
             tracing::debug!(channels = idle_too_long.len(), "closing channels idle for channel_idle_timeout");
+            drop(idle_too_long);
+            self.publish();
         }
-        drop(idle_too_long);
         if grow {
             self.ensure_channels();
         }
@@ -678,12 +682,8 @@ impl Actor {
             last_failed_connect: self.last_failed_connect,
             heartbeats: self.heartbeats,
             program_start: self.program_start,
-            channels: self
-                .pool
-                .describe(|c| c.since)
-                .into_iter()
-                .map(|(id, state, since, _)| (id, state, since))
-                .collect(),
+            channels: self.pool.describe(|c| c.since),
+            pipelined: self.pool.pipelined(),
             opening: self.pool.opening(),
             served: self.pool.capacity(),
             waiting: self.pool.waiting(),

@@ -131,14 +131,16 @@ impl Link {
 
     /// Write a request that expects an answer; its ticket is its place in
     /// the order of answers. A poisoned channel takes no more requests.
-    pub(crate) async fn send(&self, wire: &[u8]) -> Result<u64, Result<Poisoned, io::Error>> {
+    pub(crate) async fn send(&self, wire: &[u8]) -> Result<(u64, bool), Result<Poisoned, io::Error>> {
         let mut w = self.writer.lock().await;
         if let Some(why) = self.poisoned() {
             return Err(Ok(Poisoned(why)));
         }
         let mut ticket = 0;
+        let mut ahead = false;
         self.turns.send_modify(|t| {
             ticket = t.issued;
+            ahead = t.serving < ticket;
             t.issued += 1;
         });
         let written = async {
@@ -146,7 +148,7 @@ impl Link {
             w.flush().await
         };
         match written.await {
-            Ok(()) => Ok(ticket),
+            Ok(()) => Ok((ticket, ahead)),
             Err(e) => {
                 // The request may be half out: nobody can trust this channel.
                 self.poison("a request could not be written");
@@ -352,6 +354,8 @@ pub struct Lease {
     link: Arc<Link>,
     /// This query's ticket, once its request is out.
     ticket: Option<u64>,
+    /// Answers were outstanding ahead of it when it was sent.
+    behind_others: bool,
     /// The reading side, while it is this query's turn.
     turn: Option<Turn>,
     reused: bool,
@@ -376,6 +380,7 @@ impl Lease {
             id: channel.id,
             link: channel.link.clone(),
             ticket: None,
+            behind_others: false,
             turn: None,
             reused,
             error_answer: false,
@@ -387,10 +392,11 @@ impl Lease {
         }
     }
 
-    /// True if the channel carried a query before: a failure before any answer
-    /// byte may then be a stale connection, worth one retry on a fresh one.
+    /// True if the channel carried a query before, or this one was sent
+    /// behind others: a failure before any byte of its answer may then be a
+    /// stale connection or what came before it, worth one more try.
     pub fn reused(&self) -> bool {
-        self.reused
+        self.reused || self.behind_others
     }
 
     /// The channel's number.
@@ -413,8 +419,9 @@ impl Lease {
         turn_wait: std::time::Duration,
     ) -> Result<(), Result<Poisoned, io::Error>> {
         self.touched = true;
-        let ticket = self.link.send(wire).await?;
+        let (ticket, behind_others) = self.link.send(wire).await?;
         self.ticket = Some(ticket);
+        self.behind_others = behind_others;
         let turn = match tokio::time::timeout(turn_wait, self.link.turn(ticket)).await {
             Ok(t) => t.map_err(Ok)?,
             Err(_) => {

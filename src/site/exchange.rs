@@ -145,19 +145,26 @@ enum Failed {
     Header(HeaderFailure),
 }
 
-/// Send a query (already encoded for the site) and wait for its header.
+/// Send a query (already encoded for the site) and wait for its header;
+/// `pipelinable` (see `Query::pipelinable`) lets it join a busy channel.
 ///
 /// Waits for a channel at most `channel_timeout`, and for everything at most
 /// until `deadline`. A query that got no byte of its answer because its
-/// channel turned out stale (reused, failed at once) is sent once more on a
-/// fresh channel; one whose pipeline was given up (see `channel`) once more
-/// on any other. Never more than once.
-pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Result<SiteResponse, QueryError> {
-    let mut want = Want::Get;
+/// channel turned out stale (reused, failed at once), failed behind other
+/// answers, or was given up with its pipeline (see `channel`), is sent once
+/// more, on a fresh channel of its own: the safest place there is. Never
+/// more than once.
+pub async fn send_query(
+    site: &SiteHandle,
+    wire: &[u8],
+    pipelinable: bool,
+    deadline: Instant,
+) -> Result<SiteResponse, QueryError> {
+    // A query a core might choke on goes alone (see `Query::pipelinable`).
+    let mut want = if pipelinable { Want::Get } else { Want::Alone };
     let mut retried = false;
     loop {
         let mut lease = site.acquire(want, deadline).await?;
-        let reused = lease.reused();
         let down = lease.down_signal();
         let unframed_wait = site.params().response_idle_timeout;
         let turn_wait = site.params().channel_timeout;
@@ -185,13 +192,14 @@ pub async fn send_query(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Re
                     "pipelined query given up before its answer; sending it again on another channel");
                 lease.discard(p.to_string());
                 retried = true;
+                want = Want::Fresh;
             }
             Ok(Err(Failed::Poisoned(p))) => {
                 lease.discard(p.to_string());
                 let source = SiteError::ChannelLost(p.0);
                 return Err(QueryError::Site { site: site.name().to_owned(), source });
             }
-            Ok(Err(Failed::Header(f))) if !f.any_byte && reused && !retried => {
+            Ok(Err(Failed::Header(f))) if !f.any_byte && lease.reused() && !retried => {
                 tracing::debug!(channel = lease.channel_id(), error = %f.error,
                     "reused channel failed before answering; retrying once on a fresh channel");
                 lease.discard(f.error.to_string());

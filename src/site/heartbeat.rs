@@ -20,7 +20,7 @@ const MAX_BODY: u64 = 4096;
 /// Send a heartbeat on an idle channel and return the site's
 /// `program_start` (the caller bounds it by `heartbeat_timeout`).
 pub(crate) async fn exchange(link: &std::sync::Arc<Link>) -> Result<i64, SiteError> {
-    let ticket = link.send(QUERY).await.map_err(|e| match e {
+    let (ticket, _) = link.send(QUERY).await.map_err(|e| match e {
         Ok(p) => SiteError::HeartbeatAnswer(format!("the channel cannot be used: {p}")),
         Err(io) => SiteError::Io(io),
     })?;

@@ -85,6 +85,8 @@ pub struct ChannelSnapshot {
     pub id: u64,
     /// `idle`, `busy`, `heartbeat`, or `verifying` (after an error answer).
     pub state: &'static str,
+    /// Queries on it (more than one when pipelined).
+    pub queries: usize,
     /// Since when (RFC 3339).
     pub since: String,
 }
@@ -126,9 +128,11 @@ pub struct SiteSnapshot {
     pub tls: Option<crate::tls::TlsSnapshot>,
     /// The site's query cache.
     pub cache: Option<crate::cache::CacheStats>,
-    /// Set when the site served fewer channels than `channels`: how many
-    /// it does (the pool's size until a retry gets one more).
+    /// Set when the site served fewer channels than the pool asked for:
+    /// how many it does (the pool's cap until a retry gets one more).
     pub channels_served: Option<usize>,
+    /// Queries pipelined behind others on a busy channel so far.
+    pub queries_pipelined: u64,
 }
 
 /// What the actor reports of its site: the part of a [`SiteSnapshot`] only
@@ -140,8 +144,10 @@ pub(crate) struct PoolReport {
     pub last_failed_connect: Option<SystemTime>,
     pub heartbeats: u64,
     pub program_start: Option<i64>,
-    /// (id, state, since) of every open channel.
-    pub channels: Vec<(u64, &'static str, SystemTime)>,
+    /// (id, state, since, queries) of every open channel.
+    pub channels: Vec<(u64, &'static str, SystemTime, usize)>,
+    /// Queries pipelined behind others so far.
+    pub pipelined: u64,
     /// Connects and admissions in flight.
     pub opening: usize,
     pub served: Option<usize>,
@@ -334,10 +340,11 @@ impl SiteHandle {
             channels: r
                 .channels
                 .into_iter()
-                .map(|(id, state, since)| ChannelSnapshot { id, state, since: timestamp(since) })
+                .map(|(id, state, since, queries)| ChannelSnapshot { id, state, since: timestamp(since), queries })
                 .collect(),
             channels_connecting: r.opening,
             channels_served: r.served,
+            queries_pipelined: r.pipelined,
             clients_waiting: r.waiting,
             clients_connected: i.clients.load(Ordering::Relaxed),
             clients_reaped: i.reaped.load(Ordering::Relaxed),

@@ -25,8 +25,8 @@
 //! Pipelining. With `pipeline_depth` above 1, a `GET` that finds no idle
 //! channel while the pool is at its limit (every channel open or on its
 //! way) joins the busy channel with the fewest queries in flight, up to
-//! `pipeline_depth` each. A `COMMAND` only ever takes an idle channel, and
-//! nothing joins a channel while it carries one.
+//! `pipeline_depth` each. A `COMMAND`, or a query sent again, only ever
+//! takes an idle channel, and nothing joins a channel while it carries one.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime};
@@ -54,8 +54,9 @@ pub(crate) trait Waiting {
 pub enum Want {
     /// A `GET`: an idle channel, or a place in the pipeline of a busy one.
     Get,
-    /// A `GET` sent again after a reused channel failed: an idle channel
-    /// that never carried anything.
+    /// A `GET` sent again after it got no byte of its answer: an idle
+    /// channel that never carried anything, of its own (nothing joins it,
+    /// so nothing can go wrong ahead of it).
     Fresh,
     /// `COMMAND`s: an idle channel, not shared while they are on it.
     Alone,
@@ -66,8 +67,8 @@ pub enum Want {
 pub(crate) enum Use {
     /// Queries (one, or several pipelined).
     Query,
-    /// `COMMAND`s, alone.
-    Command,
+    /// `COMMAND`s, or a query sent again: nothing joins it.
+    Alone,
     /// A heartbeat (the scheduled one, or the first on a new connection).
     Heartbeat,
     /// The heartbeat that proves it clean after an error answer.
@@ -78,7 +79,7 @@ impl Use {
     /// The name in the state file.
     pub(crate) fn name(self) -> &'static str {
         match self {
-            Use::Query | Use::Command => "busy",
+            Use::Query | Use::Alone => "busy",
             Use::Heartbeat => "heartbeat",
             Use::Verify => "verifying",
         }
@@ -141,6 +142,9 @@ struct Lent<C> {
     in_flight: usize,
     /// The worst way a query has left it so far.
     back: Back,
+    /// Idle since when, for a channel away for a heartbeat: a heartbeat
+    /// does not make a channel wanted, so it keeps its idle age.
+    idle_since: Option<Instant>,
 }
 
 /// An idle channel, and since when.
@@ -170,6 +174,8 @@ pub(crate) struct Pool<C, W> {
     warned: Option<usize>,
     /// Queries waiting for a channel, in arrival order.
     waiters: VecDeque<W>,
+    /// Queries pipelined behind others so far.
+    pipelined: u64,
 }
 
 impl<C: Conn, W: Waiting> Pool<C, W> {
@@ -184,7 +190,13 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
             grow_at: None,
             warned: None,
             waiters: VecDeque::new(),
+            pipelined: 0,
         }
+    }
+
+    /// Queries pipelined behind others so far.
+    pub(crate) fn pipelined(&self) -> u64 {
+        self.pipelined
     }
 
     // === sizes ===
@@ -300,9 +312,16 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// When the next timer of the pool is due: a growth try, or an idle
     /// channel above the floor to close.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let surplus = self.idle.len().saturating_sub(self.floor_for_idle());
-        let expiry = self.idle.iter().take(surplus).map(|i| i.since + self.sizes.idle_timeout).min();
+        let expiry = (self.idle.len() > self.floor_for_idle())
+            .then(|| self.oldest_idle().map(|(_, since)| since + self.sizes.idle_timeout))
+            .flatten();
         [self.grow_at, expiry].into_iter().flatten().min()
+    }
+
+    /// The idle channel idle the longest: (index, since). The queue is in
+    /// heartbeat order, not idle age, since heartbeats keep a channel's age.
+    fn oldest_idle(&self) -> Option<(usize, Instant)> {
+        self.idle.iter().enumerate().map(|(n, i)| (n, i.since)).min_by_key(|(_, since)| *since)
     }
 
     /// How many idle channels are kept however long they are idle: the
@@ -326,11 +345,11 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         }
         let mut expired = Vec::new();
         while self.idle.len() > self.floor_for_idle()
-            && self.idle.front().is_some_and(|i| now >= i.since + self.sizes.idle_timeout)
+            && let Some((n, since)) = self.oldest_idle()
+            && now >= since + self.sizes.idle_timeout
+            && let Some(i) = self.idle.remove(n)
         {
-            if let Some(i) = self.idle.pop_front() {
-                expired.push(i.channel);
-            }
+            expired.push(i.channel);
         }
         (grow, expired)
     }
@@ -340,8 +359,8 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// An idle channel (a new one after its first heartbeat, or one whose
     /// queries or heartbeat ended cleanly).
     pub(crate) fn push_idle(&mut self, c: C, now: Instant) {
-        self.busy.remove(&c.id());
-        self.idle.push_back(Idle { channel: c, since: now });
+        let since = self.busy.remove(&c.id()).and_then(|l| l.idle_since).unwrap_or(now);
+        self.idle.push_back(Idle { channel: c, since });
     }
 
     /// A channel away for a heartbeat or verification: no longer busy.
@@ -351,8 +370,10 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
 
     /// Mark a channel as lent for `what` (a heartbeat on a new connection,
     /// a verification); the channel itself is away.
+    /// (A channel taken for a heartbeat keeps its idle age.)
     pub(crate) fn lent(&mut self, id: u64, what: Use, now: SystemTime) {
-        self.busy.insert(id, Lent { channel: None, what, since: now, in_flight: 0, back: Back::Reuse });
+        let idle_since = self.busy.get(&id).and_then(|l| l.idle_since);
+        self.busy.insert(id, Lent { channel: None, what, since: now, in_flight: 0, back: Back::Reuse, idle_since });
     }
 
     /// Drop the idle channels `alive` says are dead; how many were dropped.
@@ -375,9 +396,17 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// The channel for the scheduled heartbeat: the least recently used
     /// idle one (it is away until the heartbeat ends).
     pub(crate) fn take_for_heartbeat(&mut self, now: SystemTime) -> Option<C> {
-        let c = self.idle.pop_front()?.channel;
-        self.lent(c.id(), Use::Heartbeat, now);
-        Some(c)
+        let Idle { channel, since } = self.idle.pop_front()?;
+        let lent = Lent {
+            channel: None,
+            what: Use::Heartbeat,
+            since: now,
+            in_flight: 0,
+            back: Back::Reuse,
+            idle_since: Some(since),
+        };
+        self.busy.insert(channel.id(), lent);
+        Some(channel)
     }
 
     /// A lent channel, to make a lease on it.
@@ -412,9 +441,17 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
             };
             if let Some(pos) = pick {
                 let (Some(w), Some(idle)) = (self.waiters.remove(i), self.idle.remove(pos)) else { break };
-                let what = if want == Want::Alone { Use::Command } else { Use::Query };
+                // A retry is alone on its channel: nothing can go wrong ahead of it.
+                let what = if want == Want::Get { Use::Query } else { Use::Alone };
                 let id = idle.channel.id();
-                let lent = Lent { channel: Some(idle.channel), what, since: now, in_flight: 1, back: Back::Reuse };
+                let lent = Lent {
+                    channel: Some(idle.channel),
+                    what,
+                    since: now,
+                    in_flight: 1,
+                    back: Back::Reuse,
+                    idle_since: None,
+                };
                 self.busy.insert(id, lent);
                 return Some((w, id));
             }
@@ -425,6 +462,7 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
                 if let Some(l) = self.busy.get_mut(&id) {
                     l.in_flight += 1;
                 }
+                self.pipelined += 1;
                 return Some((w, id));
             }
             i += 1;
@@ -505,7 +543,7 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
 
     /// Queries still hold a channel.
     pub(crate) fn queries_in_flight(&self) -> bool {
-        self.busy.values().any(|l| matches!(l.what, Use::Query | Use::Command))
+        self.busy.values().any(|l| matches!(l.what, Use::Query | Use::Alone))
     }
 
     // === the state file ===

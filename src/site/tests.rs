@@ -91,7 +91,7 @@ async fn ask(h: &SiteHandle, text: &str) -> Result<(u16, String), QueryError> {
     let q = livemux_protocol::Query::from_text(text).expect("a valid query");
     let mut wire = Vec::new();
     q.encode_for_site(&mut wire);
-    let resp = send_query(h, &wire, Instant::now() + h.params().query_timeout).await?;
+    let resp = send_query(h, &wire, q.pipelinable, Instant::now() + h.params().query_timeout).await?;
     let SiteResponse { header, prefix, mut lease, .. } = resp;
     let mut body = prefix.to_vec();
     let mut rest = vec![0u8; header.length as usize - body.len()];
@@ -219,5 +219,43 @@ async fn a_site_serving_fewer_channels_gets_a_smaller_pool_and_one_more_try_ever
     let snap = f.snapshot().await;
     assert_eq!((f.attempts(), snap.channels_served, snap.channels.len()), (5, None, 3));
     assert_eq!(f.state(), SiteState::Ready, "never down meanwhile");
+    f.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_queries_grow_the_pool_and_it_shrinks_back_after_channel_idle_timeout() {
+    let params = SiteParams {
+        channels: 1,
+        channels_max: 4,
+        pipeline_depth: 1,
+        channel_idle_timeout: secs(60),
+        channel_timeout: secs(10),
+        ..SiteParams::default()
+    };
+    let f = Fixture::start(params).await;
+    f.at(MS).await;
+    f.site.set_knobs(|k| {
+        k.delay = secs(1);
+        k.fault_table = Some("hosts".into());
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let h = f.handle.clone();
+        tasks.spawn(async move { ask(&h, "GET hosts\nColumns: name\nLimit: 1").await });
+    }
+    f.at(secs(1)).await;
+    assert_eq!(f.snapshot().await.channels.len(), 4, "grown to channels_max for the waiting queries");
+    assert_eq!(f.attempts(), 4);
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(r.expect("task").expect("answered"), (200, "host-0000\n".into()));
+    }
+    // All done by 2 s (two rounds of 1 s answers on 4 channels); the three
+    // above `channels` close once idle for 60 s; heartbeats keep the one.
+    f.at(secs(61)).await;
+    assert_eq!(f.snapshot().await.channels.len(), 4, "not before channel_idle_timeout");
+    f.at(secs(63)).await;
+    let snap = f.snapshot().await;
+    assert_eq!(snap.channels.len(), 1, "back to channels: {:?}", snap.channels);
+    assert_eq!(f.state(), SiteState::Ready);
     f.stop().await;
 }

@@ -3,6 +3,7 @@
 //!
 //! - `proxy`, `clients`, `heartbeat`, `pool`: the proxy in front of
 //!   simulated sites (framing, errors, limits, heartbeats, the channel pool);
+//! - `pipeline`: elastic pools and pipelined channels;
 //! - `cache`: `Cache: reload` and single-flight;
 //! - `backpressure`: slow, pausing and vanishing clients, sites failing
 //!   mid-answer, peak memory for 1 GiB answers;
@@ -21,6 +22,7 @@ mod cli;
 mod clients;
 mod deadpeers;
 mod heartbeat;
+mod pipeline;
 mod pool;
 mod proxy;
 mod realpeers;

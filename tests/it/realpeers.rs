@@ -53,6 +53,7 @@ on_both_cores!(
     a_frozen_core_is_detected_by_the_heartbeat,
     monitoring_livestatus_gets_the_same_rows_through_livemux,
     cached_answers_equal_direct_ones_and_a_reload_makes_them_fresh,
+    pipelined_answers_equal_direct_ones_with_bad_queries_among_them,
 );
 
 fn params() -> SiteParams {
@@ -522,6 +523,49 @@ async fn direct_conn(site: &RealSite, request: &str) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", site.port)).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
     s
+}
+
+async fn pipelined_answers_equal_direct_ones_with_bad_queries_among_them(core: Core) {
+    // One channel, up to 8 queries pipelined on it, 16 clients at once each
+    // running the battery (good queries and bad ones: Icinga 2 closes the
+    // connection after some errors, Naemon reads a bad request's rest as the
+    // next request). Every answer equals the direct one.
+    let Some(rs) = site(core, 100, 5).await else { return };
+    let params = SiteParams { channels: 1, channels_max: 1, pipeline_depth: 8, ..params() };
+    let p = Proxy::start(vec![("rs", rs.tcp_address(), params)]).await;
+    p.wait_state("rs", SiteState::Ready).await;
+    let mut queries: Vec<String> = BATTERY.iter().map(|q| q.to_string()).collect();
+    queries.push("GET hosts\nColumns: name\nFoo: bar\nLimit: 2\n".into());
+    let mut want = Vec::new();
+    for q in &queries {
+        let d = direct_raw(&rs, &fixed16_first(q)).await;
+        let (status, body) = fixed16(&mut d.as_slice()).await;
+        want.push(normalise(core, status, &body, q.contains("OutputFormat: json")));
+    }
+    let (queries, want) = (std::sync::Arc::new(queries), std::sync::Arc::new(want));
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in 0..16usize {
+        let (path, queries, want) = (p.socket("rs"), queries.clone(), want.clone());
+        tasks.spawn(async move {
+            let mut c = UnixStream::connect(path).await.unwrap();
+            for round in 0..3 {
+                for k in 0..queries.len() {
+                    let i = (k + client) % queries.len();
+                    let q = &queries[i];
+                    let (status, body) = ask(&mut c, &format!("{q}ResponseHeader: fixed16\nKeepAlive: on\n\n")).await;
+                    let got = normalise(core, status, body.as_bytes(), q.contains("OutputFormat: json"));
+                    assert_eq!(got, want[i], "client {client}, round {round}: {q:?}");
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let snap = p.site("rs").snapshot(Duration::from_secs(1)).await.unwrap();
+    assert!(snap.queries_pipelined > 0, "queries were pipelined: {snap:?}");
+    assert_eq!(p.site("rs").status().generation, 0, "never declared down");
+    p.shutdown().await;
 }
 
 // === Icinga 2 only ===

@@ -308,6 +308,57 @@ pub struct Query {
     pub auth_user: Option<String>,
     /// `Cache:` directive (never forwarded).
     pub cache: Option<CacheDirective>,
+    /// Every header line is one the Livestatus cores know, with a value of
+    /// the right shape: the query is safe to pipeline. A core may stop
+    /// reading a request at a line it does not know (mk-livestatus) or close
+    /// the connection on a malformed value (Icinga 2); either spoils the
+    /// queries pipelined behind it, so such a query goes alone.
+    pub pipelinable: bool,
+}
+
+/// The header names both Livestatus families (mk-livestatus, Icinga 2) know.
+const KNOWN_HEADERS: &[&[u8]] = &[
+    b"Filter",
+    b"Sort",
+    b"Or",
+    b"And",
+    b"Negate",
+    b"StatsOr",
+    b"StatsAnd",
+    b"StatsNegate",
+    b"Stats",
+    b"StatsGroupBy",
+    b"Columns",
+    b"ColumnHeaders",
+    b"Limit",
+    b"Offset",
+    b"Timelimit",
+    b"AuthUser",
+    b"Separators",
+    b"OutputFormat",
+    b"WaitCondition",
+    b"WaitConditionAnd",
+    b"WaitConditionOr",
+    b"WaitConditionNegate",
+    b"WaitTrigger",
+    b"WaitObject",
+    b"WaitTimeout",
+    b"Localtime",
+];
+
+/// A forwarded header line a core takes in stride: a known name, and for
+/// the headers whose bad values make a core give up on the connection, a
+/// value of the right shape (a number; a column and an operator).
+fn safe_to_pipeline(name: &[u8], value: &[u8]) -> bool {
+    if !KNOWN_HEADERS.contains(&name) {
+        return false;
+    }
+    match name {
+        b"Limit" | b"Offset" | b"Timelimit" | b"WaitTimeout" | b"Localtime" | b"And" | b"Or" | b"StatsAnd"
+        | b"StatsOr" => !value.is_empty() && value.iter().all(u8::is_ascii_digit),
+        b"Filter" | b"WaitCondition" => value.split(|b| *b == b' ').filter(|w| !w.is_empty()).count() >= 2,
+        _ => true,
+    }
 }
 
 /// One or more `COMMAND` lines sent as one request.
@@ -378,6 +429,7 @@ impl Query {
             output_format: None,
             auth_user: None,
             cache: None,
+            pipelinable: true,
         };
         let mut pass = Vec::new();
         for line in lines {
@@ -405,7 +457,14 @@ impl Query {
                     q.auth_user = Some(utf8_value(v, "the AuthUser value")?);
                     true
                 }
-                _ => true,
+                Some((name, v)) => {
+                    q.pipelinable &= safe_to_pipeline(name, v);
+                    true
+                }
+                None => {
+                    q.pipelinable = false;
+                    true
+                }
             };
             if keep {
                 pass.extend_from_slice(line);

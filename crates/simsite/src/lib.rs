@@ -122,6 +122,9 @@ pub struct Knobs {
     /// response header it asked for, and close: what an mk-livestatus core
     /// does with a request it rejects before reading its headers.
     pub unframed_reply: Option<String>,
+    /// Close a connection after it answered this many requests, even with
+    /// more requests of it waiting (0: never): a core dying mid-pipeline.
+    pub close_after_answers: u32,
     /// Read headers as mk-livestatus (Naemon, Checkmk) does: a header the
     /// core does not know ends the request with `400 Undefined request
     /// header`, and the lines after it are read as the next request; a first
@@ -137,7 +140,8 @@ impl Knobs {
     /// Keys: `delay_ms`, `hang` (0/1), `close_without_answer`,
     /// `close_after_bytes` (or `none`), `write_chunk`, `write_pause_ms`,
     /// `fault_table` (or `none`), `bulk_bytes`, `rtt_ms`, `max_connections`,
-    /// `command_reply` (or `none`), `unframed_reply` (or `none`), `mk_headers` (0/1).
+    /// `command_reply` (or `none`), `unframed_reply` (or `none`), `mk_headers` (0/1),
+    /// `close_after_answers`.
     pub fn apply(&mut self, key: &str, value: &str) -> Result<(), String> {
         let num = |v: &str| v.parse::<u64>().map_err(|_| format!("{key}: '{v}' is not a number"));
         match key {
@@ -158,6 +162,7 @@ impl Knobs {
             "unframed_reply" if value == "none" => self.unframed_reply = None,
             "unframed_reply" => self.unframed_reply = Some(value.to_owned()),
             "mk_headers" => self.mk_headers = num(value)? != 0,
+            "close_after_answers" => self.close_after_answers = num(value)? as u32,
             _ => return Err(format!("unknown knob '{key}'")),
         }
         Ok(())
@@ -183,6 +188,11 @@ pub struct SimStats {
     pub queries: u64,
     /// `COMMAND` lines received.
     pub commands: u64,
+    /// The most connections open at once so far.
+    pub peak_open: u64,
+    /// Requests that had arrived whole before the answer ahead of them on
+    /// their connection was written (pipelined by the client).
+    pub pipelined: u64,
 }
 
 struct Shared {
@@ -193,6 +203,8 @@ struct Shared {
     program_start: AtomicU64,
     accepted: AtomicU64,
     open: AtomicU64,
+    peak_open: AtomicU64,
+    pipelined: AtomicU64,
     queries: AtomicU64,
     /// `GET` requests per table.
     per_table: Mutex<std::collections::HashMap<String, u64>>,
@@ -231,6 +243,8 @@ impl SimSite {
             program_start: AtomicU64::new(now),
             accepted: AtomicU64::new(0),
             open: AtomicU64::new(0),
+            peak_open: AtomicU64::new(0),
+            pipelined: AtomicU64::new(0),
             queries: AtomicU64::new(0),
             per_table: Mutex::new(std::collections::HashMap::new()),
             commands: AtomicU64::new(0),
@@ -305,6 +319,8 @@ impl SimSite {
             open: s.open.load(Ordering::Relaxed),
             queries: s.queries.load(Ordering::Relaxed),
             commands: s.commands.load(Ordering::Relaxed),
+            peak_open: s.peak_open.load(Ordering::Relaxed),
+            pipelined: s.pipelined.load(Ordering::Relaxed),
         }
     }
 
@@ -396,7 +412,8 @@ where
 {
     let shared = shared.clone();
     shared.accepted.fetch_add(1, Ordering::Relaxed);
-    shared.open.fetch_add(1, Ordering::Relaxed);
+    let open = shared.open.fetch_add(1, Ordering::Relaxed) + 1;
+    shared.peak_open.fetch_max(open, Ordering::Relaxed);
     tokio::spawn(async move {
         tokio::select! {
             _ = token.cancelled() => {}
@@ -457,7 +474,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
     // round trip counts from there, so requests pipelined on one connection
     // pay it once, together, as over a real network.
     let mut last_read = tokio::time::Instant::now();
+    let mut answered = 0u32;
     loop {
+        // A request found whole without reading: it arrived while the
+        // previous answer was being prepared.
+        let mut read_for_it = false;
         let frame = loop {
             match framer.scan(&buf, &limits) {
                 Ok(Some(f)) => break Some(f),
@@ -473,11 +494,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
                 _ = shared.kick_idle.notified(), if idle => return Ok(()),
             };
             last_read = tokio::time::Instant::now();
+            read_for_it = true;
             if n == 0 {
                 break framer.finish(&buf);
             }
         };
         let Some(frame) = frame else { return Ok(()) };
+        if !read_for_it && answered > 0 {
+            shared.pipelined.fetch_add(1, Ordering::Relaxed);
+        }
         let block = buf[frame.start..frame.end].to_vec();
         buf.advance(frame.end);
         {
@@ -537,7 +562,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
                 Next::Close
             }
         };
-        if let Next::Close = next {
+        answered += 1;
+        let limit = lock(&shared.knobs).close_after_answers;
+        if matches!(next, Next::Close) || (limit > 0 && answered >= limit) {
             s.shutdown().await.ok();
             return Ok(());
         }

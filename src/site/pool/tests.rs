@@ -211,7 +211,7 @@ fn commands_and_retries_are_never_pipelined_and_nothing_joins_a_command() {
     p.push_idle(c(1), Instant::now());
     assert_eq!(lend_all(&mut p), [(2, 1)]);
     p.wait(W { n: 4, want: Want::Alone, gone: false });
-    assert_eq!(lend_all(&mut p), [], "a COMMAND never joins a busy channel");
+    assert_eq!(lend_all(&mut p), [], "a COMMAND never joins a busy channel, nor a retry");
 }
 
 #[test]

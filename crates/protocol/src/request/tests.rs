@@ -217,3 +217,15 @@ proptest! {
         prop_assert_eq!(back.style, ReplyStyle { fixed16: true, keepalive: true });
     }
 }
+
+#[test]
+fn queries_a_core_might_choke_on_are_not_pipelined() {
+    let ok = |t: &str| Query::from_text(t).unwrap().pipelinable;
+    assert!(ok("GET hosts\nColumns: name state\nFilter: state = 1\nFilter: name ~ x\nOr: 2\nLimit: 10\n"));
+    assert!(ok("GET services\nStats: state = 0\nStatsAnd: 1\nOutputFormat: json\nAuthUser: x\nCache: reload\n"));
+    assert!(!ok("GET hosts\nFoo: bar\n"), "a header mk-livestatus does not know");
+    assert!(!ok("GET hosts\ncolumns: name\n"), "names are case-sensitive");
+    assert!(!ok("GET hosts\nColumns name\n"), "a line without a colon");
+    assert!(!ok("GET hosts\nLimit: abc\n"), "Icinga 2 closes the connection");
+    assert!(!ok("GET hosts\nFilter: name\n"), "a filter without an operator");
+}
