@@ -684,6 +684,7 @@ impl Actor {
             program_start: self.program_start,
             channels: self.pool.describe(|c| c.since),
             pipelined: self.pool.pipelined(),
+            peak: self.pool.peak(),
             opening: self.pool.opening(),
             served: self.pool.capacity(),
             waiting: self.pool.waiting(),

@@ -133,6 +133,9 @@ pub struct SiteSnapshot {
     pub channels_served: Option<usize>,
     /// Queries pipelined behind others on a busy channel so far.
     pub queries_pipelined: u64,
+    /// The most channels open at once since the daemon started (to size
+    /// `channels_max`: a peak at it says queries waited or were pipelined).
+    pub channels_peak: usize,
 }
 
 /// What the actor reports of its site: the part of a [`SiteSnapshot`] only
@@ -148,6 +151,8 @@ pub(crate) struct PoolReport {
     pub channels: Vec<(u64, &'static str, SystemTime, usize)>,
     /// Queries pipelined behind others so far.
     pub pipelined: u64,
+    /// The most channels serving at once so far.
+    pub peak: usize,
     /// Connects and admissions in flight.
     pub opening: usize,
     pub served: Option<usize>,
@@ -345,6 +350,7 @@ impl SiteHandle {
             channels_connecting: r.opening,
             channels_served: r.served,
             queries_pipelined: r.pipelined,
+            channels_peak: r.peak,
             clients_waiting: r.waiting,
             clients_connected: i.clients.load(Ordering::Relaxed),
             clients_reaped: i.reaped.load(Ordering::Relaxed),

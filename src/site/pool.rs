@@ -176,6 +176,8 @@ pub(crate) struct Pool<C, W> {
     waiters: VecDeque<W>,
     /// Queries pipelined behind others so far.
     pipelined: u64,
+    /// The most channels serving at once so far.
+    peak: usize,
 }
 
 impl<C: Conn, W: Waiting> Pool<C, W> {
@@ -191,12 +193,18 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
             warned: None,
             waiters: VecDeque::new(),
             pipelined: 0,
+            peak: 0,
         }
     }
 
     /// Queries pipelined behind others so far.
     pub(crate) fn pipelined(&self) -> u64 {
         self.pipelined
+    }
+
+    /// The most channels serving at once so far.
+    pub(crate) fn peak(&self) -> usize {
+        self.peak
     }
 
     // === sizes ===
@@ -361,6 +369,7 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     pub(crate) fn push_idle(&mut self, c: C, now: Instant) {
         let since = self.busy.remove(&c.id()).and_then(|l| l.idle_since).unwrap_or(now);
         self.idle.push_back(Idle { channel: c, since });
+        self.peak = self.peak.max(self.serving());
     }
 
     /// A channel away for a heartbeat or verification: no longer busy.

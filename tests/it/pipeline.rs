@@ -65,6 +65,8 @@ async fn waiting_queries_grow_the_pool_to_channels_max_and_no_further() {
     assert!(stats.peak_open <= 5 + 1, "at most channels_max + 1 connections: {}", stats.peak_open);
     assert!(stats.peak_open >= 5, "the pool grew to channels_max: {}", stats.peak_open);
     assert_eq!(stats.pipelined, 0, "pipeline_depth 1: nothing pipelined");
+    let snap = p.site("s1").snapshot(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(snap.channels_peak, 5, "the state file shows the peak at channels_max");
     p.shutdown().await;
 }
 

@@ -54,6 +54,7 @@ on_both_cores!(
     monitoring_livestatus_gets_the_same_rows_through_livemux,
     cached_answers_equal_direct_ones_and_a_reload_makes_them_fresh,
     pipelined_answers_equal_direct_ones_with_bad_queries_among_them,
+    the_pool_grows_under_waiting_queries_and_shrinks_back_when_idle,
 );
 
 fn params() -> SiteParams {
@@ -564,6 +565,43 @@ async fn pipelined_answers_equal_direct_ones_with_bad_queries_among_them(core: C
     }
     let snap = p.site("rs").snapshot(Duration::from_secs(1)).await.unwrap();
     assert!(snap.queries_pipelined > 0, "queries were pipelined: {snap:?}");
+    assert_eq!(p.site("rs").status().generation, 0, "never declared down");
+    p.shutdown().await;
+}
+
+async fn the_pool_grows_under_waiting_queries_and_shrinks_back_when_idle(core: Core) {
+    // One channel kept; 12 clients at once make queries wait, so the pool
+    // opens more, never past channels_max; once idle for
+    // channel_idle_timeout it is back to one.
+    let Some(rs) = site(core, 100, 5).await else { return };
+    let params = SiteParams {
+        channels: 1,
+        channels_max: 3,
+        pipeline_depth: 1,
+        channel_idle_timeout: Duration::from_millis(500),
+        ..params()
+    };
+    let p = Proxy::start(vec![("rs", rs.tcp_address(), params)]).await;
+    p.wait_state("rs", SiteState::Ready).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..12 {
+        let path = p.socket("rs");
+        tasks.spawn(async move {
+            let mut c = UnixStream::connect(path).await.unwrap();
+            for _ in 0..10 {
+                let q = "GET services\nColumns: host_name description state plugin_output\nKeepAlive: on\nResponseHeader: fixed16\n\n";
+                let (status, body) = ask(&mut c, q).await;
+                assert_eq!((status, body.lines().count()), (200, 500));
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let snap = p.site("rs").snapshot(Duration::from_secs(1)).await.unwrap();
+    assert!((2..=3).contains(&snap.channels_peak), "grew, within channels_max: {snap:?}");
+    assert_eq!(snap.queries_pipelined, 0);
+    eventually_snapshot(&p, "rs", "back to one channel", |s| s.channels.len() == 1).await;
     assert_eq!(p.site("rs").status().generation, 0, "never declared down");
     p.shutdown().await;
 }
