@@ -19,8 +19,10 @@ build (all from scripts/install-test-deps.sh), python3.
 """
 
 import argparse
+import collections
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -30,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +43,11 @@ SIM = os.path.join(REL, "livemux-simsite")
 ICINGA = os.path.join(ROOT, "scripts", "icinga-site.sh")
 NAEMON = os.path.join(ROOT, "scripts", "naemon-site.sh")
 DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
+CHART3 = os.path.join(ROOT, "docs", "bench-scenario3.svg")
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 SMALL = "GET status\\nColumns: program_version"
 MIB = 1 << 20
+NOFILE = 262144
 
 
 def log(msg):
@@ -108,6 +113,7 @@ class Bench:
         self.procs = []
         self.site_dirs = []
         self.secs = 1.5 if quick else 5
+        self.charts = {}
 
     def close(self):
         for p in reversed(self.procs):
@@ -138,31 +144,38 @@ class Bench:
         addrs = [line.split()[1][len("tcp://"):] for line in p.text().splitlines() if line.startswith("listening")]
         return p, addrs
 
-    def livemux(self, sites, channels=5, top="", tls_ca=None):
+    def livemux(self, sites, channels=None, top="", tls_ca=None):
+        """livemux in front of `sites`, with its defaults except `channels` when given."""
         d = tempfile.mkdtemp(prefix="lm", dir=self.work)
         cfg = os.path.join(d, "livemux.toml")
         with open(cfg, "w") as f:
             f.write(f'socket_dir = "{d}/s"\nstate_file = "{d}/state.json"\nspool_dir = "{d}/spool"\n{top}\n')
-            f.write(f'[defaults]\nchannels = {channels}\nquery_timeout = "300s"\nmax_clients = 100000\n')
+            f.write('[defaults]\nquery_timeout = "300s"\nmax_clients = 100000\n')
+            if channels:
+                f.write(f'channels = {channels}\n')
             for name, addr in sites:
                 scheme = "tls" if tls_ca else "tcp"
                 f.write(f'[[site]]\nname = "{name}"\naddress = "{scheme}://{addr}"\n')
                 if tls_ca:
                     f.write(f'ca_file = "{tls_ca}"\n')
         p = self.proc(f"livemux{len(self.procs)}", [LIVEMUX, "run", "--config", cfg])
+        p.state_file = f"{d}/state.json"
         wait_until("livemux sites ready", lambda: p.text("err").count("site is ready") >= len(sites) or not p.alive(), 300)
         if not p.alive():
             raise RuntimeError(f"livemux failed: {p.text('err')[-2000:]}")
         return p, {name: f"unix:{d}/s/{name}" for name, _ in sites}
 
-    def haproxy(self, sites):
+    def haproxy(self, sites, tls_ca=None):
+        """HAProxy in TCP mode, a UNIX-socket frontend per site; with `tls_ca` it speaks TLS to the sites
+        (verifying them, resuming sessions as it does by default)."""
         d = tempfile.mkdtemp(prefix="hap", dir=self.work)
         cfg = os.path.join(d, "haproxy.cfg")
+        tls = f" ssl verify required ca-file {tls_ca} sni str(localhost)" if tls_ca else ""
         with open(cfg, "w") as f:
             f.write("global\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n"
                     "  timeout client 300s\n  timeout server 300s\n")
             for name, addr in sites:
-                f.write(f"listen {name}\n  bind unix@{d}/{name} mode 660\n  server s {addr}\n")
+                f.write(f"listen {name}\n  bind unix@{d}/{name} mode 660\n  server s {addr}{tls}\n")
         p = self.proc(f"haproxy{len(self.procs)}", ["haproxy", "-f", cfg, "-db"])
         wait_until("haproxy sockets", lambda: all(os.path.exists(f"{d}/{n}") for n, _ in sites) or not p.alive())
         if not p.alive():
@@ -267,7 +280,7 @@ def scenario1(b, targets):
             hp2, hs2 = b.haproxy([("rs", addr2)])
             lm2, ls2 = b.livemux([("rs", addr2)], channels=2)
             sites.append((site_name, addr2, hs2["rs"], ls2["rs"], hp2, lm2))
-    overheads = []
+    overheads, hap_overheads = [], []
     for name, addr, hsock, lsock, hproc, lproc in sites:
         res = {"direct": [], "haproxy": [], "livemux": []}
         for _ in range(rounds):
@@ -284,63 +297,254 @@ def scenario1(b, targets):
             label = "direct (TCP, client quick-ACKs)" if peer == "direct" else peer
             rows.append([name, label] + row_cells(j))
         over = statistics.median(l["p50_us"] - d["p50_us"] for l, d in zip(res["livemux"], res["direct"]))
+        hover = statistics.median(h["p50_us"] - d["p50_us"] for h, d in zip(res["haproxy"], res["direct"]))
         if name == "simulated site":
             overheads.append(over)
-        text.append(f"{name}: livemux p50 overhead over direct {over:.0f} µs (median of {rounds} interleaved rounds)")
+            hap_overheads.append(hover)
+        text.append(f"{name}: p50 overhead over direct: livemux {over:.0f} µs, HAProxy {hover:.0f} µs "
+                    f"(medians of {rounds} interleaved rounds)")
     targets.append(("scenario 1: p50 overhead ≤ 30 µs over direct (simulated site)", f"{overheads[0]:.0f} µs",
                     overheads[0] <= 30))
+    targets.append(("scenario 1: p50 overhead no more than HAProxy's in the same run (simulated site)",
+                    f"{overheads[0]:.0f} µs vs {hap_overheads[0]:.0f} µs", overheads[0] <= hap_overheads[0]))
     return "### 1. Small query, one keep-alive client\n\n" + table(["site", "path"] + STD, rows) + "\n\n" + \
         "\n".join(f"- {t}" for t in text) + "\n"
 
 
+def cpu_per_query(j):
+    """The proxy's CPU time per answered query, µs."""
+    return j["cpu_pct"] / 100 / max(j["rate"], 1e-9) * 1e6
+
+
 def scenario2(b, targets):
-    """Many keep-alive clients on one site with 5 channels."""
-    rows = []
+    """Many keep-alive clients on one site, livemux with its defaults."""
+    rows, res = [], {}
     _, (addr,) = b.sims(1)
     hp, hs = b.haproxy([("sim", addr)])
-    lm, ls = b.livemux([("sim", addr)], channels=5)
+    lm, ls = b.livemux([("sim", addr)])
     for clients in ([1, 64] if b.quick else [1, 16, 64]):
         for peer, target, proc in [("direct", f"tcp:{addr}", None), ("haproxy", hs["sim"], hp), ("livemux", ls["sim"], lm)]:
             j = b.load(f"s2 {peer} {clients}", [target], clients=clients, proxy=proc)
-            rows.append([str(clients), peer] + row_cells(j))
-    return "### 2. Many keep-alive clients, one simulated site, livemux with 5 channels\n\n" + \
-        table(["clients", "path"] + STD, rows) + "\n"
+            res[(clients, peer)] = j
+            per = f"{cpu_per_query(j):.1f}" if proc else "-"
+            rows.append([str(clients), peer] + row_cells(j) + [per])
+    for clients in (16, 64):
+        if (clients, "livemux") not in res:
+            continue
+        lmj, hpj = res[(clients, "livemux")], res[(clients, "haproxy")]
+        ratio = lmj["rate"] / max(hpj["rate"], 1e-9)
+        targets.append((f"scenario 2, {clients} clients: livemux ≥ 1.0× HAProxy's rate", f"{ratio:.2f}×", ratio >= 1.0))
+        lc, hc = cpu_per_query(lmj), cpu_per_query(hpj)
+        targets.append((f"scenario 2, {clients} clients: livemux proxy CPU per query ≤ HAProxy's",
+                        f"{lc:.1f} µs vs {hc:.1f} µs", lc <= hc))
+    return ("### 2. Many keep-alive clients, one simulated site (no connection limit), livemux with its defaults\n\n" +
+            table(["clients", "path"] + STD + ["proxy CPU µs/query"], rows) + "\n")
+
+
+class SiteConnections:
+    """While a measurement runs, samples the connections each site holds (established TCP connections on a
+    site's port, accepted or still in its accept queue) and keeps the most seen at any one site."""
+
+    def __init__(self, ports):
+        self.ports = {int(p) for p in ports}
+        self.most = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+    def run(self):
+        while not self.done.wait(0.5):
+            out = subprocess.run(["ss", "-Htn", "state", "established"], capture_output=True, text=True).stdout
+            counts = collections.Counter()
+            for line in out.splitlines():
+                f = line.split()
+                if len(f) >= 4 and f[2].rsplit(":", 1)[-1].isdigit():
+                    port = int(f[2].rsplit(":", 1)[1])
+                    if port in self.ports:
+                        counts[port] += 1
+            if counts:
+                self.most = max(self.most, max(counts.values()))
+
+
+S3_WORKERS = 50
+S3_SITE_SERVES = 20
+S3_N = [1, 10, 50]
+S3_PEERS = ["direct", "haproxy", "livemux"]
 
 
 def scenario3(b, targets):
-    """GUI workload: 50 clients; each request connects to N sites, queries, disconnects."""
-    rows, ratios = [], []
-    points = [(10, 1)] if b.quick else [(1, 1), (10, 1), (50, 1), (1, 20), (10, 20), (50, 20)]
-    for rtt in sorted({r for _, r in points}):
-        sp, addrs = b.sims(50, knobs=[f"rtt_ms={rtt}"], name=f"rtt{rtt}")
-        sites = [(f"s{i}", a) for i, a in enumerate(addrs)]
-        hp, hs = b.haproxy(sites)
-        lm, ls = b.livemux(sites, channels=5)
-        for n, r in points:
-            if r != rtt:
+    """GUI pages: 50 workers, each page queries N sites at once; each site serves 20 connections at once."""
+    if b.quick:
+        points = [(1, "tcp", 10)]
+    else:
+        points = [(rtt, t, n) for rtt in (1, 20) for t in ("tcp", "tls") for n in S3_N]
+    certs = make_certs(b.work) if any(t == "tls" for _, t, _ in points) else None
+    res, rows = {}, []
+    for rtt, transport in sorted({(r, t) for r, t, _ in points}):
+        ns = [n for r, t, n in points if (r, t) == (rtt, transport)]
+        knobs = [f"rtt_ms={rtt}", f"max_connections={S3_SITE_SERVES}"]
+        if transport == "tls":
+            knobs.append("tls_handshake_rtts=1")
+        sp, addrs = b.sims(max(ns), knobs=knobs, name=f"gui{rtt}{transport}")
+        ports = [a.rsplit(":", 1)[1] for a in addrs]
+        names = [f"s{i}" for i in range(len(addrs))]
+        started = [sp]
+        if transport == "tls":
+            st, fronts = stunnels(b, addrs, certs)
+            started.append(st)
+            direct = [f"tls:{a}" for a in fronts]
+            direct_extra = ["--ca-file", certs["ca"], "--no-resumption"]
+            hp, hs = b.haproxy(list(zip(names, fronts)), tls_ca=certs["ca"])
+            lm, ls = b.livemux(list(zip(names, fronts)), tls_ca=certs["ca"])
+        else:
+            direct = [f"tcp:{a}" for a in addrs]
+            direct_extra = []
+            hp, hs = b.haproxy(list(zip(names, addrs)))
+            lm, ls = b.livemux(list(zip(names, addrs)))
+        started += [hp, lm]
+        peers = {"direct": (direct, direct_extra, None), "haproxy": ([hs[s] for s in names], [], hp),
+                 "livemux": ([ls[s] for s in names], [], lm)}
+        for n in ns:
+            for peer in S3_PEERS:
+                tlist, extra, proc = peers[peer]
+                with SiteConnections(ports[:n]) as held:
+                    j = b.load(f"s3 {rtt} ms {transport} N={n} {peer}", tlist[:n], clients=S3_WORKERS,
+                               extra=["--fanout", *extra], proxy=proc, warmup=1)
+                j["held"] = held.most
+                res[(rtt, transport, n, peer)] = j
+                rows.append([f"{rtt} ms", transport.upper(), str(n), peer] + row_cells(j) + [str(held.most)])
+        for p in reversed(started):
+            b.drop(p)
+    b.charts["scenario3"] = (res, sorted({(r, t) for r, t, _ in points}))
+    s3_targets(res, targets)
+    ratio_rows = []
+    for (rtt, transport, n, peer), j in res.items():
+        if peer != "livemux":
+            continue
+        limit = S3_WORKERS * 1000 / rtt
+        d, h = res[(rtt, transport, n, "direct")], res[(rtt, transport, n, "haproxy")]
+        ratio_rows.append([f"{rtt} ms", transport.upper(), str(n), f"{limit:,.0f}", f"{j['rate'] / limit:.2f}×",
+                           f"{j['p50_us'] / 1000 / rtt:.2f}", f"{j['rate'] / max(d['rate'], 1e-9):.2f}×",
+                           f"{j['rate'] / max(h['rate'], 1e-9):.2f}×"])
+    return ("### 3. GUI pages: 50 workers, each page queries N sites at once\n\n"
+            f"Each simulated site answers one round trip (RTT) after a request arrives, charges a new connection "
+            f"one more (the TCP handshake; over TLS one more again, TLS 1.3's), and serves at most "
+            f"{S3_SITE_SERVES} connections at once, as a real core does (Checkmk's default is 20): further "
+            "connections wait in its accept queue. TLS: stunnel in front of each simulated site; a direct worker "
+            "makes a full handshake per site per page (a GUI worker keeps no session cache), HAProxy makes one per "
+            "client connection (resuming sessions), livemux keeps its TLS channels. livemux runs with its "
+            "defaults. A page is one worker's fan-out: connect to N sites (or their proxy sockets), send one "
+            "small query to each, read every answer, disconnect. *held* is the most connections one site held "
+            "at once (sampled every 0.5 s), the *physical limit* 50 workers / one round trip per page.\n\n" +
+            table(["RTT", "transport", "N sites", "path", "pages/s", "p50 ms", "p99 ms", "proxy CPU",
+                   "proxy peak MiB", "errors", "site connections held"], rows) + "\n\n" +
+            table(["RTT", "transport", "N sites", "physical limit pages/s", "livemux / limit", "livemux p50 in RTTs",
+                   "livemux / direct", "livemux / HAProxy"], ratio_rows) + "\n\n" +
+            "![Scenario 3: pages/s and p50 against N](bench-scenario3.svg)\n")
+
+
+def s3_targets(res, targets):
+    """The issue's targets for scenario 3, from the points measured."""
+    def get(rtt, transport, n, peer):
+        return res.get((rtt, transport, n, peer))
+
+    for transport in ("tcp", "tls"):
+        T = transport.upper()
+        lm = [(n, get(20, transport, n, "livemux")) for n in (1, 10) if get(20, transport, n, "livemux")]
+        if lm:
+            limit = S3_WORKERS * 1000 / 20
+            worst = min(j["rate"] / limit for _, j in lm)
+            targets.append((f"scenario 3, 20 ms, {T}, N = 1 and 10: livemux ≥ 0.8× the physical limit",
+                            f"{worst:.2f}× at worst", worst >= 0.8))
+            rtts = max(j["p50_us"] / 20000 for _, j in lm)
+            targets.append((f"scenario 3, 20 ms, {T}, N = 1 and 10: livemux p50 ≤ 1.3 round trips",
+                            f"{rtts:.2f} round trips at worst", rtts <= 1.3))
+        for rtt, want_d, want_h in ((20, 1.5, 1.5), (1, 1.0, 1.5)):
+            ratios = [(get(rtt, transport, n, "livemux")["rate"] / max(get(rtt, transport, n, "direct")["rate"], 1e-9),
+                       get(rtt, transport, n, "livemux")["rate"] / max(get(rtt, transport, n, "haproxy")["rate"], 1e-9))
+                      for n in S3_N if get(rtt, transport, n, "livemux")]
+            if not ratios:
                 continue
-            names = [s for s, _ in sites[:n]]
-            res = {}
-            for peer, tmap, proc in [("direct", {s: f"tcp:{a}" for s, a in sites}, None), ("haproxy", hs, hp), ("livemux", ls, lm)]:
-                j = b.load(f"s3 rtt={rtt} n={n} {peer}", [tmap[s] for s in names], clients=50,
-                           extra=["--fanout"], proxy=proc, warmup=1)
-                res[peer] = j
-                rows.append([f"{rtt} ms", str(n), peer] + row_cells(j))
-            rd = res["livemux"]["rate"] / max(res["direct"]["rate"], 1e-9)
-            rh = res["livemux"]["rate"] / max(res["haproxy"]["rate"], 1e-9)
-            ratios.append((rtt, n, rd, rh))
-        b.drop(lm)
-        b.drop(hp)
-        b.drop(sp)
-    worst_d = min(r[2] for r in ratios)
-    worst_h = min(r[3] for r in ratios)
-    targets.append(("scenario 3: ≥ 5× direct's request rate (every point)", f"{worst_d:.2f}× at worst", worst_d >= 5))
-    targets.append(("scenario 3: ≥ 1.5× HAProxy's request rate (every point)", f"{worst_h:.2f}× at worst", worst_h >= 1.5))
-    ratio_rows = [[f"{r} ms", str(n), f"{rd:.2f}×", f"{rh:.2f}×"] for r, n, rd, rh in ratios]
-    return ("### 3. GUI workload: 50 clients, each request connects to N sites, queries all, disconnects\n\n"
-            "The simulated sites add a round trip per answer and one more per new connection (the TCP "
-            "handshake); livemux keeps 5 channels per site.\n\n" + table(["RTT", "N sites", "path"] + STD, rows) +
-            "\n\n" + table(["RTT", "N sites", "livemux / direct", "livemux / HAProxy"], ratio_rows) + "\n")
+            wd, wh = min(r[0] for r in ratios), min(r[1] for r in ratios)
+            targets.append((f"scenario 3, {rtt} ms, {T}, every N: livemux ≥ {want_d}× direct", f"{wd:.2f}× at worst",
+                            wd >= want_d))
+            targets.append((f"scenario 3, {rtt} ms, {T}, every N: livemux ≥ {want_h}× HAProxy", f"{wh:.2f}× at worst",
+                            wh >= want_h))
+    held = max(j["held"] for (_, _, _, p), j in res.items() if p == "livemux")
+    targets.append(("scenario 3: connections a site holds for livemux ≤ channels_max + 1 (11)", f"{held} at most",
+                    held <= 11))
+
+
+def svg_scenario3(res, combos, path):
+    """The scenario 3 chart: per RTT and transport, pages/s and p50 against N for each peer (log scales),
+    the physical limit drawn dashed."""
+    colours = {"direct": "#7f7f7f", "haproxy": "#e07b00", "livemux": "#1f5fbf"}
+    pw, ph, ml, mt, mb = 260, 200, 60, 40, 40
+    cols = len(combos)
+    width, height = ml + cols * (pw + 30), 2 * (ph + mt + mb) + 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           'font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{ml}" y="18" font-size="14">Scenario 3: 50 GUI workers, each page queries N sites '
+           f'(each site serves {S3_SITE_SERVES} connections at once)</text>']
+    xs = [math.log10(n) for n in S3_N]
+    x0, x1 = min(xs) - 0.1, max(xs) + 0.1
+    for row, (key, label, scale) in enumerate((("rate", "pages/s", 1), ("p50_us", "p50 ms", 1e-3))):
+        for col, (rtt, transport) in enumerate(combos):
+            left = ml + col * (pw + 30)
+            top = 30 + row * (ph + mt + mb) + mt
+            series = {p: [(n, res[(rtt, transport, n, p)][key] * scale) for n in S3_N
+                          if (rtt, transport, n, p) in res and res[(rtt, transport, n, p)]["requests"] > 0]
+                      for p in S3_PEERS}
+            limit = S3_WORKERS * 1000 / rtt if key == "rate" else rtt
+            vals = [v for s in series.values() for _, v in s if v > 0] + [limit]
+            lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
+            if hi == lo:
+                hi += 1
+
+            def X(n):
+                return left + (math.log10(n) - x0) / (x1 - x0) * pw
+
+            def Y(v):
+                return top + ph - (math.log10(v) - lo) / (hi - lo) * ph
+
+            out.append(f'<text x="{left}" y="{top - 8}" font-size="12">{label}, RTT {rtt} ms, '
+                       f'{transport.upper()}</text>')
+            out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+            for d in range(lo, hi + 1):
+                y = Y(10 ** d)
+                out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
+                out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{10 ** d:g}</text>')
+            for n in S3_N:
+                out.append(f'<text x="{X(n):.1f}" y="{top + ph + 14}" text-anchor="middle">{n}</text>')
+            out.append(f'<text x="{left + pw / 2}" y="{top + ph + 28}" text-anchor="middle">N sites</text>')
+            ly = Y(limit)
+            what = "physical limit" if key == "rate" else "one round trip"
+            out.append(f'<line x1="{left}" x2="{left + pw}" y1="{ly:.1f}" y2="{ly:.1f}" stroke="black" '
+                       'stroke-dasharray="5,4"/>')
+            out.append(f'<text x="{left + pw - 4}" y="{ly - 4:.1f}" text-anchor="end">{what}</text>')
+            for peer, s in series.items():
+                if not s:
+                    continue
+                pts = " ".join(f"{X(n):.1f},{Y(v):.1f}" for n, v in s if v > 0)
+                out.append(f'<polyline points="{pts}" fill="none" stroke="{colours[peer]}" stroke-width="2"/>')
+                for n, v in s:
+                    if v > 0:
+                        out.append(f'<circle cx="{X(n):.1f}" cy="{Y(v):.1f}" r="3" fill="{colours[peer]}"/>')
+    for i, peer in enumerate(S3_PEERS):
+        x = ml + i * 100
+        out.append(f'<rect x="{x}" y="{height - 18}" width="12" height="4" fill="{colours[peer]}"/>')
+        out.append(f'<text x="{x + 16}" y="{height - 12}">{peer}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
 
 
 def scenario4(b, targets):
@@ -406,14 +610,25 @@ def scenario5(b, targets):
 
 
 def scenario6(b, targets):
-    """Scale: many sites × 5 channels and many idle clients: memory and heartbeat CPU."""
-    nsites, nidle = (100, 1000) if b.quick else (1000, 10000)
+    """Scale: many sites × 2 channels and many idle clients: memory and heartbeat CPU."""
+    want_sites, want_idle = (200, 400) if b.quick else (10000, 20000)
     idle_secs = 6 if b.quick else 20
+    # livemux holds per site its socket and 2 channels, and one descriptor per client.
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    need = 3 * want_sites + want_idle + 256
+    nsites, nidle = want_sites, want_idle
+    if need > limit:
+        nsites = (limit - 256) // 5 // 100 * 100
+        nidle = 2 * nsites
     sp, addrs = b.sims(nsites, name="scale")
     sites = [(f"s{i}", a) for i, a in enumerate(addrs)]
     t0 = time.monotonic()
-    lm, ls = b.livemux(sites, channels=5)
+    lm, ls = b.livemux(sites, channels=2)
     ready = time.monotonic() - t0
+    # Heartbeats alone (no clients yet): every site's every 5 s.
+    cpu0, w0 = lm.cpu(), time.monotonic()
+    time.sleep(idle_secs)
+    hb_cpu = (lm.cpu() - cpu0) / (time.monotonic() - w0) * 100
     lm.reset_peak()
     base_rss = lm.status("VmRSS") / MIB
     tf = os.path.join(b.work, "idle-targets.txt")
@@ -427,18 +642,38 @@ def scenario6(b, targets):
     j = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
     peak = lm.status("VmHWM") / MIB
     rss = lm.status("VmRSS") / MIB
-    log(f"s6: {j['open']} of {nidle} idle clients held; livemux RSS {rss:.1f} MiB, peak {peak:.1f} MiB, CPU {cpu:.1f}%")
-    state = json.load(open(ls[sites[0][0]][5:].rsplit("/s/", 1)[0] + "/state.json"))
+    log(f"s6: {j['open']} of {nidle} idle clients held; livemux RSS {rss:.1f} MiB, peak {peak:.1f} MiB, "
+        f"heartbeat CPU {hb_cpu:.1f}%, with clients {cpu:.1f}%")
+    state = json.load(open(lm.state_file))
     channels = sum(len(s.get("channels", [])) for s in state["sites"])
-    targets.append((f"scenario 6: {nsites} sites × 5 channels + {nidle} idle clients within 256 MiB",
-                    f"{peak:.1f} MiB", peak <= 256))
+    what = f"{want_sites:,} sites × 2 channels + {want_idle:,} idle clients"
+    if nsites == want_sites:
+        targets.append((f"scenario 6: {what} within 256 MiB", f"{peak:.1f} MiB", peak <= 256))
+        targets.append((f"scenario 6: heartbeats of {want_sites:,} sites ≤ 10% of one core", f"{hb_cpu:.1f}%",
+                        hb_cpu <= 10))
+    else:
+        # Not measurable here: say so, with the measured scale and a linear
+        # projection (which over-states, since it scales the fixed part too).
+        k = want_sites / nsites
+        why = (f"needs ~{need:,} descriptors, this machine's limit is {limit:,}; at {nsites:,} sites × 2 + "
+               f"{nidle:,} clients")
+        targets.append((f"scenario 6: {what} within 256 MiB",
+                        f"not measurable: {why}: {peak:.1f} MiB (× {k:.2f} = {peak * k:.0f} MiB projected)", None))
+        targets.append((f"scenario 6: heartbeats of {want_sites:,} sites ≤ 10% of one core",
+                        f"not measurable: {why}: {hb_cpu:.1f}% (× {k:.2f} = {hb_cpu * k:.1f}% projected)", None))
     b.drop(lm)
     b.drop(sp)
-    rows = [[str(nsites), str(channels), f"{j['open']} of {nidle}", f"{ready:.1f} s", f"{base_rss:.1f}", f"{rss:.1f}",
-             f"{peak:.1f}", f"{cpu:.2f}%"]]
-    return ("### 6. Scale: sites × 5 channels, idle clients, heartbeats every 5 s\n\n" +
-            table(["sites", "channels open", "idle clients held", "all ready after", "RSS before clients MiB",
-                   "RSS with clients MiB", "peak MiB", f"CPU over {idle_secs} s"], rows) + "\n")
+    rows = [[f"{nsites:,}", f"{channels:,}", f"{j['open']:,} of {nidle:,}", f"{ready:.1f} s", f"{hb_cpu:.2f}%",
+             f"{base_rss:.1f}", f"{rss:.1f}", f"{peak:.1f}", f"{cpu:.2f}%"]]
+    scale_note = ""
+    if nsites < want_sites:
+        scale_note = (f"The target scale ({what}) needs ~{need:,} descriptors in livemux; this machine's hard "
+                      f"limit is {limit:,} and cannot be raised here (no CAP_SYS_RESOURCE), so the suite runs the "
+                      "largest scale that fits, with twice as many idle clients as sites.\n\n")
+    return ("### 6. Scale: sites × 2 channels, idle clients, heartbeats every 5 s\n\n" + scale_note +
+            table(["sites", "channels open", "idle clients held", "all ready after",
+                   f"heartbeat CPU (no clients, {idle_secs} s)", "RSS before clients MiB", "RSS with clients MiB",
+                   "peak MiB", f"CPU with clients, {idle_secs} s"], rows) + "\n")
 
 
 def make_certs(work):
@@ -455,26 +690,41 @@ def make_certs(work):
     return {k: os.path.join(d, f) for k, f in [("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key")]}
 
 
-def stunnel(b, backend, certs):
+def stunnels(b, backends, certs):
+    """One stunnel process with a TLS front for each backend; returns it and the fronts' addresses."""
     d = tempfile.mkdtemp(prefix="st", dir=b.work)
-    with socket.socket() as s:
+    held = []
+    for _ in backends:
+        s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        held.append(s)
+    ports = [s.getsockname()[1] for s in held]
+    for s in held:
+        s.close()
     conf = os.path.join(d, "stunnel.conf")
     with open(conf, "w") as f:
-        f.write(f"foreground = yes\npid =\ndebug = warning\n[ls]\naccept = 127.0.0.1:{port}\nconnect = {backend}\n"
-                f"cert = {certs['cert']}\nkey = {certs['key']}\nsslVersionMin = TLSv1.2\n")
+        f.write("foreground = yes\npid =\ndebug = warning\n")
+        for i, (backend, port) in enumerate(zip(backends, ports)):
+            f.write(f"[ls{i}]\naccept = 127.0.0.1:{port}\nconnect = {backend}\ncert = {certs['cert']}\n"
+                    f"key = {certs['key']}\nsslVersionMin = TLSv1.2\n")
     p = b.proc(f"stunnel{len(b.procs)}", ["stunnel4", conf])
 
-    def up():
+    def up(port):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return True
         except OSError:
             return not p.alive()
 
-    wait_until("stunnel", up)
-    return p, f"127.0.0.1:{port}"
+    wait_until("stunnel", lambda: all(up(port) for port in ports))
+    if not p.alive():
+        raise RuntimeError(f"stunnel failed: {p.text('err')[-2000:]}")
+    return p, [f"127.0.0.1:{port}" for port in ports]
+
+
+def stunnel(b, backend, certs):
+    p, (front,) = stunnels(b, [backend], certs)
+    return p, front
 
 
 def scenario7(b, targets):
@@ -482,7 +732,7 @@ def scenario7(b, targets):
     certs = make_certs(b.work)
     _, (addr,) = b.sims(1)
     _, tls_addr = stunnel(b, addr, certs)
-    lm, ls = b.livemux([("tls", tls_addr)], channels=5, tls_ca=certs["ca"])
+    lm, ls = b.livemux([("tls", tls_addr)], tls_ca=certs["ca"])
     tls = ["--ca-file", certs["ca"]]
     rows, res = [], {}
     for clients in ([1] if b.quick else [1, 16]):
@@ -604,8 +854,14 @@ def main():
     ap.add_argument("--write", action="store_true", help="rewrite docs/BENCHMARKS.md even with --quick")
     ap.add_argument("--only", help="comma-separated scenario numbers, e.g. 1,5")
     args = ap.parse_args()
+    # Scenario 6 holds ~60,000 descriptors in livemux and as many in the
+    # load tool: raise the limit as a deployment would (root may raise the
+    # hard limit too; otherwise the soft one goes up to it).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, NOFILE), max(hard, NOFILE)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     started = time.monotonic()
     log("building release binaries")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "livemux", "-p", "livemux-load", "-p", "livemux-simsite"],
@@ -634,7 +890,7 @@ def main():
     cmd = "scripts/bench.py" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
     head = (f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()} with `{cmd}` "
             f"({took / 60:.1f} min; {'quick mode: short runs' if args.quick else f'{b.secs:.0f} s per point'}).\n")
-    trows = [[t, m, "yes" if ok else "**no**"] for t, m, ok in targets]
+    trows = [[t, m, "not measured" if ok is None else "yes" if ok else "**no**"] for t, m, ok in targets]
     report = (head + "\n### Targets\n\n" + table(["target", "measured", "met"], trows) + "\n\n" +
               "\n".join(sections))
     print(report)
@@ -648,6 +904,9 @@ def main():
         with open(DOC, "w") as f:
             f.write(doc)
         log(f"wrote {DOC}")
+        if "scenario3" in b.charts:
+            svg_scenario3(*b.charts["scenario3"], CHART3)
+            log(f"wrote {CHART3}")
     log(f"done: scenarios ran in {took:.0f} s (building the release binaries took {built:.0f} s before)")
 
 

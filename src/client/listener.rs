@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::session::Session;
+use super::session::{ClientStream, Session};
 use crate::config::TcpListen;
 use crate::site::SiteHandle;
 use livemux_protocol::{Status, error_response};
@@ -162,7 +162,7 @@ impl Accepting {
     /// `max_clients` already.
     fn admit<S>(&self, stream: S, peer: &str, watchdog: Option<crate::watchdog::Watchdog>)
     where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: ClientStream,
     {
         match self.limit.clone().try_acquire_owned() {
             Ok(permit) => self.spawn_session(stream, self.span(peer), watchdog, permit),
@@ -187,7 +187,7 @@ impl Accepting {
         watchdog: Option<crate::watchdog::Watchdog>,
         permit: OwnedSemaphorePermit,
     ) where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: ClientStream,
     {
         use tracing::Instrument;
         let session = Session::new(

@@ -44,6 +44,21 @@ const ERROR_WRITE_GRACE: std::time::Duration = std::time::Duration::from_secs(1)
 /// close_notify to a client that reads nothing would otherwise wait forever).
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A client connection's transport.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether ending the session takes a shutdown before the close: a TLS
+    /// client needs its close_notify, a TCP client its FIN before a
+    /// possible reset. A UNIX client sees the end at the close itself, so
+    /// the system call is saved (one per GUI page and site).
+    const SHUTDOWN_BEFORE_CLOSE: bool = true;
+}
+
+impl ClientStream for tokio::net::UnixStream {
+    const SHUTDOWN_BEFORE_CLOSE: bool = false;
+}
+impl ClientStream for tokio::net::TcpStream {}
+impl ClientStream for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
+
 /// One client connection to a site's socket.
 pub struct Session<S> {
     site: SiteHandle,
@@ -70,7 +85,7 @@ enum ReadError {
     Io(std::io::Error),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: ClientStream> Session<S> {
     /// A session for `stream`, a client of `site`; TCP clients bring a
     /// send-stall [`Watchdog`].
     pub fn new(
@@ -139,7 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 break;
             }
         }
-        if !self.dead {
+        if !self.dead && S::SHUTDOWN_BEFORE_CLOSE {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
         }
     }

@@ -31,7 +31,7 @@ mod validate;
 pub const DEFAULT_CHANNELS_MAX: usize = 10;
 
 /// `pipeline_depth` unless set; see docs/BENCHMARKS.md (scenario 3).
-pub const DEFAULT_PIPELINE_DEPTH: usize = 4;
+pub const DEFAULT_PIPELINE_DEPTH: usize = 8;
 
 /// Longest UNIX socket path the kernel accepts (`sun_path` is 108 bytes).
 const MAX_SOCKET_PATH: usize = 107;

@@ -323,7 +323,7 @@ fn an_elastic_pool_and_pipelining_have_keys_and_checks() {
     assert_eq!(p, [(5, 10, 6), (15, 15, 6), (2, 4, 1)], "channels_max follows a larger channels unless set");
     assert_eq!(c.sites[0].params.channel_idle_timeout, Duration::from_secs(30));
     let d = SiteParams::default();
-    assert_eq!((d.channels_max, d.channel_idle_timeout, d.pipeline_depth), (10, Duration::from_secs(60), 4));
+    assert_eq!((d.channels_max, d.channel_idle_timeout, d.pipeline_depth), (10, Duration::from_secs(60), 8));
     let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\nchannels = 8\nchannels_max = 6\n");
     assert_eq!((e.line, e.key.as_deref()), (Some(5), Some("site[1].channels_max")));
     assert_eq!(e.message, "6 is below channels (8)");

@@ -9,9 +9,11 @@
 //! `TCP_QUICKACK` before every read: Icinga 2 writes the fixed16 header and
 //! the body in two writes without `TCP_NODELAY`, so with delayed ACKs on our
 //! side its Nagle algorithm holds the body for ~40 ms on every keep-alive
-//! query. Quick ACKs make that stall impossible. The option is re-armed each
-//! time a read is about to wait (the kernel leaves quick-ACK mode on its own),
-//! not before every read, to save a system call per read.
+//! query. Quick ACKs make that stall impossible. The option is re-armed when
+//! a read is about to wait for the first time since data last arrived (the
+//! kernel leaves quick-ACK mode on its own as it acknowledges data): one
+//! system call per answer, not one per poll (an idle channel is polled for
+//! its death whenever the site's actor wakes).
 
 use std::io;
 use std::pin::Pin;
@@ -27,43 +29,54 @@ use crate::error::SiteError;
 #[derive(Debug)]
 pub enum SiteStream {
     /// Livestatus over TCP.
-    Tcp(TcpStream),
+    Tcp(TcpStream, QuickAck),
     /// Livestatus over a UNIX socket.
     Unix(UnixStream),
     /// Livestatus over TLS.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, QuickAck),
     /// An in-memory connection to a simulated site (tests).
     #[cfg(test)]
     Memory(tokio::io::DuplexStream),
 }
 
-fn rearm_quickack(s: &TcpStream) {
-    #[cfg(target_os = "linux")]
-    {
-        // Best effort: on failure only the latency optimisation is lost.
-        let _ = socket2::SockRef::from(s).set_tcp_quickack(true);
+/// Whether `TCP_QUICKACK` was armed since data last arrived.
+#[derive(Debug, Default)]
+pub struct QuickAck {
+    armed: bool,
+}
+
+impl QuickAck {
+    /// After a read of `s` returned `r`: arm quick ACKs if the read waits
+    /// and they were not armed since data last arrived.
+    fn after_read<T>(&mut self, s: &TcpStream, r: &Poll<T>) {
+        if r.is_ready() {
+            self.armed = false;
+        } else if !self.armed {
+            self.armed = true;
+            #[cfg(target_os = "linux")]
+            {
+                // Best effort: on failure only the latency optimisation is lost.
+                let _ = socket2::SockRef::from(s).set_tcp_quickack(true);
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = s;
+        }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = s;
 }
 
 impl AsyncRead for SiteStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            SiteStream::Tcp(s) => {
+            SiteStream::Tcp(s, ack) => {
                 let r = Pin::new(&mut *s).poll_read(cx, buf);
-                if r.is_pending() {
-                    // About to wait for data: have it acknowledged at once.
-                    rearm_quickack(s);
-                }
+                // About to wait for data: have it acknowledged at once.
+                ack.after_read(s, &r);
                 r
             }
             SiteStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            SiteStream::Tls(s) => {
+            SiteStream::Tls(s, ack) => {
                 let r = Pin::new(s.as_mut()).poll_read(cx, buf);
-                if r.is_pending() {
-                    rearm_quickack(s.get_ref().0);
-                }
+                ack.after_read(s.get_ref().0, &r);
                 r
             }
             #[cfg(test)]
@@ -75,9 +88,9 @@ impl AsyncRead for SiteStream {
 impl AsyncWrite for SiteStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            SiteStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            SiteStream::Tcp(s, _) => Pin::new(s).poll_write(cx, buf),
             SiteStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-            SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            SiteStream::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
             #[cfg(test)]
             SiteStream::Memory(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -85,9 +98,9 @@ impl AsyncWrite for SiteStream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            SiteStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            SiteStream::Tcp(s, _) => Pin::new(s).poll_flush(cx),
             SiteStream::Unix(s) => Pin::new(s).poll_flush(cx),
-            SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            SiteStream::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
             #[cfg(test)]
             SiteStream::Memory(s) => Pin::new(s).poll_flush(cx),
         }
@@ -95,9 +108,9 @@ impl AsyncWrite for SiteStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            SiteStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            SiteStream::Tcp(s, _) => Pin::new(s).poll_shutdown(cx),
             SiteStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-            SiteStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            SiteStream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
             #[cfg(test)]
             SiteStream::Memory(s) => Pin::new(s).poll_shutdown(cx),
         }
@@ -151,7 +164,9 @@ pub async fn connect(
 ) -> Result<SiteStream, SiteError> {
     match address {
         SiteAddress::Unix(path) => within(address, params, UnixStream::connect(path)).await.map(SiteStream::Unix),
-        SiteAddress::Tcp { host, port } => tcp(address, params, host, *port).await.map(SiteStream::Tcp),
+        SiteAddress::Tcp { host, port } => {
+            tcp(address, params, host, *port).await.map(|s| SiteStream::Tcp(s, QuickAck::default()))
+        }
         SiteAddress::Tls { host, port } => {
             let stream = tcp(address, params, host, *port).await?;
             let Some(tls) = tls else {
@@ -164,7 +179,7 @@ pub async fn connect(
                 Ok(Ok(s)) => {
                     let resumed = s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
                     tls.note_handshake(resumed);
-                    Ok(SiteStream::Tls(Box::new(s)))
+                    Ok(SiteStream::Tls(Box::new(s), QuickAck::default()))
                 }
                 Ok(Err(e)) => Err(crate::tls::classify(&address.to_string(), &e)
                     .unwrap_or_else(|| SiteError::Tls { address: address.to_string(), detail: e.to_string() })),

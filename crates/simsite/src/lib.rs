@@ -110,6 +110,11 @@ pub struct Knobs {
     /// new connection once more (its TCP handshake). Applies to all tables,
     /// unlike the fault knobs.
     pub rtt: Duration,
+    /// Round trips of a TLS handshake in front of this site (stunnel on
+    /// loopback adds none of its own): the first answer on a new
+    /// connection pays them too, as it pays the TCP handshake's. TLS 1.3
+    /// takes 1, TLS 1.2 takes 2.
+    pub tls_handshake_rtts: u32,
     /// Serve at most this many connections at once (0: no limit). Further
     /// connections are accepted by the kernel but not read until a served
     /// one closes, as Icinga 2's Livestatus does (a pool thread per
@@ -139,7 +144,7 @@ impl Knobs {
     ///
     /// Keys: `delay_ms`, `hang` (0/1), `close_without_answer`,
     /// `close_after_bytes` (or `none`), `write_chunk`, `write_pause_ms`,
-    /// `fault_table` (or `none`), `bulk_bytes`, `rtt_ms`, `max_connections`,
+    /// `fault_table` (or `none`), `bulk_bytes`, `rtt_ms`, `tls_handshake_rtts`, `max_connections`,
     /// `command_reply` (or `none`), `unframed_reply` (or `none`), `mk_headers` (0/1),
     /// `close_after_answers`.
     pub fn apply(&mut self, key: &str, value: &str) -> Result<(), String> {
@@ -156,6 +161,7 @@ impl Knobs {
             "fault_table" => self.fault_table = Some(value.to_owned()),
             "bulk_bytes" => self.bulk_bytes = num(value)?,
             "rtt_ms" => self.rtt = Duration::from_millis(num(value)?),
+            "tls_handshake_rtts" => self.tls_handshake_rtts = num(value)? as u32,
             "max_connections" => self.max_connections = num(value)? as usize,
             "command_reply" if value == "none" => self.command_reply = None,
             "command_reply" => self.command_reply = Some(value.to_owned()),
@@ -459,6 +465,49 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Bytes read ahead of the request being answered, at most (a test
+/// server's bound; a client pipelining more waits for the kernel).
+const READ_AHEAD: usize = 1 << 20;
+
+/// When the bytes of a connection arrived, for the simulated round trip.
+#[derive(Default)]
+struct Arrivals {
+    /// Reads whose bytes are not all taken yet: (bytes left, when read).
+    reads: VecDeque<(usize, tokio::time::Instant)>,
+}
+
+impl Arrivals {
+    fn read(&mut self, n: usize) {
+        if n > 0 {
+            self.reads.push_back((n, tokio::time::Instant::now()));
+        }
+    }
+
+    /// Take `n` bytes (a request, with the empty lines before it): when
+    /// the last of them arrived.
+    fn take(&mut self, mut n: usize) -> tokio::time::Instant {
+        let mut when = tokio::time::Instant::now();
+        while n > 0 {
+            let Some((left, at)) = self.reads.front_mut() else { break };
+            when = *at;
+            let k = n.min(*left);
+            *left -= k;
+            n -= k;
+            if *left == 0 {
+                self.reads.pop_front();
+            }
+        }
+        when
+    }
+
+    /// `n` bytes taken are unread again (they are the next request).
+    fn put_back(&mut self, n: usize, at: tokio::time::Instant) {
+        if n > 0 {
+            self.reads.push_front((n, at));
+        }
+    }
+}
+
 /// What to do after answering a request.
 enum Next {
     Continue,
@@ -470,10 +519,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
     let mut buf = BytesMut::with_capacity(4096);
     let mut framer = Framer::new();
     let mut first = true;
-    // When the bytes that completed the next request arrived: the simulated
-    // round trip counts from there, so requests pipelined on one connection
-    // pay it once, together, as over a real network.
-    let mut last_read = tokio::time::Instant::now();
+    // The simulated round trip counts from when a request's last byte
+    // arrived, so requests pipelined on one connection pay it in parallel,
+    // as over a real network. Bytes are therefore read (and their arrival
+    // noted) while an answer waits for its round trip, too.
+    let mut arrivals = Arrivals::default();
+    let mut eof = false;
     let mut answered = 0u32;
     loop {
         // A request found whole without reading: it arrived while the
@@ -488,16 +539,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
                     return Ok(());
                 }
             }
+            if eof {
+                break framer.finish(&buf);
+            }
             let idle = buf.is_empty();
             let n = tokio::select! {
                 n = s.read_buf(&mut buf) => n?,
                 _ = shared.kick_idle.notified(), if idle => return Ok(()),
             };
-            last_read = tokio::time::Instant::now();
             read_for_it = true;
-            if n == 0 {
-                break framer.finish(&buf);
-            }
+            eof = n == 0;
+            arrivals.read(n);
         };
         let Some(frame) = frame else { return Ok(()) };
         if !read_for_it && answered > 0 {
@@ -505,6 +557,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
         }
         let block = buf[frame.start..frame.end].to_vec();
         buf.advance(frame.end);
+        let arrived = arrivals.take(frame.end);
         {
             let mut log = lock(&shared.requests);
             if log.len() == REQUEST_LOG_LEN {
@@ -512,9 +565,26 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
             }
             log.push_back(block.clone());
         }
-        let rtt = lock(&shared.knobs).rtt;
+        let (rtt, tls_rtts) = {
+            let k = lock(&shared.knobs);
+            (k.rtt, k.tls_handshake_rtts)
+        };
         if !rtt.is_zero() {
-            tokio::time::sleep_until(last_read + if first { rtt * 2 } else { rtt }).await;
+            let trips = if first { 2 + tls_rtts } else { 1 };
+            let due = arrived + rtt * trips;
+            let sleep = tokio::time::sleep_until(due);
+            tokio::pin!(sleep);
+            loop {
+                let room = buf.len() < READ_AHEAD;
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    n = s.read_buf(&mut buf), if room && !eof => {
+                        let n = n?;
+                        eof = n == 0;
+                        arrivals.read(n);
+                    }
+                }
+            }
         }
         first = false;
         if lock(&shared.knobs).mk_headers {
@@ -528,6 +598,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut s: S) -> 
                 MkRead::StopsAt { line, end } => {
                     // The lines after the bad one stay unread: they are
                     // the next request.
+                    arrivals.put_back(block.len() - end, arrived);
                     let mut rest = BytesMut::from(&block[end..]);
                     rest.extend_from_slice(&buf);
                     buf = rest;
@@ -805,5 +876,49 @@ impl<S: AsyncWrite + Unpin> FaultyWriter<'_, S> {
             }
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::time::{Duration, Instant};
+
+    async fn answer_of(c: &mut tokio::io::DuplexStream) -> String {
+        let mut head = [0u8; 16];
+        c.read_exact(&mut head).await.expect("header");
+        let len: usize = String::from_utf8_lossy(&head[4..15]).trim().parse().expect("length");
+        let mut body = vec![0u8; len];
+        c.read_exact(&mut body).await.expect("body");
+        String::from_utf8(body).expect("utf-8")
+    }
+
+    /// Requests pipelined on one connection each pay the round trip from
+    /// their own arrival, in parallel, as over a network; only the first
+    /// answer on a connection pays the handshakes too.
+    #[tokio::test(start_paused = true)]
+    async fn the_round_trip_counts_from_each_requests_arrival() {
+        let site = SimSite::start(SimConfig { listen: Listen::Memory, ..SimConfig::tcp("rtt") }).await.expect("site");
+        let rtt = Duration::from_millis(20);
+        site.set_knobs(|k| {
+            k.rtt = rtt;
+            k.tls_handshake_rtts = 1;
+        });
+        let mut c = site.connect_in_memory().expect("connect");
+        let q = |n: usize| format!("GET hosts\nColumns: name\nLimit: {n}\nResponseHeader: fixed16\nKeepAlive: on\n\n");
+        let t0 = Instant::now();
+        c.write_all(q(1).as_bytes()).await.expect("write");
+        assert_eq!(answer_of(&mut c).await, "host-0000\n");
+        assert_eq!(t0.elapsed(), 3 * rtt, "TCP and TLS handshakes, then the query");
+        let t1 = Instant::now();
+        c.write_all(q(1).as_bytes()).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        c.write_all(q(2).as_bytes()).await.expect("write");
+        assert_eq!(answer_of(&mut c).await, "host-0000\n");
+        assert_eq!(t1.elapsed(), rtt);
+        assert_eq!(answer_of(&mut c).await, "host-0000\nhost-0001\n");
+        assert_eq!(t1.elapsed(), rtt + Duration::from_millis(5), "not a round trip after the first answer");
+        assert_eq!(site.stats().pipelined, 1);
     }
 }

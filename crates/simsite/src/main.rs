@@ -24,8 +24,10 @@ struct Args {
     /// Services per host.
     #[arg(long, default_value_t = 10)]
     services: usize,
-    /// A fault knob, KEY=VALUE (repeatable): delay_ms, hang, close_without_answer,
-    /// close_after_bytes, write_chunk, write_pause_ms, fault_table, bulk_bytes, rtt_ms.
+    /// A knob, KEY=VALUE (repeatable); the keys are `Knobs::apply`'s: delay_ms,
+    /// hang, close_without_answer, close_after_bytes, write_chunk, write_pause_ms,
+    /// fault_table, bulk_bytes, rtt_ms, tls_handshake_rtts, max_connections,
+    /// command_reply, unframed_reply, mk_headers, close_after_answers.
     #[arg(long = "knob", value_name = "KEY=VALUE")]
     knobs: Vec<String>,
     /// Start this many sites (TCP only, each on its own port, named NAME-0,
