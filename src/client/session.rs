@@ -32,10 +32,6 @@ use livemux_protocol::{
 /// a typical request; the buffer grows (doubling) for larger ones.
 const READ_RESERVE: usize = 1024;
 
-/// A read buffer that grew beyond this for a large request is given back
-/// once that request has been taken out, so idle clients stay small.
-const KEEP_CAPACITY: usize = 64 * 1024;
-
 /// How long an error answer may take to write once the query's deadline has
 /// passed (it is a line of text; a client that cannot take it reads nothing).
 const ERROR_WRITE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -51,12 +47,27 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// possible reset. A UNIX client sees the end at the close itself, so
     /// the system call is saved (one per GUI page and site).
     const SHUTDOWN_BEFORE_CLOSE: bool = true;
+
+    /// Ready when the client has sent something (or closed): an idle
+    /// session waits here holding no read buffer. Streams that cannot tell
+    /// (TLS) are always ready and wait in the read itself.
+    fn poll_sent(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 impl ClientStream for tokio::net::UnixStream {
     const SHUTDOWN_BEFORE_CLOSE: bool = false;
+
+    fn poll_sent(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
 }
-impl ClientStream for tokio::net::TcpStream {}
+impl ClientStream for tokio::net::TcpStream {
+    fn poll_sent(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
 impl ClientStream for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
 
 /// One client connection to a site's socket.
@@ -140,9 +151,11 @@ impl<S: ClientStream> Session<S> {
                 }
             };
             let deadline = Instant::now() + self.site.params().query_timeout;
+            // Answering is boxed: an idle session's task stays small (a
+            // daemon holds tens of thousands of idle clients).
             let keep = match Request::parse(&block) {
-                Ok(Request::Get(q)) => self.answer(&q, deadline).await,
-                Ok(Request::Command(c)) => self.command(&c, deadline).await,
+                Ok(Request::Get(q)) => Box::pin(self.answer(&q, deadline)).await,
+                Ok(Request::Command(c)) => Box::pin(self.command(&c, deadline)).await,
                 Err(e) => {
                     events::RequestRejected { error: &e }.emit();
                     let style = ReplyStyle::sniff(&block);
@@ -167,7 +180,9 @@ impl<S: ClientStream> Session<S> {
             if let Some(f) = self.framer.scan(&self.buf, &limits).map_err(ReadError::Limit)? {
                 self.request_started = None;
                 let block = self.buf.split_to(f.end).freeze();
-                if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
+                if self.buf.is_empty() {
+                    // Nothing more buffered: the session holds no buffer
+                    // while it waits for the next request.
                     self.buf = BytesMut::new();
                 }
                 return Ok(Some(block.slice(f.start..)));
@@ -182,7 +197,6 @@ impl<S: ClientStream> Session<S> {
             // sending nothing else cannot grow the buffer.
             let skipped = self.framer.take_skipped();
             self.buf.advance(skipped);
-            self.buf.reserve(READ_RESERVE.max(self.buf.len()));
             let params = self.site.params();
             // Between requests (nothing buffered) a shutdown ends the session
             // and the idle timeout applies; a request being received is
@@ -194,8 +208,16 @@ impl<S: ClientStream> Session<S> {
             } else {
                 *self.request_started.get_or_insert_with(Instant::now) + params.client_request_timeout
             };
+            let (stream, buf) = (&mut self.stream, &mut self.buf);
+            let read = async {
+                if buf.is_empty() {
+                    std::future::poll_fn(|cx| stream.poll_sent(cx)).await?;
+                }
+                buf.reserve(READ_RESERVE.max(buf.len()));
+                stream.read_buf(buf).await
+            };
             let n = tokio::select! {
-                r = tokio::time::timeout_at(until, self.stream.read_buf(&mut self.buf)) => match r {
+                r = tokio::time::timeout_at(until, read) => match r {
                     Ok(r) => r.map_err(ReadError::Io)?,
                     Err(_) if waiting_for_new => {
                         tracing::debug!("closing client connection idle for {}",

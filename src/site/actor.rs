@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use super::channel::{Activity, Channel, Lease, Return, looks_alive, poll_dead_idle};
 use super::connector::{Connect, SiteStream};
 use super::heartbeat::{self, Schedule};
+use super::inbox::{Inbox, Outbox, inbox};
 use super::pool::{Back, Conn, Grow, Pool, Shrink, Sizes, Use, Waiting, Want};
 use super::{PoolReport, SiteState, SiteStatus};
 use crate::config::SiteConfig;
@@ -78,10 +79,19 @@ pub(crate) enum Purpose {
     Extra,
 }
 
-/// Reports from the actor's helpers and leases.
+/// Reports from the actor's helpers and leases. Kept small (32 bytes): an
+/// unbounded channel holds its messages in blocks of 32 and keeps a few
+/// blocks for reuse, per site (with 128-byte events that was 12 KiB of a
+/// site's 24); the rare, large reports are boxed.
 pub(crate) enum Event {
     /// A lease ended.
-    Returned { id: u64, how: Return, reason: Option<String> },
+    Returned { id: u64, how: Return, reason: Option<Box<str>> },
+    /// A helper finished.
+    Helper(Box<HelperDone>),
+}
+
+/// What a helper task reports.
+pub(crate) enum HelperDone {
     /// A connect attempt finished.
     Connected { generation: u64, purpose: Purpose, result: Result<SiteStream, SiteError> },
     /// A heartbeat finished; the channel comes back only if it answered.
@@ -125,10 +135,10 @@ pub(crate) struct Actor {
     /// TLS toward the site (`tls://` addresses), for the snapshot.
     tls: Option<Arc<crate::tls::SiteTls>>,
     requests: mpsc::Receiver<Request>,
-    events: mpsc::UnboundedReceiver<Event>,
+    events: Inbox,
     /// Cloned into leases and helper tasks. Unbounded by type, bounded in
     /// practice: each lease, connect and heartbeat sends exactly one event.
-    events_tx: mpsc::UnboundedSender<Event>,
+    events_tx: Outbox,
     status_tx: watch::Sender<SiteStatus>,
     shutdown: CancellationToken,
     activity: Arc<Activity>,
@@ -164,7 +174,7 @@ impl Actor {
         status_tx: watch::Sender<SiteStatus>,
         shutdown: CancellationToken,
     ) -> Actor {
-        let (events_tx, events) = mpsc::unbounded_channel();
+        let (events_tx, events) = inbox();
         let p = &cfg.params;
         let pool = Pool::new(Sizes {
             channels: p.channels,
@@ -207,7 +217,7 @@ impl Actor {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
-                Some(ev) = self.events.recv() => self.on_event(ev),
+                ev = self.events.recv() => self.on_event(ev),
                 req = self.requests.recv() => match req {
                     Some(r) => self.on_request(r),
                     None => break,
@@ -222,7 +232,9 @@ impl Actor {
                 _ = sleep_until(timer) => self.on_timer(),
             }
         }
-        self.drain().await;
+        // Boxed: the drain's state would otherwise sit in every site's
+        // task for its whole life.
+        Box::pin(self.drain()).await;
     }
 
     /// Shutdown: refuse new queries, close idle channels, and let the
@@ -236,7 +248,7 @@ impl Actor {
         self.helpers.abort_all();
         while self.pool.queries_in_flight() {
             tokio::select! {
-                Some(ev) = self.events.recv() => {
+                ev = self.events.recv() => {
                     if let Event::Returned { id, .. } = ev {
                         let _ = self.pool.left(id, Back::Close);
                     }
@@ -314,16 +326,20 @@ impl Actor {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Returned { id, how, reason } => self.on_returned(id, how, reason),
-            Event::Connected { generation, purpose, result } => self.on_connected(generation, purpose, result),
-            Event::Heartbeat { generation, purpose, channel, result } => {
-                self.on_heartbeat(generation, purpose, channel, result)
-            }
-            Event::Admitted { generation, channel, result } => self.on_admitted(generation, channel, result),
-            Event::Verified { generation, id, channel, result } => self.on_verified(generation, id, channel, result),
+            Event::Helper(done) => match *done {
+                HelperDone::Connected { generation, purpose, result } => self.on_connected(generation, purpose, result),
+                HelperDone::Heartbeat { generation, purpose, channel, result } => {
+                    self.on_heartbeat(generation, purpose, channel, result)
+                }
+                HelperDone::Admitted { generation, channel, result } => self.on_admitted(generation, channel, result),
+                HelperDone::Verified { generation, id, channel, result } => {
+                    self.on_verified(generation, id, channel, result)
+                }
+            },
         }
     }
 
-    fn on_returned(&mut self, id: u64, how: Return, reason: Option<String>) {
+    fn on_returned(&mut self, id: u64, how: Return, reason: Option<Box<str>>) {
         let back = match how {
             Return::Reuse => Back::Reuse,
             Return::Verify => Back::Verify,
@@ -567,7 +583,7 @@ impl Actor {
         let attempt = self.connector.connect();
         self.spawn(async move {
             let result = attempt.await;
-            let _ = tx.send(Event::Connected { generation, purpose, result });
+            let _ = tx.send(Event::Helper(Box::new(HelperDone::Connected { generation, purpose, result })));
         });
     }
 
@@ -587,7 +603,7 @@ impl Actor {
     fn start_admission(&mut self, ch: Channel) {
         self.pool.admission_started();
         let generation = self.generation;
-        self.spawn_heartbeat(ch, move |channel, result| Event::Admitted { generation, channel, result });
+        self.spawn_heartbeat(ch, move |channel, result| HelperDone::Admitted { generation, channel, result });
     }
 
     /// Prove a channel clean after an error answer: a heartbeat on it must
@@ -595,14 +611,14 @@ impl Actor {
     fn start_verification(&mut self, ch: Channel) {
         let (generation, id) = (self.generation, ch.id);
         self.pool.lent(id, Use::Verify, SystemTime::now());
-        self.spawn_heartbeat(ch, move |channel, result| Event::Verified { generation, id, channel, result });
+        self.spawn_heartbeat(ch, move |channel, result| HelperDone::Verified { generation, id, channel, result });
     }
 
     fn start_heartbeat(&mut self, ch: Channel, purpose: Purpose) {
         self.schedule.sent();
         self.pool.lent(ch.id, Use::Heartbeat, SystemTime::now());
         let generation = self.generation;
-        self.spawn_heartbeat(ch, move |channel, result| Event::Heartbeat { generation, purpose, channel, result });
+        self.spawn_heartbeat(ch, move |channel, result| HelperDone::Heartbeat { generation, purpose, channel, result });
     }
 
     /// Send a heartbeat on `ch` in a helper task, bounded by
@@ -611,7 +627,7 @@ impl Actor {
     fn spawn_heartbeat(
         &mut self,
         ch: Channel,
-        report: impl FnOnce(Option<Channel>, Result<i64, SiteError>) -> Event + Send + 'static,
+        report: impl FnOnce(Option<Channel>, Result<i64, SiteError>) -> HelperDone + Send + 'static,
     ) {
         let tx = self.events_tx.clone();
         let timeout = self.cfg.params.heartbeat_timeout;
@@ -621,7 +637,7 @@ impl Actor {
                 Ok(Err(e)) => (None, Err(e)),
                 Err(_) => (None, Err(SiteError::HeartbeatTimeout(timeout))),
             };
-            let _ = tx.send(report(channel, result));
+            let _ = tx.send(Event::Helper(Box::new(report(channel, result))));
         });
     }
 

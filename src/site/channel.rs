@@ -43,12 +43,13 @@ use std::time::SystemTime;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::actor::Event;
 use super::connector::SiteStream;
+use super::inbox::Outbox;
 
 /// When the site last sent any byte, shared by the actor and all leases.
 ///
@@ -367,12 +368,12 @@ pub struct Lease {
     touched: bool,
     /// Already given back.
     done: bool,
-    returns: mpsc::UnboundedSender<Event>,
+    returns: Outbox,
     down: CancellationToken,
 }
 
 impl Lease {
-    pub(crate) fn new(channel: &mut Channel, returns: mpsc::UnboundedSender<Event>, down: CancellationToken) -> Lease {
+    pub(crate) fn new(channel: &mut Channel, returns: Outbox, down: CancellationToken) -> Lease {
         let reused = channel.uses > 0;
         channel.uses += 1;
         channel.since = SystemTime::now();
@@ -514,7 +515,7 @@ impl Lease {
         }
         self.done = true;
         // If the actor is gone the channel is simply closed with it.
-        let _ = self.returns.send(Event::Returned { id: self.id, how, reason });
+        let _ = self.returns.send(Event::Returned { id: self.id, how, reason: reason.map(String::into_boxed_str) });
     }
 }
 

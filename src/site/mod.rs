@@ -16,6 +16,7 @@ pub mod channel;
 pub mod connector;
 pub mod exchange;
 pub(crate) mod heartbeat;
+mod inbox;
 pub(crate) mod pool;
 #[cfg(test)]
 mod tests;

@@ -367,14 +367,25 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// An idle channel (a new one after its first heartbeat, or one whose
     /// queries or heartbeat ended cleanly).
     pub(crate) fn push_idle(&mut self, c: C, now: Instant) {
-        let since = self.busy.remove(&c.id()).and_then(|l| l.idle_since).unwrap_or(now);
+        let since = self.unlend(c.id()).and_then(|l| l.idle_since).unwrap_or(now);
         self.idle.push_back(Idle { channel: c, since });
         self.peak = self.peak.max(self.serving());
     }
 
     /// A channel away for a heartbeat or verification: no longer busy.
     pub(crate) fn returned(&mut self, id: u64) {
-        self.busy.remove(&id);
+        self.unlend(id);
+    }
+
+    /// Take a channel's entry out of the lent ones. An emptied map gives
+    /// its node back: a `BTreeMap` keeps its root node when emptied, and an
+    /// idle pool (most of 10,000 sites' pools) would hold one each.
+    fn unlend(&mut self, id: u64) -> Option<Lent<C>> {
+        let l = self.busy.remove(&id);
+        if self.busy.is_empty() {
+            self.busy = BTreeMap::new();
+        }
+        l
     }
 
     /// Mark a channel as lent for `what` (a heartbeat on a new connection,
@@ -504,7 +515,7 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         if l.in_flight > 0 {
             return None;
         }
-        let l = self.busy.remove(&id)?;
+        let l = self.unlend(id)?;
         Some((l.channel?, l.back))
     }
 
