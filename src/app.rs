@@ -175,6 +175,13 @@ impl App {
             tracker.spawn(listener::serve_unix(l, file, ctx).instrument(span));
             sites.push(handle);
         }
+        if let Some(inv) = config.inventory.clone() {
+            let span = tracing::info_span!("inventory");
+            tracker.spawn(tracing::Instrument::instrument(
+                crate::inventory::run(inv, sites.clone(), shutdown.clone()),
+                span,
+            ));
+        }
         tracker.spawn(crate::state::run(
             config.state_file.clone(),
             config.state_interval,

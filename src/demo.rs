@@ -57,6 +57,11 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
         cache_budget: 64 << 20,
         cache_max_entry: 1 << 20,
         spool: crate::config::SpoolConfig { dir: dir.join("spool"), ..Default::default() },
+        // The simulated sites serve inventory trees; sync them every 10 s.
+        inventory: Some(crate::config::InventoryConfig {
+            interval: std::time::Duration::from_secs(10),
+            ..crate::config::InventoryConfig::new(dir.join("inventory"))
+        }),
         sites,
     };
     let app = App::start(config.clone()).await?;
@@ -67,6 +72,9 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
         println!("  site {:<7} simulated at {:<22} proxy socket {}", s.name, sim.address(), sock(&s.name));
     }
     println!("  state file {}", config.state_file.display());
+    if let Some(inv) = &config.inventory {
+        println!("  HW/SW inventory synced into {}", inv.dir.display());
+    }
     println!();
     println!("Try:");
     println!("  {exe} query --socket {} 'GET hosts\\nColumns: name state plugin_output\\nLimit: 5'", sock("berlin"));

@@ -17,6 +17,7 @@
 //! - [`spool`]: holding answers for slow clients, within memory and disk budgets.
 //! - [`sockopt`]: TCP socket options (nodelay, keepalive, user timeout).
 //! - [`tls`]: TLS toward sites and on cascading listeners (rustls).
+//! - [`inventory`]: HW/SW inventory files kept in sync with every site.
 //! - [`state`]: the JSON state file.
 //! - [`events`]: one struct per observable event (log line).
 //! - [`error`]: error types, classified by who failed.
@@ -36,6 +37,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod inventory;
 pub mod relay;
 pub mod site;
 pub mod sockopt;

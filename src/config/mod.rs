@@ -283,6 +283,8 @@ pub struct SiteParams {
     /// Identical uncached `GET`s in flight at the same moment share one
     /// answer (cacheable ones always do).
     pub coalesce: bool,
+    /// Sync this site's HW/SW inventory (when `[inventory]` is configured).
+    pub inventory: bool,
 }
 
 impl Default for SiteParams {
@@ -311,6 +313,7 @@ impl Default for SiteParams {
             cache: true,
             cache_max_age: None,
             coalesce: false,
+            inventory: true,
         }
     }
 }
@@ -379,8 +382,37 @@ pub struct Config {
     pub cache_budget: usize,
     /// Larger answers are not cached (nor shared in single-flight).
     pub cache_max_entry: usize,
+    /// HW/SW inventory sync (off unless `[inventory]` sets `dir`).
+    pub inventory: Option<InventoryConfig>,
     /// The sites, in file order.
     pub sites: Vec<SiteConfig>,
+}
+
+/// `[inventory]`: keep the central site's copy of every remote host's HW/SW
+/// inventory tree in sync (see `inventory`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryConfig {
+    /// The central site's inventory directory (`var/check_mk/inventory`).
+    pub dir: PathBuf,
+    /// How often each site is asked whether anything changed.
+    pub interval: Duration,
+    /// How often every host is listed whatever the site says (removed hosts
+    /// do not change the site's probe value).
+    pub full_interval: Duration,
+    /// A host's file larger than this is skipped (with a log line).
+    pub max_file_bytes: u64,
+}
+
+impl InventoryConfig {
+    /// Defaults for a directory.
+    pub fn new(dir: PathBuf) -> Self {
+        InventoryConfig {
+            dir,
+            interval: Duration::from_secs(60),
+            full_interval: Duration::from_secs(600),
+            max_file_bytes: 256 << 20,
+        }
+    }
 }
 
 impl Config {
@@ -455,6 +487,7 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             cache_budget: 64 << 20,
             cache_max_entry: 1 << 20,
+            inventory: None,
             sites: Vec::new(),
         }
     }

@@ -75,6 +75,16 @@ pub(crate) struct RawSite {
     pub cache: Field,
     pub cache_max_age: Field,
     pub coalesce: Field,
+    pub inventory: Field,
+}
+
+/// The `[inventory]` section as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub(crate) struct RawInventory {
+    pub dir: Field,
+    pub interval: Field,
+    pub full_interval: Field,
+    pub max_file_bytes: Field,
 }
 
 /// `tls = { cert_file = "...", key_file = "..." }` of a TCP listener.
@@ -98,6 +108,7 @@ pub(crate) struct RawConfig {
     pub spool_disk_budget: Field,
     pub cache_budget: Field,
     pub cache_max_entry: Field,
+    pub inventory: Option<Spanned<RawInventory>>,
     pub defaults: Option<Spanned<RawSite>>,
     pub site: Option<Vec<Spanned<RawSite>>>,
 }

@@ -332,3 +332,33 @@ fn an_elastic_pool_and_pipelining_have_keys_and_checks() {
     let e = error("[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\npipeline_depth = 0\n");
     assert_eq!(e.message, "0 is out of range 1..=64");
 }
+
+#[test]
+fn inventory_sync_is_off_unless_configured_and_checked_when_it_is() {
+    assert_eq!(Config::from_toml(GOOD).unwrap().inventory, None);
+    let on = format!(
+        "{GOOD}inventory = false\n[inventory]\ndir = \"/omd/sites/central/var/check_mk/inventory\"\ninterval = \"30s\"\n"
+    );
+    let c = Config::from_toml(&on).unwrap();
+    let inv = c.inventory.expect("configured");
+    assert_eq!(inv.dir, PathBuf::from("/omd/sites/central/var/check_mk/inventory"));
+    assert_eq!(inv.interval, Duration::from_secs(30));
+    assert_eq!(inv.full_interval, Duration::from_secs(600));
+    assert_eq!(inv.max_file_bytes, 256 << 20);
+    assert!(c.sites[0].params.inventory, "on by default");
+    assert!(!c.sites[1].params.inventory, "paris opts out");
+
+    // Line numbers after GOOD's last line.
+    let at = |n: usize| Some(GOOD.lines().count() + n);
+    let e = error(&format!("{GOOD}[inventory]\ninterval = \"30s\"\n"));
+    assert_eq!((e.line, e.key.as_deref()), (at(1), Some("inventory.dir")));
+    assert!(e.message.contains("is required"), "{e}");
+    let e = error(&format!("{GOOD}[inventory]\ndir = \"/x\"\ninterval = \"5m\"\nfull_interval = \"1m\"\n"));
+    assert_eq!((e.line, e.key.as_deref()), (at(4), Some("inventory.full_interval")));
+    let e = error(&format!("{GOOD}[inventory]\ndir = \"/x\"\ninterval = \"10ms\"\n"));
+    assert_eq!((e.line, e.key.as_deref()), (at(3), Some("inventory.interval")));
+    let e = error(&format!("{GOOD}[inventory]\ndir = \"/x\"\nintervall = \"1m\"\n"));
+    assert_eq!((e.line, e.key.as_deref()), (at(3), Some("inventory.intervall")));
+    let e = error(&format!("{GOOD}inventory = \"yes\"\n"));
+    assert_eq!(e.key.as_deref(), Some("site[2].inventory"));
+}

@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{Field, RawConfig, RawSite, Scalar};
+use super::raw::{Field, RawConfig, RawInventory, RawSite, Scalar};
 use super::units::{parse_duration, parse_size};
 use super::{
-    Config, ConfigError, ListenerTls, MAX_SOCKET_PATH, SiteAddress, SiteConfig, SiteParams, SpoolConfig, TcpListen,
+    Config, ConfigError, InventoryConfig, ListenerTls, MAX_SOCKET_PATH, SiteAddress, SiteConfig, SiteParams,
+    SpoolConfig, TcpListen,
 };
 
 /// Durations anywhere: 1 ms to 7 days.
@@ -209,6 +210,10 @@ impl<'a> Validator<'a> {
             s.disk_budget = n;
         }
         c.spool = spool;
+        if let Some(inv) = raw.inventory {
+            let span = inv.span();
+            c.inventory = self.inventory(&inv.into_inner(), span);
+        }
 
         let defaults = raw.defaults.map(|d| d.into_inner()).unwrap_or_default();
         for (field, what) in [
@@ -241,6 +246,36 @@ impl<'a> Validator<'a> {
             }
         }
         c
+    }
+
+    fn inventory(&mut self, raw: &RawInventory, span: Range<usize>) -> Option<InventoryConfig> {
+        let dir = match &raw.dir {
+            None => {
+                self.err(
+                    span.clone(),
+                    "inventory.dir",
+                    "is required in [inventory] (the central site's inventory directory)",
+                );
+                None
+            }
+            Some(_) => self.path(&raw.dir, "inventory.dir"),
+        };
+        let mut c = InventoryConfig::new(dir.clone().unwrap_or_default());
+        let at_least_1s = (Duration::from_secs(1)..=Duration::from_secs(7 * 86400), "1s..=7d");
+        if let Some(d) = self.duration_in(&raw.interval, "inventory.interval", at_least_1s.clone()) {
+            c.interval = d;
+        }
+        if let Some(d) = self.duration_in(&raw.full_interval, "inventory.full_interval", at_least_1s) {
+            c.full_interval = d;
+        }
+        if let Some(n) = self.size(&raw.max_file_bytes, "inventory.max_file_bytes", 1024..=1 << 40) {
+            c.max_file_bytes = n;
+        }
+        if c.full_interval < c.interval {
+            let at = raw.full_interval.as_ref().or(raw.interval.as_ref()).map_or(span, |v| v.span());
+            self.err(at, "inventory.full_interval", "must not be shorter than inventory.interval");
+        }
+        dir.map(|_| c)
     }
 
     fn site(
@@ -433,6 +468,7 @@ impl<'a> Validator<'a> {
             cache: flag,
             cache_max_age: some_duration,
             coalesce: flag,
+            inventory: flag,
         );
         set!(self, raw, p.limits, prefix;
             max_request_bytes: byte_count(1024..=1 << 30),

@@ -129,6 +129,9 @@ pub struct SiteSnapshot {
     pub tls: Option<crate::tls::TlsSnapshot>,
     /// The site's query cache.
     pub cache: Option<crate::cache::CacheStats>,
+    /// HW/SW inventory sync (absent unless `[inventory]` is configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<crate::inventory::InventorySnapshot>,
     /// Set when the site served fewer channels than the pool asked for:
     /// how many it does (the pool's cap until a retry gets one more).
     pub channels_served: Option<usize>,
@@ -194,6 +197,7 @@ struct HandleInner {
     reaped: AtomicU64,
     /// Short critical sections only (no await while held).
     last_reaped: std::sync::Mutex<Option<ReapRecord>>,
+    inventory: std::sync::OnceLock<Arc<crate::inventory::InventoryStatus>>,
     listen: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
@@ -239,6 +243,7 @@ impl SiteHandle {
             clients: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
             last_reaped: std::sync::Mutex::new(None),
+            inventory: std::sync::OnceLock::new(),
             listen: std::sync::OnceLock::new(),
         };
         let span = tracing::info_span!("site", site = %cfg.name);
@@ -359,6 +364,7 @@ impl SiteHandle {
             listen: i.listen.get().map(|a| a.to_string()),
             tls: r.tls,
             cache: Some(i.cache.stats(&i.name)),
+            inventory: i.inventory.get().map(|s| s.snapshot()),
         })
     }
 
@@ -367,6 +373,16 @@ impl SiteHandle {
         self.inner.reaped.fetch_add(1, Ordering::Relaxed);
         let rec = ReapRecord { at: timestamp(SystemTime::now()), peer: peer.to_owned(), reason: reason.to_owned() };
         *self.inner.last_reaped.lock().unwrap_or_else(|e| e.into_inner()) = Some(rec);
+    }
+
+    /// Attach the site's inventory sync status (once).
+    pub fn set_inventory_status(&self, status: Arc<crate::inventory::InventoryStatus>) {
+        let _ = self.inner.inventory.set(status);
+    }
+
+    /// The site's inventory sync status, if the sync is configured.
+    pub fn inventory_status(&self) -> Option<crate::inventory::InventorySnapshot> {
+        self.inner.inventory.get().map(|s| s.snapshot())
     }
 
     /// Record the address the site's TCP listener is bound to.

@@ -5,6 +5,7 @@
 //!   simulated sites (framing, errors, limits, heartbeats, the channel pool);
 //! - `pipeline`: elastic pools and pipelined channels;
 //! - `cache`: `Cache: reload` and single-flight;
+//! - `inventory`: HW/SW inventory sync against simulated sites;
 //! - `backpressure`: slow, pausing and vanishing clients, sites failing
 //!   mid-answer, peak memory for 1 GiB answers;
 //! - `deadpeers`: dead peers in private network namespaces (root);
@@ -22,6 +23,7 @@ mod cli;
 mod clients;
 mod deadpeers;
 mod heartbeat;
+mod inventory;
 mod pipeline;
 mod pool;
 mod proxy;

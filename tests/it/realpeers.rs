@@ -55,6 +55,7 @@ on_both_cores!(
     cached_answers_equal_direct_ones_and_a_reload_makes_them_fresh,
     pipelined_answers_equal_direct_ones_with_bad_queries_among_them,
     the_pool_grows_under_waiting_queries_and_shrinks_back_when_idle,
+    a_core_without_inventory_columns_switches_the_sync_off_and_nothing_else,
 );
 
 fn params() -> SiteParams {
@@ -603,6 +604,49 @@ async fn the_pool_grows_under_waiting_queries_and_shrinks_back_when_idle(core: C
     assert_eq!(snap.queries_pipelined, 0);
     eventually_snapshot(&p, "rs", "back to one channel", |s| s.channels.len() == 1).await;
     assert_eq!(p.site("rs").status().generation, 0, "never declared down");
+    p.shutdown().await;
+}
+
+async fn a_core_without_inventory_columns_switches_the_sync_off_and_nothing_else(core: Core) {
+    // Neither core has Checkmk's inventory columns: Icinga 2 answers the
+    // probe with 452 (unknown column), Naemon with 400 (no python3 output
+    // format). The sync goes off after that one answer; the site stays
+    // ready and its queries are answered as before.
+    let Some(rs) = site(core, 20, 2).await else { return };
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
+    let mut config = test_config(dir.path(), vec![("rs", rs.tcp_address(), params())]);
+    let inv = dir.path().join("inventory");
+    config.inventory = Some(livemux::config::InventoryConfig {
+        interval: Duration::from_millis(100),
+        ..livemux::config::InventoryConfig::new(inv.clone())
+    });
+    let p = Proxy::start_config(dir, config).await;
+    p.wait_state("rs", SiteState::Ready).await;
+    let h = p.site("rs");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let st = loop {
+        let st = h.inventory_status().expect("configured");
+        if st.state == "off" {
+            break st;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "sync not switched off: {st:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let why = st.last_error.unwrap_or_default();
+    let expected = match core {
+        Core::Icinga => "452",
+        Core::Naemon => "400",
+    };
+    assert!(why.contains(expected), "{}: {why}", core.name());
+    // Ten more intervals: still off, the site never went down, queries work.
+    let beats = h.status().heartbeats;
+    tokio::time::timeout(PATIENCE, h.wait_for(|s| s.heartbeats >= beats + 2)).await.expect("heartbeats go on");
+    assert_eq!(h.inventory_status().expect("configured").state, "off");
+    assert_eq!(h.status().generation, 0, "the probe's error answer is not a site failure");
+    let (code, body) = query(&p, "rs", "GET status\nColumns: num_hosts").await;
+    assert_eq!((code, body.as_str()), (200, "20\n"));
+    let files: Vec<_> = std::fs::read_dir(&inv).expect("dir").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(files, vec![std::ffi::OsString::from(".livemux")], "nothing written");
     p.shutdown().await;
 }
 

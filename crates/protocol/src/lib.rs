@@ -17,9 +17,12 @@
 //!   and re-encoding it for a site.
 //! - [`response`]: the `fixed16` [`ResponseHeader`](response::ResponseHeader),
 //!   status codes (Livestatus' own and the proxy's), error bodies.
+//! - [`python`]: reading an `OutputFormat: python3` answer (blobs included)
+//!   as it streams in, in constant memory.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod python;
 pub mod request;
 pub mod response;
 

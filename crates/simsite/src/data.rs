@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use crate::inventory::Inventory;
+
 /// Service descriptions, in order; beyond these come `svc-012`, `svc-013`, ...
 const SERVICE_NAMES: [&str; 12] =
     ["ping", "cpu", "memory", "load", "disk-root", "disk-var", "swap", "procs", "ssh", "http", "ntp", "users"];
@@ -31,6 +33,8 @@ pub enum Value {
     Str(String),
     /// A list column.
     List(Vec<String>),
+    /// A blob column (bytes).
+    Blob(Vec<u8>),
 }
 
 /// The tables a simulated site knows.
@@ -56,6 +60,16 @@ impl Table {
             "status" => Table::Status,
             _ => return None,
         })
+    }
+
+    /// Columns a query names explicitly but a query without `Columns:` does
+    /// not return (the inventory's blobs, as they are large).
+    pub fn extra_columns(self) -> &'static [&'static str] {
+        match self {
+            Table::Hosts => &["mk_inventory_last", "mk_inventory", "mk_inventory_gz"],
+            Table::Status => &["mk_inventory_last"],
+            _ => &[],
+        }
     }
 
     /// Column names, in the order a query without `Columns:` returns them.
@@ -138,6 +152,10 @@ pub struct Dataset {
     pub services_per_host: usize,
     host_state: HashMap<usize, (i64, String)>,
     service_state: HashMap<usize, (i64, String)>,
+    /// Host names set by tests (hostile names, say), by host index.
+    renamed: HashMap<usize, String>,
+    /// HW/SW inventory (`mk_inventory*` columns).
+    pub inventory: Inventory,
 }
 
 impl Dataset {
@@ -149,6 +167,8 @@ impl Dataset {
             services_per_host,
             host_state: HashMap::new(),
             service_state: HashMap::new(),
+            renamed: HashMap::new(),
+            inventory: Inventory::default(),
         }
     }
 
@@ -164,12 +184,18 @@ impl Dataset {
 
     /// Name of host `i`.
     pub fn host_name(&self, i: usize) -> String {
+        if let Some(n) = self.renamed.get(&i) {
+            return n.clone();
+        }
         let width = (self.hosts.saturating_sub(1)).to_string().len().max(4);
         format!("host-{i:0width$}")
     }
 
     /// Index of a host by name.
     pub fn host_index(&self, name: &str) -> Option<usize> {
+        if let Some((i, _)) = self.renamed.iter().find(|(_, n)| *n == name) {
+            return Some(*i);
+        }
         let i: usize = name.strip_prefix("host-")?.parse().ok()?;
         (i < self.hosts && self.host_name(i) == name).then_some(i)
     }
@@ -177,6 +203,11 @@ impl Dataset {
     /// Description of service `j` (of any host).
     pub fn service_name(j: usize) -> String {
         SERVICE_NAMES.get(j).map_or_else(|| format!("svc-{j:03}"), |s| (*s).to_owned())
+    }
+
+    /// Give host `i` another name.
+    pub fn rename_host(&mut self, i: usize, name: &str) {
+        self.renamed.insert(i, name.to_owned());
     }
 
     /// Set a host's state and output (from `PROCESS_HOST_CHECK_RESULT`).
@@ -259,6 +290,9 @@ impl Dataset {
             "check_command" => Str("check-host-alive".to_owned()),
             "notes" => Str(format!("simulated host {i}")),
             "latency" => Float((i % 1000) as f64 / 1000.0),
+            "mk_inventory_last" => Int(self.inventory.mtime(i)),
+            "mk_inventory" => Blob(self.inventory.blob(i, &self.host_name(i), false)),
+            "mk_inventory_gz" => Blob(self.inventory.blob(i, &self.host_name(i), true)),
             _ => return None,
         })
     }
@@ -318,6 +352,7 @@ impl Dataset {
             "connections" => Int(st.connections as i64),
             "requests" => Int(st.requests as i64),
             "interval_length" => Int(60),
+            "mk_inventory_last" => Int(self.inventory.last),
             _ => return None,
         })
     }

@@ -22,6 +22,7 @@
 
 pub mod bulk;
 pub mod data;
+pub mod inventory;
 pub mod query;
 
 use std::collections::VecDeque;
@@ -305,6 +306,12 @@ impl SimSite {
     /// Current knobs.
     pub fn knobs(&self) -> Knobs {
         lock(&self.shared.knobs).clone()
+    }
+
+    /// Read or change the site's objects (host names, inventory).
+    pub fn with_dataset<R>(&self, f: impl FnOnce(&mut Dataset) -> R) -> R {
+        let mut data = self.shared.data.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut data)
     }
 
     /// Set `program_start` (as a core reload would).
@@ -664,6 +671,22 @@ fn command(shared: &Shared, line: &str) {
                             shared.knobs_changed.send_modify(|g| *g += 1);
                         }
                     }
+                }
+            }
+        }
+        Some("LIVEMUX_SIM_INVENTORY") => {
+            // LIVEMUX_SIM_INVENTORY;<host>;<marker>: the host's inventory is
+            // saved anew (timestamp: now; `.last` touched), or removed with
+            // the marker `-`.
+            let args: Vec<&str> = parts.collect();
+            if let [host, marker, ..] = args[..] {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+                let mut data = shared.data.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(h) = data.host_index(host) {
+                    let inv = &data.inventory;
+                    let tree = (marker != "-")
+                        .then(|| crate::inventory::generate(host, inv.layout, inv.tree_bytes, marker, now));
+                    data.inventory.set(h, tree, now);
                 }
             }
         }

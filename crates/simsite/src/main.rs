@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use livemux_simsite::inventory::Layout;
 use livemux_simsite::{Listen, SimConfig, SimSite};
 
 #[derive(Parser)]
@@ -34,6 +35,15 @@ struct Args {
     /// NAME-1, ...); one `listening` line each.
     #[arg(long, default_value_t = 1)]
     count: usize,
+    /// Size of each host's generated HW/SW inventory tree, in bytes.
+    #[arg(long, default_value_t = 2048)]
+    inventory_bytes: usize,
+    /// Inventory file layout: current (<host>.json) or legacy (<host>).
+    #[arg(long, default_value = "current")]
+    inventory_layout: String,
+    /// Serve no inventory columns (like Icinga 2 or Naemon).
+    #[arg(long)]
+    no_inventory: bool,
 }
 
 #[tokio::main]
@@ -49,6 +59,11 @@ async fn main() -> std::process::ExitCode {
     } else {
         return fail("--listen must start with tcp:// or unix://");
     };
+    let layout = match args.inventory_layout.as_str() {
+        "current" => Layout::Current,
+        "legacy" => Layout::Legacy,
+        other => return fail(&format!("--inventory-layout must be current or legacy, not '{other}'")),
+    };
     if args.count > 1 && !matches!(listen, Listen::Tcp(_)) {
         return fail("--count needs a tcp:// address");
     }
@@ -60,6 +75,11 @@ async fn main() -> std::process::ExitCode {
             Ok(s) => s,
             Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),
         };
+        site.with_dataset(|ds| {
+            ds.inventory.enabled = !args.no_inventory;
+            ds.inventory.layout = layout;
+            ds.inventory.tree_bytes = args.inventory_bytes;
+        });
         for kv in &args.knobs {
             let Some((k, v)) = kv.split_once('=') else { return fail(&format!("--knob '{kv}' is not KEY=VALUE")) };
             let mut result = Ok(());

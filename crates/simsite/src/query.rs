@@ -91,6 +91,8 @@ enum Stat {
 enum Format {
     Csv,
     Json,
+    /// Checkmk's python3 renderer: blobs as `b"..."`.
+    Python3,
 }
 
 /// A parsed query, ready to run.
@@ -109,12 +111,20 @@ struct Plan {
 /// Run a query and return the response body.
 pub fn run(ds: &Dataset, q: &Query, st: &StatusCounters) -> Result<Vec<u8>, QueryError> {
     let plan = plan(q)?;
+    if !ds.inventory.enabled {
+        // A core without inventory (Icinga 2, Naemon) does not know them.
+        let text = String::from_utf8_lossy(q.forwarded_headers());
+        if let Some(c) = plan.table.extra_columns().iter().find(|c| text.contains(*c)) {
+            return Err(err(Status::BadRequest, format!("Table '{}' has no column '{c}'", q.table)));
+        }
+    }
     if plan.stats.is_empty() { rows(ds, &plan, st) } else { stats(ds, &plan, st) }
 }
 
 fn column(t: Table, name: &str, table: &str) -> Result<&'static str, QueryError> {
     t.columns()
         .iter()
+        .chain(t.extra_columns())
         .find(|c| **c == name)
         .copied()
         .ok_or_else(|| err(Status::BadRequest, format!("Table '{table}' has no column '{name}'")))
@@ -136,7 +146,8 @@ fn plan(q: &Query) -> Result<Plan, QueryError> {
         .ok_or_else(|| err(Status::NotFound, format!("Table '{}' does not exist.", q.table)))?;
     let format = match q.output_format.as_deref() {
         None | Some("csv") => Format::Csv,
-        Some("json" | "python" | "python3") => Format::Json,
+        Some("json" | "python") => Format::Json,
+        Some("python3") => Format::Python3,
         Some(other) => return Err(err(Status::BadRequest, format!("unsupported OutputFormat '{other}'"))),
     };
     let mut p = Plan {
@@ -279,6 +290,7 @@ fn compare(v: &Value, op: Op, want: &str) -> bool {
             Op::Ne => !(want.is_empty() && items.is_empty()),
             _ => false,
         },
+        Value::Blob(_) => false,
     }
 }
 
@@ -382,7 +394,7 @@ struct Output {
 
 impl Output {
     fn new(format: Format) -> Self {
-        let buf = if format == Format::Json { b"[".to_vec() } else { Vec::new() };
+        let buf = if format == Format::Csv { Vec::new() } else { b"[".to_vec() };
         Output { format, buf, rows: 0 }
     }
 
@@ -397,7 +409,7 @@ impl Output {
                 }
                 self.buf.push(b'\n');
             }
-            Format::Json => {
+            Format::Json | Format::Python3 => {
                 if self.rows > 0 {
                     self.buf.extend_from_slice(b",\n");
                 }
@@ -406,7 +418,11 @@ impl Output {
                     if i > 0 {
                         self.buf.push(b',');
                     }
-                    render_json(&c, &mut self.buf);
+                    if self.format == Format::Json {
+                        render_json(&c, &mut self.buf);
+                    } else {
+                        render_python3(&c, &mut self.buf);
+                    }
                 }
                 self.buf.push(b']');
             }
@@ -415,7 +431,7 @@ impl Output {
     }
 
     fn finish(mut self) -> Vec<u8> {
-        if self.format == Format::Json {
+        if self.format != Format::Csv {
             self.buf.extend_from_slice(b"]\n");
         }
         self.buf
@@ -428,6 +444,27 @@ fn render_csv(v: &Value) -> String {
         Value::Float(x) => x.to_string(),
         Value::Str(s) => s.clone(),
         Value::List(l) => l.join(","),
+        Value::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+    }
+}
+
+fn render_python3(v: &Value, out: &mut Vec<u8>) {
+    use livemux_protocol::python::{render_blob, render_str};
+    match v {
+        Value::Int(n) => out.extend_from_slice(n.to_string().as_bytes()),
+        Value::Float(x) => out.extend_from_slice(x.to_string().as_bytes()),
+        Value::Str(s) => render_str(s, out),
+        Value::Blob(b) => render_blob(b, out),
+        Value::List(l) => {
+            out.push(b'[');
+            for (i, s) in l.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                render_str(s, out);
+            }
+            out.push(b']');
+        }
     }
 }
 
@@ -436,6 +473,8 @@ fn render_json(v: &Value, out: &mut Vec<u8>) {
         Value::Int(n) => out.extend_from_slice(n.to_string().as_bytes()),
         Value::Float(x) => out.extend_from_slice(x.to_string().as_bytes()),
         Value::Str(s) => json_str(s, out),
+        // As Checkmk does: the bytes read as Latin-1.
+        Value::Blob(b) => json_str(&b.iter().map(|&c| char::from(c)).collect::<String>(), out),
         Value::List(l) => {
             out.push(b'[');
             for (i, s) in l.iter().enumerate() {

@@ -74,6 +74,7 @@ pub fn test_config(dir: &std::path::Path, sites: Vec<(&str, String, SiteParams)>
         cache_budget: 64 << 20,
         cache_max_entry: 1 << 20,
         spool: livemux::config::SpoolConfig { dir: dir.join("spool"), ..Default::default() },
+        inventory: None,
         sites: sites
             .into_iter()
             .map(|(name, addr, params)| SiteConfig {
