@@ -44,6 +44,9 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
     for (name, hosts, services) in SITES {
         let listen = Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)));
         let sim = SimSite::start(SimConfig { name: name.into(), hosts, services_per_host: services, listen }).await?;
+        // Each site's own host names (berlin-0001, ...), as in a real
+        // installation: one central inventory directory holds them all.
+        sim.with_dataset(|ds| ds.host_prefix = format!("{name}-"));
         let address = sim.address().parse().map_err(std::io::Error::other)?;
         sites.push(SiteConfig { name: name.into(), address, params: SiteParams::default(), listen: None });
         sims.push(sim);

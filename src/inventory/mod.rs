@@ -324,14 +324,13 @@ impl Syncer {
         let mut changes = Changes::default();
         for (host, why) in &plan.skipped {
             changes.skipped += 1;
-            if self.warned.insert(host.clone()) {
-                match why {
-                    plan::Skip::BadName(what) => {
-                        tracing::warn!(host = ?host, "inventory of a host not written: {what}")
+            match why {
+                plan::Skip::BadName(what) => {
+                    if self.warned.insert(host.clone()) {
+                        tracing::warn!(host = ?host, "inventory of a host not written: {what}");
                     }
-                    plan::Skip::Conflict(other) => tracing::warn!(host = %host, owner = %other,
-                        "inventory host name also on another site, which wrote it first; not written"),
                 }
+                plan::Skip::Conflict(other) => self.conflict(host, other),
             }
         }
         if !plan.remove.is_empty() {
@@ -355,12 +354,24 @@ impl Syncer {
             for (host, why) in done.skipped {
                 tracing::warn!(host = %host, "inventory of a host not written: {why}; its files stay as they were");
             }
+            changes.skipped += done.conflicts.len() as u64;
+            for (host, other) in &done.conflicts {
+                self.conflict(host, other);
+            }
         }
         self.probe.done(probe, true);
         if full {
             self.last_full = Some(Instant::now());
         }
         Ok(changes)
+    }
+
+    /// A host name another site holds: logged once per host.
+    fn conflict(&mut self, host: &str, owner: &str) {
+        if self.warned.insert(host.to_owned()) {
+            tracing::warn!(host = %host, owner = %owner,
+                "inventory host name also on another site, which wrote it first; not written here");
+        }
     }
 
     async fn probe_value(&self) -> Result<i64, SyncError> {
@@ -470,6 +481,8 @@ struct Batch {
     written: u64,
     bytes: u64,
     skipped: Vec<(String, String)>,
+    /// Hosts another site wrote first: (host, that site).
+    conflicts: Vec<(String, String)>,
 }
 
 /// The blocking side of a batch: parse the answer, write the files.
@@ -597,6 +610,7 @@ impl BatchSink<'_> {
                 self.batch.bytes += n;
             }
             store::Committed::Skipped(why) => skip(&mut self.batch, &why),
+            store::Committed::Conflict(other) => self.batch.conflicts.push((name, other)),
         }
         Ok(())
     }

@@ -120,6 +120,8 @@ pub enum Committed {
     Written(u64),
     /// Left as it was, and why.
     Skipped(String),
+    /// Another site (named) wrote a host of that name first.
+    Conflict(String),
 }
 
 /// A site's store as opened, with what is worth a log line.
@@ -263,7 +265,7 @@ impl SiteStore {
             return Ok(Committed::Skipped("the site sent an empty tree file".into()));
         }
         if let Err(other) = self.registry.claim(host, &self.site) {
-            return Ok(Committed::Skipped(format!("site {other} wrote a host of that name first")));
+            return Ok(Committed::Conflict(other));
         }
         let plain = finish(plain, &self.dir)?;
         let gz = if gz_len > 0 { Some(finish(gz, &self.dir)?) } else { None };

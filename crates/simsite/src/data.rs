@@ -156,6 +156,8 @@ pub struct Dataset {
     renamed: HashMap<usize, String>,
     /// HW/SW inventory (`mk_inventory*` columns).
     pub inventory: Inventory,
+    /// Host names are this and a number (`host-0042`).
+    pub host_prefix: String,
 }
 
 impl Dataset {
@@ -169,6 +171,7 @@ impl Dataset {
             service_state: HashMap::new(),
             renamed: HashMap::new(),
             inventory: Inventory::default(),
+            host_prefix: "host-".to_owned(),
         }
     }
 
@@ -188,7 +191,7 @@ impl Dataset {
             return n.clone();
         }
         let width = (self.hosts.saturating_sub(1)).to_string().len().max(4);
-        format!("host-{i:0width$}")
+        format!("{}{i:0width$}", self.host_prefix)
     }
 
     /// Index of a host by name.
@@ -196,7 +199,7 @@ impl Dataset {
         if let Some((i, _)) = self.renamed.iter().find(|(_, n)| *n == name) {
             return Some(*i);
         }
-        let i: usize = name.strip_prefix("host-")?.parse().ok()?;
+        let i: usize = name.strip_prefix(self.host_prefix.as_str())?.parse().ok()?;
         (i < self.hosts && self.host_name(i) == name).then_some(i)
     }
 
