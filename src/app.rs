@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::client::listener::{self, BindError};
 use std::sync::Arc;
 
-use crate::config::{Config, SiteAddress};
+use crate::config::{Config, SiteAddress, SiteConfig};
 use crate::error::fmt_duration;
 use crate::site::SiteHandle;
 use crate::tls::SiteTls;
@@ -97,17 +97,102 @@ pub fn check(config: &Config) -> Result<(), StartError> {
 /// The running daemon.
 pub struct App {
     config: Config,
-    sites: Vec<SiteHandle>,
+    sites: Vec<SiteRuntime>,
     budget: std::sync::Arc<crate::spool::SpoolBudget>,
     cache: Arc<crate::cache::Cache>,
+    /// Stops every listener and idle session; each site's own token is a child.
     shutdown: CancellationToken,
+    /// The daemon's own tasks (state writer, inventory).
     tracker: TaskTracker,
     /// The site actors stop only after the sessions (and the final state
-    /// file, which needs their snapshots).
+    /// file, which needs their snapshots); each site's token is a child.
     sites_stop: CancellationToken,
     sites_tracker: TaskTracker,
-    /// The socket files this daemon bound (removed at exit if still its own).
-    sockets: Vec<listener::SocketFile>,
+    /// Sites removed by a reload, finishing their answers.
+    retiring: TaskTracker,
+    /// The site list the state file shows.
+    list: tokio::sync::watch::Sender<Arc<Vec<SiteHandle>>>,
+    state: crate::state::StateSource,
+    inventory: Option<tokio::sync::mpsc::Sender<crate::inventory::Control>>,
+}
+
+/// One site at run time: its actor, socket, listeners and sessions.
+struct SiteRuntime {
+    config: SiteConfig,
+    handle: SiteHandle,
+    socket: listener::SocketFile,
+    /// Stops this site's listeners and idle sessions.
+    stop: CancellationToken,
+    /// This site's listeners and sessions.
+    sessions: TaskTracker,
+    /// Stops this site's actor.
+    actor_stop: CancellationToken,
+    limit: Arc<listener::ClientLimit>,
+    tcp: Option<TcpRuntime>,
+}
+
+/// A site's running TCP listener.
+struct TcpRuntime {
+    addr: std::net::SocketAddr,
+    settings: listener::SharedTcpSettings,
+    stop: CancellationToken,
+}
+
+/// A site's sockets, bound and not yet served.
+type Bound = (tokio::net::UnixListener, listener::SocketFile, Option<tokio::net::TcpListener>);
+
+/// Bind a site's UNIX socket and its TCP listener (both or neither).
+fn bind_site(config: &Config, site: &SiteConfig) -> Result<Bound, BindError> {
+    let path = config.socket_path(&site.name);
+    let (unix, file) = listener::bind(&path)?;
+    match site.listen.as_ref().map(listener::bind_tcp).transpose() {
+        Ok(tcp) => Ok((unix, file, tcp)),
+        Err(e) => {
+            file.remove();
+            Err(e)
+        }
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Sites added.
+    pub added: Vec<String>,
+    /// Sites removed (their answers in progress finish first).
+    pub removed: Vec<String>,
+    /// Sites whose settings changed in place.
+    pub changed: Vec<String>,
+    /// Sites with a new address or TLS settings: new channels.
+    pub reconnected: Vec<String>,
+    /// Sites left exactly as they were.
+    pub kept: usize,
+    /// Global keys that only a restart applies.
+    pub needs_restart: Vec<&'static str>,
+    /// Sites whose change could not be applied, and why.
+    pub failed: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| if v.is_empty() { "none".to_owned() } else { v.join(", ") };
+        write!(
+            f,
+            "added: {}; removed: {}; changed in place: {}; new channels: {}; kept: {}",
+            list(&self.added),
+            list(&self.removed),
+            list(&self.changed),
+            list(&self.reconnected),
+            self.kept
+        )?;
+        if !self.needs_restart.is_empty() {
+            write!(f, "; needs a restart to apply: {}", self.needs_restart.join(", "))?;
+        }
+        for (site, why) in &self.failed {
+            write!(f, "; site '{site}' not applied: {why}")?;
+        }
+        Ok(())
+    }
 }
 
 impl App {
@@ -126,15 +211,7 @@ impl App {
         }
         let mut bound = Vec::with_capacity(config.sites.len());
         for site in &config.sites {
-            let path = config.socket_path(&site.name);
-            let result = listener::bind(&path).and_then(|(unix, file)| {
-                let tcp = site.listen.as_ref().map(listener::bind_tcp).transpose();
-                if tcp.is_err() {
-                    file.remove();
-                }
-                Ok((unix, file, tcp?))
-            });
-            match result {
+            match bind_site(&config, site) {
                 Ok(b) => bound.push(b),
                 Err(e) => {
                     for (_, file, _) in &bound {
@@ -147,51 +224,84 @@ impl App {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let (sites_stop, sites_tracker) = (CancellationToken::new(), TaskTracker::new());
-        let sockets: Vec<listener::SocketFile> = bound.iter().map(|(_, file, _)| file.clone()).collect();
         let budget = crate::spool::SpoolBudget::new(config.spool.clone());
         let cache = crate::cache::Cache::new(config.cache_budget, config.cache_max_entry);
-        let mut sites = Vec::with_capacity(config.sites.len());
-        for ((site, (l, file, tcp)), tls) in config.sites.iter().zip(bound).zip(tls) {
-            let handle = SiteHandle::spawn(site.clone(), tls.client, cache.clone(), sites_stop.clone(), &sites_tracker);
-            let ctx = listener::Accepting {
-                site: handle.clone(),
-                shutdown: shutdown.clone(),
-                tracker: tracker.clone(),
-                budget: budget.clone(),
-                limit: std::sync::Arc::new(tokio::sync::Semaphore::new(site.params.max_clients)),
-                cache: cache.clone(),
-            };
-            use tracing::Instrument;
-            if let (Some(t), Some(listen)) = (tcp, site.listen.clone()) {
-                let addr = t.local_addr().map_or_else(|_| listen.addr.to_string(), |a| a.to_string());
-                if let Ok(a) = t.local_addr() {
-                    handle.set_listen_addr(a);
-                    tracing::info!(site = %site.name, addr = %a, "TCP listener ready");
-                }
-                let span = tracing::info_span!("listen", site = %site.name, on = %addr);
-                tracker.spawn(listener::serve_tcp(t, listen, tls.server, ctx.clone()).instrument(span));
-            }
-            let span = tracing::info_span!("listen", site = %site.name, on = %file.path().display());
-            tracker.spawn(listener::serve_unix(l, file, ctx).instrument(span));
-            sites.push(handle);
+        let (list, list_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+        let state = crate::state::StateSource {
+            sites: list_rx,
+            budget: budget.clone(),
+            cache: cache.clone(),
+            reloads: Default::default(),
+            interval: config.state_interval,
+        };
+        let mut app = App {
+            config: config.clone(),
+            sites: Vec::with_capacity(config.sites.len()),
+            budget,
+            cache,
+            shutdown,
+            tracker,
+            sites_stop,
+            sites_tracker,
+            retiring: TaskTracker::new(),
+            list,
+            state,
+            inventory: None,
+        };
+        for ((site, b), tls) in config.sites.iter().zip(bound).zip(tls) {
+            app.start_site(site.clone(), b, tls);
         }
+        app.publish_sites();
         if let Some(inv) = config.inventory.clone() {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            app.inventory = Some(tx);
             let span = tracing::info_span!("inventory");
-            tracker.spawn(tracing::Instrument::instrument(
-                crate::inventory::run(inv, sites.clone(), shutdown.clone()),
+            app.tracker.spawn(tracing::Instrument::instrument(
+                crate::inventory::run(inv, app.handles(), app.shutdown.clone(), rx),
                 span,
             ));
         }
-        tracker.spawn(crate::state::run(
-            config.state_file.clone(),
-            config.state_interval,
-            sites.clone(),
-            budget.clone(),
-            cache.clone(),
-            shutdown.clone(),
-        ));
-        tracing::info!(sites = sites.len(), socket_dir = %config.socket_dir.display(), "livemux started");
-        Ok(App { config, sites, budget, cache, shutdown, tracker, sites_stop, sites_tracker, sockets })
+        app.tracker.spawn(crate::state::run(config.state_file.clone(), app.state.clone(), app.shutdown.clone()));
+        tracing::info!(sites = app.sites.len(), socket_dir = %config.socket_dir.display(), "livemux started");
+        Ok(app)
+    }
+
+    /// Start a site on its bound sockets.
+    fn start_site(&mut self, site: SiteConfig, (unix, socket, tcp): Bound, tls: SiteTlsParts) {
+        use tracing::Instrument;
+        let actor_stop = self.sites_stop.child_token();
+        let handle =
+            SiteHandle::spawn(site.clone(), tls.client, self.cache.clone(), actor_stop.clone(), &self.sites_tracker);
+        let stop = self.shutdown.child_token();
+        let sessions = TaskTracker::new();
+        let limit = Arc::new(listener::ClientLimit::new(site.params.max_clients));
+        let ctx = listener::Accepting {
+            site: handle.clone(),
+            shutdown: stop.clone(),
+            tracker: sessions.clone(),
+            budget: self.budget.clone(),
+            limit: limit.clone(),
+            cache: self.cache.clone(),
+        };
+        let tcp = match (tcp, site.listen.clone()) {
+            (Some(t), Some(listen)) => {
+                let settings =
+                    Arc::new(std::sync::RwLock::new(Arc::new(listener::TcpSettings { listen, tls: tls.server })));
+                Some(spawn_tcp(t, settings, &ctx))
+            }
+            _ => None,
+        };
+        let span = tracing::info_span!("listen", site = %site.name, on = %socket.path().display());
+        sessions.spawn(listener::serve_unix(unix, ctx).instrument(span));
+        self.sites.push(SiteRuntime { config: site, handle, socket, stop, sessions, actor_stop, limit, tcp });
+    }
+
+    fn handles(&self) -> Vec<SiteHandle> {
+        self.sites.iter().map(|s| s.handle.clone()).collect()
+    }
+
+    fn publish_sites(&self) {
+        self.list.send_replace(Arc::new(self.handles()));
     }
 
     /// The configuration in use.
@@ -200,8 +310,8 @@ impl App {
     }
 
     /// All sites, in configuration order.
-    pub fn sites(&self) -> &[SiteHandle] {
-        &self.sites
+    pub fn sites(&self) -> Vec<SiteHandle> {
+        self.handles()
     }
 
     /// How much of the spool budget is in use.
@@ -215,8 +325,176 @@ impl App {
     }
 
     /// A site by name.
-    pub fn site(&self, name: &str) -> Option<&SiteHandle> {
-        self.sites.iter().find(|s| s.name() == name)
+    pub fn site(&self, name: &str) -> Option<SiteHandle> {
+        self.sites.iter().find(|s| s.handle.name() == name).map(|s| s.handle.clone())
+    }
+
+    /// Apply a new, validated configuration without a restart: unchanged
+    /// sites are not touched; changed ones get their new settings in place
+    /// (a new address or TLS settings: new channels, while queries in
+    /// flight finish on the old ones); added sites are bound and started;
+    /// removed sites stop accepting and go once their answers in progress
+    /// are done (up to `shutdown_grace`). Global keys that need a restart
+    /// are reported and otherwise ignored. One log line says what happened.
+    pub async fn reload(&mut self, new: Config) -> ReloadReport {
+        let mut report = ReloadReport { needs_restart: restart_keys(&self.config, &new), ..Default::default() };
+        // Removed sites first: their names (and sockets) may be reused.
+        let keep: std::collections::HashSet<&str> = new.sites.iter().map(|s| s.name.as_str()).collect();
+        let (gone, stay): (Vec<SiteRuntime>, Vec<SiteRuntime>) =
+            std::mem::take(&mut self.sites).into_iter().partition(|s| !keep.contains(s.config.name.as_str()));
+        self.sites = stay;
+        for site in gone {
+            report.removed.push(site.config.name.clone());
+            self.inventory_control(crate::inventory::Control::Stop(site.config.name.clone())).await;
+            self.retire(site);
+        }
+        let mut order = Vec::with_capacity(new.sites.len());
+        for cfg in &new.sites {
+            let name = cfg.name.clone();
+            match self.sites.iter().position(|s| s.config.name == name) {
+                Some(i) if self.sites[i].config == *cfg => report.kept += 1,
+                Some(i) => match self.change_site(i, cfg.clone()).await {
+                    Ok(reconnect) => {
+                        if reconnect {
+                            report.reconnected.push(name.clone())
+                        } else {
+                            report.changed.push(name.clone())
+                        }
+                    }
+                    Err(why) => report.failed.push((name.clone(), why)),
+                },
+                None => {
+                    let added = prepare_tls(&Config { sites: vec![cfg.clone()], ..new.clone() })
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut t| {
+                            let b = bind_site(&self.config, cfg).map_err(|e| e.to_string())?;
+                            Ok((b, t.remove(0)))
+                        });
+                    match added {
+                        Ok((b, tls)) => {
+                            self.start_site(cfg.clone(), b, tls);
+                            report.added.push(name.clone());
+                            if new.inventory.is_some() && cfg.params.inventory {
+                                let h = self.sites.last().map(|s| s.handle.clone());
+                                if let Some(h) = h {
+                                    self.inventory_control(crate::inventory::Control::Start(h)).await;
+                                }
+                            }
+                        }
+                        Err(why) => report.failed.push((name.clone(), why)),
+                    }
+                }
+            }
+            order.push(name);
+        }
+        // Configuration order, as in the file.
+        self.sites.sort_by_key(|s| order.iter().position(|n| *n == s.config.name).unwrap_or(usize::MAX));
+        self.publish_sites();
+        // What applies in place of the global keys.
+        self.config.shutdown_grace = new.shutdown_grace;
+        self.config.sites = self.sites.iter().map(|s| s.config.clone()).collect();
+        report
+    }
+
+    /// A changed site: settings in place, new channels for a new address
+    /// or TLS settings, the TCP listener adjusted. `Ok(true)` if the
+    /// channels are replaced.
+    async fn change_site(&mut self, i: usize, cfg: SiteConfig) -> Result<bool, String> {
+        let parts = prepare_tls(&Config { sites: vec![cfg.clone()], ..self.config.clone() })
+            .map_err(|e| e.to_string())?
+            .remove(0);
+        let site = &mut self.sites[i];
+        let old = site.config.clone();
+        let reconnect = old.address != cfg.address || old.params.tls != cfg.params.tls;
+        // The TCP listener: rebind on a new address, else settings in place.
+        match (&mut site.tcp, cfg.listen.clone()) {
+            (Some(t), Some(listen)) if t.addr == listen.addr => {
+                *t.settings.write().unwrap_or_else(|e| e.into_inner()) =
+                    Arc::new(listener::TcpSettings { listen, tls: parts.server });
+            }
+            (current, want) => {
+                let fresh = match &want {
+                    Some(l) => Some(listener::bind_tcp(l).map_err(|e| e.to_string())?),
+                    None => None,
+                };
+                if let Some(t) = current.take() {
+                    t.stop.cancel();
+                }
+                if let (Some(t), Some(listen)) = (fresh, want) {
+                    let ctx = listener::Accepting {
+                        site: site.handle.clone(),
+                        shutdown: site.stop.clone(),
+                        tracker: site.sessions.clone(),
+                        budget: self.budget.clone(),
+                        limit: site.limit.clone(),
+                        cache: self.cache.clone(),
+                    };
+                    let settings =
+                        Arc::new(std::sync::RwLock::new(Arc::new(listener::TcpSettings { listen, tls: parts.server })));
+                    site.tcp = Some(spawn_tcp(t, settings, &ctx));
+                }
+            }
+        }
+        site.limit.set(cfg.params.max_clients);
+        site.handle.reconfigure(cfg.clone(), parts.client).await;
+        site.config = cfg.clone();
+        let handle = site.handle.clone();
+        if self.config.inventory.is_some() {
+            if !cfg.params.inventory {
+                self.inventory_control(crate::inventory::Control::Stop(cfg.name.clone())).await;
+            } else if reconnect || !old.params.inventory {
+                self.inventory_control(crate::inventory::Control::Start(handle)).await;
+            }
+        }
+        Ok(reconnect)
+    }
+
+    async fn inventory_control(&self, c: crate::inventory::Control) {
+        if let Some(tx) = &self.inventory {
+            let _ = tx.send(c).await;
+        }
+    }
+
+    /// A removed site: stop accepting now; once its sessions are done (at
+    /// most `shutdown_grace`) its socket file goes and its actor stops.
+    fn retire(&self, site: SiteRuntime) {
+        site.stop.cancel();
+        if let Some(t) = &site.tcp {
+            t.stop.cancel();
+        }
+        site.sessions.close();
+        let grace = self.config.shutdown_grace;
+        self.retiring.spawn(async move {
+            if tokio::time::timeout(grace, site.sessions.wait()).await.is_err() {
+                tracing::warn!(site = %site.config.name, "removed site's answers did not finish within shutdown_grace");
+            }
+            site.socket.remove();
+            site.actor_stop.cancel();
+            tracing::info!(site = %site.config.name, "removed site stopped");
+        });
+    }
+
+    /// Record a reload's outcome (state file) and log it.
+    pub fn note_reload(&self, outcome: Result<&ReloadReport, String>) {
+        let mut r = self.state.reloads.lock().unwrap_or_else(|e| e.into_inner());
+        let at = crate::site::timestamp(std::time::SystemTime::now());
+        match outcome {
+            Ok(report) if report.failed.is_empty() => {
+                r.ok += 1;
+                tracing::info!("configuration reloaded: {report}");
+                r.last = Some(crate::state::LastReload { at, ok: true, message: report.to_string() });
+            }
+            Ok(report) => {
+                r.failed += 1;
+                tracing::error!("configuration reloaded in part: {report}");
+                r.last = Some(crate::state::LastReload { at, ok: false, message: report.to_string() });
+            }
+            Err(why) => {
+                r.failed += 1;
+                tracing::error!("configuration not reloaded, still running on the previous one:\n{why}");
+                r.last = Some(crate::state::LastReload { at, ok: false, message: why });
+            }
+        }
     }
 
     /// Stop: refuse new clients, let responses in progress finish within
@@ -227,22 +505,72 @@ impl App {
         self.shutdown.cancel();
         self.tracker.close();
         let grace = self.config.shutdown_grace;
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut late = false;
+        for s in &self.sites {
+            s.sessions.close();
+            late |= tokio::time::timeout_at(deadline, s.sessions.wait()).await.is_err();
+        }
+        late |= tokio::time::timeout_at(deadline, self.tracker.wait()).await.is_err();
+        self.retiring.close();
+        late |= tokio::time::timeout_at(deadline, self.retiring.wait()).await.is_err();
+        if late {
             tracing::warn!(
                 "shutdown grace period of {} passed with work in progress; stopping anyway",
                 fmt_duration(grace)
             );
         }
-        crate::state::write(&self.config.state_file, &self.sites, &self.budget).await;
+        crate::state::write(&self.config.state_file, &self.state).await;
         self.sites_stop.cancel();
         self.sites_tracker.close();
         if tokio::time::timeout(SITES_STOP_TIMEOUT, self.sites_tracker.wait()).await.is_err() {
             tracing::debug!("site actors still finishing; stopping anyway");
         }
-        for file in &self.sockets {
-            file.remove();
+        for s in &self.sites {
+            s.socket.remove();
         }
     }
+}
+
+/// Start serving a bound TCP listener.
+fn spawn_tcp(
+    t: tokio::net::TcpListener,
+    settings: listener::SharedTcpSettings,
+    ctx: &listener::Accepting,
+) -> TcpRuntime {
+    use tracing::Instrument;
+    let site = ctx.site.name().to_owned();
+    let addr = t.local_addr().ok();
+    let shown = addr.map_or_else(String::new, |a| a.to_string());
+    if let Some(a) = addr {
+        ctx.site.set_listen_addr(a);
+        tracing::info!(site = %site, addr = %a, "TCP listener ready");
+    }
+    let stop = CancellationToken::new();
+    let span = tracing::info_span!("listen", site = %site, on = %shown);
+    let configured = settings.read().unwrap_or_else(|e| e.into_inner()).listen.addr;
+    ctx.tracker.spawn(listener::serve_tcp(t, settings.clone(), stop.clone(), ctx.clone()).instrument(span));
+    TcpRuntime { addr: configured, settings, stop }
+}
+
+/// Global keys that differ and only a restart applies.
+fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut check = |differs: bool, key: &'static str| {
+        if differs {
+            keys.push(key);
+        }
+    };
+    check(old.socket_dir != new.socket_dir, "socket_dir");
+    check(old.state_file != new.state_file, "state_file");
+    check(old.state_interval != new.state_interval, "state_interval");
+    check(old.worker_threads != new.worker_threads, "worker_threads");
+    check(old.spool != new.spool, "spool_*");
+    check(old.cache_budget != new.cache_budget, "cache_budget");
+    check(old.cache_max_entry != new.cache_max_entry, "cache_max_entry");
+    check(old.inventory != new.inventory, "inventory");
+    check(old.pid_file != new.pid_file, "pid_file");
+    keys
 }
 
 /// How long shutdown waits for the site actors once the sessions are done.

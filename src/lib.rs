@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //! - [`config`]: TOML → validated [`config::Config`].
-//! - [`app`]: bind, spawn, run, drain.
+//! - [`app`]: bind, spawn, run, reload, drain.
+//! - [`daemon`]: `livemux run` around it: pid file, systemd notify, signals.
 //! - [`site`]: one actor per remote site (channels, heartbeat, state) and the
 //!   [`site::SiteHandle`] every client of a site uses.
 //! - [`client`]: the per-site UNIX sockets and client sessions.
@@ -18,7 +19,7 @@
 //! - [`sockopt`]: TCP socket options (nodelay, keepalive, user timeout).
 //! - [`tls`]: TLS toward sites and on cascading listeners (rustls).
 //! - [`inventory`]: HW/SW inventory files kept in sync with every site.
-//! - [`state`]: the JSON state file.
+//! - [`state`]: the JSON state file; [`status`]: `livemux status`, its reader.
 //! - [`events`]: one struct per observable event (log line).
 //! - [`error`]: error types, classified by who failed.
 //! - [`cli`], `demo`: the `query` and `demo` commands (`demo`, with the
@@ -33,6 +34,7 @@ pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
@@ -43,6 +45,7 @@ pub mod site;
 pub mod sockopt;
 pub mod spool;
 pub mod state;
+pub mod status;
 pub mod tls;
 pub mod watchdog;
 

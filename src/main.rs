@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use livemux::app::App;
 use livemux::config::Config;
 
 #[derive(Parser)]
@@ -25,6 +24,26 @@ enum Command {
         /// Configuration file.
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Make the running daemon re-read its configuration (SIGHUP to the
+    /// process named by the configuration's pid_file).
+    Reload {
+        /// Configuration file (its pid_file names the daemon).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show every site's state from the state file (exit 0: all ready,
+    /// 1: a site is not, 2: no running daemon).
+    Status {
+        /// Configuration file (names the state file).
+        #[arg(long, required_unless_present = "state_file", conflicts_with = "state_file")]
+        config: Option<PathBuf>,
+        /// The state file itself.
+        #[arg(long)]
+        state_file: Option<PathBuf>,
+        /// Print the state file's JSON instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a configuration file (exit 0, or 1 with the error).
     CheckConfig {
@@ -60,13 +79,26 @@ fn main() -> ExitCode {
     init_logging(cli.log_level.as_deref());
     // `run` sizes the runtime from its configuration; everything else needs one thread.
     let (command, threads) = match cli.command {
-        Command::Run { config } => match Config::load(&config) {
+        Command::Run { config: path } => match Config::load(&path) {
             Ok(c) => {
                 let threads = c.worker_threads;
-                (Job::Run(c), threads)
+                (Job::Run(path, c), threads)
             }
-            Err(e) => return config_failed(&config, &e),
+            Err(e) => return config_failed(&path, &e),
         },
+        Command::Status { config, state_file, json } => return status(config, state_file, json),
+        Command::Reload { config } => {
+            return match Config::load(&config) {
+                Ok(c) => match livemux::daemon::signal_reload(&c) {
+                    Ok(pid) => {
+                        println!("sent SIGHUP to livemux (pid {pid}); see its log for the outcome");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(format_args!("{e}")),
+                },
+                Err(e) => config_failed(&config, &e),
+            };
+        }
         other => (Job::Other(other), 1),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
@@ -75,7 +107,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match command {
-            Job::Run(config) => run(config).await,
+            Job::Run(path, config) => run(path, config).await,
             Job::Other(Command::CheckConfig { config }) => match Config::load(&config) {
                 Ok(c) => match livemux::app::check(&c) {
                     Ok(()) => {
@@ -99,28 +131,23 @@ fn main() -> ExitCode {
                 };
                 query_command(target, query, timeout).await
             }
-            Job::Other(Command::Run { .. }) => ExitCode::FAILURE,
+            Job::Other(Command::Run { .. } | Command::Reload { .. } | Command::Status { .. }) => ExitCode::FAILURE,
         }
     })
 }
 
 /// What `main` runs once the runtime exists.
 enum Job {
-    Run(Config),
+    Run(PathBuf, Config),
     Other(Command),
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(path: PathBuf, config: Config) -> ExitCode {
     raise_open_files_limit();
-    // Installed before start-up, so a SIGHUP during it does not kill the daemon.
-    let signals = install_signals();
-    let app = match App::start(config).await {
-        Ok(a) => a,
-        Err(e) => return fail(format_args!("cannot start: {e}")),
-    };
-    stop_signal(signals).await;
-    app.shutdown().await;
-    ExitCode::SUCCESS
+    match livemux::daemon::run(path, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format_args!("cannot start: {e}")),
+    }
 }
 
 /// Every client and channel is a file descriptor: use all the process may
@@ -138,8 +165,10 @@ fn raise_open_files_limit() {
 }
 
 /// SIGTERM and SIGHUP handlers.
+#[cfg(feature = "demo")]
 type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
 
+#[cfg(feature = "demo")]
 fn install_signals() -> Option<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
     match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
@@ -148,8 +177,9 @@ fn install_signals() -> Option<Signals> {
     }
 }
 
-/// Completes on SIGINT or SIGTERM. SIGHUP is logged and otherwise ignored
-/// until configuration reload exists, so it cannot kill the daemon.
+/// Completes on SIGINT or SIGTERM (the demo); SIGHUP is logged and
+/// otherwise ignored, so it cannot kill the demo.
+#[cfg(feature = "demo")]
 async fn stop_signal(signals: Option<Signals>) {
     let Some((mut term, mut hup)) = signals else {
         tracing::warn!("cannot install signal handlers; stop with Ctrl-C");
@@ -160,9 +190,36 @@ async fn stop_signal(signals: Option<Signals>) {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return,
             _ = term.recv() => return,
-            _ = hup.recv() => tracing::warn!("SIGHUP received: configuration reload is not supported yet; keeping the current configuration"),
+            _ = hup.recv() => tracing::warn!("SIGHUP received: the demo has no configuration file to reload"),
         }
     }
+}
+
+fn status(config: Option<PathBuf>, state_file: Option<PathBuf>, json: bool) -> ExitCode {
+    let path = match (state_file, config) {
+        (Some(p), _) => p,
+        (None, Some(c)) => match Config::load(&c) {
+            Ok(cfg) => cfg.state_file,
+            Err(e) => return config_failed(&c, &e),
+        },
+        (None, None) => return fail(format_args!("status needs --config or --state-file")),
+    };
+    let now = std::time::SystemTime::now();
+    let v = match livemux::status::read(&path, now) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("livemux: {e}");
+            return ExitCode::from(livemux::status::Verdict::NoDaemon(e).code());
+        }
+    };
+    let text = if json {
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+    } else {
+        livemux::status::render(&v, now)
+    };
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    ExitCode::from(livemux::status::verdict(&v).code())
 }
 
 async fn query_command(target: livemux::cli::Target, query: Option<String>, timeout: Duration) -> ExitCode {

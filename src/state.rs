@@ -30,6 +30,11 @@ pub struct StateFile {
     pub pid: u32,
     /// When this snapshot was taken (RFC 3339).
     pub written_at: String,
+    /// How often the daemon rewrites this file (`livemux status` calls a
+    /// file older than three intervals stale).
+    pub state_interval_ms: u64,
+    /// Configuration reloads since start.
+    pub reloads: ReloadRecord,
     /// Answers held for slow clients.
     pub spool: crate::spool::SpoolUsage,
     /// One entry per site, in configuration order; a site whose actor did
@@ -52,10 +57,55 @@ pub enum SiteEntry {
     },
 }
 
+/// Configuration reloads, as the state file shows them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadRecord {
+    /// Reloads applied.
+    pub ok: u64,
+    /// Reloads refused (the file was invalid) or applied in part.
+    pub failed: u64,
+    /// The last one: when, whether it applied, and what it did or why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<LastReload>,
+}
+
+/// The last reload.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastReload {
+    /// When (RFC 3339).
+    pub at: String,
+    /// Applied in full.
+    pub ok: bool,
+    /// Its summary, or why it failed.
+    pub message: String,
+}
+
+/// Everything the state file is made of, shared with the daemon.
+#[derive(Clone)]
+pub struct StateSource {
+    /// The sites, as the last reload left them.
+    pub sites: tokio::sync::watch::Receiver<std::sync::Arc<Vec<SiteHandle>>>,
+    /// The spool's budget.
+    pub budget: std::sync::Arc<crate::spool::SpoolBudget>,
+    /// The query cache.
+    pub cache: std::sync::Arc<crate::cache::Cache>,
+    /// Reloads so far.
+    pub reloads: std::sync::Arc<std::sync::Mutex<ReloadRecord>>,
+    /// `state_interval`.
+    pub interval: Duration,
+}
+
+impl StateSource {
+    fn sites(&self) -> std::sync::Arc<Vec<SiteHandle>> {
+        self.sites.borrow().clone()
+    }
+}
+
 /// Take a snapshot of all sites.
-pub async fn collect(sites: &[SiteHandle], budget: &crate::spool::SpoolBudget) -> StateFile {
+pub async fn collect(src: &StateSource) -> StateFile {
+    let sites = src.sites();
     let mut entries = Vec::with_capacity(sites.len());
-    for s in sites {
+    for s in sites.iter() {
         entries.push(match s.snapshot(SNAPSHOT_TIMEOUT).await {
             Some(snap) => SiteEntry::Known(Box::new(snap)),
             None => SiteEntry::Unknown { name: s.name().to_owned(), state: "unknown" },
@@ -65,7 +115,9 @@ pub async fn collect(sites: &[SiteHandle], budget: &crate::spool::SpoolBudget) -
         version: VERSION,
         pid: std::process::id(),
         written_at: timestamp(SystemTime::now()),
-        spool: budget.usage(),
+        state_interval_ms: src.interval.as_millis() as u64,
+        reloads: src.reloads.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        spool: src.budget.usage(),
         sites: entries,
     }
 }
@@ -133,15 +185,8 @@ impl CacheLog {
 
 /// Rewrite the state file every `interval` until `shutdown`; the daemon
 /// writes the last one itself with [`write`], once the sessions are done.
-pub async fn run(
-    path: PathBuf,
-    interval: Duration,
-    sites: Vec<SiteHandle>,
-    budget: std::sync::Arc<crate::spool::SpoolBudget>,
-    cache: std::sync::Arc<crate::cache::Cache>,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(interval);
+pub async fn run(path: PathBuf, src: StateSource, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(src.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     let mut cache_log = CacheLog::default();
@@ -149,12 +194,12 @@ pub async fn run(
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => {
-                cache_log.maybe_log(&sites, &cache, true);
+                cache_log.maybe_log(&src.sites(), &src.cache, true);
                 return;
             }
         }
-        cache_log.maybe_log(&sites, &cache, false);
-        let ok = write(&path, &sites, &budget).await;
+        cache_log.maybe_log(&src.sites(), &src.cache, false);
+        let ok = write(&path, &src).await;
         match (ok, failing) {
             (true, true) => {
                 tracing::info!(path = %path.display(), "state file written again");
@@ -168,8 +213,8 @@ pub async fn run(
 
 /// Collect and write the state file (the daemon also calls this for the
 /// last one, at shutdown); false (after a log line) if it failed.
-pub async fn write(path: &Path, sites: &[SiteHandle], budget: &crate::spool::SpoolBudget) -> bool {
-    let state = collect(sites, budget).await;
+pub async fn write(path: &Path, src: &StateSource) -> bool {
+    let state = collect(src).await;
     let p = path.to_owned();
     match tokio::task::spawn_blocking(move || write_atomically(&p, &state)).await {
         Ok(Ok(())) => true,

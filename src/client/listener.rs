@@ -140,6 +140,42 @@ fn probe(path: &Path) -> Probe {
     }
 }
 
+/// A site's `max_clients`: permits shared by its UNIX socket and TCP
+/// listener. A reload that changes the number gives new clients a new set
+/// of permits; clients already connected keep theirs until they leave.
+#[derive(Debug)]
+pub struct ClientLimit(std::sync::RwLock<(usize, Arc<Semaphore>)>);
+
+impl ClientLimit {
+    /// `max` permits.
+    pub fn new(max: usize) -> Self {
+        ClientLimit(std::sync::RwLock::new((max, Arc::new(Semaphore::new(max)))))
+    }
+
+    fn try_acquire(&self) -> Result<OwnedSemaphorePermit, tokio::sync::TryAcquireError> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).1.clone().try_acquire_owned()
+    }
+
+    /// Apply a reloaded `max_clients`.
+    pub fn set(&self, max: usize) {
+        let mut l = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if l.0 != max {
+            *l = (max, Arc::new(Semaphore::new(max)));
+        }
+    }
+}
+
+/// A TCP listener's settings that a reload may change in place.
+pub struct TcpSettings {
+    /// Address and `only_from`.
+    pub listen: TcpListen,
+    /// TLS for the listener's clients.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// [`TcpSettings`], replaceable while the listener runs.
+pub type SharedTcpSettings = Arc<std::sync::RwLock<Arc<TcpSettings>>>;
+
 /// What every accept loop of a site shares.
 #[derive(Clone)]
 pub struct Accepting {
@@ -152,7 +188,7 @@ pub struct Accepting {
     /// The daemon's spool budget.
     pub budget: Arc<crate::spool::SpoolBudget>,
     /// `max_clients` permits, shared by the site's UNIX socket and TCP listener.
-    pub limit: Arc<Semaphore>,
+    pub limit: Arc<ClientLimit>,
     /// The daemon's query cache.
     pub cache: Arc<crate::cache::Cache>,
 }
@@ -164,7 +200,7 @@ impl Accepting {
     where
         S: ClientStream,
     {
-        match self.limit.clone().try_acquire_owned() {
+        match self.limit.try_acquire() {
             Ok(permit) => self.spawn_session(stream, self.span(peer), watchdog, permit),
             Err(_) => {
                 self.log_busy();
@@ -223,9 +259,9 @@ impl Accepting {
     }
 }
 
-/// Accept clients on a site's UNIX socket until shutdown; then remove the
-/// socket (if it is still this daemon's).
-pub async fn serve_unix(listener: UnixListener, file: SocketFile, ctx: Accepting) {
+/// Accept clients on a site's UNIX socket until shutdown. The socket file
+/// stays: its owner removes it once the site's answers in progress are done.
+pub async fn serve_unix(listener: UnixListener, ctx: Accepting) {
     let mut clients = 0u64;
     loop {
         let accepted = tokio::select! {
@@ -242,25 +278,21 @@ pub async fn serve_unix(listener: UnixListener, file: SocketFile, ctx: Accepting
             Err(_) => break,
         }
     }
-    drop(listener);
-    file.remove();
 }
 
 /// Accept clients on a site's cascading TCP listener until shutdown; with
 /// `tls`, each client's TLS handshake runs in its own task (bounded by
 /// `tls_handshake_timeout`) and only TLS clients are served.
-pub async fn serve_tcp(
-    listener: TcpListener,
-    listen: TcpListen,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    ctx: Accepting,
-) {
-    let params = ctx.site.params().clone();
+pub async fn serve_tcp(listener: TcpListener, settings: SharedTcpSettings, stop: CancellationToken, ctx: Accepting) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = ctx.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
+        let params = ctx.site.params();
+        let current = settings.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let (listen, tls) = (&current.listen, &current.tls);
         let (stream, peer) = match accepted {
             // IPv4 clients of a dual-stack listener show as plain IPv4.
             Ok((s, p)) => (s, std::net::SocketAddr::new(p.ip().to_canonical(), p.port())),
@@ -292,7 +324,7 @@ pub async fn serve_tcp(
         };
         // The permit comes first, so handshakes in progress count too. A
         // TLS client cannot read a plaintext refusal: it is just closed.
-        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
+        let Ok(permit) = ctx.limit.try_acquire() else {
             ctx.log_busy();
             continue;
         };

@@ -131,6 +131,8 @@ impl<S: ClientStream> Session<S> {
                 Ok(Some(b)) => b,
                 Ok(None) => break,
                 Err(ReadError::Limit(e)) => {
+                    self.site.note_query();
+                    self.site.note_error();
                     events::RequestRejected { error: &e }.emit();
                     let style = self.framer.style();
                     let deadline = Instant::now() + self.site.params().query_timeout;
@@ -151,12 +153,14 @@ impl<S: ClientStream> Session<S> {
                 }
             };
             let deadline = Instant::now() + self.site.params().query_timeout;
+            self.site.note_query();
             // Answering is boxed: an idle session's task stays small (a
             // daemon holds tens of thousands of idle clients).
             let keep = match Request::parse(&block) {
                 Ok(Request::Get(q)) => Box::pin(self.answer(&q, deadline)).await,
                 Ok(Request::Command(c)) => Box::pin(self.command(&c, deadline)).await,
                 Err(e) => {
+                    self.site.note_error();
                     events::RequestRejected { error: &e }.emit();
                     let style = ReplyStyle::sniff(&block);
                     self.write_error(e.status(), &e.to_string(), style, deadline).await;
@@ -339,6 +343,7 @@ impl<S: ClientStream> Session<S> {
     }
 
     async fn query_failed(&mut self, e: &QueryError, style: ReplyStyle, deadline: Instant) -> bool {
+        self.site.note_error();
         events::QueryFailed { error: e }.emit();
         self.write_error(e.status(), &e.to_string(), style, deadline).await
     }

@@ -367,6 +367,8 @@ impl Default for SpoolConfig {
 pub struct Config {
     /// Directory holding one socket per site.
     pub socket_dir: PathBuf,
+    /// The daemon's pid, written once its sockets are bound (optional).
+    pub pid_file: Option<PathBuf>,
     /// JSON state file, rewritten every `state_interval`.
     pub state_file: PathBuf,
     /// How often the state file is rewritten.
@@ -480,6 +482,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             socket_dir: PathBuf::from("/run/livemux"),
+            pid_file: None,
             state_file: PathBuf::from("/var/lib/livemux/state.json"),
             state_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),

@@ -98,6 +98,7 @@ pub(crate) struct RawListenerTls {
 #[derive(Debug, Default, Clone, Deserialize)]
 pub(crate) struct RawConfig {
     pub socket_dir: Field,
+    pub pid_file: Field,
     pub state_file: Field,
     pub state_interval: Field,
     pub shutdown_grace: Field,

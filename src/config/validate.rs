@@ -188,6 +188,7 @@ impl<'a> Validator<'a> {
         let mut c = Config::default();
         set!(self, raw, c, "";
             socket_dir: path,
+            pid_file: some_path,
             state_file: path,
             state_interval: duration,
             shutdown_grace: duration,

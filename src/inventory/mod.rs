@@ -139,10 +139,24 @@ impl InventoryStatus {
     }
 }
 
+/// A reload's changes to the set of synced sites.
+pub enum Control {
+    /// A site was added (or its `inventory` turned on or its address
+    /// changed): start (or restart) its sync.
+    Start(SiteHandle),
+    /// A site was removed (or its `inventory` turned off): stop its sync.
+    Stop(String),
+}
+
 /// Start the sync of every site that has it on; ends when `stop` is
 /// cancelled. All sites' manifests are loaded (in configuration order,
 /// so the first site to hold a host name keeps it) before any sync runs.
-pub async fn run(cfg: InventoryConfig, sites: Vec<SiteHandle>, stop: CancellationToken) {
+pub async fn run(
+    cfg: InventoryConfig,
+    mut sites: Vec<SiteHandle>,
+    stop: CancellationToken,
+    mut control: mpsc::Receiver<Control>,
+) {
     let cfg = Arc::new(cfg);
     let mut syncing = Vec::new();
     for s in &sites {
@@ -180,22 +194,76 @@ pub async fn run(cfg: InventoryConfig, sites: Vec<SiteHandle>, stop: Cancellatio
         }
     };
     let mut tasks = tokio::task::JoinSet::new();
+    let mut running = std::collections::HashMap::new();
     for ((site, status), store) in syncing.into_iter().zip(stores) {
-        status.update(|s| s.hosts = store.written().len());
-        let span = tracing::info_span!("inventory", site = %site.name());
-        let syncer = Syncer {
-            site,
-            cfg: cfg.clone(),
-            store: Arc::new(Mutex::new(store)),
-            status,
-            probe: plan::Probe::default(),
-            last_full: None,
-            warned: HashSet::new(),
-        };
-        tasks.spawn(tracing::Instrument::instrument(syncer.run(), span));
+        let name = site.name().to_owned();
+        running.insert(name, spawn_syncer(&mut tasks, &cfg, site, status, store));
     }
-    stop.cancelled().await;
+    loop {
+        let order = tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            o = control.recv() => o,
+        };
+        match order {
+            None => stop.cancelled().await,
+            Some(Control::Stop(name)) => {
+                if let Some(task) = running.remove(&name) {
+                    task.abort();
+                }
+                if let Some(site) = sites.iter().find(|s| s.name() == name) {
+                    site.set_inventory_status(InventoryStatus::new("off"));
+                }
+            }
+            Some(Control::Start(site)) => {
+                let name = site.name().to_owned();
+                if let Some(task) = running.remove(&name) {
+                    task.abort();
+                }
+                sites.retain(|s| s.name() != name);
+                sites.push(site.clone());
+                let status = InventoryStatus::new("idle");
+                site.set_inventory_status(status.clone());
+                let (dir, reg, max, n) = (cfg.dir.clone(), registry.clone(), cfg.max_file_bytes, name.clone());
+                match tokio::task::spawn_blocking(move || open_all(&dir, &[n], reg, max)).await {
+                    Ok(Ok(mut stores)) if !stores.is_empty() => {
+                        let store = stores.remove(0);
+                        running.insert(name, spawn_syncer(&mut tasks, &cfg, site, status, store));
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(site = %name, error = %e, "inventory sync of a reloaded site cannot start");
+                        status.update(|s| {
+                            s.state = "failed";
+                            s.last_error = Some(e.to_string());
+                        });
+                    }
+                    _ => tracing::error!(site = %name, "inventory sync of a reloaded site cannot start"),
+                }
+            }
+        }
+    }
     tasks.shutdown().await;
+}
+
+fn spawn_syncer(
+    tasks: &mut tokio::task::JoinSet<()>,
+    cfg: &Arc<InventoryConfig>,
+    site: SiteHandle,
+    status: Arc<InventoryStatus>,
+    store: SiteStore,
+) -> tokio::task::AbortHandle {
+    status.update(|s| s.hosts = store.written().len());
+    let span = tracing::info_span!("inventory", site = %site.name());
+    let syncer = Syncer {
+        site,
+        cfg: cfg.clone(),
+        store: Arc::new(Mutex::new(store)),
+        status,
+        probe: plan::Probe::default(),
+        last_full: None,
+        warned: HashSet::new(),
+    };
+    tasks.spawn(tracing::Instrument::instrument(syncer.run(), span))
 }
 
 fn open_all(

@@ -55,6 +55,19 @@ pub(crate) enum Request {
     Acquire { want: Want, reply: oneshot::Sender<Result<Lease, AcquireError>> },
     /// Describe the site for the state file.
     Snapshot { reply: oneshot::Sender<PoolReport> },
+    /// New settings (a configuration reload), see [`Reconfigure`].
+    Reconfigure(Box<Reconfigure>),
+}
+
+/// A reload's new settings for a site. The connector always carries the new
+/// connect settings; with `reconnect` (a new address or TLS settings) the
+/// channels in use are retired: idle ones close now, busy ones when their
+/// queries are done, and new queries get channels to the new place.
+pub(crate) struct Reconfigure {
+    pub(crate) cfg: SiteConfig,
+    pub(crate) connector: Arc<dyn Connect>,
+    pub(crate) tls: Option<Arc<crate::tls::SiteTls>>,
+    pub(crate) reconnect: bool,
 }
 
 /// Why the actor refused to lend a channel.
@@ -144,6 +157,8 @@ pub(crate) struct Actor {
     activity: Arc<Activity>,
     /// Connects and heartbeats in flight; aborted when the actor ends.
     helpers: JoinSet<()>,
+    /// The last answered heartbeat's round trip, µs (0: none yet).
+    heartbeat_rtt_us: Arc<std::sync::atomic::AtomicU64>,
 
     pool: Pool<Channel, Waiter>,
     schedule: Schedule,
@@ -195,6 +210,7 @@ impl Actor {
             shutdown,
             activity: Arc::new(Activity::new()),
             helpers: JoinSet::new(),
+            heartbeat_rtt_us: Arc::default(),
             pool,
             schedule,
             state: SiteState::Starting,
@@ -260,6 +276,7 @@ impl Actor {
                     Some(Request::Snapshot { reply }) => {
                         let _ = reply.send(self.report());
                     }
+                    Some(Request::Reconfigure(_)) => {}
                     None => break,
                 },
             }
@@ -279,6 +296,7 @@ impl Actor {
             Request::Snapshot { reply } => {
                 let _ = reply.send(self.report());
             }
+            Request::Reconfigure(r) => self.reconfigure(*r),
             Request::Acquire { want, reply } => {
                 if self.state == SiteState::Down
                     && let Some(cause) = &self.last_error
@@ -292,6 +310,39 @@ impl Actor {
                 self.ensure_channels();
             }
         }
+    }
+
+    /// Apply a reload's settings (see [`Reconfigure`]).
+    fn reconfigure(&mut self, r: Reconfigure) {
+        let p = &r.cfg.params;
+        let closed = self.pool.resize(Sizes {
+            channels: p.channels,
+            channels_max: p.channels_max,
+            pipeline_depth: p.pipeline_depth,
+            idle_timeout: p.channel_idle_timeout,
+            channel_retry: p.channel_retry,
+        });
+        if !closed.is_empty() {
+            tracing::debug!(closed = closed.len(), "idle channels closed: the reload asked for fewer");
+        }
+        drop(closed);
+        self.schedule.set_timing(p.heartbeat_interval, p.heartbeat_timeout);
+        self.connector = r.connector;
+        self.tls = r.tls;
+        self.cfg = r.cfg;
+        if r.reconnect {
+            // Channels of the old generation close when they come back;
+            // connects and heartbeats still on their way are ignored.
+            self.generation += 1;
+            self.pool.close_idle();
+            tracing::info!(address = %self.cfg.address, "site's address or TLS settings changed: new channels");
+            if self.state != SiteState::Ready {
+                self.retry_at = Some(Instant::now());
+            }
+            self.publish();
+        }
+        self.ensure_channels();
+        self.dispatch();
     }
 
     /// Hand idle channels to the pending heartbeat, then to waiters in order.
@@ -631,9 +682,15 @@ impl Actor {
     ) {
         let tx = self.events_tx.clone();
         let timeout = self.cfg.params.heartbeat_timeout;
+        let rtt = self.heartbeat_rtt_us.clone();
         self.spawn(async move {
+            let sent = Instant::now();
             let (channel, result) = match tokio::time::timeout(timeout, heartbeat::exchange(&ch.link)).await {
-                Ok(Ok(ps)) => (Some(ch), Ok(ps)),
+                Ok(Ok(ps)) => {
+                    let us = sent.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+                    rtt.store(us.max(1), std::sync::atomic::Ordering::Relaxed);
+                    (Some(ch), Ok(ps))
+                }
                 Ok(Err(e)) => (None, Err(e)),
                 Err(_) => (None, Err(SiteError::HeartbeatTimeout(timeout))),
             };
@@ -705,6 +762,9 @@ impl Actor {
             served: self.pool.capacity(),
             waiting: self.pool.waiting(),
             tls: self.tls.as_ref().map(|t| t.snapshot()),
+            heartbeat_rtt_us: Some(self.heartbeat_rtt_us.load(std::sync::atomic::Ordering::Relaxed))
+                .filter(|us| *us > 0),
+            channels_max: self.cfg.params.channels_max,
         }
     }
 }

@@ -92,6 +92,17 @@ impl Schedule {
         Schedule { interval, timeout, next: None, in_flight: false, pending: None }
     }
 
+    /// New timing (a configuration reload); a scheduled heartbeat keeps its
+    /// time unless the new interval brings it nearer.
+    pub(crate) fn set_timing(&mut self, interval: std::time::Duration, timeout: std::time::Duration) {
+        if let Some(next) = self.next {
+            let sooner = tokio::time::Instant::now() + interval;
+            self.next = Some(next.min(sooner));
+        }
+        self.interval = interval;
+        self.timeout = timeout;
+    }
+
     /// The site became ready at `now`: the first heartbeat is one interval away.
     pub(crate) fn start(&mut self, now: tokio::time::Instant) {
         self.next = Some(now + self.interval);

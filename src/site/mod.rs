@@ -129,6 +129,15 @@ pub struct SiteSnapshot {
     pub tls: Option<crate::tls::TlsSnapshot>,
     /// The site's query cache.
     pub cache: Option<crate::cache::CacheStats>,
+    /// `channels_max` in effect.
+    pub channels_max: usize,
+    /// The last answered heartbeat's round trip, milliseconds.
+    pub heartbeat_rtt_ms: Option<f64>,
+    /// Requests from clients since start (GETs and COMMANDs).
+    pub queries: u64,
+    /// Of those, answered with the proxy's own error (site down, timeout,
+    /// no free channel, a malformed or oversized request, ...).
+    pub errors: u64,
     /// HW/SW inventory sync (absent unless `[inventory]` is configured).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inventory: Option<crate::inventory::InventorySnapshot>,
@@ -162,6 +171,8 @@ pub(crate) struct PoolReport {
     pub served: Option<usize>,
     pub waiting: usize,
     pub tls: Option<crate::tls::TlsSnapshot>,
+    pub heartbeat_rtt_us: Option<u64>,
+    pub channels_max: usize,
 }
 
 /// A dropped TCP client, for the state file.
@@ -187,17 +198,20 @@ pub struct SiteHandle {
 
 struct HandleInner {
     name: String,
-    address: String,
-    params: SiteParams,
+    /// Replaced by a reload (short critical sections only).
+    address: std::sync::RwLock<String>,
+    params: std::sync::RwLock<Arc<SiteParams>>,
     /// The daemon's query cache (for the site's counters in its snapshot).
     cache: Arc<crate::cache::Cache>,
     requests: mpsc::Sender<Request>,
     status: watch::Receiver<SiteStatus>,
     clients: AtomicU64,
     reaped: AtomicU64,
+    queries: AtomicU64,
+    errors: AtomicU64,
     /// Short critical sections only (no await while held).
     last_reaped: std::sync::Mutex<Option<ReapRecord>>,
-    inventory: std::sync::OnceLock<Arc<crate::inventory::InventoryStatus>>,
+    inventory: std::sync::Mutex<Option<Arc<crate::inventory::InventoryStatus>>>,
     listen: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
@@ -235,15 +249,17 @@ impl SiteHandle {
         let (status_tx, status_rx) = watch::channel(initial);
         let inner = HandleInner {
             name: cfg.name.clone(),
-            address: cfg.address.to_string(),
-            params: cfg.params.clone(),
+            address: std::sync::RwLock::new(cfg.address.to_string()),
+            params: std::sync::RwLock::new(Arc::new(cfg.params.clone())),
             cache,
             requests: tx,
             status: status_rx,
             clients: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
+            queries: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
             last_reaped: std::sync::Mutex::new(None),
-            inventory: std::sync::OnceLock::new(),
+            inventory: std::sync::Mutex::new(None),
             listen: std::sync::OnceLock::new(),
         };
         let span = tracing::info_span!("site", site = %cfg.name);
@@ -257,9 +273,28 @@ impl SiteHandle {
         &self.inner.name
     }
 
-    /// Site settings.
-    pub fn params(&self) -> &SiteParams {
-        &self.inner.params
+    /// Site settings (a reload may replace them; take them per use).
+    pub fn params(&self) -> Arc<SiteParams> {
+        self.inner.params.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The site's address, as configured.
+    pub fn address(&self) -> String {
+        self.inner.address.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Apply a reload's settings: `params` at once for everything that
+    /// reads them per query; the actor resizes its pool and, with a new
+    /// address or TLS settings, retires its channels (queries in flight
+    /// finish on them) and opens new ones.
+    pub async fn reconfigure(&self, cfg: SiteConfig, tls: Option<Arc<crate::tls::SiteTls>>) {
+        let reconnect = self.address() != cfg.address.to_string() || self.params().tls != cfg.params.tls;
+        *self.inner.params.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg.params.clone());
+        *self.inner.address.write().unwrap_or_else(|e| e.into_inner()) = cfg.address.to_string();
+        let connector = Arc::new(connector::NetConnector::new(cfg.address.clone(), cfg.params.clone(), tls.clone()));
+        let r = actor::Reconfigure { cfg, connector, tls, reconnect };
+        // A gone actor (shutdown) has nothing to reconfigure.
+        let _ = self.inner.requests.send(Request::Reconfigure(Box::new(r))).await;
     }
 
     /// The site's current status.
@@ -279,7 +314,7 @@ impl SiteHandle {
     /// Borrow a channel (or a place on one) for `want`: at most
     /// `channel_timeout`, and not past `deadline`.
     pub async fn acquire(&self, want: Want, deadline: Instant) -> Result<Lease, QueryError> {
-        let params = &self.inner.params;
+        let params = self.params();
         let start = Instant::now();
         let wait_until = deadline.min(start + params.channel_timeout);
         let (reply, rx) = oneshot::channel();
@@ -313,7 +348,7 @@ impl SiteHandle {
     }
 
     pub(crate) fn timeout_error(&self) -> QueryError {
-        QueryError::Timeout { site: self.inner.name.clone(), after: self.inner.params.query_timeout }
+        QueryError::Timeout { site: self.inner.name.clone(), after: self.params().query_timeout }
     }
 
     /// The error for queries cut off because the site went down: the cause
@@ -341,7 +376,7 @@ impl SiteHandle {
         let i = &self.inner;
         Some(SiteSnapshot {
             name: i.name.clone(),
-            address: i.address.clone(),
+            address: self.address(),
             state: r.state,
             since: timestamp(r.since),
             last_error: r.last_error,
@@ -364,8 +399,22 @@ impl SiteHandle {
             listen: i.listen.get().map(|a| a.to_string()),
             tls: r.tls,
             cache: Some(i.cache.stats(&i.name)),
-            inventory: i.inventory.get().map(|s| s.snapshot()),
+            inventory: self.inventory_status(),
+            channels_max: r.channels_max,
+            heartbeat_rtt_ms: r.heartbeat_rtt_us.map(|us| us as f64 / 1000.0),
+            queries: i.queries.load(Ordering::Relaxed),
+            errors: i.errors.load(Ordering::Relaxed),
         })
+    }
+
+    /// Count a client's request.
+    pub fn note_query(&self) {
+        self.inner.queries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a request answered with the proxy's own error.
+    pub fn note_error(&self) {
+        self.inner.errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Count a dropped TCP client.
@@ -375,14 +424,14 @@ impl SiteHandle {
         *self.inner.last_reaped.lock().unwrap_or_else(|e| e.into_inner()) = Some(rec);
     }
 
-    /// Attach the site's inventory sync status (once).
+    /// Attach the site's inventory sync status.
     pub fn set_inventory_status(&self, status: Arc<crate::inventory::InventoryStatus>) {
-        let _ = self.inner.inventory.set(status);
+        *self.inner.inventory.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
     }
 
     /// The site's inventory sync status, if the sync is configured.
     pub fn inventory_status(&self) -> Option<crate::inventory::InventorySnapshot> {
-        self.inner.inventory.get().map(|s| s.snapshot())
+        self.inner.inventory.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.snapshot())
     }
 
     /// Record the address the site's TCP listener is bound to.

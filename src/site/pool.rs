@@ -556,6 +556,22 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         self.take_waiters()
     }
 
+    /// New sizes (a configuration reload). Idle channels beyond the new
+    /// `channels` are handed back to be closed at once (an operator asked
+    /// for fewer); a larger pool grows as usual.
+    pub(crate) fn resize(&mut self, sizes: Sizes) -> Vec<C> {
+        self.sizes = sizes;
+        let keep = self.sizes.channels.saturating_sub(self.busy.len());
+        let mut closed = Vec::new();
+        while self.idle.len() > keep {
+            match self.idle.pop_front() {
+                Some(i) => closed.push(i.channel),
+                None => break,
+            }
+        }
+        closed
+    }
+
     /// Close the idle channels (shutdown).
     pub(crate) fn close_idle(&mut self) {
         self.idle.clear();

@@ -11,7 +11,8 @@
 //! - `deadpeers`: dead peers in private network namespaces (root);
 //! - `tls`: TLS toward sites (stunnel) and on the listener;
 //! - `realpeers`: real Icinga 2 and Naemon sites, and Monitoring::Livestatus;
-//! - `cli`: the `livemux` binary.
+//! - `reload`: configuration reload in the running daemon;
+//! - `cli`: the `livemux` binary (SIGHUP, pid file, systemd notify, status).
 //!
 //! Run one subject with `cargo test --test it proxy::`.
 
@@ -28,4 +29,5 @@ mod pipeline;
 mod pool;
 mod proxy;
 mod realpeers;
+mod reload;
 mod tls;

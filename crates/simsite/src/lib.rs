@@ -220,6 +220,8 @@ struct Shared {
     command_log: Mutex<Vec<String>>,
     /// Wakes connections that are waiting for a request, to close them.
     kick_idle: Notify,
+    /// Client addresses of the open TCP connections.
+    peers: Mutex<std::collections::HashSet<SocketAddr>>,
     /// Connections being served (see `Knobs::max_connections`).
     serving: Mutex<usize>,
     /// A served connection ended.
@@ -258,6 +260,7 @@ impl SimSite {
             requests: Mutex::new(VecDeque::new()),
             command_log: Mutex::new(Vec::new()),
             kick_idle: Notify::new(),
+            peers: Mutex::new(std::collections::HashSet::new()),
             serving: Mutex::new(0),
             slot_freed: Notify::new(),
         });
@@ -285,7 +288,7 @@ impl SimSite {
             return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "the simulated site is stopped"));
         }
         let (ours, theirs) = tokio::io::duplex(256 * 1024);
-        spawn_conn(&self.shared, theirs, token.child_token());
+        spawn_conn(&self.shared, theirs, token.child_token(), None);
         Ok(ours)
     }
 
@@ -306,6 +309,14 @@ impl SimSite {
     /// Current knobs.
     pub fn knobs(&self) -> Knobs {
         lock(&self.shared.knobs).clone()
+    }
+
+    /// The client addresses of the open TCP connections, sorted: a
+    /// client's connections are the same ones while this stays the same.
+    pub fn open_peers(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = lock(&self.shared.peers).iter().copied().collect();
+        v.sort();
+        v
     }
 
     /// Read or change the site's objects (host names, inventory).
@@ -389,9 +400,9 @@ async fn bind_and_serve(shared: &Arc<Shared>, listen: &Listen, token: Cancellati
                         _ = token.cancelled() => return,
                         c = l.accept() => c,
                     };
-                    if let Ok((s, _)) = conn {
+                    if let Ok((s, peer)) = conn {
                         let _ = s.set_nodelay(true);
-                        spawn_conn(&shared, s, token.child_token());
+                        spawn_conn(&shared, s, token.child_token(), Some(peer));
                     }
                 }
             });
@@ -409,7 +420,7 @@ async fn bind_and_serve(shared: &Arc<Shared>, listen: &Listen, token: Cancellati
                         c = l.accept() => c,
                     };
                     if let Ok((s, _)) = conn {
-                        spawn_conn(&shared, s, token.child_token());
+                        spawn_conn(&shared, s, token.child_token(), None);
                     }
                 }
             });
@@ -419,11 +430,14 @@ async fn bind_and_serve(shared: &Arc<Shared>, listen: &Listen, token: Cancellati
     }
 }
 
-fn spawn_conn<S>(shared: &Arc<Shared>, stream: S, token: CancellationToken)
+fn spawn_conn<S>(shared: &Arc<Shared>, stream: S, token: CancellationToken, peer: Option<SocketAddr>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let shared = shared.clone();
+    if let Some(p) = peer {
+        lock(&shared.peers).insert(p);
+    }
     shared.accepted.fetch_add(1, Ordering::Relaxed);
     let open = shared.open.fetch_add(1, Ordering::Relaxed) + 1;
     shared.peak_open.fetch_max(open, Ordering::Relaxed);
@@ -436,6 +450,9 @@ where
             } => {}
         }
         shared.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = peer {
+            lock(&shared.peers).remove(&p);
+        }
     });
 }
 

@@ -67,6 +67,7 @@ pub async fn sim(name: &str) -> SimSite {
 pub fn test_config(dir: &std::path::Path, sites: Vec<(&str, String, SiteParams)>) -> Config {
     Config {
         socket_dir: dir.join("s"),
+        pid_file: None,
         state_file: dir.join("state.json"),
         state_interval: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(5),
