@@ -2,7 +2,8 @@
 # install-test-deps.sh - install what livemux's tests need, from Debian, when
 # it is missing: Icinga 2 (a real Livestatus server), Monitoring::Livestatus
 # (the real third-party client), nftables (fault injection), HAProxy (the
-# benchmark's comparison proxy), stunnel4 and openssl (TLS tests), and the
+# benchmark's comparison proxy), stunnel4 and openssl (TLS tests),
+# systemd-analyze (checks the shipped unit file), and the
 # tools to build the second real server, Naemon with naemon-livestatus, from
 # third_party/naemon (built once by scripts/naemon-site.sh into ~/.cache).
 # Needs root (or sudo) and apt-get. Safe to run repeatedly and concurrently.
@@ -16,6 +17,8 @@ command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# systemd-analyze verifies dist/livemux.service.
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # Naemon's build (scripts/naemon-site.sh build)
 command -v gperf >/dev/null 2>&1 || missing+=(gperf)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)

@@ -170,8 +170,9 @@ pub(crate) struct Actor {
     last_failed_connect: Option<SystemTime>,
     heartbeats: u64,
     program_start: Option<i64>,
-    /// Bumped each time the site goes down; channels of older generations
-    /// are closed when they come back.
+    /// Bumped each time the site goes down or a reload gives it a new
+    /// address or TLS settings; channels of older generations are closed
+    /// when they come back.
     generation: u64,
     /// Cancelled when the site goes down, to stop queries in flight.
     down_token: CancellationToken,

@@ -69,7 +69,8 @@ impl std::fmt::Display for SiteState {
 pub struct SiteStatus {
     /// Current state.
     pub state: SiteState,
-    /// Bumped each time the site goes down.
+    /// Bumped each time the site goes down or a reload changes its address
+    /// or TLS settings (cached answers of older generations are not used).
     pub generation: u64,
     /// The core's start time from the last heartbeat.
     pub program_start: Option<i64>,

@@ -224,3 +224,248 @@ fn demo_serves_three_sites_until_interrupted() {
     assert!(wait_exit(&mut child.0).success());
     assert!(!sock.exists());
 }
+
+/// A configuration for `livemux run` in `dir` with one site per address.
+fn run_config(dir: &std::path::Path, top: &str, sites: &[(&str, String)], defaults: &str) -> std::path::PathBuf {
+    let mut text = format!(
+        "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nstate_interval = \"100ms\"\npid_file = \"{d}/livemux.pid\"\n{top}\n[defaults]\nheartbeat_interval = \"300ms\"\nheartbeat_timeout = \"200ms\"\nconnect_retry = \"300ms\"\n{defaults}\n",
+        d = dir.display()
+    );
+    for (name, addr) in sites {
+        text.push_str(&format!("[[site]]\nname = \"{name}\"\naddress = \"{addr}\"\n"));
+    }
+    let path = dir.join("livemux.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn spawn_run(config: &std::path::Path, env: &[(&str, String)]) -> (Reaped, Lines) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config", config.to_str().expect("utf-8")]).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start livemux");
+    let log = Lines::new(child.stderr.take().expect("stderr"));
+    (Reaped(child), log)
+}
+
+/// Datagrams from the daemon to its "service manager".
+struct NotifySocket {
+    sock: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+    seen: Vec<String>,
+}
+
+impl NotifySocket {
+    fn bind(dir: &std::path::Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        sock.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        NotifySocket { sock, path, seen: Vec::new() }
+    }
+
+    /// The next message containing `needle` (STATUS= and WATCHDOG= ones
+    /// in between are kept in `seen`).
+    fn wait_for(&mut self, needle: &str) -> String {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = self
+                .sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {needle:?} message ({e}); seen {:?}", self.seen));
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            self.seen.push(msg.clone());
+            if msg.lines().any(|l| l == needle || l.starts_with(needle)) {
+                return msg;
+            }
+        }
+    }
+}
+
+#[test]
+fn the_daemon_speaks_systemds_notify_protocol_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt.block_on(sim("nt"));
+    let config = run_config(dir.path(), "", &[("nt", s.address())], "");
+    let mut notify = NotifySocket::bind(dir.path());
+    let env = [("NOTIFY_SOCKET", notify.path.display().to_string()), ("WATCHDOG_USEC", "200000".to_owned())];
+    let (child, mut log) = spawn_run(&config, &env);
+    let ready = notify.wait_for("READY=1");
+    assert!(ready.contains("STATUS=1 sites:"), "{ready}");
+    // Sockets are bound before READY: a client connects at once.
+    assert!(dir.path().join("s/nt").exists());
+    notify.wait_for("WATCHDOG=1");
+    // The pid file names the daemon.
+    let pid = std::fs::read_to_string(dir.path().join("livemux.pid")).expect("pid file");
+    assert_eq!(pid.trim(), child.0.id().to_string());
+
+    interrupt(&child.0, nix::sys::signal::Signal::SIGHUP);
+    let reloading = notify.wait_for("RELOADING=1");
+    assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading}");
+    notify.wait_for("READY=1");
+    log.wait_for(
+        "configuration reloaded: added: none; removed: none; changed in place: none; new channels: none; kept: 1",
+    );
+
+    let mut child = child;
+    interrupt(&child.0, nix::sys::signal::Signal::SIGTERM);
+    notify.wait_for("STOPPING=1");
+    assert!(wait_exit(&mut child.0).success());
+    assert!(!dir.path().join("livemux.pid").exists(), "the pid file goes at exit");
+    let order: Vec<&str> = notify
+        .seen
+        .iter()
+        .filter_map(|m| ["READY=1", "RELOADING=1", "STOPPING=1"].into_iter().find(|k| m.lines().any(|l| l == *k)))
+        .collect();
+    assert_eq!(order, ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]);
+}
+
+#[test]
+fn a_reload_with_an_invalid_file_keeps_the_daemon_serving_on_the_old_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, b) = rt.block_on(async { (sim("ia").await, sim("ib").await) });
+    let config = run_config(dir.path(), "", &[("ia", a.address())], "");
+    let (child, mut log) = spawn_run(&config, &[]);
+    log.wait_for("site is ready");
+    let good = std::fs::read_to_string(&config).unwrap();
+
+    // Invalid: every problem named with key and line; the old site serves on.
+    std::fs::write(
+        &config,
+        good.replace("heartbeat_interval = \"300ms\"", "heartbeat_interval = \"soon\"\nchanels = 3"),
+    )
+    .unwrap();
+    let out = livemux(&["reload", "--config", config.to_str().unwrap()]);
+    // `reload` itself reads the file to find the pid file, and refuses it.
+    assert_eq!(out.status.code(), Some(1));
+    interrupt(&child.0, nix::sys::signal::Signal::SIGHUP);
+    log.wait_for("configuration not reloaded, still running on the previous one");
+    let line = log.wait_for("defaults.heartbeat_interval");
+    assert!(line.contains("line 7"), "{line}");
+    log.wait_for("defaults.chanels: unknown key");
+    let socket = dir.path().join("s/ia");
+    let (code, body) = rt.block_on(async {
+        let mut c = tokio::net::UnixStream::connect(&socket).await.expect("connect");
+        ask(&mut c, "GET status\nColumns: num_hosts\nResponseHeader: fixed16\n\n").await
+    });
+    assert_eq!((code, body.as_str()), (200, "100\n"));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let state = loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("state.json")).unwrap_or_default())
+                .unwrap_or_default();
+        if v["reloads"]["failed"] == 1 {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the failed reload is not in the state file: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let last = &state["reloads"]["last"];
+    assert_eq!(last["ok"], false);
+    assert!(last["message"].as_str().unwrap_or_default().contains("defaults.chanels: unknown key"), "{last}");
+
+    // A valid file adding a site, through `livemux reload`.
+    let with_b = format!("{good}[[site]]\nname = \"ib\"\naddress = \"{}\"\n", b.address());
+    std::fs::write(&config, with_b).unwrap();
+    let out = livemux(&["reload", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    log.wait_for("configuration reloaded: added: ib; removed: none");
+    rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok(mut c) = tokio::net::UnixStream::connect(dir.path().join("s/ib")).await {
+                let (code, _) = ask(&mut c, "GET status\nColumns: num_hosts\nResponseHeader: fixed16\n\n").await;
+                if code == 200 {
+                    break;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "added site not served");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    let mut child = child;
+    interrupt(&child.0, nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_exit(&mut child.0).success());
+}
+
+/// `livemux status --config cfg` until it exits with `code` (at most
+/// [`PATIENCE`]); its last output.
+fn status_until(cfg: &str, code: i32) -> std::process::Output {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let out = livemux(&["status", "--config", cfg]);
+        if out.status.code() == Some(code) || tokio::time::Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_second_daemon_is_refused_by_the_pid_file_and_status_tells_ready_down_and_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt.block_on(sim("st"));
+    let config = run_config(dir.path(), "", &[("st", s.address())], "");
+    let (child, mut log) = spawn_run(&config, &[]);
+    log.wait_for("site is ready");
+    let cfg = config.to_str().unwrap();
+
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let second = other.join("livemux.toml");
+    std::fs::write(&second, std::fs::read_to_string(&config).unwrap().replace("/s\"", "/s2\"")).unwrap();
+    let out = livemux(&["run", "--config", second.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("names process {}, which is running", child.0.id())), "{err}");
+
+    // Running, every site ready: exit 0 and a table.
+    let out = status_until(cfg, 0);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    assert!(table.starts_with("SITE  STATE  FOR"), "{table}");
+    assert!(table.lines().nth(1).is_some_and(|l| l.starts_with("st    ready")), "{table}");
+    let json = livemux(&["status", "--state-file", dir.path().join("state.json").to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    assert_eq!(v["sites"][0]["name"], "st");
+
+    // The site stops: exit 1, with its error.
+    s.stop();
+    log.wait_for("site is down");
+    let out = status_until(cfg, 1);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("st    down"));
+
+    // The daemon stops: its last state file goes stale (3 × 100 ms).
+    let mut child = child;
+    interrupt(&child.0, nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_exit(&mut child.0).success());
+    let out = status_until(cfg, 2);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is stale"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = livemux(&["reload", "--config", cfg]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no running livemux"));
+}
+
+#[test]
+fn the_shipped_systemd_unit_verifies() {
+    const TEST: &str = "cli::the_shipped_systemd_unit_verifies";
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        return skip(TEST, "systemd-analyze is not installed (scripts/install-test-deps.sh installs it)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dist/livemux.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/livemux run --config"), "{unit}");
+    // Verified with this build's binary in place of /usr/bin/livemux.
+    let path = dir.path().join("livemux.service");
+    std::fs::write(&path, unit.replace("/usr/bin/livemux", BIN)).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("systemd-analyze");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = err.lines().filter(|l| l.contains("livemux.service")).collect();
+    assert!(out.status.success() && ours.is_empty(), "{err}");
+}
