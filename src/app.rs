@@ -114,6 +114,8 @@ pub struct App {
     list: tokio::sync::watch::Sender<Arc<Vec<SiteHandle>>>,
     state: crate::state::StateSource,
     inventory: Option<tokio::sync::mpsc::Sender<crate::inventory::Control>>,
+    /// Where `/metrics` is served.
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// One site at run time: its actor, socket, listeners and sessions.
@@ -209,6 +211,13 @@ impl App {
             // beside it: prove that works now rather than warn every 5 s.
             tempfile::tempfile_in(dir).map_err(|source| StartError::StateDir { path: dir.to_owned(), source })?;
         }
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                let listen = crate::config::TcpListen { addr, only_from: Vec::new(), tls: None };
+                Some(listener::bind_tcp(&listen)?)
+            }
+            None => None,
+        };
         let mut bound = Vec::with_capacity(config.sites.len());
         for site in &config.sites {
             match bind_site(&config, site) {
@@ -247,6 +256,7 @@ impl App {
             list,
             state,
             inventory: None,
+            metrics_addr: None,
         };
         for ((site, b), tls) in config.sites.iter().zip(bound).zip(tls) {
             app.start_site(site.clone(), b, tls);
@@ -262,6 +272,13 @@ impl App {
             ));
         }
         app.tracker.spawn(crate::state::run(config.state_file.clone(), app.state.clone(), app.shutdown.clone()));
+        if let Some(l) = metrics {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(addr = %a, "metrics served on http://{a}/metrics");
+                app.metrics_addr = Some(a);
+            }
+            app.tracker.spawn(crate::metrics::serve(l, app.state.clone(), app.shutdown.clone()));
+        }
         tracing::info!(sites = app.sites.len(), socket_dir = %config.socket_dir.display(), "livemux started");
         Ok(app)
     }
@@ -307,6 +324,11 @@ impl App {
     /// The configuration in use.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The metrics listener's address (with its port when 0 was asked for).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     /// All sites, in configuration order.
@@ -570,6 +592,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check(old.cache_max_entry != new.cache_max_entry, "cache_max_entry");
     check(old.inventory != new.inventory, "inventory");
     check(old.pid_file != new.pid_file, "pid_file");
+    check(old.metrics_listen != new.metrics_listen, "metrics_listen");
     keys
 }
 

@@ -54,6 +54,7 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
     let config = Config {
         socket_dir: dir.join("sockets"),
         pid_file: None,
+        metrics_listen: None,
         state_file: dir.join("state.json"),
         state_interval: std::time::Duration::from_secs(5),
         shutdown_grace: std::time::Duration::from_secs(5),

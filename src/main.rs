@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         Command::Run { config: path } => match Config::load(&path) {
             Ok(c) => {
                 let threads = c.worker_threads;
-                (Job::Run(path, c), threads)
+                (Job::Run(path, Box::new(c)), threads)
             }
             Err(e) => return config_failed(&path, &e),
         },
@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match command {
-            Job::Run(path, config) => run(path, config).await,
+            Job::Run(path, config) => run(path, *config).await,
             Job::Other(Command::CheckConfig { config }) => match Config::load(&config) {
                 Ok(c) => match livemux::app::check(&c) {
                     Ok(()) => {
@@ -138,7 +138,7 @@ fn main() -> ExitCode {
 
 /// What `main` runs once the runtime exists.
 enum Job {
-    Run(PathBuf, Config),
+    Run(PathBuf, Box<Config>),
     Other(Command),
 }
 

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{Cache, Capture, Entry, Key, Plan, Tag};
 use crate::error::QueryError;
 use crate::events;
+use crate::metrics::Outcome;
 use crate::relay::{RelayContext, Relayed, SendEnd, relay, send};
 use crate::site::{SiteHandle, send_commands, send_query};
 use crate::spool::SpoolBudget;
@@ -89,6 +90,8 @@ pub struct Session<S> {
     request_started: Option<Instant>,
     /// The client was found dead (reaped): close without a goodbye.
     dead: bool,
+    /// How the current request ended (for the metrics).
+    outcome: Outcome,
 }
 
 enum ReadError {
@@ -120,6 +123,7 @@ impl<S: ClientStream> Session<S> {
             shutdown,
             request_started: None,
             dead: false,
+            outcome: Outcome::Ok,
         }
     }
 
@@ -133,6 +137,7 @@ impl<S: ClientStream> Session<S> {
                 Err(ReadError::Limit(e)) => {
                     self.site.note_query();
                     self.site.note_error();
+                    self.site.metrics().query(Outcome::BadRequest, std::time::Duration::ZERO);
                     events::RequestRejected { error: &e }.emit();
                     let style = self.framer.style();
                     let deadline = Instant::now() + self.site.params().query_timeout;
@@ -152,8 +157,10 @@ impl<S: ClientStream> Session<S> {
                     break;
                 }
             };
-            let deadline = Instant::now() + self.site.params().query_timeout;
+            let arrived = Instant::now();
+            let deadline = arrived + self.site.params().query_timeout;
             self.site.note_query();
+            self.outcome = Outcome::Ok;
             // Answering is boxed: an idle session's task stays small (a
             // daemon holds tens of thousands of idle clients).
             let keep = match Request::parse(&block) {
@@ -161,12 +168,14 @@ impl<S: ClientStream> Session<S> {
                 Ok(Request::Command(c)) => Box::pin(self.command(&c, deadline)).await,
                 Err(e) => {
                     self.site.note_error();
+                    self.outcome = Outcome::BadRequest;
                     events::RequestRejected { error: &e }.emit();
                     let style = ReplyStyle::sniff(&block);
                     self.write_error(e.status(), &e.to_string(), style, deadline).await;
                     style.keepalive && style.fixed16
                 }
             };
+            self.site.metrics().query(self.outcome, arrived.elapsed());
             if !keep {
                 break;
             }
@@ -276,7 +285,9 @@ impl<S: ClientStream> Session<S> {
         if let Some(w) = self.watchdog.as_mut() {
             w.start();
         }
-        match send(&mut self.stream, &mut out, &mut sent, deadline, self.watchdog.as_mut()).await {
+        let result = send(&mut self.stream, &mut out, &mut sent, deadline, self.watchdog.as_mut()).await;
+        self.site.metrics().bytes(0, sent);
+        match result {
             Ok(()) => q.style.keepalive && (q.style.fixed16 || entry.status == Status::Ok),
             Err(end) => {
                 self.sending_failed(end, sent, total);
@@ -287,6 +298,7 @@ impl<S: ClientStream> Session<S> {
 
     /// Log why an answer could not be sent completely.
     fn sending_failed(&mut self, end: SendEnd, sent: u64, total: u64) {
+        self.outcome = if matches!(end, SendEnd::Deadline) { Outcome::Timeout } else { Outcome::ClientGone };
         match end {
             SendEnd::Gone => events::ClientClosedMidResponse { sent, total }.emit(),
             SendEnd::Reaped(reaped) => self.reaped(&reaped, sent, total),
@@ -316,6 +328,8 @@ impl<S: ClientStream> Session<S> {
             Err(e) => return self.query_failed(&e, style, deadline).await,
         };
         let status = resp.header.status;
+        let from_site = resp.header.length;
+        let head = if style.fixed16 { livemux_protocol::FIXED16_LEN as u64 } else { 0 };
         let ctx = RelayContext {
             site: &self.site,
             style,
@@ -324,18 +338,28 @@ impl<S: ClientStream> Session<S> {
             watchdog: self.watchdog.as_mut(),
             capture,
         };
-        match Box::pin(relay(resp, &mut self.stream, ctx)).await {
+        let relayed = Box::pin(relay(resp, &mut self.stream, ctx)).await;
+        let to_client = match &relayed {
+            Relayed::Complete => from_site + head,
+            Relayed::NothingSent(_) => 0,
+            Relayed::ClientGone { sent, .. } | Relayed::Reaped { sent, .. } | Relayed::Cut { sent, .. } => *sent,
+        };
+        self.site.metrics().bytes(from_site, to_client);
+        match relayed {
             Relayed::Complete => style.keepalive && (style.fixed16 || status == Status::Ok),
             Relayed::NothingSent(e) => self.query_failed(&e, style, deadline).await,
             Relayed::ClientGone { sent, total } => {
+                self.outcome = Outcome::ClientGone;
                 events::ClientClosedMidResponse { sent, total }.emit();
                 false
             }
             Relayed::Reaped { sent, total, reaped } => {
+                self.outcome = Outcome::ClientGone;
                 self.reaped(&reaped, sent, total);
                 false
             }
             Relayed::Cut { error, sent, total } => {
+                self.outcome = Outcome::of(&error);
                 events::ResponseCut { sent, total, error: &error }.emit();
                 false
             }
@@ -344,6 +368,7 @@ impl<S: ClientStream> Session<S> {
 
     async fn query_failed(&mut self, e: &QueryError, style: ReplyStyle, deadline: Instant) -> bool {
         self.site.note_error();
+        self.outcome = Outcome::of(e);
         events::QueryFailed { error: e }.emit();
         self.write_error(e.status(), &e.to_string(), style, deadline).await
     }

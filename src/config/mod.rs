@@ -369,6 +369,8 @@ pub struct Config {
     pub socket_dir: PathBuf,
     /// The daemon's pid, written once its sockets are bound (optional).
     pub pid_file: Option<PathBuf>,
+    /// Where `GET /metrics` is served (off when absent).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// JSON state file, rewritten every `state_interval`.
     pub state_file: PathBuf,
     /// How often the state file is rewritten.
@@ -483,6 +485,7 @@ impl Default for Config {
         Config {
             socket_dir: PathBuf::from("/run/livemux"),
             pid_file: None,
+            metrics_listen: None,
             state_file: PathBuf::from("/var/lib/livemux/state.json"),
             state_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),

@@ -99,6 +99,7 @@ pub(crate) struct RawListenerTls {
 pub(crate) struct RawConfig {
     pub socket_dir: Field,
     pub pid_file: Field,
+    pub metrics_listen: Field,
     pub state_file: Field,
     pub state_interval: Field,
     pub shutdown_grace: Field,

@@ -196,6 +196,15 @@ impl<'a> Validator<'a> {
             cache_budget: byte_count(0..=1 << 40),
             cache_max_entry: byte_count(0..=1 << 34),
         );
+        if let Some(text) = self.text(&raw.metrics_listen, "metrics_listen") {
+            match text.parse::<std::net::SocketAddr>() {
+                Ok(a) => c.metrics_listen = Some(a),
+                Err(_) => {
+                    let span = raw.metrics_listen.as_ref().map_or(0..0, |v| v.span());
+                    self.err(span, "metrics_listen", format!("'{text}' is not an address such as \"127.0.0.1:9464\""));
+                }
+            }
+        }
         let mut spool = SpoolConfig::default();
         let s = &mut spool;
         if let Some(d) = self.path(&raw.spool_dir, "spool_dir") {

@@ -114,6 +114,10 @@ pub struct InventorySnapshot {
     pub last_sync_removed: u64,
     /// Hosts whose files livemux holds for this site.
     pub hosts: usize,
+    /// Syncs that completed since start.
+    pub syncs_ok: u64,
+    /// Syncs that failed since start.
+    pub syncs_failed: u64,
     /// Why the last sync failed, or why the sync is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -337,6 +341,7 @@ impl Syncer {
                     }
                     self.status.update(|s| {
                         s.state = "idle";
+                        s.syncs_ok += 1;
                         s.last_sync = Some(timestamp(SystemTime::now()));
                         s.last_sync_hosts = changes.written;
                         s.last_sync_bytes = changes.bytes;
@@ -362,6 +367,7 @@ impl Syncer {
                     let hosts = self.lock_store().written().len();
                     self.status.update(|s| {
                         s.state = "failed";
+                        s.syncs_failed += 1;
                         s.last_error = Some(e.to_string());
                         s.hosts = hosts;
                     });

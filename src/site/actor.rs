@@ -159,6 +159,7 @@ pub(crate) struct Actor {
     helpers: JoinSet<()>,
     /// The last answered heartbeat's round trip, µs (0: none yet).
     heartbeat_rtt_us: Arc<std::sync::atomic::AtomicU64>,
+    metrics: crate::metrics::SiteMetrics,
 
     pool: Pool<Channel, Waiter>,
     schedule: Schedule,
@@ -189,6 +190,7 @@ impl Actor {
         requests: mpsc::Receiver<Request>,
         status_tx: watch::Sender<SiteStatus>,
         shutdown: CancellationToken,
+        metrics: crate::metrics::SiteMetrics,
     ) -> Actor {
         let (events_tx, events) = inbox();
         let p = &cfg.params;
@@ -212,6 +214,7 @@ impl Actor {
             activity: Arc::new(Activity::new()),
             helpers: JoinSet::new(),
             heartbeat_rtt_us: Arc::default(),
+            metrics,
             pool,
             schedule,
             state: SiteState::Starting,
@@ -734,6 +737,7 @@ impl Actor {
         self.state = to;
         self.state_since = SystemTime::now();
         crate::events::SiteStateChanged { from, to, reason: &reason, after: was_for }.emit();
+        self.metrics.state_changed();
         self.publish();
     }
 

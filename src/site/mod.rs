@@ -210,6 +210,7 @@ struct HandleInner {
     reaped: AtomicU64,
     queries: AtomicU64,
     errors: AtomicU64,
+    metrics: crate::metrics::SiteMetrics,
     /// Short critical sections only (no await while held).
     last_reaped: std::sync::Mutex<Option<ReapRecord>>,
     inventory: std::sync::Mutex<Option<Arc<crate::inventory::InventoryStatus>>>,
@@ -248,6 +249,7 @@ impl SiteHandle {
             last_error: None,
         };
         let (status_tx, status_rx) = watch::channel(initial);
+        let metrics = crate::metrics::global().site(&cfg.name);
         let inner = HandleInner {
             name: cfg.name.clone(),
             address: std::sync::RwLock::new(cfg.address.to_string()),
@@ -259,12 +261,13 @@ impl SiteHandle {
             reaped: AtomicU64::new(0),
             queries: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            metrics: metrics.clone(),
             last_reaped: std::sync::Mutex::new(None),
             inventory: std::sync::Mutex::new(None),
             listen: std::sync::OnceLock::new(),
         };
         let span = tracing::info_span!("site", site = %cfg.name);
-        let actor = Actor::new(cfg, connector, tls, rx, status_tx, shutdown);
+        let actor = Actor::new(cfg, connector, tls, rx, status_tx, shutdown, metrics);
         tracker.spawn(tracing::Instrument::instrument(actor.run(), span));
         SiteHandle { inner: Arc::new(inner) }
     }
@@ -326,7 +329,10 @@ impl SiteHandle {
             Err(_) => return Err(self.wait_error(start, wait_until, deadline)),
         }
         match tokio::time::timeout_at(wait_until, rx).await {
-            Ok(Ok(Ok(lease))) => Ok(lease),
+            Ok(Ok(Ok(lease))) => {
+                self.inner.metrics.waited(start.elapsed());
+                Ok(lease)
+            }
             Ok(Ok(Err(AcquireError::Down(cause)))) => {
                 Err(QueryError::SiteDown { site: self.inner.name.clone(), cause })
             }
@@ -406,6 +412,11 @@ impl SiteHandle {
             queries: i.queries.load(Ordering::Relaxed),
             errors: i.errors.load(Ordering::Relaxed),
         })
+    }
+
+    /// The site's accumulating metrics.
+    pub fn metrics(&self) -> &crate::metrics::SiteMetrics {
+        &self.inner.metrics
     }
 
     /// Count a client's request.

@@ -6,6 +6,7 @@
 //! - `pipeline`: elastic pools and pipelined channels;
 //! - `cache`: `Cache: reload` and single-flight;
 //! - `inventory`: HW/SW inventory sync against simulated sites;
+//! - `metrics`: the Prometheus endpoint, the dashboard and alerts;
 //! - `backpressure`: slow, pausing and vanishing clients, sites failing
 //!   mid-answer, peak memory for 1 GiB answers;
 //! - `deadpeers`: dead peers in private network namespaces (root);
@@ -25,6 +26,7 @@ mod clients;
 mod deadpeers;
 mod heartbeat;
 mod inventory;
+mod metrics;
 mod pipeline;
 mod pool;
 mod proxy;

@@ -68,6 +68,7 @@ pub fn test_config(dir: &std::path::Path, sites: Vec<(&str, String, SiteParams)>
     Config {
         socket_dir: dir.join("s"),
         pid_file: None,
+        metrics_listen: None,
         state_file: dir.join("state.json"),
         state_interval: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(5),
