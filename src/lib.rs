@@ -19,6 +19,7 @@
 //! - [`sockopt`]: TCP socket options (nodelay, keepalive, user timeout).
 //! - [`tls`]: TLS toward sites and on cascading listeners (rustls).
 //! - [`inventory`]: HW/SW inventory files kept in sync with every site.
+//! - [`liveproxyd`]: `livemux import-liveproxyd` (Checkmk's liveproxyd.mk to TOML).
 //! - [`metrics`]: Prometheus metrics on `metrics_listen`.
 //! - [`state`]: the JSON state file; [`status`]: `livemux status`, its reader.
 //! - [`events`]: one struct per observable event (log line).
@@ -41,6 +42,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod inventory;
+pub mod liveproxyd;
 pub mod metrics;
 pub mod relay;
 pub mod site;

@@ -45,6 +45,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a livemux configuration made from Checkmk's liveproxyd.mk
+    /// (warnings go to stderr).
+    ImportLiveproxyd {
+        /// The liveproxyd.mk (`<site>/etc/check_mk/liveproxyd.mk`).
+        file: PathBuf,
+        /// Checkmk's liveproxyd global settings
+        /// (`<site>/etc/check_mk/liveproxyd.d/wato/global.mk`), for the default parameters.
+        #[arg(long)]
+        global: Option<PathBuf>,
+        /// Where livemux puts its sockets (default: the site's tmp/run/liveproxy).
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+        /// The central site's root (default: derived from FILE's path).
+        #[arg(long)]
+        omd_root: Option<PathBuf>,
+    },
     /// Validate a configuration file (exit 0, or 1 with the error).
     CheckConfig {
         /// Configuration file.
@@ -87,6 +103,20 @@ fn main() -> ExitCode {
             Err(e) => return config_failed(&path, &e),
         },
         Command::Status { config, state_file, json } => return status(config, state_file, json),
+        Command::ImportLiveproxyd { file, global, socket_dir, omd_root } => {
+            let opts = livemux::liveproxyd::Options { file, global, socket_dir, omd_root };
+            return match livemux::liveproxyd::import(&opts) {
+                Ok(imported) => {
+                    for w in &imported.warnings {
+                        eprintln!("livemux: warning: {w}");
+                    }
+                    use std::io::Write;
+                    let _ = std::io::stdout().lock().write_all(imported.toml.as_bytes());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(format_args!("{e}")),
+            };
+        }
         Command::Reload { config } => {
             return match Config::load(&config) {
                 Ok(c) => match livemux::daemon::signal_reload(&c) {
@@ -131,7 +161,12 @@ fn main() -> ExitCode {
                 };
                 query_command(target, query, timeout).await
             }
-            Job::Other(Command::Run { .. } | Command::Reload { .. } | Command::Status { .. }) => ExitCode::FAILURE,
+            Job::Other(
+                Command::Run { .. }
+                | Command::Reload { .. }
+                | Command::Status { .. }
+                | Command::ImportLiveproxyd { .. },
+            ) => ExitCode::FAILURE,
         }
     })
 }

@@ -469,3 +469,65 @@ fn the_shipped_systemd_unit_verifies() {
     let ours: Vec<&str> = err.lines().filter(|l| l.contains("livemux.service")).collect();
     assert!(out.status.success() && ours.is_empty(), "{err}");
 }
+
+/// `livemux import-liveproxyd` on the corpus in tests/fixtures/liveproxyd:
+/// each output equals the expected TOML (`LIVEMUX_BLESS=1` rewrites them)
+/// and passes `check-config`; warnings name site and key; a malformed file
+/// is an error with line and column.
+#[test]
+fn import_liveproxyd_turns_every_form_into_a_configuration_check_config_accepts() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/liveproxyd");
+    // A central site: <root>/etc/check_mk/liveproxyd.mk, and its trust store.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("central");
+    std::fs::create_dir_all(root.join("etc/check_mk/liveproxyd.d/wato")).unwrap();
+    std::fs::create_dir_all(root.join("var/ssl")).unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["ca".to_owned()]).unwrap();
+    std::fs::write(root.join("var/ssl/ca-certificates.crt"), ca.cert.pem()).unwrap();
+    let own_ca = dir.path().join("own-ca.pem");
+    std::fs::write(&own_ca, ca.cert.pem()).unwrap();
+    let root_s = root.display().to_string();
+    let cases: [(&str, &[&str]); 4] = [("gui", &[]), ("legacy", &[]), ("gui", &["--global", "GLOBAL"]), ("odd", &[])];
+    for (case, extra) in cases {
+        let text = std::fs::read_to_string(fixtures.join(format!("{case}.mk"))).unwrap();
+        let input = root.join("etc/check_mk/liveproxyd.mk");
+        std::fs::write(&input, text.replace("@CA@", &own_ca.display().to_string())).unwrap();
+        let global = root.join("etc/check_mk/liveproxyd.d/wato/global.mk");
+        std::fs::copy(fixtures.join("global.mk"), &global).unwrap();
+        let mut args = vec!["import-liveproxyd", input.to_str().unwrap()];
+        for a in extra {
+            args.push(if *a == "GLOBAL" { global.to_str().unwrap() } else { a });
+        }
+        let out = livemux(&args);
+        assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+        let name = if extra.is_empty() { case.to_owned() } else { format!("{case}-global") };
+        // Paths of this run shown as placeholders, so the expected files are stable.
+        let shown = |s: &[u8]| {
+            String::from_utf8_lossy(s).replace(&root_s, "@ROOT@").replace(&own_ca.display().to_string(), "@CA@")
+        };
+        let (toml, warnings) = (shown(&out.stdout), shown(&out.stderr));
+        let expected = fixtures.join(format!("{name}.toml"));
+        let expected_warnings = fixtures.join(format!("{name}.warnings"));
+        if std::env::var_os("LIVEMUX_BLESS").is_some() {
+            std::fs::write(&expected, &toml).unwrap();
+            std::fs::write(&expected_warnings, &warnings).unwrap();
+        }
+        assert_eq!(toml, std::fs::read_to_string(&expected).unwrap_or_default(), "{name}: TOML differs");
+        assert_eq!(
+            warnings,
+            std::fs::read_to_string(&expected_warnings).unwrap_or_default(),
+            "{name}: warnings differ"
+        );
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, &out.stdout).unwrap();
+        let check = livemux(&["check-config", "--config", cfg.to_str().unwrap()]);
+        assert!(check.status.success(), "{name}: check-config: {}", String::from_utf8_lossy(&check.stderr));
+    }
+    let out = livemux(&["import-liveproxyd", fixtures.join("malformed.mk").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("malformed.mk: line 3, column 111: `os` is not a literal (nothing is evaluated)"), "{err}");
+    let out = livemux(&["import-liveproxyd", fixtures.join("global.mk").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no `sites = {...}` or `sites.update({...})`"));
+}
