@@ -116,6 +116,8 @@ pub struct App {
     inventory: Option<tokio::sync::mpsc::Sender<crate::inventory::Control>>,
     /// Where `/metrics` is served.
     metrics_addr: Option<std::net::SocketAddr>,
+    /// The federated sockets (removed at exit).
+    federation_sockets: Vec<listener::SocketFile>,
 }
 
 /// One site at run time: its actor, socket, listeners and sessions.
@@ -230,6 +232,21 @@ impl App {
                 }
             }
         }
+        let mut federated = Vec::with_capacity(config.federations.len());
+        for f in &config.federations {
+            match listener::bind(&config.socket_path(&f.name)) {
+                Ok(b) => federated.push(b),
+                Err(e) => {
+                    for (_, file, _) in &bound {
+                        file.remove();
+                    }
+                    for (_, file) in &federated {
+                        file.remove();
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let (sites_stop, sites_tracker) = (CancellationToken::new(), TaskTracker::new());
@@ -257,11 +274,25 @@ impl App {
             state,
             inventory: None,
             metrics_addr: None,
+            federation_sockets: Vec::new(),
         };
         for ((site, b), tls) in config.sites.iter().zip(bound).zip(tls) {
             app.start_site(site.clone(), b, tls);
         }
         app.publish_sites();
+        for (f, (unix, file)) in config.federations.iter().zip(federated) {
+            let sites = f.sites.iter().filter_map(|n| app.site(n)).collect();
+            let fed = Arc::new(crate::federation::Federation {
+                cfg: f.clone(),
+                sites,
+                sort_budget: config.federation_sort_budget,
+                spool_dir: if config.spool.disk_budget > 0 { config.spool.dir.clone() } else { std::env::temp_dir() },
+            });
+            let span = tracing::info_span!("listen", federation = %f.name, on = %file.path().display());
+            let serve = crate::federation::serve(unix, fed, app.shutdown.clone(), app.tracker.clone());
+            app.tracker.spawn(tracing::Instrument::instrument(serve, span));
+            app.federation_sockets.push(file);
+        }
         if let Some(inv) = config.inventory.clone() {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             app.inventory = Some(tx);
@@ -551,6 +582,9 @@ impl App {
         for s in &self.sites {
             s.socket.remove();
         }
+        for f in &self.federation_sockets {
+            f.remove();
+        }
     }
 }
 
@@ -593,6 +627,8 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check(old.inventory != new.inventory, "inventory");
     check(old.pid_file != new.pid_file, "pid_file");
     check(old.metrics_listen != new.metrics_listen, "metrics_listen");
+    check(old.federations != new.federations, "[[federation]]");
+    check(old.federation_sort_budget != new.federation_sort_budget, "federation_sort_budget");
     keys
 }
 

@@ -67,6 +67,13 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
             interval: std::time::Duration::from_secs(10),
             ..crate::config::InventoryConfig::new(dir.join("inventory"))
         }),
+        // One socket for all three sites: queries answered by every site.
+        federations: vec![crate::config::FederationConfig {
+            name: "all".into(),
+            sites: SITES.iter().map(|(n, _, _)| (*n).to_owned()).collect(),
+            fail_on_site_error: false,
+        }],
+        federation_sort_budget: 64 << 20,
         sites,
     };
     let app = App::start(config.clone()).await?;

@@ -18,6 +18,7 @@
 //! - [`spool`]: holding answers for slow clients, within memory and disk budgets.
 //! - [`sockopt`]: TCP socket options (nodelay, keepalive, user timeout).
 //! - [`tls`]: TLS toward sites and on cascading listeners (rustls).
+//! - [`federation`]: federated sockets (one query, many sites, merged).
 //! - [`inventory`]: HW/SW inventory files kept in sync with every site.
 //! - [`liveproxyd`]: `livemux import-liveproxyd` (Checkmk's liveproxyd.mk to TOML).
 //! - [`metrics`]: Prometheus metrics on `metrics_listen`.
@@ -41,6 +42,7 @@ pub mod daemon;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod federation;
 pub mod inventory;
 pub mod liveproxyd;
 pub mod metrics;

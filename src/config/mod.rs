@@ -388,8 +388,25 @@ pub struct Config {
     pub cache_max_entry: usize,
     /// HW/SW inventory sync (off unless `[inventory]` sets `dir`).
     pub inventory: Option<InventoryConfig>,
+    /// Federated sockets: one query answered by many sites.
+    pub federations: Vec<FederationConfig>,
+    /// Memory a federated `Sort` may use for the rows it orders.
+    pub federation_sort_budget: usize,
     /// The sites, in file order.
     pub sites: Vec<SiteConfig>,
+}
+
+/// A `[[federation]]`: a socket `<socket_dir>/<name>` whose queries go to
+/// several sites and whose answers are merged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationConfig {
+    /// Name; also its socket's file name.
+    pub name: String,
+    /// The sites it asks, in configuration order.
+    pub sites: Vec<String>,
+    /// A site that fails makes the whole query fail (else its rows are
+    /// missing and the site is named).
+    pub fail_on_site_error: bool,
 }
 
 /// `[inventory]`: keep the central site's copy of every remote host's HW/SW
@@ -494,6 +511,8 @@ impl Default for Config {
             cache_budget: 64 << 20,
             cache_max_entry: 1 << 20,
             inventory: None,
+            federations: Vec::new(),
+            federation_sort_budget: 64 << 20,
             sites: Vec::new(),
         }
     }

@@ -78,6 +78,14 @@ pub(crate) struct RawSite {
     pub inventory: Field,
 }
 
+/// A `[[federation]]` table as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub(crate) struct RawFederation {
+    pub name: Field,
+    pub sites: Option<Spanned<Vec<Spanned<Scalar>>>>,
+    pub on_site_error: Field,
+}
+
 /// The `[inventory]` section as written.
 #[derive(Debug, Default, Clone, Deserialize)]
 pub(crate) struct RawInventory {
@@ -111,6 +119,8 @@ pub(crate) struct RawConfig {
     pub cache_budget: Field,
     pub cache_max_entry: Field,
     pub inventory: Option<Spanned<RawInventory>>,
+    pub federation: Option<Vec<Spanned<RawFederation>>>,
+    pub federation_sort_budget: Field,
     pub defaults: Option<Spanned<RawSite>>,
     pub site: Option<Vec<Spanned<RawSite>>>,
 }

@@ -255,7 +255,65 @@ impl<'a> Validator<'a> {
                 c.sites.push(site);
             }
         }
+        if let Some(n) = self.byte_count(&raw.federation_sort_budget, "federation_sort_budget", 0..=1 << 40) {
+            c.federation_sort_budget = n;
+        }
+        for (i, f) in raw.federation.unwrap_or_default().into_iter().enumerate() {
+            let span = f.span();
+            if let Some(fed) = self.federation(&f.into_inner(), i + 1, span, &mut names, &c) {
+                c.federations.push(fed);
+            }
+        }
         c
+    }
+
+    fn federation(
+        &mut self,
+        f: &super::raw::RawFederation,
+        n: usize,
+        span: Range<usize>,
+        names: &mut Vec<String>,
+        c: &Config,
+    ) -> Option<super::FederationConfig> {
+        let prefix = format!("federation[{n}]");
+        let name_key = format!("{prefix}.name");
+        let name = match &f.name {
+            None => {
+                self.err(span.clone(), &name_key, "is required");
+                None
+            }
+            Some(v) => self.site_name(v, &name_key, &c.socket_dir, names),
+        };
+        let all: Vec<String> = c.sites.iter().map(|s| s.name.clone()).collect();
+        let mut sites = Vec::new();
+        match &f.sites {
+            None => sites = all.clone(),
+            Some(list) => {
+                for v in list.get_ref() {
+                    let key = format!("{prefix}.sites");
+                    match v.get_ref() {
+                        Scalar::Text(t) if all.contains(t) => sites.push(t.clone()),
+                        Scalar::Text(t) => self.err(v.span(), &key, format!("'{t}' is not a configured site")),
+                        _ => self.wrong_type(v, &key, "a site name"),
+                    }
+                }
+                if sites.is_empty() && list.get_ref().is_empty() {
+                    self.err(list.span(), &format!("{prefix}.sites"), "must name at least one site");
+                }
+            }
+        }
+        let mut fail = false;
+        if let Some(t) = self.text(&f.on_site_error, &format!("{prefix}.on_site_error")) {
+            match t.as_str() {
+                "partial" => {}
+                "fail" => fail = true,
+                _ => {
+                    let at = f.on_site_error.as_ref().map_or(span.clone(), |v| v.span());
+                    self.err(at, &format!("{prefix}.on_site_error"), format!("'{t}' must be \"partial\" or \"fail\""));
+                }
+            }
+        }
+        Some(super::FederationConfig { name: name?, sites, fail_on_site_error: fail })
     }
 
     fn inventory(&mut self, raw: &RawInventory, span: Range<usize>) -> Option<InventoryConfig> {

@@ -5,6 +5,7 @@
 //!   simulated sites (framing, errors, limits, heartbeats, the channel pool);
 //! - `pipeline`: elastic pools and pipelined channels;
 //! - `cache`: `Cache: reload` and single-flight;
+//! - `federation`: federated sockets over simulated sites;
 //! - `inventory`: HW/SW inventory sync against simulated sites;
 //! - `metrics`: the Prometheus endpoint, the dashboard and alerts;
 //! - `backpressure`: slow, pausing and vanishing clients, sites failing
@@ -24,6 +25,7 @@ mod cache;
 mod cli;
 mod clients;
 mod deadpeers;
+mod federation;
 mod heartbeat;
 mod inventory;
 mod metrics;

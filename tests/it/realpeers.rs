@@ -707,3 +707,48 @@ async fn icinga_more_channels_than_it_serves_shrink_the_pool_and_every_query_is_
     assert_eq!(p.site("ic").status().generation, 0, "never declared down");
     p.shutdown().await;
 }
+
+// === Both cores at once ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federation_of_icinga_and_naemon_answers_with_the_union_and_merged_stats() {
+    let Some(ic) = site(Core::Icinga, 20, 3).await else { return };
+    let Some(nm) = site(Core::Naemon, 10, 2).await else { return };
+    let p = crate::federation::federated(vec![("ic", ic.tcp_address()), ("nm", nm.tcp_address())], 64 << 20).await;
+    // Rows: the union of both direct answers, each with its site.
+    let q = "GET services\nColumns: host_name description state\nOutputFormat: json\n";
+    let mut want = std::collections::BTreeSet::new();
+    for (name, s) in [("ic", &ic), ("nm", &nm)] {
+        let body = direct_raw(s, &format!("{q}\n")).await;
+        let rows: Vec<Vec<serde_json::Value>> = serde_json::from_slice(&body).expect("direct JSON");
+        for r in rows {
+            want.insert((name.to_owned(), r[0].to_string(), r[1].to_string(), r[2].as_f64().unwrap_or(-1.0) as i64));
+        }
+    }
+    let (code, body) =
+        crate::federation::fed(&p, "GET services\nColumns: site host_name description state\nOutputFormat: json").await;
+    assert_eq!(code, 200, "{body}");
+    let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(&body).expect("federated JSON");
+    let got: std::collections::BTreeSet<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().unwrap_or("?").to_owned(),
+                r[1].to_string(),
+                r[2].to_string(),
+                r[3].as_f64().unwrap_or(-1.0) as i64,
+            )
+        })
+        .collect();
+    assert_eq!(rows.len(), want.len());
+    assert_eq!(got, want);
+    // Stats: the counts of the union.
+    let (code, body) =
+        crate::federation::fed(&p, "GET services\nStats: state = 0\nStats: state != 0\nOutputFormat: json").await;
+    assert_eq!(code, 200, "{body}");
+    let merged: Vec<Vec<serde_json::Value>> = serde_json::from_str(&body).expect("stats JSON");
+    let ok = want.iter().filter(|w| w.3 == 0).count() as f64;
+    assert_eq!(merged[0][0].as_f64(), Some(ok));
+    assert_eq!(merged[0][1].as_f64(), Some(want.len() as f64 - ok));
+    p.shutdown().await;
+}

@@ -77,6 +77,8 @@ pub fn test_config(dir: &std::path::Path, sites: Vec<(&str, String, SiteParams)>
         cache_max_entry: 1 << 20,
         spool: livemux::config::SpoolConfig { dir: dir.join("spool"), ..Default::default() },
         inventory: None,
+        federations: Vec::new(),
+        federation_sort_budget: 64 << 20,
         sites: sites
             .into_iter()
             .map(|(name, addr, params)| SiteConfig {

@@ -1,0 +1,598 @@
+//! A federated `GET`, without I/O: what to ask each site, and how to merge
+//! and render the answers.
+//!
+//! The client's request is split into what the sites answer (the query
+//! with the virtual `site` column taken out, `OutputFormat: json`, `Limit`
+//! raised by `Offset`, `avg` asked as `sum` and a count) and what livemux
+//! does over the union: the `site` column, `Sites:`/`Backends:` and
+//! `Filter: site = x` (which also decide which sites are asked), merging
+//! `Stats` per group key, `Sort`, `Offset`, `Limit`, and the client's output
+//! format and headers.
+
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+/// The names of the virtual column (LMD's `peer_name` and `peer_key` too).
+const SITE_COLUMNS: [&str; 3] = ["site", "peer_name", "peer_key"];
+
+/// How a stats column is merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    /// Counts and sums add.
+    Add,
+    /// The smallest.
+    Min,
+    /// The largest.
+    Max,
+    /// `avg`: asked as a sum and a count, divided at the end.
+    Avg,
+}
+
+/// The client's output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// csv with separators.
+    Csv,
+    /// JSON rows.
+    Json,
+    /// Python 2 literal (`u"..."` strings).
+    Python,
+    /// Python 3 literal.
+    Python3,
+    /// LMD's `{"columns", "data", "failed", "total_count"}`.
+    WrappedJson,
+}
+
+/// A federated query, planned.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The table.
+    pub table: String,
+    /// The request each selected site gets (without the empty line).
+    pub site_query: String,
+    /// Explicit columns (with the virtual ones), if any.
+    pub columns: Vec<String>,
+    /// Positions in `columns` of the virtual site column.
+    pub site_positions: Vec<usize>,
+    /// Merge of each stats column, in client order (empty: no stats).
+    pub stats: Vec<Merge>,
+    /// Sites the filters and headers allow (None: all of the federation's).
+    pub sites: Option<BTreeSet<String>>,
+    /// Sort keys: (column index in the output row, descending).
+    pub sort: Vec<(usize, bool)>,
+    /// Rows to skip.
+    pub offset: usize,
+    /// Rows to give at most.
+    pub limit: Option<usize>,
+    /// Output format.
+    pub format: Format,
+    /// A header row (`ColumnHeaders: on`).
+    pub headers: bool,
+    /// csv separators: dataset, field, list, host/service.
+    pub separators: [u8; 4],
+}
+
+/// A request livemux refuses, with its status code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Livestatus status code.
+    pub status: u16,
+    /// Why.
+    pub message: String,
+}
+
+fn refuse(status: u16, message: impl Into<String>) -> Refused {
+    Refused { status, message: message.into() }
+}
+
+/// A count filter that every row of `table` passes (for `avg`'s count).
+fn universal_filter(table: &str) -> Option<&'static str> {
+    Some(match table {
+        "hosts" | "hostsbygroup" => "name !=",
+        "services" | "servicesbygroup" | "servicesbyhostgroup" => "description !=",
+        "hostgroups" | "servicegroups" | "contactgroups" | "contacts" | "commands" | "timeperiods" => "name !=",
+        "comments" | "downtimes" => "id >= 0",
+        "log" | "statehist" => "time >= 0",
+        _ => return None,
+    })
+}
+
+/// Plan the client's `GET` (`block` without its empty line).
+pub fn plan(block: &str) -> Result<Plan, Refused> {
+    let mut lines = block.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    let table = first.strip_prefix("GET ").map(str::trim).filter(|t| !t.is_empty());
+    let Some(table) = table else { return Err(refuse(400, "a federated request must be a GET with a table")) };
+    let mut p = Plan {
+        table: table.to_owned(),
+        site_query: format!("GET {table}\n"),
+        columns: Vec::new(),
+        site_positions: Vec::new(),
+        stats: Vec::new(),
+        sites: None,
+        sort: Vec::new(),
+        offset: 0,
+        limit: None,
+        format: Format::Csv,
+        headers: false,
+        separators: [b'\n', b';', b',', b'|'],
+    };
+    let mut sort_names: Vec<(String, bool)> = Vec::new();
+    let mut forwarded = Vec::new();
+    let mut site_filters: Vec<String> = Vec::new();
+    for line in lines {
+        let (name, value) = line.split_once(':').map(|(n, v)| (n.trim(), v.trim())).unwrap_or((line, ""));
+        match name {
+            "Columns" => {
+                for (i, c) in value.split_whitespace().enumerate() {
+                    if SITE_COLUMNS.contains(&c) {
+                        p.site_positions.push(i);
+                    }
+                    p.columns.push(c.to_owned());
+                }
+                let real: Vec<&str> =
+                    p.columns.iter().map(String::as_str).filter(|c| !SITE_COLUMNS.contains(c)).collect();
+                if !real.is_empty() {
+                    forwarded.push(format!("Columns: {}", real.join(" ")));
+                }
+            }
+            "Filter" => {
+                let mut w = value.splitn(3, ' ');
+                let (col, op, arg) = (w.next().unwrap_or(""), w.next().unwrap_or(""), w.next().unwrap_or(""));
+                if SITE_COLUMNS.contains(&col) {
+                    if op != "=" {
+                        return Err(refuse(452, format!("a filter on `{col}` must use '=' ('{value}')")));
+                    }
+                    site_filters.push(arg.to_owned());
+                } else {
+                    forwarded.push(line.to_owned());
+                }
+            }
+            "Sites" | "Backends" => {
+                let set: BTreeSet<String> = value.split_whitespace().map(str::to_owned).collect();
+                p.sites = Some(match p.sites.take() {
+                    Some(old) => old.intersection(&set).cloned().collect(),
+                    None => set,
+                });
+            }
+            "Stats" => {
+                let (first, rest) = value.split_once(' ').unwrap_or((value, ""));
+                let kind = match first {
+                    "sum" => Some(Merge::Add),
+                    "min" => Some(Merge::Min),
+                    "max" => Some(Merge::Max),
+                    "avg" => Some(Merge::Avg),
+                    "std" | "suminv" | "avginv" => {
+                        return Err(refuse(
+                            452,
+                            format!("Stats: {first} cannot be merged exactly across sites; ask each site's socket"),
+                        ));
+                    }
+                    _ => None,
+                };
+                match kind {
+                    Some(Merge::Avg) if !rest.is_empty() => {
+                        let Some(all) = universal_filter(table) else {
+                            return Err(refuse(
+                                452,
+                                format!("Stats: avg on table '{table}' is not supported federated"),
+                            ));
+                        };
+                        forwarded.push(format!("Stats: sum {rest}"));
+                        forwarded.push(format!("Stats: {all}"));
+                        p.stats.push(Merge::Avg);
+                    }
+                    Some(k) if !rest.is_empty() => {
+                        forwarded.push(line.to_owned());
+                        p.stats.push(k);
+                    }
+                    _ => {
+                        forwarded.push(line.to_owned());
+                        p.stats.push(Merge::Add);
+                    }
+                }
+            }
+            "StatsAnd" | "StatsOr" => {
+                let n: usize = value.parse().map_err(|_| refuse(400, format!("{name}: '{value}' is not a number")))?;
+                if n == 0 || n > p.stats.len() || p.stats[p.stats.len() - n..].iter().any(|m| *m != Merge::Add) {
+                    return Err(refuse(452, format!("{name}: {n} combines no count filters")));
+                }
+                p.stats.truncate(p.stats.len() - n + 1);
+                forwarded.push(line.to_owned());
+            }
+            "StatsNegate" => {
+                if p.stats.last() != Some(&Merge::Add) {
+                    return Err(refuse(452, "StatsNegate: no count filter to negate"));
+                }
+                forwarded.push(line.to_owned());
+            }
+            "Sort" => {
+                let mut w = value.split_whitespace();
+                let col = w.next().unwrap_or_default().to_owned();
+                let desc = match w.next() {
+                    None | Some("asc") => false,
+                    Some("desc") => true,
+                    Some(other) => return Err(refuse(400, format!("Sort: '{other}' is not asc or desc"))),
+                };
+                sort_names.push((col, desc));
+            }
+            "Limit" => {
+                p.limit = Some(value.parse().map_err(|_| refuse(400, format!("Limit: '{value}' is not a number")))?)
+            }
+            "Offset" => {
+                p.offset = value.parse().map_err(|_| refuse(400, format!("Offset: '{value}' is not a number")))?
+            }
+            "OutputFormat" => {
+                p.format = match value {
+                    "csv" => Format::Csv,
+                    "json" => Format::Json,
+                    "python" => Format::Python,
+                    "python3" => Format::Python3,
+                    "wrapped_json" => Format::WrappedJson,
+                    other => return Err(refuse(452, format!("OutputFormat: '{other}' is not supported"))),
+                }
+            }
+            "ColumnHeaders" => p.headers = value == "on",
+            "Separators" => {
+                let v: Vec<u8> = value.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+                if v.len() != 4 {
+                    return Err(refuse(400, "Separators: needs four byte values"));
+                }
+                p.separators = [v[0], v[1], v[2], v[3]];
+            }
+            // The client's framing is livemux's business, and cache
+            // directives apply per site socket only.
+            "ResponseHeader" | "KeepAlive" | "Cache" => {}
+            _ => forwarded.push(line.to_owned()),
+        }
+    }
+    if site_filters.len() > 1 {
+        // Several `Filter: site = x` lines mean the union of those sites
+        // when followed by `Or:`; livemux takes them as such.
+    }
+    if !site_filters.is_empty() {
+        let set: BTreeSet<String> = site_filters.into_iter().collect();
+        p.sites = Some(match p.sites.take() {
+            Some(old) => old.intersection(&set).cloned().collect(),
+            None => set,
+        });
+    }
+    if p.columns.is_empty() && p.stats.is_empty() && !p.site_positions.is_empty() {
+        return Err(refuse(400, "the site column needs explicit Columns"));
+    }
+    if !p.stats.is_empty() && !sort_names.is_empty() {
+        return Err(refuse(452, "Sort with Stats is not supported federated"));
+    }
+    for (name, desc) in sort_names {
+        let Some(i) = p.columns.iter().position(|c| *c == name) else {
+            return Err(refuse(452, format!("Sort: column '{name}' must be one of the Columns")));
+        };
+        p.sort.push((i, desc));
+    }
+    if p.stats.is_empty()
+        && p.sort.is_empty()
+        && let Some(l) = p.limit
+    {
+        forwarded.push(format!("Limit: {}", l + p.offset));
+    }
+    forwarded.push("OutputFormat: json".to_owned());
+    for l in forwarded {
+        p.site_query.push_str(&l);
+        p.site_query.push('\n');
+    }
+    Ok(p)
+}
+
+impl Plan {
+    /// The output columns' names (for `ColumnHeaders` and `wrapped_json`).
+    pub fn header_names(&self, stats_from_row: usize) -> Vec<String> {
+        if !self.stats.is_empty() {
+            let mut v = self.columns.clone();
+            v.extend((1..=self.stats.len()).map(|i| format!("stats_{i}")));
+            return v;
+        }
+        if self.columns.is_empty() {
+            return (0..stats_from_row).map(|i| format!("column_{i}")).collect();
+        }
+        self.columns.clone()
+    }
+
+    /// A site's row (as the site answered) as the client's row: the site
+    /// column put in its places.
+    pub fn client_row(&self, site: &str, row: Vec<Value>) -> Vec<Value> {
+        if self.site_positions.is_empty() {
+            return row;
+        }
+        let mut out = Vec::with_capacity(row.len() + self.site_positions.len());
+        let mut it = row.into_iter();
+        for i in 0..self.columns.len() {
+            if self.site_positions.contains(&i) {
+                out.push(Value::String(site.to_owned()));
+            } else if let Some(v) = it.next() {
+                out.push(v);
+            }
+        }
+        out.extend(it);
+        out
+    }
+
+    /// Group key columns of a stats row (the explicit, non-site columns).
+    fn group_len(&self) -> usize {
+        self.columns.len() - self.site_positions.len()
+    }
+}
+
+/// Merged stats: per group key, the accumulated stats values.
+#[derive(Debug, Default)]
+pub struct StatsMerge {
+    /// (site for the site column, group key) → accumulators, in first-seen order.
+    groups: Vec<(Vec<Value>, Vec<f64>)>,
+    index: std::collections::HashMap<String, usize>,
+}
+
+fn num(v: &Value) -> f64 {
+    match v {
+        Value::Number(n) => n.as_f64().unwrap_or(0.0),
+        Value::String(s) => s.parse().unwrap_or(0.0),
+        _ => 0.0,
+    }
+}
+
+impl StatsMerge {
+    /// Add one site's stats row.
+    pub fn add(&mut self, plan: &Plan, site: &str, row: Vec<Value>) {
+        let g = plan.group_len();
+        let mut key: Vec<Value> = row.iter().take(g).cloned().collect();
+        if !plan.site_positions.is_empty() {
+            // The site column is part of the group key: one group per site.
+            key.insert(0, Value::String(site.to_owned()));
+        }
+        let values: Vec<f64> = row.iter().skip(g).map(num).collect();
+        let k = serde_json::to_string(&key).unwrap_or_default();
+        let at = *self.index.entry(k).or_insert_with(|| {
+            self.groups.push((key, Vec::new()));
+            self.groups.len() - 1
+        });
+        let acc = &mut self.groups[at].1;
+        let mut v = values.into_iter();
+        let mut i = 0;
+        for m in &plan.stats {
+            let (x, extra) = match m {
+                Merge::Avg => (v.next().unwrap_or(0.0), Some(v.next().unwrap_or(0.0))),
+                _ => (v.next().unwrap_or(0.0), None),
+            };
+            if acc.len() <= i {
+                acc.push(match m {
+                    Merge::Min => f64::INFINITY,
+                    Merge::Max => f64::NEG_INFINITY,
+                    _ => 0.0,
+                });
+                if extra.is_some() {
+                    acc.push(0.0);
+                }
+            }
+            match m {
+                Merge::Add => acc[i] += x,
+                Merge::Min => acc[i] = acc[i].min(x),
+                Merge::Max => acc[i] = acc[i].max(x),
+                Merge::Avg => {
+                    acc[i] += x;
+                    acc[i + 1] += extra.unwrap_or(0.0);
+                }
+            }
+            i += if extra.is_some() { 2 } else { 1 };
+        }
+    }
+
+    /// The merged rows, in the client's column order.
+    pub fn rows(self, plan: &Plan) -> Vec<Vec<Value>> {
+        let number = |x: f64| {
+            if x.fract() == 0.0 && x.abs() < 9e15 {
+                Value::from(x as i64)
+            } else {
+                serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+            }
+        };
+        let mut out = Vec::with_capacity(self.groups.len());
+        for (mut key, acc) in self.groups {
+            let site = (!plan.site_positions.is_empty()).then(|| key.remove(0));
+            let mut row = Vec::new();
+            let mut k = key.into_iter();
+            for i in 0..plan.columns.len() {
+                if plan.site_positions.contains(&i) {
+                    row.push(site.clone().unwrap_or(Value::Null));
+                } else if let Some(v) = k.next() {
+                    row.push(v);
+                }
+            }
+            let mut i = 0;
+            for m in &plan.stats {
+                match m {
+                    Merge::Avg => {
+                        let (s, n) = (acc.get(i).copied().unwrap_or(0.0), acc.get(i + 1).copied().unwrap_or(0.0));
+                        row.push(if n > 0.0 {
+                            serde_json::Number::from_f64(s / n).map_or(Value::Null, Value::Number)
+                        } else {
+                            Value::from(0)
+                        });
+                        i += 2;
+                    }
+                    Merge::Min | Merge::Max if !acc.get(i).is_some_and(|x| x.is_finite()) => {
+                        row.push(Value::from(0));
+                        i += 1;
+                    }
+                    _ => {
+                        row.push(number(acc.get(i).copied().unwrap_or(0.0)));
+                        i += 1;
+                    }
+                }
+            }
+            out.push(row);
+        }
+        if out.is_empty() && plan.columns.is_empty() {
+            // Stats without groups: one row of zeros, as a core answers.
+            out.push(plan.stats.iter().map(|_| Value::from(0)).collect());
+        }
+        out
+    }
+}
+
+/// Compare two values as a core sorts: numbers numerically, the rest as text.
+pub fn compare(a: &Value, b: &Value) -> Ordering {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            x.as_f64().unwrap_or(0.0).partial_cmp(&y.as_f64().unwrap_or(0.0)).unwrap_or(Ordering::Equal)
+        }
+        (Value::String(x), Value::String(y)) => x.cmp(y),
+        _ => a.to_string().cmp(&b.to_string()),
+    }
+}
+
+/// Sort rows by the plan's keys (stable: equal rows keep site order).
+pub fn sort(plan: &Plan, rows: &mut [Vec<Value>]) {
+    rows.sort_by(|a, b| {
+        for (i, desc) in &plan.sort {
+            let o = compare(a.get(*i).unwrap_or(&Value::Null), b.get(*i).unwrap_or(&Value::Null));
+            let o = if *desc { o.reverse() } else { o };
+            if o != Ordering::Equal {
+                return o;
+            }
+        }
+        Ordering::Equal
+    });
+}
+
+/// Writes rows in the client's format.
+pub struct Renderer {
+    format: Format,
+    sep: [u8; 4],
+    rows: usize,
+}
+
+impl Renderer {
+    /// A renderer; `out` gets the opening (`[` or `{"columns":..., "data": [`).
+    pub fn start(plan: &Plan, header: Option<&[String]>, out: &mut Vec<u8>) -> Renderer {
+        let mut r = Renderer { format: plan.format, sep: plan.separators, rows: 0 };
+        match plan.format {
+            Format::Csv => {}
+            Format::WrappedJson => {
+                // As LMD: `columns` only with `ColumnHeaders: on`.
+                out.push(b'{');
+                if let Some(h) = header {
+                    let cols: Vec<Value> = h.iter().map(|c| Value::String(c.clone())).collect();
+                    out.extend_from_slice(b"\"columns\":");
+                    out.extend_from_slice(serde_json::to_string(&cols).unwrap_or_default().as_bytes());
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"\"data\":[");
+            }
+            _ => out.push(b'['),
+        }
+        if plan.format != Format::WrappedJson
+            && let Some(h) = header
+        {
+            let row: Vec<Value> = h.iter().map(|c| Value::String(c.clone())).collect();
+            r.row(&row, out);
+        }
+        r
+    }
+
+    /// One row.
+    pub fn row(&mut self, row: &[Value], out: &mut Vec<u8>) {
+        match self.format {
+            Format::Csv => {
+                for (i, v) in row.iter().enumerate() {
+                    if i > 0 {
+                        out.push(self.sep[1]);
+                    }
+                    self.csv_value(v, 0, out);
+                }
+                out.push(self.sep[0]);
+            }
+            _ => {
+                if self.rows > 0 {
+                    out.extend_from_slice(b",\n");
+                }
+                out.push(b'[');
+                for (i, v) in row.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    self.value(v, out);
+                }
+                out.push(b']');
+            }
+        }
+        self.rows += 1;
+    }
+
+    fn csv_value(&self, v: &Value, depth: usize, out: &mut Vec<u8>) {
+        match v {
+            Value::Null => {}
+            Value::String(s) => out.extend_from_slice(s.as_bytes()),
+            Value::Bool(b) => out.push(if *b { b'1' } else { b'0' }),
+            Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
+            Value::Array(items) => {
+                let sep = if depth == 0 { self.sep[2] } else { self.sep[3] };
+                for (i, x) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(sep);
+                    }
+                    self.csv_value(x, depth + 1, out);
+                }
+            }
+            Value::Object(_) => out.extend_from_slice(v.to_string().as_bytes()),
+        }
+    }
+
+    fn value(&self, v: &Value, out: &mut Vec<u8>) {
+        match (self.format, v) {
+            (Format::Python | Format::Python3, Value::Null) => out.extend_from_slice(b"None"),
+            (Format::Python | Format::Python3, Value::Bool(b)) => {
+                out.extend_from_slice(if *b { b"True" } else { b"False" })
+            }
+            (Format::Python | Format::Python3, Value::String(s)) => {
+                if self.format == Format::Python {
+                    out.push(b'u');
+                }
+                livemux_protocol::python::render_str(s, out);
+            }
+            (Format::Python | Format::Python3, Value::Array(items)) => {
+                out.push(b'[');
+                for (i, x) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    self.value(x, out);
+                }
+                out.push(b']');
+            }
+            _ => out.extend_from_slice(serde_json::to_string(v).unwrap_or_default().as_bytes()),
+        }
+    }
+
+    /// The end of the answer (`failed`: site → reason, for `wrapped_json`).
+    pub fn finish(self, failed: &[(String, String)], total: usize, out: &mut Vec<u8>) {
+        match self.format {
+            Format::Csv => {}
+            Format::WrappedJson => {
+                out.extend_from_slice(b"],\"failed\":{");
+                for (i, (site, why)) in failed.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(serde_json::to_string(site).unwrap_or_default().as_bytes());
+                    out.push(b':');
+                    out.extend_from_slice(serde_json::to_string(why).unwrap_or_default().as_bytes());
+                }
+                out.extend_from_slice(format!("}},\"total_count\":{total}}}\n").as_bytes());
+            }
+            _ => out.extend_from_slice(b"]\n"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,192 @@
+//! Federated sockets: one query, several sites, merged. Against simulated
+//! sites of different sizes (faults) and, in `realpeers`, Icinga 2 and
+//! Naemon side by side.
+
+use std::collections::BTreeSet;
+
+use livemux::config::FederationConfig;
+use livemux::site::SiteState;
+use livemux_simsite::SimSite;
+use serde_json::Value;
+
+use crate::support::*;
+
+/// A proxy with a federation `all` over `sites`.
+pub async fn federated(sites: Vec<(&str, String)>, budget: usize) -> Proxy {
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
+    let list = sites.iter().map(|(n, a)| (*n, a.clone(), fast_params())).collect();
+    let mut config = test_config(dir.path(), list);
+    config.federations = vec![FederationConfig {
+        name: "all".into(),
+        sites: sites.iter().map(|(n, _)| (*n).to_owned()).collect(),
+        fail_on_site_error: false,
+    }];
+    config.federation_sort_budget = budget;
+    let p = Proxy::start_config(dir, config.clone()).await;
+    for s in &config.sites {
+        p.wait_state(&s.name, SiteState::Ready).await;
+    }
+    p
+}
+
+/// Ask the federation (fixed16); status and body.
+pub async fn fed(p: &Proxy, q: &str) -> (u16, String) {
+    let mut c = tokio::net::UnixStream::connect(p.config.socket_path("all")).await.expect("connect");
+    ask(&mut c, &format!("{q}\nResponseHeader: fixed16\n\n")).await
+}
+
+async fn three() -> (SimSite, SimSite, SimSite, Proxy) {
+    let (a, b, c) = (sim("fa").await, sim("fb").await, sim("fc").await);
+    a.with_dataset(|d| d.host_prefix = "a-".into());
+    b.with_dataset(|d| {
+        d.host_prefix = "b-".into();
+        d.hosts = 30;
+    });
+    c.with_dataset(|d| {
+        d.host_prefix = "c-".into();
+        d.hosts = 7;
+    });
+    let p = federated(vec![("fa", a.address()), ("fb", b.address()), ("fc", c.address())], 64 << 20).await;
+    (a, b, c, p)
+}
+
+fn json_rows(body: &str) -> Vec<Vec<Value>> {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[tokio::test]
+async fn rows_are_the_union_with_the_site_column_and_sites_can_be_selected() {
+    let (_a, _b, _c, p) = three().await;
+    let (code, body) = fed(&p, "GET hosts\nColumns: site name\nOutputFormat: json").await;
+    assert_eq!(code, 200, "{body}");
+    let rows = json_rows(&body);
+    assert_eq!(rows.len(), 100 + 30 + 7);
+    let pairs: BTreeSet<(String, String)> =
+        rows.iter().map(|r| (r[0].as_str().unwrap().to_owned(), r[1].as_str().unwrap().to_owned())).collect();
+    assert!(pairs.contains(&("fa".into(), "a-0000".into())));
+    assert!(pairs.contains(&("fb".into(), "b-0029".into())));
+    assert!(pairs.contains(&("fc".into(), "c-0006".into())));
+    assert!(pairs.iter().all(|(s, h)| h.starts_with(&s[1..])), "every row names its own site");
+
+    let (_, body) = fed(&p, "GET hosts\nColumns: name\nSites: fb fc").await;
+    assert_eq!(body.lines().count(), 37);
+    let (_, body) = fed(&p, "GET hosts\nColumns: name\nFilter: site = fc").await;
+    assert_eq!(body.lines().collect::<Vec<_>>(), (0..7).map(|i| format!("c-{i:04}")).collect::<Vec<_>>());
+    let (_, body) = fed(&p, "GET hosts\nColumns: name\nBackends: fc\nLimit: 3\nOffset: 2").await;
+    assert_eq!(body, "c-0002\nc-0003\nc-0004\n");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn stats_equal_the_statistics_of_the_union() {
+    let (a, b, c, p) = three().await;
+    // Direct answers, per site, of every service's state and latency.
+    let mut states = Vec::new();
+    for s in [&a, &b, &c] {
+        let body =
+            direct_tcp(s.tcp_addr().unwrap(), "GET services\nColumns: state latency\nOutputFormat: json\n\n").await;
+        let rows: Vec<Vec<Value>> = serde_json::from_slice(&body).unwrap();
+        states.extend(rows.into_iter().map(|r| (r[0].as_i64().unwrap(), r[1].as_f64().unwrap())));
+    }
+    let q = "GET services\nStats: state = 0\nStats: state = 2\nStats: sum latency\nStats: min latency\nStats: max latency\nStats: avg latency\nStats: state = 1\nStats: state = 3\nStatsOr: 2\nOutputFormat: json";
+    let (code, body) = fed(&p, q).await;
+    assert_eq!(code, 200, "{body}");
+    let row = &json_rows(&body)[0];
+    let n = states.len() as f64;
+    let sum: f64 = states.iter().map(|s| s.1).sum();
+    let count = |k: i64| states.iter().filter(|s| s.0 == k).count() as f64;
+    let want = [
+        count(0),
+        count(2),
+        sum,
+        states.iter().map(|s| s.1).fold(f64::INFINITY, f64::min),
+        states.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max),
+        sum / n,
+        count(1) + count(3),
+    ];
+    for (i, w) in want.iter().enumerate() {
+        let got = row[i].as_f64().unwrap();
+        assert!((got - w).abs() < 1e-6, "stat {i}: {got} vs {w}: {body}");
+    }
+    // Grouped: one row per state over all sites.
+    let (_, body) = fed(&p, "GET services\nColumns: state\nStats: state >= 0\nOutputFormat: json").await;
+    let grouped: Vec<(i64, f64)> = json_rows(&body)
+        .into_iter()
+        .map(|r| (r[0].as_str().and_then(|s| s.parse().ok()).or(r[0].as_i64()).unwrap(), r[1].as_f64().unwrap()))
+        .collect();
+    for (state, n) in grouped {
+        assert_eq!(n, count(state), "state {state}");
+    }
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn sort_limit_every_format_and_a_sort_over_budget() {
+    let (_a, _b, _c, p) = three().await;
+    let (_, body) = fed(&p, "GET hosts\nColumns: name site\nSort: name desc\nLimit: 3\nOutputFormat: json").await;
+    let rows = json_rows(&body);
+    assert_eq!(rows.iter().map(|r| r[0].as_str().unwrap()).collect::<Vec<_>>(), ["c-0006", "c-0005", "c-0004"]);
+    for (format, check) in
+        [("csv", "csv"), ("json", "json"), ("python", "python"), ("python3", "python3"), ("wrapped_json", "wrapped")]
+    {
+        let (code, body) =
+            fed(&p, &format!("GET hosts\nColumns: name site\nFilter: site = fc\nOutputFormat: {format}")).await;
+        assert_eq!(code, 200);
+        match check {
+            "csv" => assert_eq!(body.lines().next(), Some("c-0000;fc")),
+            "json" => assert_eq!(json_rows(&body).len(), 7),
+            "wrapped" => {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["total_count"], 7);
+                assert_eq!(v["data"][0], serde_json::json!(["c-0000", "fc"]));
+                assert!(v.get("columns").is_none() && v["failed"] == serde_json::json!({}), "{body}");
+                let q = "GET hosts\nColumns: name site\nBackends: fc\nOutputFormat: wrapped_json\nColumnHeaders: on";
+                let (_, body) = fed(&p, q).await;
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["columns"], serde_json::json!(["name", "site"]));
+            }
+            _ => assert!(body.starts_with("[[") && body.contains("\"c-0000\"") && body.ends_with("]]\n"), "{body}"),
+        }
+    }
+    p.shutdown().await;
+    let (a, b) = (sim("fd").await, sim("fe").await);
+    let p = federated(vec![("fd", a.address()), ("fe", b.address())], 4096).await;
+    let (code, body) = fed(&p, "GET hosts\nColumns: name alias\nSort: name asc").await;
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("federation_sort_budget"), "{body}");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stopped_site_gives_a_partial_answer_naming_it_and_all_stopped_is_an_error() {
+    let (a, b) = (sim("ff").await, sim("fg").await);
+    let p = federated(vec![("ff", a.address()), ("fg", b.address())], 64 << 20).await;
+    b.stop();
+    p.wait_state("fg", SiteState::Down).await;
+    let (code, body) = fed(&p, "GET hosts\nColumns: name site\nOutputFormat: wrapped_json").await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 100);
+    assert!(v["failed"]["fg"].as_str().is_some_and(|w| w.contains("down")), "{body}");
+    a.stop();
+    p.wait_state("ff", SiteState::Down).await;
+    let (code, body) = fed(&p, "GET hosts\nColumns: name").await;
+    assert_eq!(code, 502);
+    assert!(body.contains("ff:") && body.contains("fg:"), "{body}");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_command_goes_to_every_site() {
+    let (a, b) = (sim("fh").await, sim("fi").await);
+    let p = federated(vec![("fh", a.address()), ("fi", b.address())], 64 << 20).await;
+    let cmd = "COMMAND [1700000000] PROCESS_HOST_CHECK_RESULT;host-0001;1;federated";
+    let mut c = tokio::net::UnixStream::connect(p.config.socket_path("all")).await.expect("connect");
+    let (code, _) = ask(&mut c, &format!("{cmd}\nResponseHeader: fixed16\n\n")).await;
+    assert_eq!(code, 200);
+    assert_eq!(a.commands(), vec![cmd.to_owned()]);
+    assert_eq!(b.commands(), vec![cmd.to_owned()]);
+    let (_, body) = fed(&p, "GET hosts\nColumns: site state plugin_output\nFilter: name = host-0001").await;
+    assert_eq!(body.lines().collect::<BTreeSet<_>>(), ["fh;1;federated", "fi;1;federated"].into());
+    p.shutdown().await;
+}
