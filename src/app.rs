@@ -118,6 +118,8 @@ pub struct App {
     metrics_addr: Option<std::net::SocketAddr>,
     /// The federated sockets (removed at exit).
     federation_sockets: Vec<listener::SocketFile>,
+    /// Federations' TCP listeners: (name, address).
+    federation_tcp: Vec<(String, std::net::SocketAddr)>,
 }
 
 /// One site at run time: its actor, socket, listeners and sessions.
@@ -234,13 +236,28 @@ impl App {
         }
         let mut federated = Vec::with_capacity(config.federations.len());
         for f in &config.federations {
-            match listener::bind(&config.socket_path(&f.name)) {
+            let tls = match f.listen.as_ref().and_then(|l| l.tls.as_ref()) {
+                Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+                    crate::tls::server_config(t).map_err(|source| StartError::Tls { site: f.name.clone(), source })?,
+                )),
+                None => None,
+            };
+            let bound_fed = listener::bind(&config.socket_path(&f.name)).and_then(|(unix, file)| {
+                match f.listen.as_ref().map(listener::bind_tcp).transpose() {
+                    Ok(tcp) => Ok((unix, file, tcp, tls)),
+                    Err(e) => {
+                        file.remove();
+                        Err(e)
+                    }
+                }
+            });
+            match bound_fed {
                 Ok(b) => federated.push(b),
                 Err(e) => {
                     for (_, file, _) in &bound {
                         file.remove();
                     }
-                    for (_, file) in &federated {
+                    for (_, file, _, _) in &federated {
                         file.remove();
                     }
                     return Err(e.into());
@@ -259,6 +276,7 @@ impl App {
             cache: cache.clone(),
             reloads: Default::default(),
             interval: config.state_interval,
+            federations: Default::default(),
         };
         let mut app = App {
             config: config.clone(),
@@ -275,24 +293,46 @@ impl App {
             inventory: None,
             metrics_addr: None,
             federation_sockets: Vec::new(),
+            federation_tcp: Vec::new(),
         };
         for ((site, b), tls) in config.sites.iter().zip(bound).zip(tls) {
             app.start_site(site.clone(), b, tls);
         }
         app.publish_sites();
-        for (f, (unix, file)) in config.federations.iter().zip(federated) {
+        let mut feds = Vec::new();
+        for (f, (unix, file, tcp, tls)) in config.federations.iter().zip(federated) {
             let sites = f.sites.iter().filter_map(|n| app.site(n)).collect();
-            let fed = Arc::new(crate::federation::Federation {
-                cfg: f.clone(),
+            let spool_dir = if config.spool.disk_budget > 0 { config.spool.dir.clone() } else { std::env::temp_dir() };
+            let fed = Arc::new(crate::federation::Federation::new(
+                f.clone(),
                 sites,
-                sort_budget: config.federation_sort_budget,
-                spool_dir: if config.spool.disk_budget > 0 { config.spool.dir.clone() } else { std::env::temp_dir() },
-            });
+                config.federation_sort_budget,
+                spool_dir,
+            ));
+            feds.push(fed.clone());
+            if let (Some(t), Some(listen)) = (tcp, f.listen.clone()) {
+                if let Ok(a) = t.local_addr() {
+                    app.federation_tcp.push((f.name.clone(), a));
+                }
+                let on = t.local_addr().map_or_else(|_| listen.addr.to_string(), |a| a.to_string());
+                tracing::info!(federation = %f.name, addr = %on, "federated TCP listener ready");
+                let span = tracing::info_span!("listen", federation = %f.name, on = %on);
+                let serve = crate::federation::serve_tcp(
+                    t,
+                    listen,
+                    tls,
+                    fed.clone(),
+                    app.shutdown.clone(),
+                    app.tracker.clone(),
+                );
+                app.tracker.spawn(tracing::Instrument::instrument(serve, span));
+            }
             let span = tracing::info_span!("listen", federation = %f.name, on = %file.path().display());
             let serve = crate::federation::serve(unix, fed, app.shutdown.clone(), app.tracker.clone());
             app.tracker.spawn(tracing::Instrument::instrument(serve, span));
             app.federation_sockets.push(file);
         }
+        let _ = app.state.federations.set(feds);
         if let Some(inv) = config.inventory.clone() {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             app.inventory = Some(tx);
@@ -360,6 +400,11 @@ impl App {
     /// The metrics listener's address (with its port when 0 was asked for).
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics_addr
+    }
+
+    /// A federation's TCP listener address (with its port when 0 was asked for).
+    pub fn federation_addr(&self, name: &str) -> Option<std::net::SocketAddr> {
+        self.federation_tcp.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
     }
 
     /// All sites, in configuration order.

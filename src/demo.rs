@@ -72,6 +72,7 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
             name: "all".into(),
             sites: SITES.iter().map(|(n, _, _)| (*n).to_owned()).collect(),
             fail_on_site_error: false,
+            listen: None,
         }],
         federation_sort_budget: 64 << 20,
         sites,

@@ -37,6 +37,9 @@ pub struct StateFile {
     pub reloads: ReloadRecord,
     /// Answers held for slow clients.
     pub spool: crate::spool::SpoolUsage,
+    /// Federated sockets.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub federations: Vec<crate::federation::FederationSnapshot>,
     /// One entry per site, in configuration order; a site whose actor did
     /// not answer in time is listed with state `unknown`.
     pub sites: Vec<SiteEntry>,
@@ -93,6 +96,8 @@ pub struct StateSource {
     pub reloads: std::sync::Arc<std::sync::Mutex<ReloadRecord>>,
     /// `state_interval`.
     pub interval: Duration,
+    /// The federated sockets (set once they exist).
+    pub federations: std::sync::Arc<std::sync::OnceLock<Vec<std::sync::Arc<crate::federation::Federation>>>>,
 }
 
 impl StateSource {
@@ -118,6 +123,7 @@ pub async fn collect(src: &StateSource) -> StateFile {
         state_interval_ms: src.interval.as_millis() as u64,
         reloads: src.reloads.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         spool: src.budget.usage(),
+        federations: src.federations.get().map(|f| f.iter().map(|f| f.snapshot()).collect()).unwrap_or_default(),
         sites: entries,
     }
 }

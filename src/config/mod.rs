@@ -407,6 +407,8 @@ pub struct FederationConfig {
     /// A site that fails makes the whole query fail (else its rows are
     /// missing and the site is named).
     pub fail_on_site_error: bool,
+    /// Its cascading TCP listener, if any (as a site's).
+    pub listen: Option<TcpListen>,
 }
 
 /// `[inventory]`: keep the central site's copy of every remote host's HW/SW

@@ -362,3 +362,18 @@ fn inventory_sync_is_off_unless_configured_and_checked_when_it_is() {
     let e = error(&format!("{GOOD}inventory = \"yes\"\n"));
     assert_eq!(e.key.as_deref(), Some("site[2].inventory"));
 }
+
+#[test]
+fn federations_name_known_sites_and_no_site_s_name() {
+    let c = Config::from_toml(&format!("{GOOD}[[federation]]\nname = \"all\"\n[[federation]]\nname = \"eu\"\nsites = [\"paris\"]\non_site_error = \"fail\"\n")).unwrap();
+    assert_eq!(c.federations[0].sites, vec!["berlin".to_owned(), "paris".to_owned()], "default: every site");
+    assert!(!c.federations[0].fail_on_site_error);
+    assert_eq!((c.federations[1].sites.clone(), c.federations[1].fail_on_site_error), (vec!["paris".to_owned()], true));
+    let e = error(&format!("{GOOD}[[federation]]\nname = \"x\"\nsites = [\"rome\"]\n"));
+    assert_eq!(e.key.as_deref(), Some("federation[1].sites"));
+    assert!(e.message.contains("'rome' is not a configured site"), "{e}");
+    let e = error(&format!("{GOOD}[[federation]]\nname = \"paris\"\n"));
+    assert_eq!(e.key.as_deref(), Some("federation[1].name"));
+    let e = error(&format!("{GOOD}[[federation]]\nname = \"x\"\non_site_error = \"maybe\"\n"));
+    assert_eq!(e.key.as_deref(), Some("federation[1].on_site_error"));
+}

@@ -313,7 +313,14 @@ impl<'a> Validator<'a> {
                 }
             }
         }
-        Some(super::FederationConfig { name: name?, sites, fail_on_site_error: fail })
+        let as_site = RawSite {
+            listen: f.listen.clone(),
+            only_from: f.only_from.clone(),
+            tls: f.tls.clone(),
+            ..RawSite::default()
+        };
+        let listen = self.listen(&as_site, &prefix, span)?;
+        Some(super::FederationConfig { name: name?, sites, fail_on_site_error: fail, listen })
     }
 
     fn inventory(&mut self, raw: &RawInventory, span: Range<usize>) -> Option<InventoryConfig> {

@@ -24,8 +24,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use livemux_protocol::{Framer, Limits, ReplyStyle, ResponseHeader, Status, error_response};
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,6 +56,74 @@ pub struct Federation {
     pub sort_budget: usize,
     /// Where spilled answers go (the spool directory).
     pub spool_dir: std::path::PathBuf,
+    /// Counters and the last sites left out, for the state file.
+    pub status: std::sync::Mutex<FederationSnapshot>,
+}
+
+/// A federation in the state file.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FederationSnapshot {
+    /// Its name.
+    pub name: String,
+    /// Its sites.
+    pub sites: Vec<String>,
+    /// `GET`s answered (also partly) since start.
+    pub queries: u64,
+    /// Of those, answers without some site's rows.
+    pub partial_answers: u64,
+    /// `GET`s that got an error answer.
+    pub failed: u64,
+    /// The last answer without some site's rows: when, and which sites why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_partial: Option<LastPartial>,
+}
+
+/// The last partial answer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastPartial {
+    /// When (RFC 3339).
+    pub at: String,
+    /// Site → why it was left out.
+    pub sites: std::collections::BTreeMap<String, String>,
+}
+
+impl Federation {
+    /// A federation over `sites`.
+    pub fn new(
+        cfg: FederationConfig,
+        sites: Vec<SiteHandle>,
+        sort_budget: usize,
+        spool_dir: std::path::PathBuf,
+    ) -> Self {
+        let status = FederationSnapshot { name: cfg.name.clone(), sites: cfg.sites.clone(), ..Default::default() };
+        Federation { cfg, sites, sort_budget, spool_dir, status: std::sync::Mutex::new(status) }
+    }
+
+    /// The state file's entry.
+    pub fn snapshot(&self) -> FederationSnapshot {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn note(&self, result: &Result<(), Failure>) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) => s.queries += 1,
+            Err(Failure::Answer(..)) => s.failed += 1,
+            Err(Failure::ClientGone) => {}
+        }
+    }
+
+    fn note_failed(&self, failed: &[(String, String)]) {
+        if failed.is_empty() {
+            return;
+        }
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.partial_answers += 1;
+        s.last_partial = Some(LastPartial {
+            at: crate::site::timestamp(std::time::SystemTime::now()),
+            sites: failed.iter().cloned().collect(),
+        });
+    }
 }
 
 /// Cuts a JSON array of rows (`[[...],[...]]`) into rows as bytes arrive.
@@ -136,6 +205,59 @@ impl RowSplitter {
     }
 }
 
+/// A client connection (UNIX, TCP, TLS over TCP).
+pub trait Client: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Client for T {}
+
+/// Accept clients on a federation's cascading TCP listener (`listen`,
+/// `only_from`, `tls`) until `shutdown`.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    listen: crate::config::TcpListen,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    fed: Arc<Federation>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, p)) => (s, std::net::SocketAddr::new(p.ip().to_canonical(), p.port())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        if !listen.allows(peer.ip()) {
+            crate::events::ClientRefused { peer }.emit();
+            continue;
+        }
+        let span = tracing::info_span!(parent: None, "client", federation = %fed.cfg.name, peer = %peer);
+        let (fed, stop) = (fed.clone(), shutdown.clone());
+        match tls.clone() {
+            None => {
+                tracker.spawn(tracing::Instrument::instrument(session(stream, fed, stop), span));
+            }
+            Some(acceptor) => {
+                let after = Duration::from_secs(10);
+                tracker.spawn(tracing::Instrument::instrument(
+                    async move {
+                        match tokio::time::timeout(after, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => session(s, fed, stop).await,
+                            Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake with client {peer} failed"),
+                            Err(_) => tracing::info!("TLS handshake with client {peer} did not finish in time"),
+                        }
+                    },
+                    span,
+                ));
+            }
+        }
+    }
+}
+
 /// Accept clients on a federation's socket until `shutdown`.
 pub async fn serve(listener: UnixListener, fed: Arc<Federation>, shutdown: CancellationToken, tracker: TaskTracker) {
     let mut n = 0u64;
@@ -159,7 +281,7 @@ pub async fn serve(listener: UnixListener, fed: Arc<Federation>, shutdown: Cance
     }
 }
 
-async fn session(mut stream: UnixStream, fed: Arc<Federation>, shutdown: CancellationToken) {
+async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: CancellationToken) {
     let mut buf = BytesMut::new();
     let mut framer = Framer::new();
     let limits = Limits::default();
@@ -214,7 +336,7 @@ async fn session(mut stream: UnixStream, fed: Arc<Federation>, shutdown: Cancell
 }
 
 /// Fan a `COMMAND` out to every site of the federation.
-async fn command(fed: &Federation, block: &[u8], style: ReplyStyle, stream: &mut UnixStream) -> bool {
+async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, stream: &mut S) -> bool {
     let req = match livemux_protocol::Request::parse(block) {
         Ok(livemux_protocol::Request::Command(c)) => c,
         Ok(_) => return false,
@@ -309,7 +431,7 @@ async fn ask_site(i: usize, site: SiteHandle, wire: Arc<Vec<u8>>, tx: tokio::syn
 type Spooled = tempfile::SpooledTempFile;
 
 /// Answer a federated `GET`; false if the client is gone.
-async fn get(fed: &Federation, text: &str, style: ReplyStyle, stream: &mut UnixStream) -> bool {
+async fn get<S: Client>(fed: &Federation, text: &str, style: ReplyStyle, stream: &mut S) -> bool {
     let plan = match plan::plan(text) {
         Ok(p) => p,
         Err(Refused { status, message }) => {
@@ -320,22 +442,79 @@ async fn get(fed: &Federation, text: &str, style: ReplyStyle, stream: &mut UnixS
     };
     let sites: Vec<SiteHandle> =
         fed.sites.iter().filter(|s| plan.sites.as_ref().is_none_or(|set| set.contains(s.name()))).cloned().collect();
-    let (status, body) = match answer(fed, &plan, &sites).await {
-        Ok(b) => b,
-        Err((status, message)) => {
-            return stream.write_all(&error_response(status, &message, style.fixed16)).await.is_ok();
-        }
+    // Plain rows without fixed16 go to the client as the sites answer; the
+    // rest needs the whole answer (its length, or all rows) first.
+    let streaming = !style.fixed16 && plan.stats.is_empty() && plan.sort.is_empty();
+    let mut sink = if streaming {
+        Sink::Stream { stream, flushed: false }
+    } else {
+        Sink::Spool(tempfile::spooled_tempfile_in(SPOOL_MEMORY, &fed.spool_dir))
     };
-    send_spooled(stream, status, body, style.fixed16).await
+    let result = answer(fed, &plan, &sites, &mut sink).await;
+    fed.note(&result);
+    match (result, sink) {
+        (Ok(()), Sink::Spool(body)) => send_spooled(stream, Status::Ok, body, style.fixed16).await,
+        (Ok(()), Sink::Stream { .. }) => true,
+        (Err(Failure::ClientGone), _) => false,
+        (Err(Failure::Answer(status, message)), Sink::Stream { flushed: true, .. }) => {
+            tracing::warn!(%message, ?status, "federated answer cut after it began");
+            false
+        }
+        (Err(Failure::Answer(status, message)), _) => {
+            stream.write_all(&error_response(status, &message, style.fixed16)).await.is_ok()
+        }
+    }
+}
+
+/// Where a federated answer goes.
+enum Sink<'a, S> {
+    /// Held until complete (fixed16, Stats, Sort).
+    Spool(Spooled),
+    /// Straight to the client; `flushed` once a byte went out.
+    Stream { stream: &'a mut S, flushed: bool },
+}
+
+/// Why a federated answer failed.
+enum Failure {
+    /// The client is gone.
+    ClientGone,
+    /// An error answer.
+    Answer(Status, String),
+}
+
+impl From<(Status, String)> for Failure {
+    fn from((s, m): (Status, String)) -> Self {
+        Failure::Answer(s, m)
+    }
+}
+
+impl<S: Client> Sink<'_, S> {
+    async fn put(&mut self, bytes: &[u8]) -> Result<(), Failure> {
+        match self {
+            Sink::Spool(f) => write_spool(f, bytes).map_err(Failure::from),
+            Sink::Stream { stream, flushed } => {
+                *flushed = true;
+                stream.write_all(bytes).await.map_err(|_| Failure::ClientGone)
+            }
+        }
+    }
 }
 
 /// Merge the selected sites' answers into the client's rendered answer.
-async fn answer(fed: &Federation, plan: &Plan, sites: &[SiteHandle]) -> Result<(Status, Spooled), (Status, String)> {
+async fn answer<S: Client>(
+    fed: &Federation,
+    plan: &Plan,
+    sites: &[SiteHandle],
+    sink: &mut Sink<'_, S>,
+) -> Result<(), Failure> {
+    if sites.is_empty() {
+        return Err(Failure::Answer(Status::NotFound, "no site of this federation is selected".into()));
+    }
     let wire = {
         let mut w = Vec::new();
         match livemux_protocol::Query::from_text(&plan.site_query) {
             Ok(q) => q.encode_for_site(&mut w),
-            Err(e) => return Err((e.status(), e.to_string())),
+            Err(e) => return Err(Failure::Answer(e.status(), e.to_string())),
         }
         Arc::new(w)
     };
@@ -345,17 +524,14 @@ async fn answer(fed: &Federation, plan: &Plan, sites: &[SiteHandle]) -> Result<(
         readers.spawn(ask_site(i, site.clone(), wire.clone(), tx.clone()));
     }
     drop(tx);
-    let mut spooled = tempfile::spooled_tempfile_in(SPOOL_MEMORY, &fed.spool_dir);
     let header = plan.headers.then(|| plan.header_names(0));
-    let mut head = Vec::new();
-    let mut renderer = Renderer::start(plan, header.as_deref(), &mut head);
-    write_spool(&mut spooled, &head)?;
+    let mut pending = Vec::with_capacity(16 * 1024);
+    let mut renderer = Renderer::start(plan, header.as_deref(), &mut pending);
     let mut failed: Vec<(String, String)> = Vec::new();
     let mut stats = StatsMerge::default();
     let mut sorted: Vec<Vec<Value>> = Vec::new();
     let mut sorted_bytes = 0usize;
     let (mut skipped, mut given, mut total) = (0usize, 0usize, 0usize);
-    let mut pending = Vec::with_capacity(16 * 1024);
     while let Some(part) = rx.recv().await {
         match part {
             Part::Done(i, Err(why)) => {
@@ -372,8 +548,8 @@ async fn answer(fed: &Federation, plan: &Plan, sites: &[SiteHandle]) -> Result<(
                     sorted_bytes += serde_json::to_string(&row).map_or(64, |s| s.len() + 64);
                     if sorted_bytes > fed.sort_budget {
                         readers.abort_all();
-                        return Err((
-                            Status::from_code(413),
+                        return Err(Failure::Answer(
+                            Status::PayloadTooLarge,
                             format!(
                                 "Sort needs more than federation_sort_budget ({} bytes) for the rows it orders; \
                                  add filters or a Limit, or raise the budget",
@@ -388,7 +564,7 @@ async fn answer(fed: &Federation, plan: &Plan, sites: &[SiteHandle]) -> Result<(
                     given += 1;
                     renderer.row(&plan.client_row(sites[i].name(), row), &mut pending);
                     if pending.len() >= 16 * 1024 {
-                        write_spool(&mut spooled, &pending)?;
+                        sink.put(&pending).await?;
                         pending.clear();
                     }
                 }
@@ -413,26 +589,25 @@ async fn answer(fed: &Federation, plan: &Plan, sites: &[SiteHandle]) -> Result<(
     } else {
         total = rows.len();
     }
-    renderer.finish(&failed, total, &mut pending);
-    write_spool(&mut spooled, &pending)?;
     failed.sort();
-    let all_failed = !sites.is_empty() && failed.len() == sites.len();
-    if sites.is_empty() {
-        return Err((Status::from_code(404), "no site of this federation is selected".into()));
-    }
-    if all_failed || (fed.cfg.fail_on_site_error && !failed.is_empty()) {
+    if failed.len() == sites.len() || (fed.cfg.fail_on_site_error && !failed.is_empty()) {
         let list: Vec<String> = failed.iter().map(|(s, w)| format!("{s}: {w}")).collect();
-        return Err((Status::SiteUnavailable, format!("federated query failed on {}", list.join("; "))));
+        return Err(Failure::Answer(Status::SiteUnavailable, format!("federated query failed on {}", list.join("; "))));
     }
-    Ok((Status::Ok, spooled))
+    renderer.finish(&failed, total, &mut pending);
+    sink.put(&pending).await?;
+    fed.note_failed(&failed);
+    Ok(())
 }
 
 fn write_spool(f: &mut Spooled, bytes: &[u8]) -> Result<(), (Status, String)> {
+    // A spooled file beyond SPOOL_MEMORY is a plain file in the spool
+    // directory: written through the page cache, never synced.
     f.write_all(bytes).map_err(|e| (Status::SiteUnavailable, format!("cannot hold the federated answer: {e}")))
 }
 
 /// Send a spooled answer (with its fixed16 header when asked).
-async fn send_spooled(stream: &mut UnixStream, status: Status, mut body: Spooled, fixed16: bool) -> bool {
+async fn send_spooled<S: Client>(stream: &mut S, status: Status, mut body: Spooled, fixed16: bool) -> bool {
     let len = match body.seek(std::io::SeekFrom::End(0)) {
         Ok(n) => n,
         Err(_) => return false,

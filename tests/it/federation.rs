@@ -20,6 +20,7 @@ pub async fn federated(sites: Vec<(&str, String)>, budget: usize) -> Proxy {
         name: "all".into(),
         sites: sites.iter().map(|(n, _)| (*n).to_owned()).collect(),
         fail_on_site_error: false,
+        listen: None,
     }];
     config.federation_sort_budget = budget;
     let p = Proxy::start_config(dir, config.clone()).await;
@@ -168,11 +169,42 @@ async fn a_stopped_site_gives_a_partial_answer_naming_it_and_all_stopped_is_an_e
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["data"].as_array().unwrap().len(), 100);
     assert!(v["failed"]["fg"].as_str().is_some_and(|w| w.contains("down")), "{body}");
+    // The state file names it too.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let entry = loop {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&p.config.state_file).unwrap_or_default())
+            .unwrap_or_default();
+        if v["federations"][0]["partial_answers"] == 1 {
+            break v["federations"][0].clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no partial answer in the state file: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(entry["name"], "all");
+    assert!(entry["last_partial"]["sites"]["fg"].is_string(), "{entry}");
     a.stop();
     p.wait_state("ff", SiteState::Down).await;
     let (code, body) = fed(&p, "GET hosts\nColumns: name").await;
     assert_eq!(code, 502);
     assert!(body.contains("ff:") && body.contains("fg:"), "{body}");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_fixed16_rows_stream_as_the_sites_answer_and_the_connection_ends() {
+    let (_a, _b, _c, p) = three().await;
+    let mut c = tokio::net::UnixStream::connect(p.config.socket_path("all")).await.expect("connect");
+    use tokio::io::AsyncWriteExt;
+    c.write_all(b"GET hosts\nColumns: name site\nOutputFormat: json\n\n").await.expect("send");
+    let body = read_to_eof(&mut c).await;
+    let rows = json_rows(&String::from_utf8_lossy(&body));
+    assert_eq!(rows.len(), 137);
+    // csv too, every row complete.
+    let mut c = tokio::net::UnixStream::connect(p.config.socket_path("all")).await.expect("connect");
+    c.write_all(b"GET hosts\nColumns: name site\n\n").await.expect("send");
+    let body = String::from_utf8(read_to_eof(&mut c).await).expect("utf-8");
+    assert_eq!(body.lines().count(), 137);
+    assert!(body.lines().all(|l| l.split(';').count() == 2), "{body}");
     p.shutdown().await;
 }
 
@@ -188,5 +220,33 @@ async fn a_command_goes_to_every_site() {
     assert_eq!(b.commands(), vec![cmd.to_owned()]);
     let (_, body) = fed(&p, "GET hosts\nColumns: site state plugin_output\nFilter: name = host-0001").await;
     assert_eq!(body.lines().collect::<BTreeSet<_>>(), ["fh;1;federated", "fi;1;federated"].into());
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_federation_may_listen_on_tcp_for_the_addresses_it_allows() {
+    let (a, b) = (sim("fj").await, sim("fk").await);
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
+    let mut config =
+        test_config(dir.path(), vec![("fj", a.address(), fast_params()), ("fk", b.address(), fast_params())]);
+    config.federations = vec![FederationConfig {
+        name: "all".into(),
+        sites: vec!["fj".into(), "fk".into()],
+        fail_on_site_error: false,
+        listen: Some(livemux::config::TcpListen {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            only_from: vec!["127.0.0.1/32".parse().unwrap()],
+            tls: None,
+        }),
+    }];
+    let p = Proxy::start_config(dir, config).await;
+    p.wait_state("fj", SiteState::Ready).await;
+    p.wait_state("fk", SiteState::Ready).await;
+    let addr = p.app.as_ref().and_then(|a| a.federation_addr("all")).expect("TCP listener");
+    let body = direct_tcp(addr, "GET hosts\nColumns: site name\nLimit: 3\n\n").await;
+    assert_eq!(String::from_utf8_lossy(&body).lines().count(), 3);
+    let body = direct_tcp(addr, "GET status\nColumns: site num_hosts\n\n").await;
+    let lines: BTreeSet<String> = String::from_utf8_lossy(&body).lines().map(str::to_owned).collect();
+    assert_eq!(lines, ["fj;100".to_owned(), "fk;100".to_owned()].into());
     p.shutdown().await;
 }

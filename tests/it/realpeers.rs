@@ -752,3 +752,42 @@ async fn a_federation_of_icinga_and_naemon_answers_with_the_union_and_merged_sta
     assert_eq!(merged[0][1].as_f64(), Some(want.len() as f64 - ok));
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icinga_a_federation_of_three_sites_of_different_sizes_equals_their_union() {
+    let mut sites = Vec::new();
+    for (hosts, services) in [(20, 3), (10, 2), (5, 1)] {
+        let Some(s) = site(Core::Icinga, hosts, services).await else { return };
+        sites.push(s);
+    }
+    let names = ["i1", "i2", "i3"];
+    let list: Vec<(&str, String)> = names.iter().zip(&sites).map(|(n, s)| (*n, s.tcp_address())).collect();
+    let p = crate::federation::federated(list, 64 << 20).await;
+    let mut want_hosts = std::collections::BTreeSet::new();
+    let mut want_services = 0usize;
+    for (n, s) in names.iter().zip(&sites) {
+        let body = direct_raw(s, "GET hosts\nColumns: name\nOutputFormat: json\n\n").await;
+        let rows: Vec<Vec<serde_json::Value>> = serde_json::from_slice(&body).expect("json");
+        want_hosts.extend(rows.into_iter().map(|r| (n.to_string(), r[0].as_str().unwrap_or("?").to_owned())));
+        let body = direct_raw(s, "GET services\nColumns: description\nOutputFormat: json\n\n").await;
+        want_services += serde_json::from_slice::<Vec<serde_json::Value>>(&body).expect("json").len();
+    }
+    assert_eq!(want_hosts.len(), 35);
+    let (code, body) = crate::federation::fed(&p, "GET hosts\nColumns: site name\nOutputFormat: json").await;
+    assert_eq!(code, 200, "{body}");
+    let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(&body).expect("json");
+    let got: std::collections::BTreeSet<(String, String)> = rows
+        .iter()
+        .map(|r| (r[0].as_str().unwrap_or("?").to_owned(), r[1].as_str().unwrap_or("?").to_owned()))
+        .collect();
+    assert_eq!(got, want_hosts);
+    let (_, body) = crate::federation::fed(&p, "GET services\nStats: state >= 0\nOutputFormat: json").await;
+    let stats: Vec<Vec<serde_json::Value>> = serde_json::from_str(&body).expect("json");
+    assert_eq!(stats[0][0].as_f64(), Some(want_services as f64));
+    let (_, body) = crate::federation::fed(&p, "GET hosts\nColumns: name\nSites: i3\nSort: name desc\nLimit: 2").await;
+    let mut last3: Vec<String> = want_hosts.iter().filter(|(s, _)| s == "i3").map(|(_, h)| h.clone()).collect();
+    last3.sort();
+    last3.reverse();
+    assert_eq!(body.lines().collect::<Vec<_>>(), last3[..2].iter().map(String::as_str).collect::<Vec<_>>());
+    p.shutdown().await;
+}
