@@ -191,6 +191,31 @@ async fn a_stopped_site_gives_a_partial_answer_naming_it_and_all_stopped_is_an_e
 }
 
 #[tokio::test]
+async fn with_on_site_error_fail_one_failed_site_fails_the_query() {
+    let (a, b) = (sim("fl").await, sim("fm").await);
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
+    let mut config =
+        test_config(dir.path(), vec![("fl", a.address(), fast_params()), ("fm", b.address(), fast_params())]);
+    config.federations = vec![FederationConfig {
+        name: "all".into(),
+        sites: vec!["fl".into(), "fm".into()],
+        fail_on_site_error: true,
+        listen: None,
+    }];
+    let p = Proxy::start_config(dir, config).await;
+    p.wait_state("fl", SiteState::Ready).await;
+    p.wait_state("fm", SiteState::Ready).await;
+    let (code, _) = fed(&p, "GET hosts\nColumns: name").await;
+    assert_eq!(code, 200);
+    b.stop();
+    p.wait_state("fm", SiteState::Down).await;
+    let (code, body) = fed(&p, "GET hosts\nColumns: name").await;
+    assert_eq!(code, 502);
+    assert!(body.starts_with("federated query failed on fm:"), "{body}");
+    p.shutdown().await;
+}
+
+#[tokio::test]
 async fn without_fixed16_rows_stream_as_the_sites_answer_and_the_connection_ends() {
     let (_a, _b, _c, p) = three().await;
     let mut c = tokio::net::UnixStream::connect(p.config.socket_path("all")).await.expect("connect");
