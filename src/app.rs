@@ -308,6 +308,7 @@ impl App {
                 sites,
                 config.federation_sort_budget,
                 spool_dir,
+                app.cache.clone(),
             ));
             feds.push(fed.clone());
             if let (Some(t), Some(listen)) = (tcp, f.listen.clone()) {

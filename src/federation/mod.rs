@@ -58,6 +58,8 @@ pub struct Federation {
     pub spool_dir: std::path::PathBuf,
     /// Counters and the last sites left out, for the state file.
     pub status: std::sync::Mutex<FederationSnapshot>,
+    /// The daemon's query cache (per site, as for the sites' sockets).
+    pub cache: Arc<crate::cache::Cache>,
 }
 
 /// A federation in the state file.
@@ -94,9 +96,10 @@ impl Federation {
         sites: Vec<SiteHandle>,
         sort_budget: usize,
         spool_dir: std::path::PathBuf,
+        cache: Arc<crate::cache::Cache>,
     ) -> Self {
         let status = FederationSnapshot { name: cfg.name.clone(), sites: cfg.sites.clone(), ..Default::default() };
-        Federation { cfg, sites, sort_budget, spool_dir, status: std::sync::Mutex::new(status) }
+        Federation { cfg, sites, sort_budget, spool_dir, status: std::sync::Mutex::new(status), cache }
     }
 
     /// The state file's entry.
@@ -378,11 +381,52 @@ enum Part {
     Done(usize, Result<(), String>),
 }
 
-/// Ask one site and hand its rows on.
-async fn ask_site(i: usize, site: SiteHandle, wire: Arc<Vec<u8>>, tx: tokio::sync::mpsc::Sender<Part>) {
+/// Ask one site and hand its rows on. With `Cache: reload` (and the
+/// site's `cache` on) or the site's `coalesce`, the answer may come from the
+/// cache or an identical query in flight, and is shared as a site socket's
+/// would be.
+async fn ask_site(
+    i: usize,
+    site: SiteHandle,
+    wire: Arc<Vec<u8>>,
+    tx: tokio::sync::mpsc::Sender<Part>,
+    cache: Arc<crate::cache::Cache>,
+    cache_reload: bool,
+) {
     let deadline = Instant::now() + site.params().query_timeout;
     let result = async {
+        let params = site.params();
+        let cacheable = params.cache && cache_reload;
+        let mut capture = None;
+        if cacheable || params.coalesce {
+            let status = site.status();
+            let tag = crate::cache::Tag { generation: status.generation, program_start: status.program_start };
+            let key = crate::cache::Key::new(site.name(), &wire);
+            match cache.plan(key, tag, params.cache_max_age, cacheable, deadline).await {
+                crate::cache::Plan::Hit(entry) => {
+                    if entry.status != Status::Ok {
+                        let text = String::from_utf8_lossy(&entry.body);
+                        return Err(format!("{} {}", entry.status.code(), text.lines().next().unwrap_or_default()));
+                    }
+                    let mut splitter = RowSplitter::default();
+                    let mut rows = Vec::new();
+                    splitter.feed(&entry.body, |r| rows.push(r))?;
+                    splitter.finish()?;
+                    for r in rows {
+                        if tx.send(Part::Row(i, r)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    return Ok(());
+                }
+                crate::cache::Plan::Lead(c) => capture = Some(c),
+                crate::cache::Plan::Alone => {}
+                crate::cache::Plan::TimedOut => return Err(site.timeout_error().to_string()),
+            }
+        }
         let resp = send_query(&site, &wire, true, deadline).await.map_err(|e| e.to_string())?;
+        let mut capture = capture.filter(|c| c.accepts(resp.header.length));
+        let raw_header = resp.raw_header;
         let status = resp.header.status;
         let mut remaining = resp.header.length.saturating_sub(resp.prefix.len() as u64);
         let mut lease = resp.lease;
@@ -392,6 +436,11 @@ async fn ask_site(i: usize, site: SiteHandle, wire: Arc<Vec<u8>>, tx: tokio::syn
         let mut chunk = resp.prefix.to_vec();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
+            if let Some(c) = capture.as_mut()
+                && !chunk.is_empty()
+            {
+                c.push(&bytes::Bytes::copy_from_slice(&chunk));
+            }
             if status == Status::Ok {
                 splitter.feed(&chunk, |r| rows.push(r))?;
                 for r in rows.drain(..) {
@@ -417,6 +466,9 @@ async fn ask_site(i: usize, site: SiteHandle, wire: Arc<Vec<u8>>, tx: tokio::syn
             chunk = buf[..n].to_vec();
         }
         lease.release();
+        if let Some(c) = capture {
+            c.finish(raw_header, status);
+        }
         if status != Status::Ok {
             let text = String::from_utf8_lossy(&error_text);
             return Err(format!("{} {}", status.code(), text.lines().next().unwrap_or_default().trim()));
@@ -521,7 +573,7 @@ async fn answer<S: Client>(
     let (tx, mut rx) = tokio::sync::mpsc::channel(QUEUE);
     let mut readers = tokio::task::JoinSet::new();
     for (i, site) in sites.iter().enumerate() {
-        readers.spawn(ask_site(i, site.clone(), wire.clone(), tx.clone()));
+        readers.spawn(ask_site(i, site.clone(), wire.clone(), tx.clone(), fed.cache.clone(), plan.cache_reload));
     }
     drop(tx);
     let header = plan.headers.then(|| plan.header_names(0));
@@ -581,7 +633,13 @@ async fn answer<S: Client>(
         let end = plan.limit.map_or(rows.len(), |l| (plan.offset + l).min(rows.len()));
         rows = rows.drain(plan.offset.min(rows.len())..end).collect();
     }
-    for row in &rows {
+    for row in &mut rows {
+        if plan.stats.is_empty() {
+            // Columns asked only to sort by are not shown.
+            if !plan.columns.is_empty() {
+                row.truncate(plan.visible);
+            }
+        }
         renderer.row(row, &mut pending);
     }
     if plan.stats.is_empty() && plan.sort.is_empty() {

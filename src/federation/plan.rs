@@ -14,6 +14,9 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
+/// Where the forwarded `Columns:` line goes, until it is known.
+const COLUMNS_PLACEHOLDER: &str = "\u{0}columns";
+
 /// The names of the virtual column (LMD's `peer_name` and `peer_key` too).
 const SITE_COLUMNS: [&str; 3] = ["site", "peer_name", "peer_key"];
 
@@ -72,6 +75,10 @@ pub struct Plan {
     pub headers: bool,
     /// csv separators: dataset, field, list, host/service.
     pub separators: [u8; 4],
+    /// `Cache: reload`: each site's answer may come from its cache.
+    pub cache_reload: bool,
+    /// Columns the client sees (those after are asked only to sort by).
+    pub visible: usize,
 }
 
 /// A request livemux refuses, with its status code.
@@ -118,6 +125,8 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         format: Format::Csv,
         headers: false,
         separators: [b'\n', b';', b',', b'|'],
+        cache_reload: false,
+        visible: 0,
     };
     let mut sort_names: Vec<(String, bool)> = Vec::new();
     let mut forwarded = Vec::new();
@@ -132,11 +141,8 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
                     }
                     p.columns.push(c.to_owned());
                 }
-                let real: Vec<&str> =
-                    p.columns.iter().map(String::as_str).filter(|c| !SITE_COLUMNS.contains(c)).collect();
-                if !real.is_empty() {
-                    forwarded.push(format!("Columns: {}", real.join(" ")));
-                }
+                // Written at the end: Sort may add columns to it.
+                forwarded.push(COLUMNS_PLACEHOLDER.to_owned());
             }
             "Filter" => {
                 let mut w = value.splitn(3, ' ');
@@ -242,9 +248,10 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
                 }
                 p.separators = [v[0], v[1], v[2], v[3]];
             }
-            // The client's framing is livemux's business, and cache
-            // directives apply per site socket only.
-            "ResponseHeader" | "KeepAlive" | "Cache" => {}
+            "Cache" if value == "reload" => p.cache_reload = true,
+            "Cache" => return Err(refuse(400, format!("Cache: '{value}' is not 'reload'"))),
+            // The client's framing is livemux's business.
+            "ResponseHeader" | "KeepAlive" => {}
             _ => forwarded.push(line.to_owned()),
         }
     }
@@ -265,11 +272,34 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
     if !p.stats.is_empty() && !sort_names.is_empty() {
         return Err(refuse(452, "Sort with Stats is not supported federated"));
     }
+    p.visible = p.columns.len();
     for (name, desc) in sort_names {
-        let Some(i) = p.columns.iter().position(|c| *c == name) else {
-            return Err(refuse(452, format!("Sort: column '{name}' must be one of the Columns")));
+        let i = match p.columns.iter().position(|c| *c == name) {
+            Some(i) => i,
+            // Asked of the sites too, and not shown.
+            None if !p.columns.is_empty() => {
+                p.columns.push(name.clone());
+                if SITE_COLUMNS.contains(&name.as_str()) {
+                    p.site_positions.push(p.columns.len() - 1);
+                }
+                p.columns.len() - 1
+            }
+            None => {
+                return Err(refuse(
+                    452,
+                    format!("Sort: '{name}' needs explicit Columns (without, the sites' column order is not known)"),
+                ));
+            }
         };
         p.sort.push((i, desc));
+    }
+    let real: Vec<&str> = p.columns.iter().map(String::as_str).filter(|c| !SITE_COLUMNS.contains(c)).collect();
+    if let Some(at) = forwarded.iter().position(|l| l == COLUMNS_PLACEHOLDER) {
+        if real.is_empty() {
+            forwarded.remove(at);
+        } else {
+            forwarded[at] = format!("Columns: {}", real.join(" "));
+        }
     }
     if p.stats.is_empty()
         && p.sort.is_empty()
@@ -296,7 +326,7 @@ impl Plan {
         if self.columns.is_empty() {
             return (0..stats_from_row).map(|i| format!("column_{i}")).collect();
         }
-        self.columns.clone()
+        self.columns[..self.visible.min(self.columns.len())].to_vec()
     }
 
     /// A site's row (as the site answered) as the client's row: the site

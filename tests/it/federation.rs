@@ -127,6 +127,9 @@ async fn sort_limit_every_format_and_a_sort_over_budget() {
     let (_, body) = fed(&p, "GET hosts\nColumns: name site\nSort: name desc\nLimit: 3\nOutputFormat: json").await;
     let rows = json_rows(&body);
     assert_eq!(rows.iter().map(|r| r[0].as_str().unwrap()).collect::<Vec<_>>(), ["c-0006", "c-0005", "c-0004"]);
+    // By a column the client did not ask to see.
+    let (_, body) = fed(&p, "GET hosts\nColumns: name\nSort: latency desc\nSort: name asc\nLimit: 2").await;
+    assert_eq!(body, "a-0099\na-0098\n");
     for (format, check) in
         [("csv", "csv"), ("json", "json"), ("python", "python"), ("python3", "python3"), ("wrapped_json", "wrapped")]
     {
@@ -273,5 +276,31 @@ async fn a_federation_may_listen_on_tcp_for_the_addresses_it_allows() {
     let body = direct_tcp(addr, "GET status\nColumns: site num_hosts\n\n").await;
     let lines: BTreeSet<String> = String::from_utf8_lossy(&body).lines().map(str::to_owned).collect();
     assert_eq!(lines, ["fj;100".to_owned(), "fk;100".to_owned()].into());
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn cache_reload_queries_are_answered_from_each_sites_cache() {
+    let (a, b) = (sim("fn").await, sim("fo").await);
+    let p = federated(vec![("fn", a.address()), ("fo", b.address())], 64 << 20).await;
+    let q = "GET hosts\nColumns: site name\nCache: reload\nOutputFormat: json";
+    let (code, first) = fed(&p, q).await;
+    assert_eq!(code, 200, "{first}");
+    let asked = (a.queries_on("hosts"), b.queries_on("hosts"));
+    assert_eq!(asked, (1, 1));
+    let (code, second) = fed(&p, q).await;
+    assert_eq!(code, 200);
+    assert_eq!(second, first, "the same answer");
+    assert_eq!((a.queries_on("hosts"), b.queries_on("hosts")), asked, "from the cache: no site asked again");
+    // A core reload makes the answers fresh, as for a site's socket.
+    a.set_program_start(a.program_start() + 10);
+    let h = p.site("fn");
+    let ps = h.status().program_start;
+    tokio::time::timeout(PATIENCE, h.wait_for(|s| s.program_start != ps)).await.expect("program_start seen");
+    let (_, _) = fed(&p, q).await;
+    assert_eq!((a.queries_on("hosts"), b.queries_on("hosts")), (2, 1));
+    // Without the header every query goes to the sites.
+    let (_, _) = fed(&p, "GET hosts\nColumns: site name\nOutputFormat: json").await;
+    assert_eq!((a.queries_on("hosts"), b.queries_on("hosts")), (3, 2));
     p.shutdown().await;
 }

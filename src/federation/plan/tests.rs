@@ -40,7 +40,7 @@ fn what_cannot_be_merged_is_refused_with_a_clear_452() {
         ("GET hosts\nStats: std latency", "Stats: std cannot be merged"),
         ("GET hosts\nStats: suminv latency", "Stats: suminv"),
         ("GET hosts\nColumns: name\nFilter: site ~ ber", "must use '='"),
-        ("GET hosts\nColumns: name\nSort: state asc", "must be one of the Columns"),
+        ("GET hosts\nSort: state asc", "needs explicit Columns"),
         ("GET foo\nStats: avg x", "Stats: avg on table 'foo'"),
         ("GET hosts\nOutputFormat: xml", "not supported"),
     ] {
@@ -95,4 +95,15 @@ fn rows_sort_numbers_numerically_and_render_in_every_format() {
     assert_eq!(v["data"][0][0], "h\"1");
     assert_eq!(v["failed"], json!({"paris": "down"}));
     assert_eq!(v["total_count"], 1);
+}
+
+#[test]
+fn a_sort_column_outside_columns_is_asked_and_not_shown() {
+    let p = plan("GET hosts\nColumns: name\nSort: latency desc").unwrap();
+    assert_eq!(p.site_query, "GET hosts\nColumns: name latency\nOutputFormat: json\n");
+    assert_eq!((p.visible, p.sort.clone()), (1, vec![(1, true)]));
+    assert_eq!(p.header_names(0), vec!["name".to_owned()]);
+    let p = plan("GET hosts\nColumns: name\nSort: site asc").unwrap();
+    assert_eq!(p.site_query, "GET hosts\nColumns: name\nOutputFormat: json\n");
+    assert_eq!(p.client_row("b", vec![json!("h")]), vec![json!("h"), json!("b")]);
 }
