@@ -371,6 +371,7 @@ impl App {
             budget: self.budget.clone(),
             limit: limit.clone(),
             cache: self.cache.clone(),
+            failing: Default::default(),
         };
         let tcp = match (tcp, site.listen.clone()) {
             (Some(t), Some(listen)) => {
@@ -527,6 +528,7 @@ impl App {
                         budget: self.budget.clone(),
                         limit: site.limit.clone(),
                         cache: self.cache.clone(),
+                        failing: Default::default(),
                     };
                     let settings =
                         Arc::new(std::sync::RwLock::new(Arc::new(listener::TcpSettings { listen, tls: parts.server })));

@@ -191,9 +191,60 @@ pub struct Accepting {
     pub limit: Arc<ClientLimit>,
     /// The daemon's query cache.
     pub cache: Arc<crate::cache::Cache>,
+    /// `accept()` failures (out of descriptors, say), logged once per episode.
+    pub failing: Arc<AcceptFailures>,
+}
+
+/// An episode of failing `accept()`s: it begins with the first failure and
+/// ends once accepting worked with no failure for [`EPISODE_QUIET`].
+#[derive(Debug, Default)]
+pub struct AcceptFailures(std::sync::Mutex<Option<Episode>>);
+
+#[derive(Debug)]
+struct Episode {
+    last: tokio::time::Instant,
+    count: u64,
+}
+
+/// Accepting must work this long without a failure to end an episode.
+const EPISODE_QUIET: Duration = Duration::from_secs(1);
+
+impl AcceptFailures {
+    /// A failure; true if it begins an episode.
+    fn failed(&self) -> bool {
+        let mut e = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        match e.as_mut() {
+            Some(ep) => {
+                ep.last = now;
+                ep.count += 1;
+                false
+            }
+            None => {
+                *e = Some(Episode { last: now, count: 1 });
+                true
+            }
+        }
+    }
+
+    /// An accept worked: the failures of an episode that ended, if one did.
+    fn worked(&self) -> Option<u64> {
+        let mut e = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match e.as_ref() {
+            Some(ep) if ep.last.elapsed() >= EPISODE_QUIET => e.take().map(|ep| ep.count),
+            _ => None,
+        }
+    }
 }
 
 impl Accepting {
+    /// A client was accepted: if accepting had failed, say it works again.
+    fn accepted(&self) {
+        if let Some(n) = self.failing.worked() {
+            tracing::info!(failures = n, "accepting clients again");
+        }
+    }
+
     /// Run a session for an accepted client, or refuse it when the site has
     /// `max_clients` already.
     fn admit<S>(&self, stream: S, peer: &str, watchdog: Option<crate::watchdog::Watchdog>)
@@ -251,7 +302,12 @@ impl Accepting {
     /// Wait out an `accept()` failure (e.g. no file descriptors left);
     /// `false` on shutdown.
     async fn backoff(&self, error: &io::Error) -> bool {
-        tracing::warn!(%error, "accept failed");
+        if self.failing.failed() {
+            tracing::warn!(%error, "accept failed; new clients wait until it works again (retrying every {} ms, \
+                logged once until then)", ACCEPT_ERROR_BACKOFF.as_millis());
+        } else {
+            tracing::debug!(%error, "accept failed again");
+        }
         tokio::select! {
             _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => true,
             _ = self.shutdown.cancelled() => false,
@@ -270,6 +326,7 @@ pub async fn serve_unix(listener: UnixListener, ctx: Accepting) {
         };
         match accepted {
             Ok((s, _)) => {
+                ctx.accepted();
                 // UNIX clients have no address: they are numbered.
                 clients += 1;
                 ctx.admit(s, &format!("unix#{clients}"), None);
@@ -295,7 +352,10 @@ pub async fn serve_tcp(listener: TcpListener, settings: SharedTcpSettings, stop:
         let (listen, tls) = (&current.listen, &current.tls);
         let (stream, peer) = match accepted {
             // IPv4 clients of a dual-stack listener show as plain IPv4.
-            Ok((s, p)) => (s, std::net::SocketAddr::new(p.ip().to_canonical(), p.port())),
+            Ok((s, p)) => {
+                ctx.accepted();
+                (s, std::net::SocketAddr::new(p.ip().to_canonical(), p.port()))
+            }
             Err(e) if ctx.backoff(&e).await => continue,
             Err(_) => break,
         };

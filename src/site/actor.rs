@@ -179,6 +179,10 @@ pub(crate) struct Actor {
     down_token: CancellationToken,
     /// When to reconnect after the site went down.
     retry_at: Option<Instant>,
+    /// When to try pool connects again after livemux ran out of descriptors.
+    local_retry_at: Option<Instant>,
+    /// livemux is out of descriptors (logged once per episode).
+    fd_exhausted: bool,
     next_id: u64,
 }
 
@@ -226,6 +230,8 @@ impl Actor {
             generation: 0,
             down_token: CancellationToken::new(),
             retry_at: None,
+            local_retry_at: None,
+            fd_exhausted: false,
             next_id: 1,
         }
     }
@@ -290,7 +296,7 @@ impl Actor {
 
     fn next_deadline(&self) -> Option<Instant> {
         let heartbeat = self.schedule.next_deadline(self.activity.last_rx());
-        [self.retry_at, heartbeat, self.pool.next_deadline()].into_iter().flatten().min()
+        [self.retry_at, self.local_retry_at, heartbeat, self.pool.next_deadline()].into_iter().flatten().min()
     }
 
     // === requests ===
@@ -429,11 +435,30 @@ impl Actor {
         }
         match result {
             Ok(stream) => {
+                if std::mem::take(&mut self.fd_exhausted) {
+                    tracing::info!("connections to the site can be opened again");
+                }
                 let ch = self.new_channel(stream);
                 if purpose == Purpose::Pool {
                     self.start_admission(ch);
                 } else {
                     self.start_heartbeat(ch, purpose);
+                }
+            }
+            Err(e) if out_of_descriptors(&e) => {
+                // livemux's own limit, not the site's fault: the site keeps
+                // its state; connects are tried again after connect_retry.
+                if !self.fd_exhausted {
+                    self.fd_exhausted = true;
+                    tracing::warn!(error = %e, "no file descriptor left for a connection to the site; it is not \
+                        marked down; retrying every {} (logged once until a connect works)",
+                        fmt_duration(self.cfg.params.connect_retry));
+                }
+                let later = Instant::now() + self.cfg.params.connect_retry;
+                match purpose {
+                    Purpose::Probe => self.retry_at = Some(later),
+                    Purpose::Pool => self.local_retry_at = Some(later),
+                    Purpose::Extra => {}
                 }
             }
             Err(e) => {
@@ -593,6 +618,10 @@ impl Actor {
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        if self.local_retry_at.is_some_and(|t| now >= t) {
+            self.local_retry_at = None;
+            self.ensure_channels();
+        }
         if self.retry_at.is_some_and(|t| now >= t) {
             self.retry_at = None;
             self.start_connect(Purpose::Probe);
@@ -772,6 +801,12 @@ impl Actor {
             channels_max: self.cfg.params.channels_max,
         }
     }
+}
+
+/// A connect failed for lack of descriptors in livemux (EMFILE, ENFILE).
+fn out_of_descriptors(e: &SiteError) -> bool {
+    matches!(e, SiteError::Connect { source, .. }
+        if matches!(source.raw_os_error(), Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE))
 }
 
 async fn sleep_until(t: Option<Instant>) {

@@ -531,3 +531,112 @@ fn import_liveproxyd_turns_every_form_into_a_configuration_check_config_accepts(
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no `sites = {...}` or `sites.update({...})`"));
 }
+
+#[test]
+fn out_of_descriptors_the_listener_backs_off_logs_once_serves_its_clients_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt.block_on(sim("fd"));
+    let config = run_config(dir.path(), "", &[("fd", s.address())], "channels = 2\nchannels_max = 2\n");
+    // A small descriptor limit, soft and hard (livemux raises soft to hard).
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config", config.to_str().unwrap()]).stderr(Stdio::piped());
+    unsafe {
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 48, 48)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = Reaped(cmd.spawn().expect("start livemux"));
+    let mut log = Lines::new(child.0.stderr.take().expect("stderr"));
+    log.wait_for("site is ready");
+    let socket = dir.path().join("s/fd");
+    let q = "GET status\nColumns: num_hosts\nKeepAlive: on\nResponseHeader: fixed16\n\n";
+    rt.block_on(async {
+        let mut first = tokio::net::UnixStream::connect(&socket).await.expect("first client");
+        assert_eq!(ask(&mut first, q).await, (200, "100\n".to_owned()));
+        // Far more clients than descriptors: the kernel queues them, livemux
+        // cannot accept them all.
+        let mut crowd = Vec::new();
+        for _ in 0..80 {
+            if let Ok(c) = tokio::net::UnixStream::connect(&socket).await {
+                crowd.push(c);
+            }
+        }
+        log.wait_for("accept failed");
+        // The client already served is served on.
+        assert_eq!(ask(&mut first, q).await, (200, "100\n".to_owned()));
+        assert_eq!(ask(&mut first, q).await, (200, "100\n".to_owned()));
+        // Descriptors free up: new clients are accepted again.
+        drop(crowd);
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok(mut c) = tokio::net::UnixStream::connect(&socket).await
+                && let Ok(Ok(answer)) = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                    use tokio::io::AsyncWriteExt;
+                    c.write_all(q.as_bytes()).await?;
+                    Ok::<_, std::io::Error>(read_answer(&mut c).await)
+                })
+                .await
+                && answer == (200, "100\n".to_owned())
+            {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no new client was served after descriptors freed up");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // Clients keep coming; once accepting has worked for a while the
+        // episode is over, and said so once.
+        while !log.drain().iter().any(|l| l.contains("accepting clients again")) {
+            assert!(tokio::time::Instant::now() < deadline, "the episode never ended");
+            let mut c = tokio::net::UnixStream::connect(&socket).await.expect("connect");
+            assert_eq!(ask(&mut c, q).await, (200, "100\n".to_owned()));
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    interrupt(&child.0, nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_exit(&mut child.0).success());
+    let lines = log.drain();
+    let failures = lines.iter().filter(|l| l.contains("accept failed")).count();
+    assert_eq!(failures, 1, "one line per episode: {lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains("panicked")));
+    assert!(!lines.iter().any(|l| l.contains("site is down")), "the site was never blamed");
+}
+
+#[test]
+fn start_up_refusals_on_a_read_only_file_system() {
+    const TEST: &str = "cli::start_up_refusals_on_a_read_only_file_system";
+    if !nix::unistd::geteuid().is_root() {
+        return skip(TEST, "mounting a read-only tmpfs needs root");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ro = dir.path().join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    if let Err(e) = mount(Some("tmpfs"), &ro, Some("tmpfs"), MsFlags::MS_RDONLY, Some("size=64k")) {
+        return skip(TEST, &format!("cannot mount a read-only tmpfs: {e}"));
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = umount2(&self.0, MntFlags::MNT_DETACH);
+        }
+    }
+    let _guard = Unmount(ro.clone());
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket_dir = \"{}\"\nstate_file = \"{}/st.json\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
+            ro.display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = livemux(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("cannot start: cannot bind") && err.contains("Read-only file system"), "{err}");
+}
