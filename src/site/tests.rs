@@ -21,11 +21,18 @@ use crate::config::{SiteAddress, SiteConfig, SiteParams};
 struct Memory {
     site: Arc<SimSite>,
     attempts: AtomicU64,
+    /// Connects fail as when livemux has no descriptor left (EMFILE).
+    out_of_fds: std::sync::atomic::AtomicBool,
 }
 
 impl Connect for Memory {
     fn connect(&self) -> Connecting {
         self.attempts.fetch_add(1, Ordering::Relaxed);
+        if self.out_of_fds.load(Ordering::Relaxed) {
+            let source = std::io::Error::from_raw_os_error(nix::libc::EMFILE);
+            let e = SiteError::Connect { address: "memory".into(), source };
+            return Box::pin(async move { Err(e) });
+        }
         let result = self
             .site
             .connect_in_memory()
@@ -49,7 +56,8 @@ impl Fixture {
     async fn start(params: SiteParams) -> Fixture {
         let cfg = SimConfig { listen: Listen::Memory, ..SimConfig::tcp("mem") };
         let site = Arc::new(SimSite::start(cfg).await.expect("in-memory site"));
-        let connector = Arc::new(Memory { site: site.clone(), attempts: AtomicU64::new(0) });
+        let connector =
+            Arc::new(Memory { site: site.clone(), attempts: AtomicU64::new(0), out_of_fds: Default::default() });
         let cfg = SiteConfig { name: "mem".into(), address: SiteAddress::Unix("/mem".into()), params, listen: None };
         let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
         let t0 = Instant::now();
@@ -257,5 +265,47 @@ async fn waiting_queries_grow_the_pool_and_it_shrinks_back_after_channel_idle_ti
     let snap = f.snapshot().await;
     assert_eq!(snap.channels.len(), 1, "back to channels: {:?}", snap.channels);
     assert_eq!(f.state(), SiteState::Ready);
+    f.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn running_out_of_descriptors_is_not_the_sites_fault_and_connects_wait_connect_retry() {
+    let params = SiteParams {
+        channels: 1,
+        channels_max: 2,
+        pipeline_depth: 1,
+        connect_retry: secs(1),
+        channel_timeout: secs(5),
+        ..SiteParams::default()
+    };
+    let f = Fixture::start(params).await;
+    f.at(MS).await;
+    assert_eq!(f.state(), SiteState::Ready);
+    f.site.set_knobs(|k| {
+        k.delay = secs(3);
+        k.fault_table = Some("hosts".into());
+    });
+    f.connector.out_of_fds.store(true, Ordering::Relaxed);
+    let before = f.attempts();
+    // Two queries: the second waits, the pool wants a second channel.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let h = f.handle.clone();
+        tasks.spawn(async move { ask(&h, "GET hosts\nColumns: name\nLimit: 1").await });
+    }
+    f.at(MS * 10).await;
+    assert_eq!(f.attempts(), before + 1, "one failed connect");
+    f.at(MS * 900).await;
+    assert_eq!(f.attempts(), before + 1, "no new attempt before connect_retry");
+    assert_eq!(f.state(), SiteState::Ready, "the site is not blamed");
+    // Descriptors free again: the next try opens the channel.
+    f.connector.out_of_fds.store(false, Ordering::Relaxed);
+    f.at(MS * 1100).await;
+    assert_eq!(f.attempts(), before + 2);
+    assert_eq!(f.snapshot().await.channels.len(), 2);
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(r.expect("task").expect("answered"), (200, "host-0000\n".into()));
+    }
+    assert_eq!(f.handle.status().generation, 0, "never down");
     f.stop().await;
 }
