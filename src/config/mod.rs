@@ -409,6 +409,9 @@ pub struct FederationConfig {
     pub fail_on_site_error: bool,
     /// Its cascading TCP listener, if any (as a site's).
     pub listen: Option<TcpListen>,
+    /// Its clients' `client_idle_timeout`, `client_request_timeout` and
+    /// request limits: those of `[defaults]`.
+    pub client: SiteParams,
 }
 
 /// `[inventory]`: keep the central site's copy of every remote host's HW/SW

@@ -368,6 +368,7 @@ fn federations_name_known_sites_and_no_site_s_name() {
     let c = Config::from_toml(&format!("{GOOD}[[federation]]\nname = \"all\"\n[[federation]]\nname = \"eu\"\nsites = [\"paris\"]\non_site_error = \"fail\"\n")).unwrap();
     assert_eq!(c.federations[0].sites, vec!["berlin".to_owned(), "paris".to_owned()], "default: every site");
     assert!(!c.federations[0].fail_on_site_error);
+    assert_eq!(c.federations[0].client.heartbeat_interval, Duration::from_secs(2), "[defaults] apply to its clients");
     assert_eq!((c.federations[1].sites.clone(), c.federations[1].fail_on_site_error), (vec!["paris".to_owned()], true));
     let e = error(&format!("{GOOD}[[federation]]\nname = \"x\"\nsites = [\"rome\"]\n"));
     assert_eq!(e.key.as_deref(), Some("federation[1].sites"));

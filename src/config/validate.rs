@@ -260,7 +260,7 @@ impl<'a> Validator<'a> {
         }
         for (i, f) in raw.federation.unwrap_or_default().into_iter().enumerate() {
             let span = f.span();
-            if let Some(fed) = self.federation(&f.into_inner(), i + 1, span, &mut names, &c) {
+            if let Some(fed) = self.federation(&f.into_inner(), i + 1, span, &mut names, &c, &base) {
                 c.federations.push(fed);
             }
         }
@@ -274,6 +274,7 @@ impl<'a> Validator<'a> {
         span: Range<usize>,
         names: &mut Vec<String>,
         c: &Config,
+        base: &SiteParams,
     ) -> Option<super::FederationConfig> {
         let prefix = format!("federation[{n}]");
         let name_key = format!("{prefix}.name");
@@ -320,7 +321,7 @@ impl<'a> Validator<'a> {
             ..RawSite::default()
         };
         let listen = self.listen(&as_site, &prefix, span)?;
-        Some(super::FederationConfig { name: name?, sites, fail_on_site_error: fail, listen })
+        Some(super::FederationConfig { name: name?, sites, fail_on_site_error: fail, listen, client: base.clone() })
     }
 
     fn inventory(&mut self, raw: &RawInventory, span: Range<usize>) -> Option<InventoryConfig> {

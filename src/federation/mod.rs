@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use livemux_protocol::{Framer, Limits, ReplyStyle, ResponseHeader, Status, error_response};
+use livemux_protocol::{Framer, ReplyStyle, ResponseHeader, Status, error_response};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,10 +41,6 @@ pub const SPOOL_MEMORY: usize = 4 << 20;
 pub const MAX_ROW_BYTES: usize = 64 << 20;
 /// Rows in flight between the sites' readers and the merger.
 const QUEUE: usize = 256;
-/// How long a client may stay idle between requests.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
-/// A request must arrive whole within this once it began.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A federation at run time.
 pub struct Federation {
@@ -287,7 +283,9 @@ pub async fn serve(listener: UnixListener, fed: Arc<Federation>, shutdown: Cance
 async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: CancellationToken) {
     let mut buf = BytesMut::new();
     let mut framer = Framer::new();
-    let limits = Limits::default();
+    // As on a site's socket: `[defaults]`' request limits and client timeouts.
+    let limits = fed.cfg.client.limits;
+    let (idle, request) = (fed.cfg.client.client_idle_timeout, fed.cfg.client.client_request_timeout);
     let mut eof = false;
     loop {
         let block = match framer.scan(&buf, &limits) {
@@ -305,7 +303,7 @@ async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: Cance
             Ok(None) => {
                 let skipped = framer.take_skipped();
                 let _ = buf.split_to(skipped);
-                let wait = if buf.is_empty() { IDLE_TIMEOUT } else { REQUEST_TIMEOUT };
+                let wait = if buf.is_empty() { idle } else { request };
                 buf.reserve(16 * 1024);
                 let read = tokio::select! {
                     r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => r,

@@ -13,15 +13,27 @@ use crate::support::*;
 
 /// A proxy with a federation `all` over `sites`.
 pub async fn federated(sites: Vec<(&str, String)>, budget: usize) -> Proxy {
+    federated_with(sites, budget, |_| {}).await
+}
+
+/// [`federated`], with the federation's settings changed by `change`.
+async fn federated_with(
+    sites: Vec<(&str, String)>,
+    budget: usize,
+    change: impl FnOnce(&mut FederationConfig),
+) -> Proxy {
     let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
     let list = sites.iter().map(|(n, a)| (*n, a.clone(), fast_params())).collect();
     let mut config = test_config(dir.path(), list);
-    config.federations = vec![FederationConfig {
+    let mut fed = FederationConfig {
         name: "all".into(),
         sites: sites.iter().map(|(n, _)| (*n).to_owned()).collect(),
         fail_on_site_error: false,
         listen: None,
-    }];
+        client: livemux::config::SiteParams::default(),
+    };
+    change(&mut fed);
+    config.federations = vec![fed];
     config.federation_sort_budget = budget;
     let p = Proxy::start_config(dir, config.clone()).await;
     for s in &config.sites {
@@ -196,18 +208,8 @@ async fn a_stopped_site_gives_a_partial_answer_naming_it_and_all_stopped_is_an_e
 #[tokio::test]
 async fn with_on_site_error_fail_one_failed_site_fails_the_query() {
     let (a, b) = (sim("fl").await, sim("fm").await);
-    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
-    let mut config =
-        test_config(dir.path(), vec![("fl", a.address(), fast_params()), ("fm", b.address(), fast_params())]);
-    config.federations = vec![FederationConfig {
-        name: "all".into(),
-        sites: vec!["fl".into(), "fm".into()],
-        fail_on_site_error: true,
-        listen: None,
-    }];
-    let p = Proxy::start_config(dir, config).await;
-    p.wait_state("fl", SiteState::Ready).await;
-    p.wait_state("fm", SiteState::Ready).await;
+    let p =
+        federated_with(vec![("fl", a.address()), ("fm", b.address())], 64 << 20, |f| f.fail_on_site_error = true).await;
     let (code, _) = fed(&p, "GET hosts\nColumns: name").await;
     assert_eq!(code, 200);
     b.stop();
@@ -254,22 +256,12 @@ async fn a_command_goes_to_every_site() {
 #[tokio::test]
 async fn a_federation_may_listen_on_tcp_for_the_addresses_it_allows() {
     let (a, b) = (sim("fj").await, sim("fk").await);
-    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
-    let mut config =
-        test_config(dir.path(), vec![("fj", a.address(), fast_params()), ("fk", b.address(), fast_params())]);
-    config.federations = vec![FederationConfig {
-        name: "all".into(),
-        sites: vec!["fj".into(), "fk".into()],
-        fail_on_site_error: false,
-        listen: Some(livemux::config::TcpListen {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            only_from: vec!["127.0.0.1/32".parse().unwrap()],
-            tls: None,
-        }),
-    }];
-    let p = Proxy::start_config(dir, config).await;
-    p.wait_state("fj", SiteState::Ready).await;
-    p.wait_state("fk", SiteState::Ready).await;
+    let listen = livemux::config::TcpListen {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        only_from: vec!["127.0.0.1/32".parse().unwrap()],
+        tls: None,
+    };
+    let p = federated_with(vec![("fj", a.address()), ("fk", b.address())], 64 << 20, |f| f.listen = Some(listen)).await;
     let addr = p.app.as_ref().and_then(|a| a.federation_addr("all")).expect("TCP listener");
     let body = direct_tcp(addr, "GET hosts\nColumns: site name\nLimit: 3\n\n").await;
     assert_eq!(String::from_utf8_lossy(&body).lines().count(), 3);
