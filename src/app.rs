@@ -98,8 +98,8 @@ pub fn check(config: &Config) -> Result<(), StartError> {
 pub struct App {
     config: Config,
     sites: Vec<SiteRuntime>,
-    budget: std::sync::Arc<crate::spool::SpoolBudget>,
-    cache: Arc<crate::cache::Cache>,
+    /// The budgets and the cache every client session uses.
+    shared: crate::client::Shared,
     /// Stops every listener and idle session; each site's own token is a child.
     shutdown: CancellationToken,
     /// The daemon's own tasks (state writer, inventory).
@@ -267,13 +267,20 @@ impl App {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let (sites_stop, sites_tracker) = (CancellationToken::new(), TaskTracker::new());
-        let budget = crate::spool::SpoolBudget::new(config.spool.clone());
-        let cache = crate::cache::Cache::new(config.cache_budget, config.cache_max_entry);
+        let shared = crate::client::Shared {
+            spool: crate::spool::SpoolBudget::new(config.spool.clone()),
+            requests: crate::client::reader::RequestBudget::new(
+                config.request_memory_budget,
+                config.request_memory_wait,
+            ),
+            cache: crate::cache::Cache::new(config.cache_budget, config.cache_max_entry),
+        };
         let (list, list_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
         let state = crate::state::StateSource {
             sites: list_rx,
-            budget: budget.clone(),
-            cache: cache.clone(),
+            budget: shared.spool.clone(),
+            requests: shared.requests.clone(),
+            cache: shared.cache.clone(),
             reloads: Default::default(),
             interval: config.state_interval,
             federations: Default::default(),
@@ -281,8 +288,7 @@ impl App {
         let mut app = App {
             config: config.clone(),
             sites: Vec::with_capacity(config.sites.len()),
-            budget,
-            cache,
+            shared,
             shutdown,
             tracker,
             sites_stop,
@@ -308,7 +314,7 @@ impl App {
                 sites,
                 config.federation_sort_budget,
                 spool_dir,
-                app.cache.clone(),
+                &app.shared,
             ));
             feds.push(fed.clone());
             if let (Some(t), Some(listen)) = (tcp, f.listen.clone()) {
@@ -359,8 +365,13 @@ impl App {
     fn start_site(&mut self, site: SiteConfig, (unix, socket, tcp): Bound, tls: SiteTlsParts) {
         use tracing::Instrument;
         let actor_stop = self.sites_stop.child_token();
-        let handle =
-            SiteHandle::spawn(site.clone(), tls.client, self.cache.clone(), actor_stop.clone(), &self.sites_tracker);
+        let handle = SiteHandle::spawn(
+            site.clone(),
+            tls.client,
+            self.shared.cache.clone(),
+            actor_stop.clone(),
+            &self.sites_tracker,
+        );
         let stop = self.shutdown.child_token();
         let sessions = TaskTracker::new();
         let limit = Arc::new(listener::ClientLimit::new(site.params.max_clients));
@@ -368,9 +379,8 @@ impl App {
             site: handle.clone(),
             shutdown: stop.clone(),
             tracker: sessions.clone(),
-            budget: self.budget.clone(),
+            shared: self.shared.clone(),
             limit: limit.clone(),
-            cache: self.cache.clone(),
             failing: Default::default(),
         };
         let tcp = match (tcp, site.listen.clone()) {
@@ -414,14 +424,19 @@ impl App {
         self.handles()
     }
 
+    /// How much of the request budget is in use.
+    pub fn request_usage(&self) -> crate::client::reader::RequestUsage {
+        self.shared.requests.usage()
+    }
+
     /// How much of the spool budget is in use.
     pub fn spool_usage(&self) -> crate::spool::SpoolUsage {
-        self.budget.usage()
+        self.shared.spool.usage()
     }
 
     /// A site's cache counters.
     pub fn cache_stats(&self, site: &str) -> crate::cache::CacheStats {
-        self.cache.stats(site)
+        self.shared.cache.stats(site)
     }
 
     /// A site by name.
@@ -492,6 +507,9 @@ impl App {
         self.publish_sites();
         // What applies in place of the global keys.
         self.config.shutdown_grace = new.shutdown_grace;
+        self.config.request_memory_budget = new.request_memory_budget;
+        self.config.request_memory_wait = new.request_memory_wait;
+        self.shared.requests.set(new.request_memory_budget, new.request_memory_wait);
         self.config.sites = self.sites.iter().map(|s| s.config.clone()).collect();
         report
     }
@@ -525,9 +543,8 @@ impl App {
                         site: site.handle.clone(),
                         shutdown: site.stop.clone(),
                         tracker: site.sessions.clone(),
-                        budget: self.budget.clone(),
+                        shared: self.shared.clone(),
                         limit: site.limit.clone(),
-                        cache: self.cache.clone(),
                         failing: Default::default(),
                     };
                     let settings =

@@ -76,6 +76,8 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
             client: SiteParams::default(),
         }],
         federation_sort_budget: 64 << 20,
+        request_memory_budget: 64 << 20,
+        request_memory_wait: std::time::Duration::from_secs(1),
         sites,
     };
     let app = App::start(config.clone()).await?;

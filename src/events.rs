@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use crate::error::{QueryError, fmt_duration};
 use crate::site::SiteState;
-use livemux_protocol::RequestError;
 
 /// A site changed state.
 pub struct SiteStateChanged<'a> {
@@ -102,14 +101,16 @@ impl QueryFailed<'_> {
 
 /// A client sent a request the proxy refused.
 pub struct RequestRejected<'a> {
+    /// The status code of the error answer.
+    pub status: livemux_protocol::Status,
     /// Why.
-    pub error: &'a RequestError,
+    pub error: &'a dyn std::fmt::Display,
 }
 
 impl RequestRejected<'_> {
     /// Write the log line.
     pub fn emit(self) {
-        tracing::info!(status = %self.error.status(), "client request rejected: {}", self.error);
+        tracing::info!(status = %self.status, "client request rejected: {}", self.error);
     }
 }
 

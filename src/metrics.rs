@@ -100,16 +100,19 @@ pub enum Outcome {
     ClientGone,
     /// The request was malformed or too large.
     BadRequest,
+    /// The request could not be received: `request_memory_budget` was in use.
+    RequestBudget,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 6] = [
+    const ALL: [Outcome; 7] = [
         Outcome::Ok,
         Outcome::SiteError,
         Outcome::NoFreeChannel,
         Outcome::Timeout,
         Outcome::ClientGone,
         Outcome::BadRequest,
+        Outcome::RequestBudget,
     ];
 
     fn label(self) -> &'static str {
@@ -120,6 +123,7 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::ClientGone => "client_gone",
             Outcome::BadRequest => "bad_request",
+            Outcome::RequestBudget => "request_budget",
         }
     }
 
@@ -180,7 +184,7 @@ impl Metrics {
 /// One site's accumulating metrics.
 #[derive(Clone, Debug)]
 pub struct SiteMetrics {
-    outcomes: [Counter; 6],
+    outcomes: [Counter; Outcome::ALL.len()],
     duration: Histogram,
     wait: Histogram,
     state_changes: Counter,
@@ -323,6 +327,15 @@ pub async fn render(src: &StateSource) -> String {
         spool(usage.memory_used as u64),
     );
     reg.register("livemux_spool_disk_bytes", "Spool file bytes not yet sent to clients", spool(usage.disk_used));
+    let requests = src.requests.usage();
+    reg.register(
+        "livemux_request_memory_bytes",
+        "Memory holding requests being received (within request_memory_budget)",
+        spool(requests.memory_used as u64),
+    );
+    let waits: Counter = Counter::default();
+    waits.inc_by(requests.waits);
+    reg.register("livemux_request_memory_waits", "Clients that waited for room in request_memory_budget", waits);
     let reloads: Family<ResultLabel, Counter> = Family::default();
     {
         let r = src.reloads.lock().unwrap_or_else(|e| e.into_inner());

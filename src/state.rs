@@ -37,6 +37,8 @@ pub struct StateFile {
     pub reloads: ReloadRecord,
     /// Answers held for slow clients.
     pub spool: crate::spool::SpoolUsage,
+    /// Requests being received.
+    pub requests: crate::client::reader::RequestUsage,
     /// Federated sockets.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub federations: Vec<crate::federation::FederationSnapshot>,
@@ -90,6 +92,8 @@ pub struct StateSource {
     pub sites: tokio::sync::watch::Receiver<std::sync::Arc<Vec<SiteHandle>>>,
     /// The spool's budget.
     pub budget: std::sync::Arc<crate::spool::SpoolBudget>,
+    /// The budget of requests being received.
+    pub requests: std::sync::Arc<crate::client::reader::RequestBudget>,
     /// The query cache.
     pub cache: std::sync::Arc<crate::cache::Cache>,
     /// Reloads so far.
@@ -123,6 +127,7 @@ pub async fn collect(src: &StateSource) -> StateFile {
         state_interval_ms: src.interval.as_millis() as u64,
         reloads: src.reloads.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         spool: src.budget.usage(),
+        requests: src.requests.usage(),
         federations: src.federations.get().map(|f| f.iter().map(|f| f.snapshot()).collect()).unwrap_or_default(),
         sites: entries,
     }

@@ -185,12 +185,10 @@ pub struct Accepting {
     pub shutdown: CancellationToken,
     /// Sessions run here, so shutdown can wait for them.
     pub tracker: TaskTracker,
-    /// The daemon's spool budget.
-    pub budget: Arc<crate::spool::SpoolBudget>,
+    /// The daemon's budgets and cache.
+    pub shared: super::Shared,
     /// `max_clients` permits, shared by the site's UNIX socket and TCP listener.
     pub limit: Arc<ClientLimit>,
-    /// The daemon's query cache.
-    pub cache: Arc<crate::cache::Cache>,
     /// `accept()` failures (out of descriptors, say), logged once per episode.
     pub failing: Arc<AcceptFailures>,
 }
@@ -277,14 +275,7 @@ impl Accepting {
         S: ClientStream,
     {
         use tracing::Instrument;
-        let session = Session::new(
-            self.site.clone(),
-            stream,
-            self.shutdown.clone(),
-            self.budget.clone(),
-            self.cache.clone(),
-            watchdog,
-        );
+        let session = Session::new(self.site.clone(), stream, self.shutdown.clone(), &self.shared, watchdog);
         self.tracker.spawn(
             async move {
                 session.run().await;

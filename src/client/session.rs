@@ -7,16 +7,20 @@
 //! a one-line reason; without it, the reason alone, and the connection closes.
 //!
 //! Timing: waiting for the next request is bounded by `client_idle_timeout`;
-//! receiving it, once its first byte is here, by `client_request_timeout`;
+//! receiving it, once its first byte is here, by `client_request_timeout`
+//! (see [`super::reader`], which also keeps the request buffers within
+//! `request_memory_budget`);
 //! answering it by `query_timeout` from the moment it was received. On
 //! shutdown an idle session ends at once; a session in the middle of a
 //! response finishes it first.
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Buf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::Shared;
+use super::reader::{ReadError, ReadTimeouts, Refusal, RequestReader};
 use crate::cache::{Cache, Capture, Entry, Key, Plan, Tag};
 use crate::error::QueryError;
 use crate::events;
@@ -25,13 +29,11 @@ use crate::relay::{RelayContext, Relayed, SendEnd, relay, send};
 use crate::site::{SiteHandle, send_commands, send_query};
 use crate::spool::SpoolBudget;
 use crate::watchdog::{Reaped, Watchdog};
-use livemux_protocol::{
-    CommandRequest, Framer, Query, ReplyStyle, Request, RequestError, ResponseHeader, Status, error_response,
-};
+use livemux_protocol::{CommandRequest, Query, ReplyStyle, Request, ResponseHeader, Status, error_response};
 
-/// Free space kept in a client's read buffer before each read: enough for
-/// a typical request; the buffer grows (doubling) for larger ones.
-const READ_RESERVE: usize = 1024;
+/// The buffer for the text sent to the site is kept between requests up to
+/// this size.
+const WIRE_KEEP: usize = 16 * 1024;
 
 /// How long an error answer may take to write once the query's deadline has
 /// passed (it is a line of text; a client that cannot take it reads nothing).
@@ -75,10 +77,8 @@ impl ClientStream for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
 pub struct Session<S> {
     site: SiteHandle,
     stream: S,
-    buf: BytesMut,
-    framer: Framer,
-    /// The client half-closed (or closed); answer what is buffered, then stop.
-    eof: bool,
+    /// The request buffer (charged to the daemon's request budget).
+    reader: RequestReader,
     budget: std::sync::Arc<SpoolBudget>,
     /// TCP clients only: watches the connection while answers are sent.
     watchdog: Option<Watchdog>,
@@ -86,42 +86,31 @@ pub struct Session<S> {
     cache: std::sync::Arc<Cache>,
     wire: Vec<u8>,
     shutdown: CancellationToken,
-    /// When the first byte of the request being received arrived.
-    request_started: Option<Instant>,
     /// The client was found dead (reaped): close without a goodbye.
     dead: bool,
     /// How the current request ended (for the metrics).
     outcome: Outcome,
 }
 
-enum ReadError {
-    Limit(RequestError),
-    Io(std::io::Error),
-}
-
 impl<S: ClientStream> Session<S> {
-    /// A session for `stream`, a client of `site`; TCP clients bring a
-    /// send-stall [`Watchdog`].
+    /// A session for `stream`, a client of `site` (ended by `shutdown`
+    /// while idle); TCP clients bring a send-stall [`Watchdog`].
     pub fn new(
         site: SiteHandle,
         stream: S,
         shutdown: CancellationToken,
-        budget: std::sync::Arc<SpoolBudget>,
-        cache: std::sync::Arc<Cache>,
+        daemon: &Shared,
         watchdog: Option<Watchdog>,
     ) -> Self {
         Session {
             site,
             stream,
-            buf: BytesMut::new(),
-            framer: Framer::new(),
-            eof: false,
-            budget,
-            cache,
+            reader: RequestReader::new(daemon.requests.clone()),
+            budget: daemon.spool.clone(),
+            cache: daemon.cache.clone(),
             watchdog,
             wire: Vec::new(),
             shutdown,
-            request_started: None,
             dead: false,
             outcome: Outcome::Ok,
         }
@@ -131,15 +120,23 @@ impl<S: ClientStream> Session<S> {
     pub async fn run(mut self) {
         let _count = self.site.client_connected();
         loop {
-            let block = match self.next_request().await {
+            let params = self.site.params();
+            let timeouts = ReadTimeouts { idle: params.client_idle_timeout, request: params.client_request_timeout };
+            let read = self.reader.next(&mut self.stream, &params.limits, timeouts, &self.shutdown).await;
+            drop(params);
+            let block = match read {
                 Ok(Some(b)) => b,
                 Ok(None) => break,
-                Err(ReadError::Limit(e)) => {
+                Err(ReadError::Refused(e)) => {
                     self.site.note_query();
                     self.site.note_error();
-                    self.site.metrics().query(Outcome::BadRequest, std::time::Duration::ZERO);
-                    events::RequestRejected { error: &e }.emit();
-                    let style = self.framer.style();
+                    let outcome = match e {
+                        Refusal::Budget { .. } => Outcome::RequestBudget,
+                        Refusal::Request(_) => Outcome::BadRequest,
+                    };
+                    self.site.metrics().query(outcome, std::time::Duration::ZERO);
+                    events::RequestRejected { status: e.status(), error: &e }.emit();
+                    let style = self.reader.style();
                     let deadline = Instant::now() + self.site.params().query_timeout;
                     self.write_error(e.status(), &e.to_string(), style, deadline).await;
                     break;
@@ -169,84 +166,24 @@ impl<S: ClientStream> Session<S> {
                 Err(e) => {
                     self.site.note_error();
                     self.outcome = Outcome::BadRequest;
-                    events::RequestRejected { error: &e }.emit();
+                    events::RequestRejected { status: e.status(), error: &e }.emit();
                     let style = ReplyStyle::sniff(&block);
                     self.write_error(e.status(), &e.to_string(), style, deadline).await;
                     style.keepalive && style.fixed16
                 }
             };
             self.site.metrics().query(self.outcome, arrived.elapsed());
+            if self.wire.capacity() > WIRE_KEEP {
+                // A large request's copy goes with it (its bytes were
+                // charged to the request budget only while it was answered).
+                self.wire = Vec::new();
+            }
             if !keep {
                 break;
             }
         }
         if !self.dead && S::SHUTDOWN_BEFORE_CLOSE {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
-        }
-    }
-
-    /// The next request block, or `None` at end of input, idle timeout or
-    /// shutdown while idle.
-    async fn next_request(&mut self) -> Result<Option<Bytes>, ReadError> {
-        let limits = self.site.params().limits;
-        loop {
-            if let Some(f) = self.framer.scan(&self.buf, &limits).map_err(ReadError::Limit)? {
-                self.request_started = None;
-                let block = self.buf.split_to(f.end).freeze();
-                if self.buf.is_empty() {
-                    // Nothing more buffered: the session holds no buffer
-                    // while it waits for the next request.
-                    self.buf = BytesMut::new();
-                }
-                return Ok(Some(block.slice(f.start..)));
-            }
-            if self.eof {
-                return Ok(self.framer.finish(&self.buf).map(|f| {
-                    let block = self.buf.split_to(f.end).freeze();
-                    block.slice(f.start..)
-                }));
-            }
-            // Empty lines before a request are dropped, so that a client
-            // sending nothing else cannot grow the buffer.
-            let skipped = self.framer.take_skipped();
-            self.buf.advance(skipped);
-            let params = self.site.params();
-            // Between requests (nothing buffered) a shutdown ends the session
-            // and the idle timeout applies; a request being received is
-            // finished first, within `client_request_timeout`.
-            let waiting_for_new = self.buf.is_empty();
-            let until = if waiting_for_new {
-                self.request_started = None;
-                Instant::now() + params.client_idle_timeout
-            } else {
-                *self.request_started.get_or_insert_with(Instant::now) + params.client_request_timeout
-            };
-            let (stream, buf) = (&mut self.stream, &mut self.buf);
-            let read = async {
-                if buf.is_empty() {
-                    std::future::poll_fn(|cx| stream.poll_sent(cx)).await?;
-                }
-                buf.reserve(READ_RESERVE.max(buf.len()));
-                stream.read_buf(buf).await
-            };
-            let n = tokio::select! {
-                r = tokio::time::timeout_at(until, read) => match r {
-                    Ok(r) => r.map_err(ReadError::Io)?,
-                    Err(_) if waiting_for_new => {
-                        tracing::debug!("closing client connection idle for {}",
-                            crate::error::fmt_duration(params.client_idle_timeout));
-                        return Ok(None);
-                    }
-                    Err(_) => {
-                        let waited_ms = params.client_request_timeout.as_millis() as u64;
-                        return Err(ReadError::Limit(RequestError::Incomplete { waited_ms }));
-                    }
-                },
-                _ = self.shutdown.cancelled(), if waiting_for_new => return Ok(None),
-            };
-            if n == 0 {
-                self.eof = true;
-            }
         }
     }
 

@@ -382,6 +382,12 @@ pub struct Config {
     pub worker_threads: usize,
     /// Buffering of answers for slow clients.
     pub spool: SpoolConfig,
+    /// Memory all clients' partly received requests may use together
+    /// (beyond the first 16 KiB of each; see `client::reader`).
+    pub request_memory_budget: usize,
+    /// How long a client waits for room in `request_memory_budget` before
+    /// it is answered 503.
+    pub request_memory_wait: Duration,
     /// Bytes of cached answers the daemon keeps (least recently used out first).
     pub cache_budget: usize,
     /// Larger answers are not cached (nor shared in single-flight).
@@ -513,6 +519,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             worker_threads: 1,
             spool: SpoolConfig::default(),
+            request_memory_budget: 64 << 20,
+            request_memory_wait: Duration::from_secs(1),
             cache_budget: 64 << 20,
             cache_max_entry: 1 << 20,
             inventory: None,

@@ -119,6 +119,8 @@ pub(crate) struct RawConfig {
     pub spool_memory_per_response: Field,
     pub spool_memory_budget: Field,
     pub spool_disk_budget: Field,
+    pub request_memory_budget: Field,
+    pub request_memory_wait: Field,
     pub cache_budget: Field,
     pub cache_max_entry: Field,
     pub inventory: Option<Spanned<RawInventory>>,

@@ -378,3 +378,22 @@ fn federations_name_known_sites_and_no_site_s_name() {
     let e = error(&format!("{GOOD}[[federation]]\nname = \"x\"\non_site_error = \"maybe\"\n"));
     assert_eq!(e.key.as_deref(), Some("federation[1].on_site_error"));
 }
+
+#[test]
+fn request_memory_budget_must_hold_the_largest_request_and_its_copies() {
+    const SITE: &str = "[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n";
+    let c = Config::from_toml(SITE).unwrap();
+    assert_eq!((c.request_memory_budget, c.request_memory_wait), (64 << 20, Duration::from_secs(1)));
+    let c = Config::from_toml(&format!("request_memory_budget = \"12MiB\"\nrequest_memory_wait = \"250ms\"\n{SITE}"))
+        .unwrap();
+    assert_eq!((c.request_memory_budget, c.request_memory_wait), (12 << 20, Duration::from_millis(250)));
+    // 4 MiB requests (the default) need 12 MiB.
+    let e = error(&format!("request_memory_budget = \"8MiB\"\n{SITE}"));
+    assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("request_memory_budget")));
+    assert!(e.message.contains("less than 3 times the max_request_bytes of [defaults] (4194304 bytes)"), "{e}");
+    // The default budget against a site allowing larger requests: no line.
+    let e = error(&format!("{SITE}max_request_bytes = \"32MiB\"\n"));
+    assert_eq!((e.line, e.key.as_deref()), (None, Some("request_memory_budget")));
+    assert!(e.message.contains("max_request_bytes of site 'a' (33554432 bytes)"), "{e}");
+    assert!(e.message.ends_with("raise it"), "{e}");
+}

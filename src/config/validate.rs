@@ -195,6 +195,7 @@ impl<'a> Validator<'a> {
             worker_threads: count(1..=256),
             cache_budget: byte_count(0..=1 << 40),
             cache_max_entry: byte_count(0..=1 << 34),
+            request_memory_wait: duration,
         );
         if let Some(text) = self.text(&raw.metrics_listen, "metrics_listen") {
             match text.parse::<std::net::SocketAddr>() {
@@ -257,6 +258,34 @@ impl<'a> Validator<'a> {
         }
         if let Some(n) = self.byte_count(&raw.federation_sort_budget, "federation_sort_budget", 0..=1 << 40) {
             c.federation_sort_budget = n;
+        }
+        if let Some(n) = self.byte_count(&raw.request_memory_budget, "request_memory_budget", 1 << 20..=1 << 40) {
+            c.request_memory_budget = n;
+        }
+        // A request as large as a socket allows must fit in the budget,
+        // with the copies made of it while it is answered.
+        let sockets = std::iter::once(("[defaults]".to_owned(), &base))
+            .chain(c.sites.iter().map(|s| (format!("site '{}'", s.name), &s.params)));
+        let largest =
+            sockets.reduce(|a, b| if b.1.limits.max_request_bytes > a.1.limits.max_request_bytes { b } else { a });
+        if let Some((who, p)) = largest {
+            let factor = 1 + crate::client::reader::COPIES;
+            let (most, n) = (p.limits.max_request_bytes, c.request_memory_budget);
+            if most.saturating_mul(factor) > n {
+                let key = "request_memory_budget";
+                let message = format!(
+                    "{n} bytes is less than {factor} times the max_request_bytes of {who} ({most} bytes): a request \
+                     that large, with the copies made of it while it is answered, would never fit"
+                );
+                match &raw.request_memory_budget {
+                    Some(v) => self.err(v.span(), key, message),
+                    None => self.errors.push(ConfigError {
+                        line: None,
+                        key: Some(key.into()),
+                        message: format!("{message}; raise it"),
+                    }),
+                }
+            }
         }
         for (i, f) in raw.federation.unwrap_or_default().into_iter().enumerate() {
             let span = f.span();

@@ -21,10 +21,9 @@ use std::io::{Read, Seek, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use livemux_protocol::{Framer, ReplyStyle, ResponseHeader, Status, error_response};
+use crate::client::reader::{ReadError, ReadTimeouts, RequestBudget, RequestReader};
+use livemux_protocol::{ReplyStyle, ResponseHeader, Status, error_response};
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::time::Instant;
@@ -42,6 +41,9 @@ pub const MAX_ROW_BYTES: usize = 64 << 20;
 /// Rows in flight between the sites' readers and the merger.
 const QUEUE: usize = 256;
 
+/// How long an error answer to a refused request may take to write.
+const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A federation at run time.
 pub struct Federation {
     /// Its configuration.
@@ -56,6 +58,8 @@ pub struct Federation {
     pub status: std::sync::Mutex<FederationSnapshot>,
     /// The daemon's query cache (per site, as for the sites' sockets).
     pub cache: Arc<crate::cache::Cache>,
+    /// The daemon's budget for requests being received.
+    pub requests: Arc<RequestBudget>,
 }
 
 /// A federation in the state file.
@@ -92,10 +96,18 @@ impl Federation {
         sites: Vec<SiteHandle>,
         sort_budget: usize,
         spool_dir: std::path::PathBuf,
-        cache: Arc<crate::cache::Cache>,
+        shared: &crate::client::Shared,
     ) -> Self {
         let status = FederationSnapshot { name: cfg.name.clone(), sites: cfg.sites.clone(), ..Default::default() };
-        Federation { cfg, sites, sort_budget, spool_dir, status: std::sync::Mutex::new(status), cache }
+        Federation {
+            cfg,
+            sites,
+            sort_budget,
+            spool_dir,
+            status: std::sync::Mutex::new(status),
+            cache: shared.cache.clone(),
+            requests: shared.requests.clone(),
+        }
     }
 
     /// The state file's entry.
@@ -205,8 +217,8 @@ impl RowSplitter {
 }
 
 /// A client connection (UNIX, TCP, TLS over TCP).
-pub trait Client: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Client for T {}
+pub trait Client: crate::client::session::ClientStream {}
+impl<T: crate::client::session::ClientStream> Client for T {}
 
 /// Accept clients on a federation's cascading TCP listener (`listen`,
 /// `only_from`, `tls`) until `shutdown`.
@@ -281,44 +293,24 @@ pub async fn serve(listener: UnixListener, fed: Arc<Federation>, shutdown: Cance
 }
 
 async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: CancellationToken) {
-    let mut buf = BytesMut::new();
-    let mut framer = Framer::new();
+    let mut reader = RequestReader::new(fed.requests.clone());
     // As on a site's socket: `[defaults]`' request limits and client timeouts.
     let limits = fed.cfg.client.limits;
-    let (idle, request) = (fed.cfg.client.client_idle_timeout, fed.cfg.client.client_request_timeout);
-    let mut eof = false;
+    let timeouts =
+        ReadTimeouts { idle: fed.cfg.client.client_idle_timeout, request: fed.cfg.client.client_request_timeout };
     loop {
-        let block = match framer.scan(&buf, &limits) {
-            Ok(Some(f)) => {
-                let b = buf.split_to(f.end).freeze();
-                b.slice(f.start..)
+        let block = match reader.next(&mut stream, &limits, timeouts, &shutdown).await {
+            Ok(Some(block)) => block,
+            Ok(None) => return,
+            Err(ReadError::Io(e)) => {
+                tracing::debug!(error = %e, "client read failed");
+                return;
             }
-            Ok(None) if eof => match framer.finish(&buf) {
-                Some(f) => {
-                    let b = buf.split_to(f.end).freeze();
-                    b.slice(f.start..)
-                }
-                None => return,
-            },
-            Ok(None) => {
-                let skipped = framer.take_skipped();
-                let _ = buf.split_to(skipped);
-                let wait = if buf.is_empty() { idle } else { request };
-                buf.reserve(16 * 1024);
-                let read = tokio::select! {
-                    r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => r,
-                    _ = shutdown.cancelled(), if buf.is_empty() => return,
-                };
-                match read {
-                    Ok(Ok(0)) => eof = true,
-                    Ok(Ok(_)) => {}
-                    _ => return,
-                }
-                continue;
-            }
-            Err(e) => {
-                let style = framer.style();
-                let _ = stream.write_all(&error_response(e.status(), &e.to_string(), style.fixed16)).await;
+            Err(ReadError::Refused(e)) => {
+                crate::events::RequestRejected { status: e.status(), error: &e }.emit();
+                let style = reader.style();
+                let answer = error_response(e.status(), &e.to_string(), style.fixed16);
+                let _ = tokio::time::timeout(ERROR_WRITE_TIMEOUT, stream.write_all(&answer)).await;
                 return;
             }
         };
@@ -329,7 +321,7 @@ async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: Cance
         } else {
             get(&fed, &text, style, &mut stream).await
         };
-        if !ok || !style.keepalive || eof {
+        if !ok || !style.keepalive || reader.at_eof() {
             let _ = stream.shutdown().await;
             return;
         }

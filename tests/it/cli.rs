@@ -640,3 +640,118 @@ fn start_up_refusals_on_a_read_only_file_system() {
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(err.contains("cannot start: cannot bind") && err.contains("Read-only file system"), "{err}");
 }
+
+/// Issue 18: a thousand clients, each sending a 4 MiB request slowly.
+/// Their buffers alone could claim 4 GiB; with the default
+/// `request_memory_budget` of 64 MiB livemux's peak RSS stays under
+/// budget + 64 MiB, and every client gets its answer or a 503 naming the
+/// budget, nothing else.
+#[test]
+fn a_thousand_clients_sending_4_mib_requests_slowly_stay_within_the_request_budget() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CLIENTS: usize = 1000;
+    const MIB: usize = 1 << 20;
+    // The test's own descriptors: a thousand clients.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    assert!(hard >= 2 * CLIENTS as u64 + 100, "the hard limit of open files ({hard}) is too low for this test");
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let s = rt.block_on(sim("rb"));
+    let config = run_config(
+        dir.path(),
+        "request_memory_budget = \"64MiB\"\nrequest_memory_wait = \"1s\"\n",
+        &[("rb", s.address())],
+        "max_clients = 2000\nclient_request_timeout = \"60s\"\n",
+    );
+    let (mut child, mut log) = spawn_run(&config, &[]);
+    log.wait_for("site is ready");
+    let socket = dir.path().join("s/rb");
+    // A 4 MiB request: a query with padding headers (which cores ignore).
+    let mut request = b"GET status\nColumns: program_version\nResponseHeader: fixed16\n".to_vec();
+    let pad = format!("X-Padding: {}\n", "p".repeat(1000));
+    while request.len() + pad.len() < 4 * MIB - 1 {
+        request.extend_from_slice(pad.as_bytes());
+    }
+    request.push(b'\n');
+    let request = bytes::Bytes::from(request);
+    // How each client's request ended: the answer, or what went wrong.
+    type End = Result<(u16, Vec<u8>), String>;
+    let ends: Vec<End> = rt.block_on(async {
+        let mut probe = tokio::net::UnixStream::connect(&socket).await.expect("connect");
+        let (code, version) =
+            ask(&mut probe, "GET status\nColumns: program_version\nResponseHeader: fixed16\n\n").await;
+        assert_eq!(code, 200);
+        let mut tasks = Vec::new();
+        for _ in 0..CLIENTS {
+            let (socket, request) = (socket.clone(), request.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c = match tokio::net::UnixStream::connect(&socket).await {
+                    Ok(c) => c,
+                    Err(e) => return Err(format!("connect: {e}")),
+                };
+                // Slowly: 64 KiB, then a pause. livemux closes the
+                // connection of a client it refuses: the write fails then.
+                for chunk in request.chunks(64 * 1024) {
+                    if c.write_all(chunk).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                let mut head = [0u8; livemux_protocol::FIXED16_LEN];
+                let read = async {
+                    c.read_exact(&mut head).await?;
+                    let h = livemux_protocol::ResponseHeader::decode(&head)
+                        .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+                    let mut body = vec![0u8; h.length as usize];
+                    c.read_exact(&mut body).await?;
+                    Ok::<_, std::io::Error>((h.status.code(), body))
+                };
+                match tokio::time::timeout(std::time::Duration::from_secs(120), read).await {
+                    Ok(Ok(answer)) => Ok(answer),
+                    Ok(Err(e)) => Err(format!("read: {e}")),
+                    Err(_) => Err("no answer within 120 s".into()),
+                }
+            }));
+        }
+        let mut ends = Vec::new();
+        for t in tasks {
+            ends.push(t.await.expect("client task"));
+        }
+        ends.retain(|e| !matches!(e, Ok((200, body)) if *body == version.as_bytes()));
+        let answered = CLIENTS - ends.len();
+        assert!(answered > 0, "no client got its answer");
+        ends
+    });
+    let refused = ends
+        .iter()
+        .filter(|e| {
+            matches!(e, Ok((503, body))
+                if String::from_utf8_lossy(body).contains("bytes of request_memory_budget; waited"))
+        })
+        .count();
+    let others: Vec<&End> = ends
+        .iter()
+        .filter(|e| !matches!(e, Ok((503, b)) if String::from_utf8_lossy(b).contains("request_memory_budget")))
+        .collect();
+    assert!(others.is_empty(), "neither the answer nor a 503 naming the budget: {:?}", &others[..others.len().min(5)]);
+    assert!(refused > 0, "the budget was never full: the test did not test it");
+    // Peak RSS of the daemon.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).expect("daemon status");
+    let hwm_kib: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmHWM");
+    eprintln!(
+        "{} of {CLIENTS} answered, {refused} refused (503); peak RSS {} MiB",
+        CLIENTS - ends.len(),
+        hwm_kib / 1024
+    );
+    assert!(hwm_kib * 1024 < 128 * MIB, "peak RSS {} MiB is over budget + 64 MiB", hwm_kib / 1024);
+    let lines = log.drain();
+    assert!(lines.iter().any(|l| l.contains("request memory budget is in use")), "the budget's log line");
+    assert!(!lines.iter().any(|l| l.contains("panicked")));
+    interrupt(&child.0, nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_exit(&mut child.0).success());
+}

@@ -241,3 +241,43 @@ async fn twenty_reloads_in_a_row_under_load_lose_no_query() {
     assert_eq!(p.site("rg").status().generation, 4, "four address changes, never down");
     p.shutdown().await;
 }
+
+/// `request_memory_budget` applies at once: after a reload to a smaller
+/// budget, a client whose request no longer fits beside another's is
+/// refused with a 503 naming it.
+#[tokio::test]
+async fn a_reload_applies_a_smaller_request_memory_budget_at_once() {
+    let s = sim("rm").await;
+    let mut p = proxy(vec![("rm", s.address(), fast_params())]).await;
+    assert_eq!(p.app.as_ref().unwrap().request_usage().memory_budget, 64 * MIB as usize);
+    let smaller = changed(&p, |c| c.request_memory_budget = 12 * MIB as usize);
+    let report = reload(&mut p, smaller).await;
+    assert_eq!(report, livemux::app::ReloadReport { kept: 1, ..Default::default() });
+    assert_eq!(p.app.as_ref().unwrap().request_usage().memory_budget, 12 * MIB as usize);
+    let head = |n: usize| {
+        let mut r = b"GET status\nColumns: program_version\nResponseHeader: fixed16\n".to_vec();
+        while r.len() < n {
+            r.extend_from_slice(format!("X-Padding: {}\n", "p".repeat(1000)).as_bytes());
+        }
+        r
+    };
+    // a's 3 MiB, unfinished, take (three times over) nearly all of it.
+    let mut a = p.client("rm").await;
+    a.write_all(&head(3 * MIB as usize)).await.expect("send a");
+    let app = p.app.as_ref().unwrap();
+    let held = async {
+        while app.request_usage().memory_used < 9 * MIB as usize {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, held).await.expect("a's request is charged");
+    let mut b = p.client("rm").await;
+    // b's writes fail once livemux refuses it and closes; its answer is there.
+    let _ = b.write_all(&head(MIB as usize)).await;
+    let (code, body) = read_answer(&mut b).await;
+    assert_eq!(code, 503);
+    assert!(body.contains("the 12582912 bytes of request_memory_budget"), "{body}");
+    assert_eq!(app.request_usage().refused, 1);
+    drop(a);
+    p.shutdown().await;
+}

@@ -253,11 +253,20 @@ async fn reconnects_resume_the_tls_session() {
     let p =
         proxy(st.address(), SiteParams { heartbeat_interval: Duration::from_secs(60), ..tls_params(&pki.ca) }).await;
     p.wait_state("s1", SiteState::Ready).await;
-    let first = p.site("s1").snapshot(Duration::from_secs(1)).await.unwrap().tls.unwrap();
+    // Both channels up and idle (their first heartbeats answered), and
+    // stunnel connected onward for each: the site holds two idle connections.
+    let first = eventually_snapshot(&p, "s1", "both channels idle", |snap| {
+        snap.channels.len() == 2 && snap.channels.iter().all(|c| c.state == "idle")
+    })
+    .await
+    .tls
+    .unwrap();
+    eventually("the site holds both connections", || s.open_peers().len() == 2).await;
     // The site drops its idle connections; stunnel closes ours; livemux reconnects.
     s.close_idle_connections();
+    let before = first.handshakes_full + first.handshakes_resumed;
     let snap = eventually_snapshot(&p, "s1", "channels reconnected", |snap| {
-        snap.tls.as_ref().is_some_and(|t| t.handshakes_full + t.handshakes_resumed >= first.handshakes_full + 2)
+        snap.tls.as_ref().is_some_and(|t| t.handshakes_full + t.handshakes_resumed >= before + 2)
     })
     .await;
     let tls = snap.tls.unwrap();

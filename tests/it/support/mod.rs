@@ -79,6 +79,8 @@ pub fn test_config(dir: &std::path::Path, sites: Vec<(&str, String, SiteParams)>
         inventory: None,
         federations: Vec::new(),
         federation_sort_budget: 64 << 20,
+        request_memory_budget: 64 << 20,
+        request_memory_wait: std::time::Duration::from_secs(1),
         sites: sites
             .into_iter()
             .map(|(name, addr, params)| SiteConfig {
