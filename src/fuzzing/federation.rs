@@ -122,7 +122,7 @@ fn merge(plan: &plan::Plan, answers: &[Result<Vec<Vec<Value>>, String>], out: &m
         sorted
     };
     if plan.stats.is_empty() && !plan.sort.is_empty() {
-        let end = plan.limit.map_or(rows.len(), |l| (plan.offset + l).min(rows.len()));
+        let end = plan.limit.map_or(rows.len(), |l| plan.offset.saturating_add(l).min(rows.len()));
         rows = rows.drain(plan.offset.min(rows.len())..end).collect();
     }
     for row in &mut rows {
