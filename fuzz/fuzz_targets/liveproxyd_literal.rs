@@ -1,12 +1,8 @@
-//! The liveproxyd.mk reader on arbitrary input: it must return a value or
-//! an error, never panic, loop or exhaust the stack (nesting is bounded).
-//! Run: `cargo +nightly fuzz run liveproxyd_literal` in fuzz/.
+//! The liveproxyd.mk Python literal reader.
+//! The body and what it asserts: `livemux::fuzzing::liveproxyd_literal`.
+//! Run: `cargo +nightly fuzz run liveproxyd_literal` in fuzz/ (see docs/RELIABILITY.md).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = livemux::liveproxyd::literal::parse(text);
-    }
-});
+fuzz_target!(|data: &[u8]| livemux::fuzzing::liveproxyd_literal(data));

@@ -620,7 +620,7 @@ async fn answer<S: Client>(
         sorted
     };
     if plan.stats.is_empty() && !plan.sort.is_empty() {
-        let end = plan.limit.map_or(rows.len(), |l| (plan.offset + l).min(rows.len()));
+        let end = plan.limit.map_or(rows.len(), |l| plan.offset.saturating_add(l).min(rows.len()));
         rows = rows.drain(plan.offset.min(rows.len())..end).collect();
     }
     for row in &mut rows {

@@ -305,7 +305,8 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         && p.sort.is_empty()
         && let Some(l) = p.limit
     {
-        forwarded.push(format!("Limit: {}", l + p.offset));
+        // Saturating: `Limit` and `Offset` are the client's numbers.
+        forwarded.push(format!("Limit: {}", l.saturating_add(p.offset)));
     }
     forwarded.push("OutputFormat: json".to_owned());
     for l in forwarded {

@@ -320,13 +320,24 @@ fn param_lines(p: &ProxyParams, base: &ProxyParams, all: bool, out: &mut String)
 /// Convert: read the files, write the TOML.
 pub fn import(opts: &Options) -> Result<Imported, ImportError> {
     let statements = read(&opts.file)?;
-    let sites = collect(&statements, "sites").ok_or_else(|| ImportError::NoSites { path: opts.file.clone() })?;
+    import_statements(opts, &statements, read)
+}
+
+/// Convert the statements read from `opts.file`; `read_global` reads
+/// `opts.global`. (The fuzz target hands in parsed text instead of files.)
+#[doc(hidden)]
+pub fn import_statements(
+    opts: &Options,
+    statements: &[Statement],
+    read_global: impl Fn(&Path) -> Result<Vec<Statement>, ImportError>,
+) -> Result<Imported, ImportError> {
+    let sites = collect(statements, "sites").ok_or_else(|| ImportError::NoSites { path: opts.file.clone() })?;
     let mut warnings = Vec::new();
     let mut warn = |m: String| warnings.push(m);
     let mut base = ProxyParams::default();
     let mut base_from = "Checkmk's defaults".to_owned();
     if let Some(g) = &opts.global {
-        let st = read(g)?;
+        let st = read_global(g)?;
         match collect(&st, "liveproxyd_default_connection_params") {
             Some(kv) => {
                 let d = Py::Dict(kv);

@@ -97,6 +97,16 @@ pub(crate) struct ResponseStart {
 /// a core's unframed error line, or something else altogether.
 async fn read_unframed<R: AsyncRead + Unpin>(r: &mut R, mut buf: BytesMut, wait: std::time::Duration) -> SiteError {
     use livemux_protocol::response::is_text;
+    // A TLS record is told by its first two bytes: with one, wait for the
+    // next (else a record cut after its first byte reads as garbage; found
+    // by fuzzing).
+    while matches!(buf[..], [0x15 | 0x16]) {
+        buf.reserve(1024);
+        match tokio::time::timeout(wait, r.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+    }
     if matches!(buf[..], [0x15 | 0x16, 0x03, ..]) {
         // A TLS alert or handshake record.
         return SiteError::TlsOnPlain;
@@ -341,5 +351,19 @@ mod tests {
         assert!(matches!(f.error, SiteError::TlsOnPlain));
         let Err(f) = start_of(b"\x00\x01\x02garbage garbage garbage").await else { panic!() };
         assert!(matches!(f.error, SiteError::BadHeader(_)), "{}", f.error);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tls_record_is_told_when_its_bytes_arrive_one_at_a_time() {
+        // Found by fuzzing (fuzz/corpus/fixed16_response): with the first
+        // byte alone in the buffer, a TLS record was taken for garbage.
+        let (mut site, mut proxy) = tokio::io::duplex(1024);
+        let reader =
+            tokio::spawn(async move { read_response_start(&mut proxy, PREFETCH, Duration::from_secs(5)).await });
+        site.write_all(&[0x16]).await.unwrap();
+        tokio::task::yield_now().await;
+        site.write_all(&[0x03, 0x01, 0x02, 0x00]).await.unwrap();
+        let f = reader.await.unwrap().err().expect("not a header");
+        assert!(matches!(f.error, SiteError::TlsOnPlain), "{}", f.error);
     }
 }

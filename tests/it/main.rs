@@ -14,7 +14,8 @@
 //! - `tls`: TLS toward sites (stunnel) and on the listener;
 //! - `realpeers`: real Icinga 2 and Naemon sites, and Monitoring::Livestatus;
 //! - `reload`: configuration reload in the running daemon;
-//! - `cli`: the `livemux` binary (SIGHUP, pid file, systemd notify, status).
+//! - `cli`: the `livemux` binary (SIGHUP, pid file, systemd notify, status);
+//! - `fuzz_corpus`: the fuzz targets' corpora, replayed on stable.
 //!
 //! Run one subject with `cargo test --test it proxy::`.
 
@@ -26,6 +27,7 @@ mod cli;
 mod clients;
 mod deadpeers;
 mod federation;
+mod fuzz_corpus;
 mod heartbeat;
 mod inventory;
 mod metrics;

@@ -523,8 +523,18 @@ fn utf8_value(v: &[u8], what: &'static str) -> Result<String, RequestError> {
 }
 
 /// Non-empty lines of a block, without `\r\n` / `\n` terminators.
+///
+/// Every trailing `\r` goes, not just a terminator's: a line forwarded
+/// with one left (`X\r` + `\n`) would reach the next reader as `X`
+/// and a line `\r` as an empty line, the end of a request, splitting
+/// a query in two on the site's channel (found by fuzzing).
 fn lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
-    block.split(|b| *b == b'\n').map(trim_cr).filter(|l| !l.is_empty())
+    block.split(|b| *b == b'\n').map(trim_crs).filter(|l| !l.is_empty())
+}
+
+fn trim_crs(line: &[u8]) -> &[u8] {
+    let end = line.iter().rposition(|b| *b != b'\r').map_or(0, |i| i + 1);
+    &line[..end]
 }
 
 fn trim_cr(line: &[u8]) -> &[u8] {

@@ -17,6 +17,15 @@ fn the_site_column_and_site_selection_are_livemux_s_and_the_rest_goes_to_the_sit
 }
 
 #[test]
+fn limit_and_offset_at_the_top_of_their_range_do_not_overflow() {
+    // Found with the federation_answer fuzz target's seed
+    // (fuzz/corpus/federation_answer/regression-limit-offset): `Limit + Offset`
+    // overflowed, a panic with overflow checks, else a tiny Limit to the sites.
+    let p = plan(&format!("GET hosts\nColumns: name\nLimit: {}\nOffset: 2", usize::MAX)).unwrap();
+    assert_eq!(p.site_query, format!("GET hosts\nColumns: name\nLimit: {}\nOutputFormat: json\n", usize::MAX));
+}
+
+#[test]
 fn stats_merge_exactly_and_avg_is_asked_as_sum_and_count() {
     let p = plan("GET services\nColumns: state\nStats: state >= 0\nStats: sum latency\nStats: min latency\nStats: max latency\nStats: avg latency\nStats: state = 0\nStats: state = 1\nStatsOr: 2").unwrap();
     assert_eq!(

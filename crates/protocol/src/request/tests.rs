@@ -103,6 +103,20 @@ fn proxy_headers_are_understood_and_removed() {
 }
 
 #[test]
+fn lines_lose_every_trailing_cr_so_that_forwarding_cannot_split_a_request() {
+    // Found by fuzzing (fuzz/corpus/request_framing): a line `\r\r` was
+    // forwarded as `\r\n`, which the next reader takes for the end of the
+    // request: the lines after it became a second request on the channel.
+    let q = get("GET hosts\n\r\r\nColumns: name\r\r\nGET secret\n\n");
+    assert_eq!(q.forwarded_headers(), b"Columns: name\nGET secret\n");
+    let mut wire = Vec::new();
+    q.encode_for_site(&mut wire);
+    assert_eq!(frame_all(&wire, &Limits::default()).unwrap().len(), 1, "one request for the site");
+    let Ok(Request::Command(c)) = Request::parse(b"COMMAND [1] X\r\r\n\n") else { panic!() };
+    assert_eq!(c.commands, vec![Bytes::from_static(b"COMMAND [1] X")]);
+}
+
+#[test]
 fn unknown_lines_pass_through_untouched() {
     let q = get("GET services\nStats: state = 0\nno colon here\nFoo:bar \nColumns:  a  b\n\n");
     assert_eq!(q.forwarded_headers(), b"Stats: state = 0\nno colon here\nFoo:bar \nColumns:  a  b\n");
