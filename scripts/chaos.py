@@ -440,7 +440,8 @@ class Client:
         self.rng = random.Random(f"{chaos.seed}-{kind}-{idx}")
         self.conn = None
         self.conn_id = 0
-        self.dropped_conn = None  # the connection whose packets a client_drop fault dropped
+        self.dropped_conn = None  # the connection whose packets a client_drop fault dropped ...
+        self.dropped = (0, 0)     # ... from when to when (monotonic; the end is 0 while it lasts)
         self.local_port = None
 
     async def connect(self):
@@ -594,13 +595,14 @@ class Chaos:
     def judge(self, client, query, a, ref, conn):
         """Classify one answer; `query` None is a COMMAND (its answer is an empty 200)."""
         site = client.site
-        victim = conn is not None and conn == client.dropped_conn
+        start, end = client.dropped
+        victim = conn is not None and conn == client.dropped_conn and ref < (end or time.monotonic())
         if a.status == "plain":  # no fixed16: the body alone, ended by the end of the connection
             if site.same(query, a.body):
                 return self.record(client, query, "ok")
             text = a.body.decode(errors="replace")
             if LIVEMUX_REASON.match(text) and text.count("\n") <= 1:
-                return self.error(client, query, status_of_reason(text), text.strip(), a, ref)
+                return self.error(client, query, status_of_reason(text), text.strip(), a, ref, False)
             prefix = site.expected[query]
             short = (site.kind != "icinga" and prefix.startswith(a.body)) or (
                 site.kind == "icinga" and len(a.body) < sum(len(x) + 1 for x in prefix))
@@ -624,16 +626,21 @@ class Chaos:
             if victim:
                 return self.record(client, query, "victim", f"{a.status}, cut")
             return self.record(client, query, "unclean", f"{a.status}: {a.body[:200]!r}")
-        self.error(client, query, a.status, text, a, ref)
+        self.error(client, query, a.status, text, a, ref, victim)
 
-    def error(self, client, query, status, text, a, ref):
+    def error(self, client, query, status, text, a, ref, victim):
+        """A clean error answer: its status and its time. A client whose packets were dropped while it waited
+        got its answer late through no fault of livemux's: that counts as a victim's outcome, not as late."""
         if status not in self.bounds:
             return self.record(client, query, "unexpected code", f"{status}: {text[:200]}")
+        took = (a.t_head or time.monotonic()) - ref
+        late = took > self.bounds[status] + MARGIN
+        if late and victim:
+            return self.record(client, query, "victim", f"{status}, late")
         self.record(client, query, f"e{status}")
         self.reasons[re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'X'", text))[:110]] += 1
-        took = (a.t_head or time.monotonic()) - ref
         self.worst[status] = max(self.worst[status], took)
-        if took > self.bounds[status] + MARGIN:
+        if late:
             self.record(client, query, "late", f"{status} after {took:.2f} s (bound {self.bounds[status]:g} s "
                                                f"+ {MARGIN:g} s): {text[:200]}")
         elif status == 502 and took > self.detect + MARGIN:
@@ -667,6 +674,8 @@ class Chaos:
             site.busy = True
             coro = getattr(self, kind)(site, rng)
         self.faults[kind] += 1
+        if kind not in ("client_drop", "sighup"):
+            log(f"fault {kind}: {site.name}")
         task = asyncio.create_task(self.timed(kind, coro))
         self.fault_tasks.add(task)
         task.add_done_callback(self.fault_tasks.discard)
@@ -726,14 +735,18 @@ class Chaos:
 
     async def client_drop(self, client, secs):
         client.dropped_conn = client.conn_id
+        client.dropped = (time.monotonic(), 0)
+        log(f"fault client_drop: {client.kind} #{client.idx} (port {client.local_port}) for {secs:.1f} s")
         port, lport = client.local_port, client.site.listen_port
         table = f"chaos_cd_{client.idx}"
         await asyncio.to_thread(nft, drop_rules(table, [f"tcp sport {port} tcp dport {lport}",
                                                         f"tcp sport {lport} tcp dport {port}"]))
         await asyncio.sleep(secs)
         await asyncio.to_thread(subprocess.run, ["nft", "delete", "table", "inet", table], check=True)
+        client.dropped = (client.dropped[0], time.monotonic())
 
     async def sighup(self, variant, secs):
+        log(f"fault sighup: {variant} for {secs:.1f} s")
         self.reloading = True
         try:
             self.lm.reload(variant)
