@@ -37,8 +37,9 @@ Faults, one kind after another from a shuffled deck, one every 1-3 s, at most
 one at a time per site: `restart` (SIGKILL the site, restart it 0.5-3 s
 later), `sigstop` (0.5-5 s), `blackhole` (nftables drops the site's port,
 1-6 s), `close_mid_answer` (the simulated site closes after 500-40000 bytes
-of every answer, 1-5 s), `slow_answer` (it delays or trickles its answers,
-1-5 s), `client_drop` (nftables drops the packets of one TCP-listener client,
+of every answer, 1-5 s), `slow_answer` (it delays every answer by 0.1-1.5 s,
+or trickles them, or delays the answers on `services` by 2-10 s while it
+answers heartbeats at once, for 1-5 s), `client_drop` (nftables drops the packets of one TCP-listener client,
 2-6 s), `sighup` (livemux reloads a changed configuration, and 1-4 s later
 the original one).
 
@@ -726,6 +727,7 @@ class Chaos:
             site.busy = False
 
     async def knobs(self, site, rng, on, off):
+        log(f"  knobs of {site.name}: {on}")
         try:
             await asyncio.to_thread(sim_control, site.backend, **on)
             await asyncio.sleep(rng.uniform(1, 5))
@@ -737,11 +739,14 @@ class Chaos:
         await self.knobs(site, rng, {"close_after_bytes": rng.randint(500, 40000)}, {"close_after_bytes": "none"})
 
     async def slow_answer(self, site, rng):
-        if rng.random() < 0.5:
+        how = rng.randrange(3)
+        if how == 0:  # every answer late, heartbeats too
             on = {"delay_ms": rng.randint(100, 1500)}
-        else:
+        elif how == 1:  # answers trickle
             on = {"write_chunk": rng.randint(2048, 8192), "write_pause_ms": rng.randint(10, 60)}
-        await self.knobs(site, rng, on, {"delay_ms": 0, "write_chunk": 0, "write_pause_ms": 0})
+        else:  # one table's answers late, up to past query_timeout; heartbeats (status) are answered
+            on = {"fault_table": "services", "delay_ms": rng.randint(2000, 10000)}
+        await self.knobs(site, rng, on, {"delay_ms": 0, "write_chunk": 0, "write_pause_ms": 0, "fault_table": "none"})
 
     async def client_drop(self, client, secs):
         client.dropped_conn = client.conn_id
