@@ -9,9 +9,11 @@ and the configuration at random, with every answer checked.
 Options: --minutes N (the fault phase; a float, default 1), --seed N (the
 injector's and the clients' random choices; the schedule still depends on
 timing), --clients N (clients of every kind, default 50), --report FILE (also
-write the Markdown report there). Exit status 0 when every invariant held, 1
-otherwise (or when something the soak needs is missing while CI is set; when
-CI is not set a missing tool makes it say why and exit 0 without running).
+write the Markdown report there), --log FILE (keep livemux's log there; by
+default it is kept only when an invariant failed). Exit status 0 when every
+invariant held, 1 otherwise (or when something the soak needs is missing
+while CI is set; when CI is not set a missing tool makes it say why and exit
+0 without running).
 
 Needs root (a private network namespace and nftables), nft, ip, unshare,
 stunnel4, openssl and icinga2 (scripts/install-test-deps.sh installs them);
@@ -37,33 +39,36 @@ Faults, one kind after another from a shuffled deck, one every 1-3 s, at most
 one at a time per site: `restart` (SIGKILL the site, restart it 0.5-3 s
 later), `sigstop` (0.5-5 s), `blackhole` (nftables drops the site's port,
 1-6 s), `close_mid_answer` (the simulated site closes after 500-40000 bytes
-of every answer, 1-5 s), `slow_answer` (it delays every answer by 0.1-1.5 s,
-or trickles them, or delays the answers on `services` by 2-10 s while it
-answers heartbeats at once, for 1-5 s), `client_drop` (nftables drops the packets of one TCP-listener client,
-2-6 s), `sighup` (livemux reloads a changed configuration, and 1-4 s later
-the original one).
+of every answer, 1-5 s), `slow_answer` (for 1-5 s it delays every answer by
+0.1-1.5 s, or trickles them, or delays the answers on `services` by 2-10 s
+while it answers heartbeats at once), `client_drop` (nftables drops the
+packets of one TCP-listener client, 2-6 s), `sighup` (livemux reloads a
+changed configuration, and 1-4 s later the original one). Each is logged on
+stderr.
 
 Invariants, every query: a 200 answer is complete and equal to what the site
 holds (a direct query taken at start; sorted lines for Icinga 2, whose row
 order varies); every other answer is a clean error, a code and a one-line
-reason, within the bound of its kind, measured from the moment livemux had the
-query (for a pipelining client: its sending or the previous answer's end,
-whichever is later), plus MARGIN: 503 within 3 x channel_timeout (a query waits
-for a channel, perhaps for its turn behind a pipelined answer, and for a fresh
-channel for its one retry, each at most channel_timeout), 502 and 504 within
-query_timeout (a query's only deadline). The 502s later than one attempt's
-heartbeat detection bound (heartbeat_interval + max(heartbeat_interval + 2
+reason, in time: measured from the query's sending (for a pipelining client,
+from the previous answer's end if that is later), a 503 within 3 x
+channel_timeout (a query waits for a channel, perhaps for its turn behind a
+pipelined answer, and for a fresh channel for its one retry, each at most
+channel_timeout), a 502 or 504 within query_timeout (a query's only
+deadline), each plus MARGIN. The 502s later than one attempt's heartbeat
+detection bound (heartbeat_interval + max(heartbeat_interval + 2
 heartbeat_timeout + connect_timeout + tls_handshake_timeout,
-response_idle_timeout)) are counted for information. A fixed16 answer that announces 200 and ends before its length
-(a site that closed mid-answer after livemux began relaying: README, "Never a
-short answer that looks complete") is counted apart as "cut (visible)"; a
-truncated answer is one a client could take for complete. After the faults
-stop: within heartbeat_interval + heartbeat_timeout + connect_retry (+ MARGIN)
-every site is ready; once the clients are gone, no channel is busy, no client
-is counted, livemux's descriptors are back at the baseline (corrected for the
-number of open channels), its RSS is within RSS_SLACK of the baseline taken
-after the warm-up, no line of its log says "panicked", and every reload
-applied.
+response_idle_timeout)) are counted for information. A fixed16 answer that
+announces 200 and ends before its length (a site that failed mid-answer after
+livemux began relaying: README, "Never a short answer that looks complete") is
+counted apart as "cut (visible)"; a truncated answer is one a client could
+take for complete. The answers on a connection whose packets a client_drop
+fault dropped are judged for content, not for time (they arrive late through
+the fault). After the faults stop: within heartbeat_interval +
+heartbeat_timeout + connect_retry (+ MARGIN) every site is ready; once the
+clients are gone, no channel is busy, no client is counted, livemux's
+descriptors are back at the baseline (corrected for the number of open
+channels), its RSS is within RSS_SLACK of the baseline taken after the
+warm-up, no line of its log says "panicked", and every reload applied.
 """
 
 import argparse
@@ -460,7 +465,8 @@ class Client:
             r, w = await asyncio.open_connection("127.0.0.1", self.site.listen_port)
             self.local_port = w.get_extra_info("sockname")[1]
         else:
-            r, w = await asyncio.open_unix_connection(self.site.sock, limit=2048 if self.kind == "slow_reader" else 1 << 16)
+            limit = 2048 if self.kind == "slow_reader" else 1 << 16
+            r, w = await asyncio.open_unix_connection(self.site.sock, limit=limit)
             if self.kind == "slow_reader":
                 w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.conn_id += 1
@@ -584,6 +590,7 @@ class Chaos:
         self.outcomes = collections.defaultdict(collections.Counter)  # client kind -> outcome -> count
         self.beyond = collections.Counter()  # status -> errors later than one attempt's bound
         self.worst = collections.Counter()  # status -> the slowest error answer of that status, seconds
+        self.slowest = {}  # status -> which query that was
         self.examples = collections.defaultdict(list)  # failure -> examples
         self.reasons = collections.Counter()
         self.victims = collections.Counter()  # what the client_drop faults' victims saw
@@ -650,7 +657,10 @@ class Chaos:
             return self.record(client, query, "victim", f"{status}, late")
         self.record(client, query, f"e{status}")
         self.reasons[re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'X'", text))[:110]] += 1
-        self.worst[status] = max(self.worst[status], took)
+        if took > self.worst[status]:
+            self.worst[status] = took
+            self.slowest[status] = (f"{client.kind} #{client.idx} on {client.site.name} "
+                                    f"({time.strftime('%H:%M:%S')}): {query!r}: {took:.2f} s: {text[:200]}")
         if late:
             self.record(client, query, "late", f"{status} after {took:.2f} s (bound {self.bounds[status]:g} s "
                                                f"+ {MARGIN:g} s): {text[:200]}")
@@ -868,7 +878,9 @@ class Chaos:
             end = self.settle()
             end["took"] = time.monotonic() - started
             ok, text = self.report(end)
-            if not ok:
+            if self.args.log:
+                shutil.copy(self.lm.proc.err, self.args.log)
+            elif not ok:
                 kept = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"chaos-{self.seed}-livemux.log")
                 shutil.copy(self.lm.proc.err, kept)
                 text += f"\nlivemux's log: {kept}\n"
@@ -923,7 +935,8 @@ class Chaos:
              f"{end['fd_leak']} ({sum(self.fd_base.values())} → {sum(end['fds'].values())}; channels "
              f"{self.channels_base} → {end['channels']}{fd_change(self.fd_base, end['fds'])})",
              end["fd_leak"] <= FD_SLACK),
-            ("RSS after warm-up → end", f"{self.rss_base / bench.MIB:.1f} → {end['rss'] / bench.MIB:.1f} MiB", rss_ok),
+            ("RSS after warm-up → end", f"{self.rss_base / bench.MIB:.1f} → {end['rss'] / bench.MIB:.1f} MiB",
+             rss_ok),
             ("panics in the log", str(end["panics"]), end["panics"] == 0 and end["alive"]),
             ("reloads applied / failed", f"{reloads.get('ok', 0)} of {self.reloads} / {reloads.get('failed', 0)}",
              reloads.get("ok", 0) == self.reloads and reloads.get("failed", 0) == 0),
@@ -947,6 +960,8 @@ class Chaos:
             [f"- fault: {e}" for e in self.fault_errors]
         if problems:
             text += "\nExamples:\n\n" + "\n".join(problems) + "\n"
+        text += "\nThe slowest error answer of each status:\n\n" + "\n".join(
+            f"- {status}: {what}" for status, what in sorted(self.slowest.items())) + "\n"
         cache = collections.Counter()
         for site in end["state"]["sites"]:
             cache.update({k: v for k, v in (site.get("cache") or {}).items() if isinstance(v, int)})
@@ -968,8 +983,7 @@ def fd_change(before, after):
 FAILURES = ["truncated", "wrong", "unclean", "unexpected code", "hung", "late"]
 
 
-def table(header, rows):
-    return bench.table(header, rows)
+table = bench.table
 
 
 # === set-up ===
@@ -988,6 +1002,7 @@ def main():
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
     ap.add_argument("--clients", type=int, default=50, help="clients of every kind (default 50)")
     ap.add_argument("--report", help="also write the Markdown report to this file")
+    ap.add_argument("--log", help="keep livemux's log in this file (by default only when an invariant failed)")
     args = ap.parse_args()
     if os.environ.get(NETNS_ENV) != "1":
         miss = missing_tools()
