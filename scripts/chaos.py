@@ -65,7 +65,8 @@ take for complete. The answers on a connection whose packets a client_drop
 fault dropped are judged for content, not for time (they arrive late through
 the fault). After the faults stop: within heartbeat_interval +
 heartbeat_timeout + connect_retry (+ MARGIN) every site is ready; once the
-clients are gone, no channel is busy, no client is counted, livemux's
+clients are gone, no channel is busy (or in a heartbeat or
+verification longer than heartbeat_timeout + MARGIN), no client is counted, livemux's
 descriptors are back at the baseline (corrected for the number of open
 channels), its RSS is within RSS_SLACK of the baseline taken after the
 warm-up, no line of its log says "panicked", and every reload applied.
@@ -370,6 +371,19 @@ class Livemux:
 
     def rss(self):
         return self.proc.status("VmRSS")
+
+
+def stuck_channels(state):
+    """Channels not idle for longer than a heartbeat takes (busy, heartbeat or verifying), as name#id (state)."""
+    at = datetime.datetime.fromisoformat(state["written_at"])
+    limit = TIMEOUTS["heartbeat_timeout"] + MARGIN
+    stuck = []
+    for s in state["sites"]:
+        for c in s.get("channels", []):
+            age = (at - datetime.datetime.fromisoformat(c["since"])).total_seconds()
+            if c.get("state") != "idle" and age > limit:
+                stuck.append(f"{s['name']}#{c['id']} ({c['state']} for {age:.0f} s)")
+    return stuck
 
 
 def open_channels(state):
@@ -844,8 +858,7 @@ class Chaos:
         deadline = time.monotonic() + 10
         while True:
             state = self.lm.fresh_state()
-            busy = [f"{s['name']}#{c['id']}" for s in state["sites"] for c in s.get("channels", [])
-                    if c.get("state") == "busy"]
+            busy = stuck_channels(state)
             clients = sum(s.get("clients_connected", 0) + s.get("clients_waiting", 0) for s in state["sites"])
             fds = self.lm.fds()
             fd_leak = sum(fds.values()) - (sum(self.fd_base.values()) - self.channels_base + open_channels(state))
@@ -929,7 +942,8 @@ class Chaos:
              str(self.beyond[502]), True),
             (f"sites not ready {t['heartbeat_interval'] + t['heartbeat_timeout'] + t['connect_retry'] + MARGIN:.1f} s "
              "after the faults", ", ".join(self.not_ready) or "0", not self.not_ready),
-            ("busy channels after the clients left", ", ".join(end["busy"]) or "0", not end["busy"]),
+            (f"channels not idle (busy, heartbeat, verifying) for over heartbeat_timeout + {MARGIN:g} s after the "
+             "clients left", ", ".join(end["busy"]) or "0", not end["busy"]),
             ("clients still counted by livemux", str(end["clients"]), end["clients"] == 0),
             (f"leaked descriptors (end − baseline, corrected for open channels; at most {FD_SLACK} in flight)",
              f"{end['fd_leak']} ({sum(self.fd_base.values())} → {sum(end['fds'].values())}; channels "
