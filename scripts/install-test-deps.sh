@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # install-test-deps.sh - install what livemux's tests need, from Debian, when
 # it is missing: Icinga 2 (a real Livestatus server), Monitoring::Livestatus
-# (the real third-party client), nftables (fault injection), HAProxy (the
+# (the real third-party client), nftables and iproute2 (fault injection), HAProxy (the
 # benchmark's comparison proxy), stunnel4 and openssl (TLS tests),
 # systemd-analyze (checks the shipped unit file), and the
 # tools to build the second real server, Naemon with naemon-livestatus, from
@@ -14,6 +14,7 @@ missing=()
 command -v icinga2 >/dev/null 2>&1 && [ -d /usr/share/icinga2/include ] || missing+=(icinga2-bin icinga2-common)
 perl -MMonitoring::Livestatus -e1 >/dev/null 2>&1 || missing+=(libmonitoring-livestatus-perl)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)

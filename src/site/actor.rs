@@ -107,8 +107,8 @@ pub(crate) enum Event {
 pub(crate) enum HelperDone {
     /// A connect attempt finished.
     Connected { generation: u64, purpose: Purpose, result: Result<SiteStream, SiteError> },
-    /// A heartbeat finished; the channel comes back only if it answered.
-    Heartbeat { generation: u64, purpose: Purpose, channel: Option<Channel>, result: Result<i64, SiteError> },
+    /// A heartbeat on channel `id` finished; the channel comes back only if it answered.
+    Heartbeat { generation: u64, id: u64, purpose: Purpose, channel: Option<Channel>, result: Result<i64, SiteError> },
     /// A new pool channel's admission heartbeat finished.
     Admitted { generation: u64, channel: Option<Channel>, result: Result<i64, SiteError> },
     /// The heartbeat that proves a channel clean after an error answer finished.
@@ -389,8 +389,8 @@ impl Actor {
             Event::Returned { id, how, reason } => self.on_returned(id, how, reason),
             Event::Helper(done) => match *done {
                 HelperDone::Connected { generation, purpose, result } => self.on_connected(generation, purpose, result),
-                HelperDone::Heartbeat { generation, purpose, channel, result } => {
-                    self.on_heartbeat(generation, purpose, channel, result)
+                HelperDone::Heartbeat { generation, id, purpose, channel, result } => {
+                    self.on_heartbeat(generation, id, purpose, channel, result)
                 }
                 HelperDone::Admitted { generation, channel, result } => self.on_admitted(generation, channel, result),
                 HelperDone::Verified { generation, id, channel, result } => {
@@ -479,6 +479,7 @@ impl Actor {
     fn on_heartbeat(
         &mut self,
         generation: u64,
+        id: u64,
         purpose: Purpose,
         channel: Option<Channel>,
         result: Result<i64, SiteError>,
@@ -512,7 +513,9 @@ impl Actor {
                 // The site has shown it serves no more connections than the
                 // busy pool: an extra one going unserved says nothing about
                 // its health, until the site has been silent for
-                // `response_idle_timeout`.
+                // `response_idle_timeout`. The connection is gone: so is
+                // its entry in the pool.
+                self.pool.returned(id);
                 tracing::debug!(error = %e,
                     "extra-connection heartbeat unanswered while the site serves only the busy pool; not a failure");
             }
@@ -701,8 +704,14 @@ impl Actor {
     fn start_heartbeat(&mut self, ch: Channel, purpose: Purpose) {
         self.schedule.sent();
         self.pool.lent(ch.id, Use::Heartbeat, SystemTime::now());
-        let generation = self.generation;
-        self.spawn_heartbeat(ch, move |channel, result| HelperDone::Heartbeat { generation, purpose, channel, result });
+        let (generation, id) = (self.generation, ch.id);
+        self.spawn_heartbeat(ch, move |channel, result| HelperDone::Heartbeat {
+            generation,
+            id,
+            purpose,
+            channel,
+            result,
+        });
     }
 
     /// Send a heartbeat on `ch` in a helper task, bounded by
