@@ -9,13 +9,18 @@
 //! client that is slow or pauses is back-pressure, not an error.
 //!
 //! What the client can be sure of:
-//! - nothing is sent before the first body bytes (or the whole answer, for a
-//!   client without fixed16) are here, so a site that fails early still lets
-//!   the proxy answer with a proper error;
-//! - with fixed16, a body cut short is visible from the announced length;
-//! - without fixed16 the end of the connection is the only end marker, so the
-//!   answer is held until it is complete (or the spool is full), and a site
-//!   failure before that becomes an error message instead of a short body.
+//! - an answer up to `spool_memory_per_response` (2 MiB: nearly every
+//!   answer a GUI asks for) is held until it is complete, so a site that
+//!   fails while sending it becomes an error answer (502), never a short
+//!   one; the client waits no longer for the whole answer than it would
+//!   have (it cannot use a fixed16 body before its end anyway);
+//! - a larger answer with fixed16 streams from its first body bytes (holding
+//!   it would mean spooling it all first); a body cut short is visible from
+//!   the announced length;
+//! - without fixed16 the end of the connection is the only end marker, so
+//!   every answer is held until it is complete (or the spool is full), and a
+//!   site failure before that becomes an error message instead of a short
+//!   body.
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -94,9 +99,10 @@ pub async fn relay<C: AsyncWrite + Unpin>(resp: SiteResponse, client: &mut C, ct
     let spool = Spool::new(budget.clone());
     let total = header.length + if style.fixed16 { FIXED16_LEN as u64 } else { 0 };
     let head = style.fixed16.then_some(raw_header);
+    let hold = !style.fixed16 || header.length <= budget.memory_per_response() as u64;
     let (_, written) = tokio::join!(
         read_half(site, lease, prefix, (raw_header, header), deadline, &spool, capture),
-        write_half(site, client, head, style, deadline, &spool, watchdog),
+        write_half(site, client, head, hold, deadline, &spool, watchdog),
     );
     match written {
         Written::Complete => Relayed::Complete,
@@ -219,12 +225,13 @@ enum Written {
     Reaped { sent: u64, reaped: Reaped },
 }
 
-/// Take the answer out of the spool and write it to the client.
+/// Take the answer out of the spool and write it to the client; with
+/// `hold`, only once it is complete (or the spool is full).
 async fn write_half<C: AsyncWrite + Unpin>(
     site: &SiteHandle,
     client: &mut C,
     mut head: Option<[u8; FIXED16_LEN]>,
-    style: ReplyStyle,
+    hold: bool,
     deadline: Instant,
     spool: &Spool,
     mut watchdog: Option<&mut Watchdog>,
@@ -233,7 +240,7 @@ async fn write_half<C: AsyncWrite + Unpin>(
     if let Some(w) = watchdog.as_deref_mut() {
         w.start();
     }
-    if !style.fixed16 {
+    if hold {
         if tokio::time::timeout_at(deadline, spool.wait_complete_or_full()).await.is_err() {
             spool.close();
             return Written::Failed { error: site.timeout_error(), sent };

@@ -85,6 +85,13 @@ impl SpoolBudget {
     }
 
     /// Current use.
+    /// `spool_memory_per_response`: answers up to this size are held
+    /// whole before the client gets their first byte (see `relay`).
+    pub fn memory_per_response(&self) -> usize {
+        self.cfg.memory_per_response
+    }
+
+    /// The figures for the state file and the metrics.
     pub fn usage(&self) -> SpoolUsage {
         SpoolUsage {
             memory_used: self.mem_used.load(Ordering::Relaxed),

@@ -345,6 +345,9 @@ impl Actor {
             // connects and heartbeats still on their way are ignored.
             self.generation += 1;
             self.pool.close_idle();
+            // A heartbeat in flight belongs to the old channels: its answer
+            // will be ignored, and must not hold back the new channels' own.
+            self.schedule.finished();
             tracing::info!(address = %self.cfg.address, "site's address or TLS settings changed: new channels");
             if self.state != SiteState::Ready {
                 self.retry_at = Some(Instant::now());
@@ -485,6 +488,11 @@ impl Actor {
         result: Result<i64, SiteError>,
     ) {
         if generation != self.generation {
+            // A heartbeat on a channel a reload replaced (or of a pool the
+            // site going down emptied): the channel closes here, its entry
+            // goes (the schedule was freed for the new channels then).
+            self.pool.returned(id);
+            self.ensure_channels();
             return;
         }
         self.schedule.finished();

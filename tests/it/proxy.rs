@@ -442,14 +442,22 @@ async fn a_site_cutting_its_answer_gives_an_error_or_a_short_body_never_a_comple
     assert_eq!(code, 502);
     assert_eq!(body, "site 's1': the site closed the connection after 10 of 16 bytes of the answer\n");
 
-    // Cut after 300 KiB of a 1 MiB body: the client sees the announced
-    // length and then the end of the connection.
+    // Cut after 300 KiB of a 1 MiB body: an answer that size is held
+    // whole before it is sent, so the cut becomes an error answer.
     s.set_knobs(|k| k.close_after_bytes = Some(16 + 300 * 1024));
+    let (code, body) = query(&p, "s1", "GET bulk").await;
+    assert_eq!(code, 502);
+    assert_eq!(body, "site 's1': the site closed the connection after 307216 of 1048592 bytes of the answer\n");
+
+    // Cut after 300 KiB of a 4 MiB body (larger than
+    // spool_memory_per_response: it streams): the client sees the
+    // announced length and then the end of the connection.
+    s.set_knobs(|k| k.bulk_bytes = 4 << 20);
     let mut c = p.client("s1").await;
     c.write_all(b"GET bulk\nResponseHeader: fixed16\n\n").await.unwrap();
     let raw = read_to_eof(&mut c).await;
-    assert_eq!(&raw[..16], b"200     1048576\n");
-    assert!(raw.len() < 16 + (1 << 20), "short: {} bytes", raw.len());
+    assert_eq!(&raw[..16], b"200     4194304\n");
+    assert!(raw.len() < 16 + (4 << 20), "short: {} bytes", raw.len());
     let mut check = livemux_simsite::bulk::Checker::new();
     check.update(&raw[16..]);
     assert!(check.first_error.is_none(), "what did arrive is exact");

@@ -281,3 +281,33 @@ async fn a_reload_applies_a_smaller_request_memory_budget_at_once() {
     drop(a);
     p.shutdown().await;
 }
+
+/// A reload that moves a site to a new address while a heartbeat is on its
+/// way: that heartbeat's answer, from an old channel, is ignored, and the
+/// new channels get heartbeats of their own (before, the schedule waited
+/// for the ignored one for good: no heartbeat ever went out again).
+#[tokio::test]
+async fn a_new_address_while_a_heartbeat_is_in_flight_keeps_the_heartbeats_going() {
+    let (a, b) = (sim("hx").await, sim("hy").await);
+    let params = SiteParams { heartbeat_timeout: Duration::from_secs(3), ..fast_params() };
+    let mut p = proxy(vec![("hx", a.address(), params)]).await;
+    // a answers heartbeats (GET status) after a second.
+    a.set_knobs(|k| {
+        k.delay = Duration::from_secs(1);
+        k.fault_table = Some("status".into());
+    });
+    eventually_snapshot(&p, "hx", "a heartbeat in flight", |s| s.channels.iter().any(|c| c.state == "heartbeat")).await;
+    let moved = changed(&p, |c| c.sites[0].address = b.address().parse().expect("address"));
+    let report = reload(&mut p, moved).await;
+    assert_eq!(report.reconnected, vec!["hx".to_owned()]);
+    // Heartbeats go on, against b.
+    heartbeats(&p, "hx", 5).await;
+    // Once a's slow answer is in, no channel is left in a heartbeat.
+    eventually_snapshot(&p, "hx", "every channel idle", |s| {
+        s.channels.len() == 2 && s.channels.iter().all(|c| c.state == "idle")
+    })
+    .await;
+    eventually("a's channels gone, b holds both", || a.open_peers().is_empty() && b.open_peers().len() == 2).await;
+    assert_eq!(p.site("hx").status().state, SiteState::Ready);
+    p.shutdown().await;
+}
