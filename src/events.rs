@@ -51,8 +51,10 @@ impl SiteStateChanged<'_> {
 pub struct ChannelsLimited<'a> {
     /// Channels the site does serve.
     pub serving: usize,
-    /// The configured `channels`.
-    pub configured: usize,
+    /// Channels the pool was growing to: `channels`, or one more than it
+    /// served when it grew beyond that toward `channels_max` for waiting
+    /// queries.
+    pub wanted: usize,
     /// What happened to the new channel.
     pub reason: &'a str,
     /// When livemux tries one more channel again.
@@ -64,11 +66,11 @@ impl ChannelsLimited<'_> {
     pub fn emit(self) {
         tracing::warn!(
             serving = self.serving,
-            configured = self.configured,
+            wanted = self.wanted,
             "site serves only {} of {} channels: a new channel {}; using {} and trying one more every {} \
              (lower `channels`, or raise the site's connection limit)",
             self.serving,
-            self.configured,
+            self.wanted,
             self.reason,
             self.serving,
             fmt_duration(self.retry)

@@ -600,7 +600,7 @@ impl Actor {
         if first {
             crate::events::ChannelsLimited {
                 serving,
-                configured: self.cfg.params.channels,
+                wanted: self.cfg.params.channels.max(serving + 1),
                 reason: &reason,
                 retry: self.cfg.params.channel_retry,
             }
