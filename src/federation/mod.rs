@@ -613,16 +613,7 @@ async fn answer<S: Client>(
             }
         }
     }
-    let mut rows = if !plan.stats.is_empty() {
-        std::mem::take(&mut stats).rows(plan)
-    } else {
-        plan::sort(plan, &mut sorted);
-        sorted
-    };
-    if plan.stats.is_empty() && !plan.sort.is_empty() {
-        let end = plan.limit.map_or(rows.len(), |l| plan.offset.saturating_add(l).min(rows.len()));
-        rows = rows.drain(plan.offset.min(rows.len())..end).collect();
-    }
+    let mut rows = plan::held_rows(plan, std::mem::take(&mut stats), sorted);
     for row in &mut rows {
         if plan.stats.is_empty() {
             // Columns asked only to sort by are not shown.

@@ -481,6 +481,21 @@ pub fn compare(a: &Value, b: &Value) -> Ordering {
     }
 }
 
+/// The rows an answer holds until every site has answered (a `Stats`
+/// answer's merged groups, or the rows a `Sort` orders), in order, with
+/// `Offset` and `Limit` applied to sorted rows.
+pub fn held_rows(plan: &Plan, stats: StatsMerge, mut sorted: Vec<Vec<Value>>) -> Vec<Vec<Value>> {
+    if !plan.stats.is_empty() {
+        return stats.rows(plan);
+    }
+    sort(plan, &mut sorted);
+    if !plan.sort.is_empty() {
+        let end = plan.limit.map_or(sorted.len(), |l| plan.offset.saturating_add(l).min(sorted.len()));
+        sorted = sorted.drain(plan.offset.min(sorted.len())..end).collect();
+    }
+    sorted
+}
+
 /// Sort rows by the plan's keys (stable: equal rows keep site order).
 pub fn sort(plan: &Plan, rows: &mut [Vec<Value>]) {
     rows.sort_by(|a, b| {

@@ -115,16 +115,7 @@ fn merge(plan: &plan::Plan, answers: &[Result<Vec<Vec<Value>>, String>], out: &m
             }
         }
     }
-    let mut rows = if !plan.stats.is_empty() {
-        stats.rows(plan)
-    } else {
-        plan::sort(plan, &mut sorted);
-        sorted
-    };
-    if plan.stats.is_empty() && !plan.sort.is_empty() {
-        let end = plan.limit.map_or(rows.len(), |l| plan.offset.saturating_add(l).min(rows.len()));
-        rows = rows.drain(plan.offset.min(rows.len())..end).collect();
-    }
+    let mut rows = plan::held_rows(plan, stats, sorted);
     for row in &mut rows {
         if plan.stats.is_empty() && !plan.columns.is_empty() {
             row.truncate(plan.visible);
