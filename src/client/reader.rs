@@ -74,7 +74,7 @@ pub struct RequestUsage {
     pub memory_budget: usize,
     /// Times a client had to wait for room.
     pub waits: u64,
-    /// Clients answered 503 because no room came within `client_request_timeout`.
+    /// Clients answered 503 because no room came within `request_memory_wait`.
     pub refused: u64,
 }
 

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::reader::{ReadError, ReadTimeouts, Refusal, RequestReader};
+use super::reader::{ReadError, ReadTimeouts, Refusal, RequestReader, UNBUDGETED_BYTES};
 use crate::cache::{Cache, Capture, Entry, Key, Plan, Tag};
 use crate::error::QueryError;
 use crate::events;
@@ -30,10 +30,6 @@ use crate::site::{SiteHandle, send_commands, send_query};
 use crate::spool::SpoolBudget;
 use crate::watchdog::{Reaped, Watchdog};
 use livemux_protocol::{CommandRequest, Query, ReplyStyle, Request, ResponseHeader, Status, error_response};
-
-/// The buffer for the text sent to the site is kept between requests up to
-/// this size.
-const WIRE_KEEP: usize = 16 * 1024;
 
 /// How long an error answer may take to write once the query's deadline has
 /// passed (it is a line of text; a client that cannot take it reads nothing).
@@ -173,9 +169,10 @@ impl<S: ClientStream> Session<S> {
                 }
             };
             self.site.metrics().query(self.outcome, arrived.elapsed());
-            if self.wire.capacity() > WIRE_KEEP {
-                // A large request's copy goes with it (its bytes were
-                // charged to the request budget only while it was answered).
+            if self.wire.capacity() > UNBUDGETED_BYTES {
+                // A large request's copy goes with it (kept up to the size
+                // the request budget leaves free; beyond, it was charged
+                // only while its request was answered).
                 self.wire = Vec::new();
             }
             if !keep {
