@@ -13,6 +13,7 @@
 //!   [`site::SiteHandle`] every client of a site uses.
 //! - [`client`]: the per-site UNIX sockets and client sessions.
 //! - [`relay`]: moving a site's answer to a client under one deadline.
+//! - [`deadline`]: a deadline that keeps its timer (one per session).
 //! - [`watchdog`]: the send-stall watchdog for TCP clients.
 //! - [`cache`]: `Cache: reload` answers and single-flight.
 //! - [`spool`]: holding answers for slow clients, within memory and disk budgets.
@@ -39,6 +40,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod deadline;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;

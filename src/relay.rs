@@ -94,7 +94,8 @@ pub struct RelayContext<'a> {
 /// Send `resp` to `client` in the form `ctx.style` asks for.
 pub async fn relay<C: AsyncWrite + Unpin>(resp: SiteResponse, client: &mut C, ctx: RelayContext<'_>) -> Relayed {
     let RelayContext { site, style, deadline, budget, watchdog, capture } = ctx;
-    let SiteResponse { raw_header, header, prefix, lease } = resp;
+    let (raw_header, header) = (resp.raw_header, resp.header);
+    let (prefix, lease) = resp.into_prefix();
     let capture = capture.filter(|c| c.accepts(header.length));
     let spool = Spool::new(budget.clone());
     let total = header.length + if style.fixed16 { FIXED16_LEN as u64 } else { 0 };

@@ -36,7 +36,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::session::ClientStream;
+use crate::deadline::Deadline;
 use livemux_protocol::{Framer, Limits, ReplyStyle, RequestError, Status};
+use std::future::Future;
+use std::task::Poll;
 
 /// Bytes of each request buffer that are not charged to the budget.
 pub const UNBUDGETED_BYTES: usize = 16 * 1024;
@@ -251,12 +254,16 @@ impl RequestReader {
     ///
     /// The block returned last must have been dropped before this is
     /// called again: its bytes are charged until then.
+    ///
+    /// `timer` is the session's timer for these waits (made at the first
+    /// wait that needs one): a read that can go on at once needs none.
     pub async fn next<S: ClientStream>(
         &mut self,
         stream: &mut S,
         limits: &Limits,
         timeouts: ReadTimeouts,
         shutdown: &CancellationToken,
+        timer: &mut Option<Deadline>,
     ) -> Result<Option<Bytes>, ReadError> {
         // The last request has been answered: its buffer is gone unless
         // more requests are in it.
@@ -312,20 +319,36 @@ impl RequestReader {
                 }
                 stream.read_buf(buf).await
             };
-            let n = tokio::select! {
-                r = tokio::time::timeout_at(until, read) => match r {
-                    Ok(r) => r.map_err(ReadError::Io)?,
-                    Err(_) if waiting_for_new => {
-                        tracing::debug!("closing client connection idle for {}",
-                            crate::error::fmt_duration(timeouts.idle));
-                        return Ok(None);
+            tokio::pin!(read);
+            // Bytes already here need no timer and no shutdown watch.
+            let ready = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+            let r = match ready {
+                Poll::Ready(r) => Some(r),
+                Poll::Pending => {
+                    let timer = match timer {
+                        Some(t) => {
+                            t.set(until);
+                            t
+                        }
+                        None => timer.insert(Deadline::new(until)),
+                    };
+                    tokio::select! {
+                        r = read => Some(r),
+                        _ = timer.expired() => None,
+                        _ = shutdown.cancelled(), if waiting_for_new => return Ok(None),
                     }
-                    Err(_) => {
-                        let waited_ms = timeouts.request.as_millis() as u64;
-                        return Err(ReadError::Refused(RequestError::Incomplete { waited_ms }.into()));
-                    }
-                },
-                _ = shutdown.cancelled(), if waiting_for_new => return Ok(None),
+                }
+            };
+            let n = match r {
+                Some(r) => r.map_err(ReadError::Io)?,
+                None if waiting_for_new => {
+                    tracing::debug!("closing client connection idle for {}", crate::error::fmt_duration(timeouts.idle));
+                    return Ok(None);
+                }
+                None => {
+                    let waited_ms = timeouts.request.as_millis() as u64;
+                    return Err(ReadError::Refused(RequestError::Incomplete { waited_ms }.into()));
+                }
             };
             if n == 0 {
                 self.eof = true;

@@ -22,11 +22,13 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::reader::{ReadError, ReadTimeouts, Refusal, RequestReader, UNBUDGETED_BYTES};
 use crate::cache::{Cache, Capture, Entry, Key, Plan, Tag};
+use crate::config::SiteParams;
+use crate::deadline::Deadline;
 use crate::error::QueryError;
 use crate::events;
 use crate::metrics::Outcome;
 use crate::relay::{RelayContext, Relayed, SendEnd, relay, send};
-use crate::site::{SiteHandle, send_commands, send_query};
+use crate::site::{SiteHandle, SiteResponse, send_commands, send_query_with};
 use crate::spool::SpoolBudget;
 use crate::watchdog::{Reaped, Watchdog};
 use livemux_protocol::{CommandRequest, Query, ReplyStyle, Request, ResponseHeader, Status, error_response};
@@ -81,6 +83,11 @@ pub struct Session<S> {
     /// The daemon's query cache.
     cache: std::sync::Arc<Cache>,
     wire: Vec<u8>,
+    /// The current query's deadline, one timer for all the session's
+    /// queries (made at the first).
+    timer: Option<Deadline>,
+    /// Waiting for the next request, likewise.
+    idle_timer: Option<Deadline>,
     shutdown: CancellationToken,
     /// The client was found dead (reaped): close without a goodbye.
     dead: bool,
@@ -106,6 +113,8 @@ impl<S: ClientStream> Session<S> {
             cache: daemon.cache.clone(),
             watchdog,
             wire: Vec::new(),
+            timer: None,
+            idle_timer: None,
             shutdown,
             dead: false,
             outcome: Outcome::Ok,
@@ -115,11 +124,14 @@ impl<S: ClientStream> Session<S> {
     /// Serve the connection until the client leaves or must be dropped.
     pub async fn run(mut self) {
         let _count = self.site.client_connected();
+        let mut held = self.site.hold_params();
         loop {
-            let params = self.site.params();
+            let params = self.site.refresh(&mut held);
             let timeouts = ReadTimeouts { idle: params.client_idle_timeout, request: params.client_request_timeout };
-            let read = self.reader.next(&mut self.stream, &params.limits, timeouts, &self.shutdown).await;
-            drop(params);
+            let read = self
+                .reader
+                .next(&mut self.stream, &params.limits, timeouts, &self.shutdown, &mut self.idle_timer)
+                .await;
             let block = match read {
                 Ok(Some(b)) => b,
                 Ok(None) => break,
@@ -133,7 +145,7 @@ impl<S: ClientStream> Session<S> {
                     self.site.metrics().query(outcome, std::time::Duration::ZERO);
                     events::RequestRejected { status: e.status(), error: &e }.emit();
                     let style = self.reader.style();
-                    let deadline = Instant::now() + self.site.params().query_timeout;
+                    let deadline = Instant::now() + params.query_timeout;
                     self.write_error(e.status(), &e.to_string(), style, deadline).await;
                     break;
                 }
@@ -151,20 +163,24 @@ impl<S: ClientStream> Session<S> {
                 }
             };
             let arrived = Instant::now();
-            let deadline = arrived + self.site.params().query_timeout;
+            let at = arrived + params.query_timeout;
+            match self.timer.as_mut() {
+                Some(t) => t.set(at),
+                None => self.timer = Some(Deadline::new(at)),
+            }
             self.site.note_query();
             self.outcome = Outcome::Ok;
             // Answering is boxed: an idle session's task stays small (a
             // daemon holds tens of thousands of idle clients).
             let keep = match Request::parse(&block) {
-                Ok(Request::Get(q)) => Box::pin(self.answer(&q, deadline)).await,
-                Ok(Request::Command(c)) => Box::pin(self.command(&c, deadline)).await,
+                Ok(Request::Get(q)) => Box::pin(self.answer(&q, params)).await,
+                Ok(Request::Command(c)) => Box::pin(self.command(&c)).await,
                 Err(e) => {
                     self.site.note_error();
                     self.outcome = Outcome::BadRequest;
                     events::RequestRejected { status: e.status(), error: &e }.emit();
                     let style = ReplyStyle::sniff(&block);
-                    self.write_error(e.status(), &e.to_string(), style, deadline).await;
+                    self.write_error(e.status(), &e.to_string(), style, at).await;
                     style.keepalive && style.fixed16
                 }
             };
@@ -184,26 +200,32 @@ impl<S: ClientStream> Session<S> {
         }
     }
 
+    /// The current query's deadline.
+    fn deadline(&self) -> Instant {
+        // Set for every request before it is answered.
+        self.timer.as_ref().map_or_else(Instant::now, Deadline::at)
+    }
+
     /// Answer a `GET`; returns whether the connection stays open.
     ///
     /// A `Cache: reload` query (with caching on) is answered from the cache
     /// when it can be; with `coalesce`, any query joins an identical one in
     /// flight. Otherwise it goes to the site.
-    async fn answer(&mut self, q: &Query, deadline: Instant) -> bool {
+    async fn answer(&mut self, q: &Query, params: &SiteParams) -> bool {
         self.wire.clear();
         q.encode_for_site(&mut self.wire);
-        let params = self.site.params();
         let cacheable = params.cache && q.cache.is_some();
         if !(cacheable || params.coalesce) {
-            return self.fetch(q, deadline, None).await;
+            return self.fetch(q, params, None).await;
         }
+        let deadline = self.deadline();
         let status = self.site.status();
         let tag = Tag { generation: status.generation, program_start: status.program_start };
         let key = Key::new(self.site.name(), &self.wire);
         match self.cache.plan(key, tag, params.cache_max_age, cacheable, deadline).await {
             Plan::Hit(entry) => self.serve_entry(&entry, q, deadline).await,
-            Plan::Lead(capture) => self.fetch(q, deadline, Some(capture)).await,
-            Plan::Alone => self.fetch(q, deadline, None).await,
+            Plan::Lead(capture) => self.fetch(q, params, Some(capture)).await,
+            Plan::Alone => self.fetch(q, params, None).await,
             Plan::TimedOut => self.query_failed(&self.site.timeout_error(), q.style, deadline).await,
         }
     }
@@ -253,14 +275,18 @@ impl<S: ClientStream> Session<S> {
 
     /// Send a query to the site and relay its answer; a `leader` gets the
     /// answer for the cache and for identical queries waiting.
-    async fn fetch(&mut self, q: &Query, deadline: Instant, capture: Option<Capture>) -> bool {
+    async fn fetch(&mut self, q: &Query, params: &SiteParams, capture: Option<Capture>) -> bool {
         let style = q.style;
-        // The per-query futures are boxed: an idle session's own state stays
-        // a few hundred bytes instead of the relay's ~10 KiB.
-        let resp = match Box::pin(send_query(&self.site, &self.wire, q.pipelinable, deadline)).await {
+        let Some(timer) = self.timer.as_mut() else { return false };
+        // (Inside the boxed answer: an idle session's own state stays small.)
+        let resp = match send_query_with(&self.site, &self.wire, q.pipelinable, timer, params).await {
             Ok(r) => r,
-            Err(e) => return self.query_failed(&e, style, deadline).await,
+            Err(e) => return self.query_failed(&e, style, self.deadline()).await,
         };
+        if resp.complete() && capture.is_none() {
+            return self.write_whole(resp, style).await;
+        }
+        let deadline = self.deadline();
         let status = resp.header.status;
         let from_site = resp.header.length;
         let head = if style.fixed16 { livemux_protocol::FIXED16_LEN as u64 } else { 0 };
@@ -300,6 +326,34 @@ impl<S: ClientStream> Session<S> {
         }
     }
 
+    /// An answer that came whole with its header (most answers a GUI asks
+    /// for): the channel goes back at once, and the client gets the answer
+    /// in one write straight from the read buffer, with the site's header
+    /// when it asked for fixed16. What the relay guarantees holds here
+    /// trivially: the answer is complete before the client's first byte.
+    async fn write_whole(&mut self, resp: SiteResponse, style: ReplyStyle) -> bool {
+        let (status, length) = (resp.header.status, resp.header.length);
+        let (read, lease) = resp.into_read();
+        lease.release();
+        let out = if style.fixed16 { &read[..] } else { &read[livemux_protocol::FIXED16_LEN..] };
+        let total = out.len() as u64;
+        let mut sent = 0;
+        if let Some(w) = self.watchdog.as_mut() {
+            w.start();
+        }
+        let deadline = self.deadline();
+        let result = send(&mut self.stream, &mut &out[..], &mut sent, deadline, self.watchdog.as_mut()).await;
+        crate::site::exchange::recycle(read);
+        self.site.metrics().bytes(length, sent);
+        match result {
+            Ok(()) => style.keepalive && (style.fixed16 || status == Status::Ok),
+            Err(end) => {
+                self.sending_failed(end, sent, total);
+                false
+            }
+        }
+    }
+
     async fn query_failed(&mut self, e: &QueryError, style: ReplyStyle, deadline: Instant) -> bool {
         self.site.note_error();
         self.outcome = Outcome::of(e);
@@ -310,7 +364,8 @@ impl<S: ClientStream> Session<S> {
     /// Forward `COMMAND`s. Like a core, the proxy sends no answer, except the
     /// empty `200` that a client asking for fixed16 expects (as Icinga 2
     /// sends). The connection stays open, as a core keeps it.
-    async fn command(&mut self, c: &CommandRequest, deadline: Instant) -> bool {
+    async fn command(&mut self, c: &CommandRequest) -> bool {
+        let deadline = self.deadline();
         self.wire.clear();
         c.encode_for_site(&mut self.wire);
         match Box::pin(send_commands(&self.site, &self.wire, deadline)).await {

@@ -298,8 +298,9 @@ async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: Cance
     let limits = fed.cfg.client.limits;
     let timeouts =
         ReadTimeouts { idle: fed.cfg.client.client_idle_timeout, request: fed.cfg.client.client_request_timeout };
+    let mut timer = None;
     loop {
-        let block = match reader.next(&mut stream, &limits, timeouts, &shutdown).await {
+        let block = match reader.next(&mut stream, &limits, timeouts, &shutdown, &mut timer).await {
             Ok(Some(block)) => block,
             Ok(None) => return,
             Err(ReadError::Io(e)) => {
@@ -418,12 +419,12 @@ async fn ask_site(
         let mut capture = capture.filter(|c| c.accepts(resp.header.length));
         let raw_header = resp.raw_header;
         let status = resp.header.status;
-        let mut remaining = resp.header.length.saturating_sub(resp.prefix.len() as u64);
+        let mut remaining = resp.header.length.saturating_sub(resp.prefix().len() as u64);
+        let mut chunk = resp.prefix().to_vec();
         let mut lease = resp.lease;
         let mut splitter = RowSplitter::default();
         let mut rows = Vec::new();
         let mut error_text = Vec::new();
-        let mut chunk = resp.prefix.to_vec();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             if let Some(c) = capture.as_mut()

@@ -51,7 +51,9 @@ type Outcome = Result<ResponseHeader, String>;
 
 fn read(stream: &[u8], sizes: &[usize], prefetch: usize) -> Outcome {
     let mut reader = Chunked { chunks: chunks(stream, sizes).into_iter().collect(), next: 0 };
-    let started = runtime().block_on(read_response_start(&mut reader, prefetch, std::time::Duration::from_secs(1)));
+    let mut buf = bytes::BytesMut::new();
+    let wait = std::time::Duration::from_secs(1);
+    let started = runtime().block_on(read_response_start(&mut reader, &mut buf, prefetch, wait));
     let start = started.map_err(|f| {
         // `any_byte` is what decides a retry on a fresh channel.
         assert_eq!(f.any_byte, !stream.is_empty(), "any_byte wrong for {} bytes", stream.len());
@@ -64,7 +66,8 @@ fn read(stream: &[u8], sizes: &[usize], prefetch: usize) -> Outcome {
     assert_eq!(&start.raw[..], &stream[..FIXED16_LEN], "the header is not the first 16 bytes");
     assert_eq!(ResponseHeader::decode(&start.raw), Ok(start.header));
     let after = &stream[FIXED16_LEN..];
-    let (prefix, surplus) = (&start.prefix[..], &start.surplus[..]);
+    assert_eq!(&buf[..FIXED16_LEN], &start.raw[..], "the buffer does not begin with the header");
+    let (prefix, surplus) = (&buf[FIXED16_LEN..], &start.surplus[..]);
     assert!(prefix.len() as u64 <= start.header.length, "more body bytes than announced");
     assert!(surplus.is_empty() || prefix.len() as u64 == start.header.length, "surplus before the body's end");
     assert_eq!(prefix, &after[..prefix.len()], "body bytes that are not the stream's");

@@ -99,10 +99,11 @@ pub async fn send(site: &SiteHandle, text: &str) -> Result<Reading, SyncError> {
     let resp = send_query(site, &wire, false, deadline).await.map_err(SyncError::from_query)?;
     let status = resp.header.status;
     let body = resp.header.length;
+    let (prefix, lease) = resp.into_prefix();
     let reading = Reading {
-        remaining: body.saturating_sub(resp.prefix.len() as u64),
-        prefix: Some(resp.prefix),
-        lease: Some(resp.lease),
+        remaining: body.saturating_sub(prefix.len() as u64),
+        prefix: Some(prefix),
+        lease: Some(lease),
         idle: site.params().response_idle_timeout,
         deadline,
         site: site.clone(),

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::channel::{Activity, Channel, Lease, Return, looks_alive, poll_dead_idle};
 use super::connector::{Connect, SiteStream};
+use super::desk::{Desk, DeskState};
 use super::heartbeat::{self, Schedule};
 use super::inbox::{Inbox, Outbox, inbox};
 use super::pool::{Back, Conn, Grow, Pool, Shrink, Sizes, Use, Waiting, Want};
@@ -161,7 +162,8 @@ pub(crate) struct Actor {
     heartbeat_rtt_us: Arc<std::sync::atomic::AtomicU64>,
     metrics: crate::metrics::SiteMetrics,
 
-    pool: Pool<Channel, Waiter>,
+    /// The pool, shared with the queries (see `desk`).
+    desk: Arc<Desk>,
     schedule: Schedule,
 
     state: SiteState,
@@ -175,8 +177,8 @@ pub(crate) struct Actor {
     /// address or TLS settings; channels of older generations are closed
     /// when they come back.
     generation: u64,
-    /// Cancelled when the site goes down, to stop queries in flight.
-    down_token: CancellationToken,
+    /// Draining for shutdown: the desk stays closed.
+    stopping: bool,
     /// When to reconnect after the site went down.
     retry_at: Option<Instant>,
     /// When to try pool connects again after livemux ran out of descriptors.
@@ -187,6 +189,7 @@ pub(crate) struct Actor {
 }
 
 impl Actor {
+    /// The actor for a site, and the desk its handles lend channels from.
     pub(crate) fn new(
         cfg: SiteConfig,
         connector: Arc<dyn Connect>,
@@ -195,7 +198,7 @@ impl Actor {
         status_tx: watch::Sender<SiteStatus>,
         shutdown: CancellationToken,
         metrics: crate::metrics::SiteMetrics,
-    ) -> Actor {
+    ) -> (Actor, Arc<Desk>) {
         let (events_tx, events) = inbox();
         let p = &cfg.params;
         let pool = Pool::new(Sizes {
@@ -205,8 +208,9 @@ impl Actor {
             idle_timeout: p.channel_idle_timeout,
             channel_retry: p.channel_retry,
         });
+        let desk = Desk::new(pool, events_tx.clone());
         let schedule = Schedule::new(p.heartbeat_interval, p.heartbeat_timeout);
-        Actor {
+        let actor = Actor {
             cfg,
             connector,
             tls,
@@ -219,7 +223,7 @@ impl Actor {
             helpers: JoinSet::new(),
             heartbeat_rtt_us: Arc::default(),
             metrics,
-            pool,
+            desk: desk.clone(),
             schedule,
             state: SiteState::Starting,
             state_since: SystemTime::now(),
@@ -228,18 +232,30 @@ impl Actor {
             heartbeats: 0,
             program_start: None,
             generation: 0,
-            down_token: CancellationToken::new(),
+            stopping: false,
             retry_at: None,
             local_retry_at: None,
             fd_exhausted: false,
             next_id: 1,
-        }
+        };
+        (actor, desk)
+    }
+
+    /// The pool, under the desk's lock (never held across a call that
+    /// takes it again: bind what is needed, then let it go).
+    fn desk(&self) -> std::sync::MutexGuard<'_, DeskState> {
+        self.desk.lock()
     }
 
     pub(crate) async fn run(mut self) {
         self.start_connect(Purpose::Probe);
+        // One timer for the actor's life, moved to each next deadline.
+        let sleep = tokio::time::sleep_until(far_future());
+        tokio::pin!(sleep);
         loop {
-            let timer = self.next_deadline();
+            let timer = self.settle();
+            sleep.as_mut().reset(timer.unwrap_or_else(far_future));
+            let desk = self.desk.clone();
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
@@ -248,14 +264,20 @@ impl Actor {
                     Some(r) => self.on_request(r),
                     None => break,
                 },
-                i = std::future::poll_fn(|cx| poll_dead_idle(self.pool.idle_mut(), cx)) => {
-                    if let Some(ch) = self.pool.remove_idle(i) {
+                i = std::future::poll_fn(|cx| {
+                    let mut d = desk.lock();
+                    // Channels given back at the desk are watched with this waker.
+                    d.set_actor(cx.waker());
+                    poll_dead_idle(d.pool.idle_mut(), cx)
+                }) => {
+                    let ch = self.desk().pool.remove_idle(i);
+                    if let Some(ch) = ch {
                         tracing::debug!(channel = ch.id, "idle channel closed by the site; replacing it");
                     }
                     self.ensure_channels();
                 }
                 Some(_) = self.helpers.join_next(), if !self.helpers.is_empty() => {}
-                _ = sleep_until(timer) => self.on_timer(),
+                _ = &mut sleep, if timer.is_some() => self.on_timer(),
             }
         }
         // Boxed: the drain's state would otherwise sit in every site's
@@ -267,16 +289,22 @@ impl Actor {
     /// queries in flight finish (the daemon bounds this by `shutdown_grace`);
     /// no more heartbeats or connects.
     async fn drain(mut self) {
-        for w in self.pool.take_waiters() {
+        self.stopping = true;
+        let waiters = {
+            let mut d = self.desk();
+            d.open = false;
+            d.pool.close_idle();
+            d.pool.take_waiters()
+        };
+        for w in waiters {
             let _ = w.reply.send(Err(AcquireError::ShuttingDown));
         }
-        self.pool.close_idle();
         self.helpers.abort_all();
-        while self.pool.queries_in_flight() {
+        while self.desk().pool.queries_in_flight() {
             tokio::select! {
                 ev = self.events.recv() => {
                     if let Event::Returned { id, .. } = ev {
-                        let _ = self.pool.left(id, Back::Close);
+                        let _ = self.desk().pool.left(id, Back::Close);
                     }
                 }
                 req = self.requests.recv() => match req {
@@ -291,12 +319,31 @@ impl Actor {
                 },
             }
         }
-        self.down_token.cancel();
+        let down = self.desk().down.clone();
+        down.cancel();
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        let heartbeat = self.schedule.next_deadline(self.activity.last_rx());
-        [self.retry_at, self.local_retry_at, heartbeat, self.pool.next_deadline()].into_iter().flatten().min()
+    /// Before the actor waits: open or close the desk (see `desk`), give a
+    /// heartbeat waiting for a channel one that came back at the desk
+    /// meanwhile, and note when the actor's timer fires (returned).
+    fn settle(&mut self) -> Option<Instant> {
+        loop {
+            let heartbeat = self.schedule.next_deadline(self.activity.last_rx());
+            let wants = self.schedule.wants_channel();
+            let ready = self.state == SiteState::Ready && !self.stopping;
+            let mut d = self.desk();
+            d.open = ready && !wants;
+            d.generation = self.generation;
+            if ready && wants && d.pool.idle_count() > 0 {
+                drop(d);
+                self.dispatch();
+                continue;
+            }
+            let timer =
+                [self.retry_at, self.local_retry_at, heartbeat, d.pool.next_deadline()].into_iter().flatten().min();
+            d.timer = timer;
+            return timer;
+        }
     }
 
     // === requests ===
@@ -314,7 +361,7 @@ impl Actor {
                     let _ = reply.send(Err(AcquireError::Down(cause.clone())));
                     return;
                 }
-                self.pool.wait(Waiter { want, reply });
+                self.desk().pool.wait(Waiter { want, reply });
                 self.dispatch();
                 // Queries that found no idle channel may grow the pool.
                 self.ensure_channels();
@@ -325,7 +372,7 @@ impl Actor {
     /// Apply a reload's settings (see [`Reconfigure`]).
     fn reconfigure(&mut self, r: Reconfigure) {
         let p = &r.cfg.params;
-        let closed = self.pool.resize(Sizes {
+        let closed = self.desk().pool.resize(Sizes {
             channels: p.channels,
             channels_max: p.channels_max,
             pipeline_depth: p.pipeline_depth,
@@ -344,7 +391,7 @@ impl Actor {
             // Channels of the old generation close when they come back;
             // connects and heartbeats still on their way are ignored.
             self.generation += 1;
-            self.pool.close_idle();
+            self.desk().pool.close_idle();
             // A heartbeat in flight belongs to the old channels: its answer
             // will be ignored, and must not hold back the new channels' own.
             self.schedule.finished();
@@ -360,26 +407,36 @@ impl Actor {
 
     /// Hand idle channels to the pending heartbeat, then to waiters in order.
     fn dispatch(&mut self) {
-        if self.pool.retain_idle(looks_alive) > 0 {
+        let dead = self.desk().pool.retain_idle(looks_alive);
+        if dead > 0 {
             self.ensure_channels();
         }
-        if self.schedule.wants_channel()
-            && let Some(ch) = self.pool.take_for_heartbeat(SystemTime::now())
-        {
-            self.start_heartbeat(ch, Purpose::Pool);
+        if self.schedule.wants_channel() {
+            let ch = self.desk().pool.take_for_heartbeat(SystemTime::now());
+            if let Some(ch) = ch {
+                self.start_heartbeat(ch, Purpose::Pool);
+            }
         }
-        let shareable = |c: &Channel| c.link.poisoned().is_none();
-        while let Some((w, id)) = self.pool.next_lend(SystemTime::now(), shareable) {
-            let Some(ch) = self.pool.channel_mut(id) else { continue };
-            let lease = Lease::new(ch, self.events_tx.clone(), self.down_token.clone());
+        // Leases are made under the lock and handed out after it: a reply
+        // that finds its query gone gives the lease back at the desk.
+        let mut lent = Vec::new();
+        let traded = {
+            let mut d = self.desk();
+            let down = d.down.clone();
+            let shareable = |c: &Channel| c.link.poisoned().is_none();
+            while let Some((w, id)) = d.pool.next_lend(SystemTime::now(), shareable) {
+                let Some(ch) = d.pool.channel_mut(id) else { continue };
+                lent.push((w, Lease::new(ch, self.desk.clone(), down.clone())));
+            }
+            if self.state == SiteState::Ready { d.pool.fresh_connect() } else { None }
+        };
+        for (w, lease) in lent {
             if let Err(Ok(lease)) = w.reply.send(Ok(lease)) {
                 // The client stopped waiting just now: the channel is untouched.
                 lease.unlend();
             }
         }
-        if self.state == SiteState::Ready
-            && let Some(traded) = self.pool.fresh_connect()
-        {
+        if let Some(traded) = traded {
             drop(traded);
             self.start_connect(Purpose::Pool);
         }
@@ -413,10 +470,11 @@ impl Actor {
             tracing::debug!(channel = id, %reason, "a query left its channel");
         }
         // The channel comes out when its last query left.
-        if let Some((channel, back)) = self.pool.left(id, back) {
+        let left = self.desk().pool.left(id, back);
+        if let Some((channel, back)) = left {
             let current = channel.generation == self.generation && self.state != SiteState::Down;
             match back {
-                Back::Reuse if current => self.pool.push_idle(channel, Instant::now()),
+                Back::Reuse if current => self.desk().pool.push_idle(channel, Instant::now()),
                 Back::Verify if current && channel.link.recover() => self.start_verification(channel),
                 _ => {
                     tracing::debug!(channel = id, "channel closed");
@@ -430,7 +488,7 @@ impl Actor {
 
     fn on_connected(&mut self, generation: u64, purpose: Purpose, result: Result<SiteStream, SiteError>) {
         if purpose != Purpose::Extra {
-            self.pool.connect_finished();
+            self.desk().pool.connect_finished();
         }
         if generation != self.generation {
             self.ensure_channels();
@@ -491,11 +549,12 @@ impl Actor {
             // A heartbeat on a channel a reload replaced (or of a pool the
             // site going down emptied): the channel closes here, its entry
             // goes (the schedule was freed for the new channels then).
-            self.pool.returned(id);
+            self.desk().pool.returned(id);
             self.ensure_channels();
             return;
         }
         self.schedule.finished();
+        let at_capacity = self.desk().pool.at_known_capacity();
         match (result, channel) {
             (Ok(program_start), Some(mut ch)) => {
                 ch.uses += 1;
@@ -505,11 +564,13 @@ impl Actor {
                 // An extra connection stays only if the pool has room.
                 // (`push_idle` takes the channel back from its heartbeat
                 // with the idle age it had.)
-                if purpose != Purpose::Extra || self.pool.open() < self.pool.limit() {
-                    self.pool.push_idle(ch, Instant::now());
+                let mut d = self.desk();
+                if purpose != Purpose::Extra || d.pool.open() < d.pool.limit() {
+                    d.pool.push_idle(ch, Instant::now());
                 } else {
-                    self.pool.returned(ch.id);
+                    d.pool.returned(ch.id);
                 }
+                drop(d);
                 if purpose == Purpose::Probe {
                     self.set_state(SiteState::Ready, "connected and answering heartbeats".into());
                     self.schedule.start(Instant::now());
@@ -517,13 +578,13 @@ impl Actor {
                 }
                 self.dispatch();
             }
-            (Err(e), _) if purpose == Purpose::Extra && self.pool.at_known_capacity() && !self.silent_too_long() => {
+            (Err(e), _) if purpose == Purpose::Extra && at_capacity && !self.silent_too_long() => {
                 // The site has shown it serves no more connections than the
                 // busy pool: an extra one going unserved says nothing about
                 // its health, until the site has been silent for
                 // `response_idle_timeout`. The connection is gone: so is
                 // its entry in the pool.
-                self.pool.returned(id);
+                self.desk().pool.returned(id);
                 tracing::debug!(error = %e,
                     "extra-connection heartbeat unanswered while the site serves only the busy pool; not a failure");
             }
@@ -536,7 +597,7 @@ impl Actor {
     }
 
     fn on_admitted(&mut self, generation: u64, channel: Option<Channel>, result: Result<i64, SiteError>) {
-        self.pool.admission_finished();
+        self.desk().pool.admission_finished();
         if generation != self.generation {
             self.ensure_channels();
             return;
@@ -544,7 +605,8 @@ impl Actor {
         match (result, channel) {
             (Ok(program_start), Some(ch)) => {
                 self.note_program_start(program_start);
-                match self.pool.admitted(ch, Instant::now()) {
+                let grow = self.desk().pool.admitted(ch, Instant::now());
+                match grow {
                     Grow::Same => {}
                     Grow::AllServed => {
                         tracing::info!(channels = self.cfg.params.channels, "site serves all channels again");
@@ -560,11 +622,11 @@ impl Actor {
     }
 
     fn on_verified(&mut self, generation: u64, id: u64, channel: Option<Channel>, result: Result<i64, SiteError>) {
-        self.pool.returned(id);
+        self.desk().pool.returned(id);
         match (result, channel) {
             (Ok(program_start), Some(ch)) if generation == self.generation && self.state != SiteState::Down => {
                 self.note_program_start(program_start);
-                self.pool.push_idle(ch, Instant::now());
+                self.desk().pool.push_idle(ch, Instant::now());
             }
             (Ok(_), _) => {}
             (Err(e), _) => {
@@ -588,7 +650,8 @@ impl Actor {
                 | SiteError::Io(_)
                 | SiteError::ConnectTimeout { .. }
         );
-        let Shrink::Limited { serving, first } = self.pool.not_admitted(Instant::now(), limited) else {
+        let shrink = self.desk().pool.not_admitted(Instant::now(), limited);
+        let Shrink::Limited { serving, first } = shrink else {
             let e = super::connector::explain(&self.cfg.address, e, false);
             return self.go_down(e);
         };
@@ -638,12 +701,12 @@ impl Actor {
             self.start_connect(Purpose::Probe);
         }
         if self.schedule.due(now) {
-            self.pool.drop_gone_waiters();
+            self.desk().pool.drop_gone_waiters();
             if self.schedule.wants_channel() {
                 self.dispatch();
             }
         }
-        let (grow, idle_too_long) = self.pool.on_timer(now, self.state == SiteState::Ready);
+        let (grow, idle_too_long) = self.desk().pool.on_timer(now, self.state == SiteState::Ready);
         if !idle_too_long.is_empty() {
             tracing::debug!(channels = idle_too_long.len(), "closing channels idle for channel_idle_timeout");
             drop(idle_too_long);
@@ -665,14 +728,15 @@ impl Actor {
         if self.state != SiteState::Ready {
             return;
         }
-        for _ in 0..self.pool.connects_wanted() {
+        let wanted = self.desk().pool.connects_wanted();
+        for _ in 0..wanted {
             self.start_connect(Purpose::Pool);
         }
     }
 
     fn start_connect(&mut self, purpose: Purpose) {
         if purpose != Purpose::Extra {
-            self.pool.connect_started();
+            self.desk().pool.connect_started();
         }
         let (tx, generation) = (self.events_tx.clone(), self.generation);
         let attempt = self.connector.connect();
@@ -696,7 +760,7 @@ impl Actor {
 
     /// Check a new pool channel with a heartbeat before lending it.
     fn start_admission(&mut self, ch: Channel) {
-        self.pool.admission_started();
+        self.desk().pool.admission_started();
         let generation = self.generation;
         self.spawn_heartbeat(ch, move |channel, result| HelperDone::Admitted { generation, channel, result });
     }
@@ -705,13 +769,13 @@ impl Actor {
     /// be answered, else it is closed (see `channel::Return::Verify`).
     fn start_verification(&mut self, ch: Channel) {
         let (generation, id) = (self.generation, ch.id);
-        self.pool.lent(id, Use::Verify, SystemTime::now());
+        self.desk().pool.lent(id, Use::Verify, SystemTime::now());
         self.spawn_heartbeat(ch, move |channel, result| HelperDone::Verified { generation, id, channel, result });
     }
 
     fn start_heartbeat(&mut self, ch: Channel, purpose: Purpose) {
         self.schedule.sent();
-        self.pool.lent(ch.id, Use::Heartbeat, SystemTime::now());
+        self.desk().pool.lent(ch.id, Use::Heartbeat, SystemTime::now());
         let (generation, id) = (self.generation, ch.id);
         self.spawn_heartbeat(ch, move |channel, result| HelperDone::Heartbeat {
             generation,
@@ -758,8 +822,15 @@ impl Actor {
         let cause = Arc::new(e);
         self.last_error = Some(cause.clone());
         self.generation += 1;
-        let in_flight = std::mem::take(&mut self.down_token);
-        let waiters = self.pool.reset();
+        let (in_flight, waiters, gone) = {
+            let mut d = self.desk();
+            d.open = false;
+            d.generation = self.generation;
+            let (waiters, gone) = d.pool.reset();
+            (std::mem::take(&mut d.down), waiters, gone)
+        };
+        // The site's channels close outside the lock.
+        drop(gone);
         self.schedule.stop();
         self.retry_at = Some(Instant::now() + self.cfg.params.connect_retry);
         if was == SiteState::Down {
@@ -799,6 +870,7 @@ impl Actor {
 
     /// What only the actor knows of the site, for its snapshot.
     fn report(&self) -> PoolReport {
+        let d = self.desk();
         PoolReport {
             state: self.state,
             since: self.state_since,
@@ -806,12 +878,12 @@ impl Actor {
             last_failed_connect: self.last_failed_connect,
             heartbeats: self.heartbeats,
             program_start: self.program_start,
-            channels: self.pool.describe(|c| c.since),
-            pipelined: self.pool.pipelined(),
-            peak: self.pool.peak(),
-            opening: self.pool.opening(),
-            served: self.pool.capacity(),
-            waiting: self.pool.waiting(),
+            channels: d.pool.describe(|c| c.since),
+            pipelined: d.pool.pipelined(),
+            peak: d.pool.peak(),
+            opening: d.pool.opening(),
+            served: d.pool.capacity(),
+            waiting: d.pool.waiting(),
             tls: self.tls.as_ref().map(|t| t.snapshot()),
             heartbeat_rtt_us: Some(self.heartbeat_rtt_us.load(std::sync::atomic::Ordering::Relaxed))
                 .filter(|us| *us > 0),
@@ -826,9 +898,7 @@ fn out_of_descriptors(e: &SiteError) -> bool {
         if matches!(source.raw_os_error(), Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE))
 }
 
-async fn sleep_until(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
+/// A deadline that never comes (the actor's timer while nothing is due).
+fn far_future() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(365 * 86_400)
 }

@@ -43,13 +43,12 @@ use std::time::SystemTime;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::actor::Event;
 use super::connector::SiteStream;
-use super::inbox::Outbox;
+use super::desk::Desk;
 
 /// When the site last sent any byte, shared by the actor and all leases.
 ///
@@ -77,8 +76,8 @@ impl Activity {
     }
 }
 
-/// A channel's tickets: the order its answers come in.
-#[derive(Debug, Clone, Default)]
+/// A channel's tickets: the order its answers come in, and its reading side.
+#[derive(Default)]
 struct Turns {
     /// Tickets drawn so far (the next one's number).
     issued: u64,
@@ -86,6 +85,10 @@ struct Turns {
     serving: u64,
     /// Why queries still waiting must not read here.
     poisoned: Option<&'static str>,
+    /// Queries waiting for their turn (only they need to be woken).
+    waiting: usize,
+    /// The reading side, while no query holds it.
+    reader: Option<Reader>,
 }
 
 /// The reading side of a connection, and what was read past an answer.
@@ -98,9 +101,11 @@ struct Reader {
 pub struct Link {
     /// Requests go out whole, one at a time.
     writer: tokio::sync::Mutex<WriteHalf<SiteStream>>,
-    /// Taken by the query whose turn it is; only ever locked to take or put.
-    reader: Mutex<Option<Reader>>,
-    turns: watch::Sender<Turns>,
+    /// Tickets and the reading side; only ever locked for a few steps.
+    turns: Mutex<Turns>,
+    /// Wakes queries waiting for their turn (notified only while one waits:
+    /// a query alone on its channel costs no wake-up machinery).
+    turned: tokio::sync::Notify,
     activity: Arc<Activity>,
 }
 
@@ -118,32 +123,40 @@ impl std::fmt::Display for Poisoned {
 impl Link {
     pub(crate) fn new(stream: SiteStream, activity: Arc<Activity>) -> Link {
         let (half, write) = tokio::io::split(stream);
+        let turns = Turns { reader: Some(Reader { half, pending: Bytes::new() }), ..Turns::default() };
         Link {
             writer: tokio::sync::Mutex::new(write),
-            reader: Mutex::new(Some(Reader { half, pending: Bytes::new() })),
-            turns: watch::Sender::new(Turns::default()),
+            turns: Mutex::new(turns),
+            turned: tokio::sync::Notify::new(),
             activity,
         }
     }
 
-    fn reader(&self) -> MutexGuard<'_, Option<Reader>> {
-        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    fn turns(&self) -> MutexGuard<'_, Turns> {
+        // Held for a few assignments only; they leave it consistent.
+        self.turns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wake the queries waiting for their turn, if any (under the lock).
+    fn wake_waiting(&self, t: &Turns) {
+        if t.waiting > 0 {
+            self.turned.notify_waiters();
+        }
     }
 
     /// Write a request that expects an answer; its ticket is its place in
     /// the order of answers. A poisoned channel takes no more requests.
     pub(crate) async fn send(&self, wire: &[u8]) -> Result<(u64, bool), Result<Poisoned, io::Error>> {
         let mut w = self.writer.lock().await;
-        if let Some(why) = self.poisoned() {
-            return Err(Ok(Poisoned(why)));
-        }
-        let mut ticket = 0;
-        let mut ahead = false;
-        self.turns.send_modify(|t| {
-            ticket = t.issued;
-            ahead = t.serving < ticket;
+        let (ticket, ahead) = {
+            let mut t = self.turns();
+            if let Some(why) = t.poisoned {
+                return Err(Ok(Poisoned(why)));
+            }
+            let ticket = t.issued;
             t.issued += 1;
-        });
+            (ticket, t.serving < ticket)
+        };
         let written = async {
             w.write_all(wire).await?;
             w.flush().await
@@ -165,63 +178,84 @@ impl Link {
         w.flush().await
     }
 
-    /// Wait until the answer to `ticket` is next, and take the reading side.
-    pub(crate) async fn turn(self: &Arc<Self>, ticket: u64) -> Result<Turn, Poisoned> {
-        let mut rx = self.turns.subscribe();
-        let t = rx.wait_for(|t| t.serving == ticket || t.poisoned.is_some()).await;
-        let poisoned = match t {
-            Ok(t) => t.poisoned,
-            // The sender lives in `self`: it cannot be gone.
-            Err(_) => Some("the channel is gone"),
-        };
-        if let Some(why) = poisoned {
+    /// The reading side for `ticket` if it is its turn now; `Ok(None)` if
+    /// answers ahead of it are still to come.
+    fn try_turn(self: &Arc<Self>, ticket: u64) -> Result<Option<Turn>, Poisoned> {
+        let mut t = self.turns();
+        if let Some(why) = t.poisoned {
             return Err(Poisoned(why));
         }
-        match self.reader().take() {
-            Some(reader) => Ok(Turn { link: self.clone(), ticket, reader: Some(reader), finished: false }),
+        if t.serving != ticket {
+            return Ok(None);
+        }
+        match t.reader.take() {
+            Some(reader) => Ok(Some(Turn { link: self.clone(), ticket, reader: Some(reader), finished: false })),
             None => Err(Poisoned("the channel's reading side is gone")),
+        }
+    }
+
+    /// Wait until the answer to `ticket` is next, and take the reading side.
+    pub(crate) async fn turn(self: &Arc<Self>, ticket: u64) -> Result<Turn, Poisoned> {
+        if let Some(turn) = self.try_turn(ticket)? {
+            return Ok(turn);
+        }
+        self.turns().waiting += 1;
+        // Counted out however the wait ends (a query may give up waiting).
+        struct Waiting<'a>(&'a Link);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.turns().waiting -= 1;
+            }
+        }
+        let _waiting = Waiting(self);
+        loop {
+            let turned = self.turned.notified();
+            tokio::pin!(turned);
+            turned.as_mut().enable();
+            if let Some(turn) = self.try_turn(ticket)? {
+                return Ok(turn);
+            }
+            turned.await;
         }
     }
 
     /// Make every query still waiting for its turn go elsewhere.
     pub(crate) fn poison(&self, why: &'static str) {
-        self.turns.send_if_modified(|t| {
-            let fresh = t.poisoned.is_none();
-            t.poisoned.get_or_insert(why);
-            fresh
-        });
+        let mut t = self.turns();
+        if t.poisoned.is_none() {
+            t.poisoned = Some(why);
+            self.wake_waiting(&t);
+        }
     }
 
     /// Lift the poison of a channel that has no request left on the wire
     /// (every ticket was read), to prove it clean with a heartbeat; false
     /// if requests are still outstanding.
     pub(crate) fn recover(&self) -> bool {
-        let mut ok = false;
-        self.turns.send_modify(|t| {
-            ok = t.serving == t.issued;
-            if ok {
-                t.poisoned = None;
-            }
-        });
+        let mut t = self.turns();
+        let ok = t.serving == t.issued;
+        if ok {
+            t.poisoned = None;
+        }
         ok
     }
 
     /// Why the channel cannot be trusted any more, if it cannot.
     pub(crate) fn poisoned(&self) -> Option<&'static str> {
-        self.turns.borrow().poisoned
+        self.turns().poisoned
     }
 
     /// Tickets drawn after `ticket` (queries waiting behind it).
     fn behind(&self, ticket: u64) -> u64 {
-        self.turns.borrow().issued.saturating_sub(ticket + 1)
+        self.turns().issued.saturating_sub(ticket + 1)
     }
 
     /// Poll an idle channel for a sign that it died: EOF, an error or stray
     /// bytes (nothing should arrive on an idle connection). Registers for a
     /// wake-up otherwise.
     pub(crate) fn poll_idle_event(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut guard = self.reader();
-        let Some(r) = guard.as_mut() else { return Poll::Ready(()) };
+        let mut guard = self.turns();
+        let Some(r) = guard.reader.as_mut() else { return Poll::Ready(()) };
         if !r.pending.is_empty() {
             return Poll::Ready(());
         }
@@ -264,21 +298,17 @@ impl Turn {
     }
 
     fn hand_on(&mut self) {
+        let mut t = self.link.turns();
         if let Some(r) = self.reader.take() {
-            *self.link.reader() = Some(r);
+            t.reader = Some(r);
         }
         if !self.finished {
-            self.link.poison("a query gave up in the middle of its answer");
+            t.poisoned.get_or_insert("a query gave up in the middle of its answer");
         }
-        let ticket = self.ticket;
-        self.link.turns.send_if_modified(|t| {
-            if t.serving == ticket {
-                t.serving += 1;
-                true
-            } else {
-                false
-            }
-        });
+        if t.serving == self.ticket {
+            t.serving += 1;
+        }
+        self.link.wake_waiting(&t);
     }
 }
 
@@ -368,12 +398,13 @@ pub struct Lease {
     touched: bool,
     /// Already given back.
     done: bool,
-    returns: Outbox,
+    /// Where it goes back: the desk, or through it to the actor.
+    desk: Arc<Desk>,
     down: CancellationToken,
 }
 
 impl Lease {
-    pub(crate) fn new(channel: &mut Channel, returns: Outbox, down: CancellationToken) -> Lease {
+    pub(crate) fn new(channel: &mut Channel, desk: Arc<Desk>, down: CancellationToken) -> Lease {
         let reused = channel.uses > 0;
         channel.uses += 1;
         channel.since = SystemTime::now();
@@ -388,7 +419,7 @@ impl Lease {
             dirty: false,
             touched: false,
             done: false,
-            returns,
+            desk,
             down,
         }
     }
@@ -423,6 +454,12 @@ impl Lease {
         let (ticket, behind_others) = self.link.send(wire).await?;
         self.ticket = Some(ticket);
         self.behind_others = behind_others;
+        // Alone on the channel (the common case), the turn is this query's
+        // at once: no timer.
+        if let Some(turn) = self.link.try_turn(ticket).map_err(Ok)? {
+            self.turn = Some(turn);
+            return Ok(());
+        }
         let turn = match tokio::time::timeout(turn_wait, self.link.turn(ticket)).await {
             Ok(t) => t.map_err(Ok)?,
             Err(_) => {
@@ -514,8 +551,13 @@ impl Lease {
             return;
         }
         self.done = true;
+        // A clean channel goes back to the desk while nobody waits for one;
+        // everything else is the actor's to settle.
+        if how == Return::Reuse && self.desk.give_back(self.id) {
+            return;
+        }
         // If the actor is gone the channel is simply closed with it.
-        let _ = self.returns.send(Event::Returned { id: self.id, how, reason: reason.map(String::into_boxed_str) });
+        let _ = self.desk.report(Event::Returned { id: self.id, how, reason: reason.map(String::into_boxed_str) });
     }
 }
 

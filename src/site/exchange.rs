@@ -17,12 +17,42 @@ use tokio::time::Instant;
 use super::SiteHandle;
 use super::channel::Lease;
 use super::pool::Want;
+use crate::config::SiteParams;
+use crate::deadline::Deadline;
 use crate::error::{QueryError, SiteError};
 use livemux_protocol::{FIXED16_LEN, ResponseHeader, Status};
 
 /// Bytes read together with the response header: most answers to GUI
 /// queries fit, and each query in flight holds at most this much extra.
-const PREFETCH: usize = 8 * 1024;
+pub(crate) const PREFETCH: usize = 8 * 1024;
+
+/// Read buffers kept for reuse per thread: a query takes one and its
+/// session gives it back, so the everyday query allocates none. (An idle
+/// session holds none: tens of thousands of idle clients cost nothing here.)
+const SPARE_BUFFERS: usize = 32;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A read buffer of [`PREFETCH`] bytes, from this thread's spares if there is one.
+fn take_buffer() -> BytesMut {
+    SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(PREFETCH))
+}
+
+/// Give a read buffer back for reuse (kept only if it is one of ours,
+/// untouched by a split, and this thread holds fewer than [`SPARE_BUFFERS`]).
+pub(crate) fn recycle(mut buf: BytesMut) {
+    buf.clear();
+    if buf.capacity() == PREFETCH {
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_BUFFERS {
+                s.push(buf);
+            }
+        });
+    }
+}
 
 /// A failure while waiting for the response header.
 pub(crate) struct HeaderFailure {
@@ -36,9 +66,11 @@ pub(crate) struct HeaderFailure {
 /// its error messages into 8 KiB); a longer one is cut here.
 const UNFRAMED_LIMIT: usize = 8 * 1024;
 
-/// Read the response header, and in the same reads whatever part of the
-/// body has arrived with it (up to `prefetch` bytes in all): one `recv` for
-/// a small answer instead of two.
+/// Read the response header into `buf` (emptied first), and in the same
+/// reads whatever part of the body has arrived with it (up to `buf`'s
+/// capacity, at least `prefetch` bytes in all): one `recv` for a small
+/// answer instead of two. On success `buf` holds the header and the body
+/// bytes that came with it; bytes past the body come back as the surplus.
 ///
 /// A core that answers with a line of text instead of the header (see
 /// [`SiteError::Unframed`]) is noticed at the first byte that cannot belong
@@ -46,15 +78,18 @@ const UNFRAMED_LIMIT: usize = 8 * 1024;
 /// [`UNFRAMED_LIMIT`]), each read waiting at most `unframed_wait`.
 pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
     r: &mut R,
+    buf: &mut BytesMut,
     prefetch: usize,
     unframed_wait: std::time::Duration,
 ) -> Result<ResponseStart, HeaderFailure> {
-    let mut buf = BytesMut::with_capacity(prefetch.max(FIXED16_LEN));
+    buf.clear();
+    buf.reserve(prefetch.max(FIXED16_LEN));
     while buf.len() < FIXED16_LEN {
-        if !livemux_protocol::response::could_be_header(&buf) {
-            return Err(HeaderFailure { any_byte: true, error: read_unframed(r, buf, unframed_wait).await });
+        if !livemux_protocol::response::could_be_header(buf) {
+            let error = read_unframed(r, std::mem::take(buf), unframed_wait).await;
+            return Err(HeaderFailure { any_byte: true, error });
         }
-        match r.read_buf(&mut buf).await {
+        match r.read_buf(buf).await {
             Ok(0) if buf.is_empty() => {
                 return Err(HeaderFailure { any_byte: false, error: SiteError::ClosedWithoutAnswer });
             }
@@ -66,29 +101,34 @@ pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
             Err(e) => return Err(HeaderFailure { any_byte: !buf.is_empty(), error: SiteError::Io(e) }),
         }
     }
-    if !livemux_protocol::response::could_be_header(&buf) {
-        return Err(HeaderFailure { any_byte: true, error: read_unframed(r, buf, unframed_wait).await });
+    if !livemux_protocol::response::could_be_header(buf) {
+        let error = read_unframed(r, std::mem::take(buf), unframed_wait).await;
+        return Err(HeaderFailure { any_byte: true, error });
     }
     let mut raw = [0u8; FIXED16_LEN];
     raw.copy_from_slice(&buf[..FIXED16_LEN]);
     let header = ResponseHeader::decode(&raw).map_err(|e| HeaderFailure { any_byte: true, error: e.into() })?;
-    let mut prefix = buf.split_off(FIXED16_LEN).freeze();
     // Bytes beyond the announced body: the next pipelined answer, or bytes
     // that belong to no request (a core answering the leftovers of a
     // request it stopped reading). The caller decides.
-    let surplus =
-        if prefix.len() as u64 > header.length { prefix.split_off(header.length as usize) } else { Bytes::new() };
-    Ok(ResponseStart { raw, header, prefix, surplus })
+    let end = FIXED16_LEN as u64 + header.length;
+    let surplus = if buf.len() as u64 > end {
+        let surplus = Bytes::copy_from_slice(&buf[end as usize..]);
+        buf.truncate(end as usize);
+        surplus
+    } else {
+        Bytes::new()
+    };
+    Ok(ResponseStart { raw, header, surplus })
 }
 
-/// The start of a framed answer, as [`read_response_start`] read it.
+/// The start of a framed answer, as [`read_response_start`] read it (the
+/// body bytes that came with it are in the caller's buffer).
 pub(crate) struct ResponseStart {
     /// The header as the site sent it.
     pub raw: [u8; FIXED16_LEN],
     /// The decoded header.
     pub header: ResponseHeader,
-    /// Body bytes that came with the header (never more than the body).
-    pub prefix: Bytes,
     /// Bytes read past the body.
     pub surplus: Bytes,
 }
@@ -135,16 +175,45 @@ async fn read_unframed<R: AsyncRead + Unpin>(r: &mut R, mut buf: BytesMut, wait:
     SiteError::Unframed { status, message: String::from_utf8_lossy(message).into_owned() }
 }
 
-/// A site's answer whose header has arrived; the body is still on the channel.
+/// A site's answer whose header has arrived; the body is still on the
+/// channel, but for the bytes that came with the header.
 pub struct SiteResponse {
     /// The header as the site sent it (its last byte may be a custom separator).
     pub raw_header: [u8; FIXED16_LEN],
     /// The decoded header.
     pub header: ResponseHeader,
-    /// The first body bytes, read together with the header.
-    pub prefix: Bytes,
-    /// The channel, positioned right after `prefix`.
+    /// The header and the first body bytes, as read.
+    read: BytesMut,
+    /// The channel, positioned right after the first body bytes.
     pub lease: Lease,
+}
+
+impl SiteResponse {
+    /// The first body bytes, read together with the header.
+    pub fn prefix(&self) -> &[u8] {
+        &self.read[FIXED16_LEN..]
+    }
+
+    /// The whole body came with the header: nothing is left on the channel.
+    pub fn complete(&self) -> bool {
+        (self.read.len() - FIXED16_LEN) as u64 == self.header.length
+    }
+
+    /// The header and the body's first bytes as the site sent them.
+    pub fn as_read(&self) -> &[u8] {
+        &self.read
+    }
+
+    /// The read buffer, to be given back with [`recycle`] once written.
+    pub(crate) fn into_read(self) -> (BytesMut, Lease) {
+        (self.read, self.lease)
+    }
+
+    /// The first body bytes as a shared buffer (for a relay), and the lease.
+    pub fn into_prefix(mut self) -> (Bytes, Lease) {
+        let prefix = self.read.split_off(FIXED16_LEN).freeze();
+        (prefix, self.lease)
+    }
 }
 
 /// Why an attempt ended before the answer's header.
@@ -170,61 +239,88 @@ pub async fn send_query(
     pipelinable: bool,
     deadline: Instant,
 ) -> Result<SiteResponse, QueryError> {
+    send_query_with(site, wire, pipelinable, &mut Deadline::new(deadline), &site.params()).await
+}
+
+/// [`send_query`] for a caller that keeps its own [`Deadline`] (a session:
+/// one timer for all its queries) and has the site's settings at hand.
+pub async fn send_query_with(
+    site: &SiteHandle,
+    wire: &[u8],
+    pipelinable: bool,
+    deadline: &mut Deadline,
+    params: &SiteParams,
+) -> Result<SiteResponse, QueryError> {
     // A query a core might choke on goes alone (see `Query::pipelinable`).
     let mut want = if pipelinable { Want::Get } else { Want::Alone };
     let mut retried = false;
+    let mut read = take_buffer();
     loop {
-        let mut lease = site.acquire(want, deadline).await?;
+        let mut lease = match site.acquire(want, deadline.at()).await {
+            Ok(l) => l,
+            Err(e) => {
+                recycle(read);
+                return Err(e);
+            }
+        };
         let down = lease.down_signal();
-        let unframed_wait = site.params().response_idle_timeout;
-        let turn_wait = site.params().channel_timeout;
+        let (unframed_wait, turn_wait) = (params.response_idle_timeout, params.channel_timeout);
         let attempt = async {
             lease.send(wire, turn_wait).await.map_err(|e| match e {
                 Ok(p) => Failed::Poisoned(p),
                 Err(io) => Failed::Header(HeaderFailure { any_byte: false, error: io.into() }),
             })?;
-            read_response_start(&mut lease, PREFETCH, unframed_wait).await.map_err(Failed::Header)
+            read_response_start(&mut lease, &mut read, PREFETCH, unframed_wait).await.map_err(Failed::Header)
         };
         let outcome = tokio::select! {
-            r = tokio::time::timeout_at(deadline, attempt) => r,
-            _ = down.cancelled() => return Err(site.down_error()),
+            biased;
+            r = attempt => Some(r),
+            _ = deadline.expired() => None,
+            _ = down.cancelled() => {
+                recycle(read);
+                return Err(site.down_error());
+            }
         };
-        match outcome {
-            Ok(Ok(ResponseStart { raw, header, prefix, surplus })) => {
+        let failure = match outcome {
+            Some(Ok(ResponseStart { raw, header, surplus })) => {
                 if header.status != Status::Ok {
                     lease.answered_with_error();
                 }
                 lease.unread(surplus);
-                return Ok(SiteResponse { raw_header: raw, header, prefix, lease });
+                return Ok(SiteResponse { raw_header: raw, header, read, lease });
             }
-            Ok(Err(Failed::Poisoned(p))) if !retried => {
+            Some(Err(Failed::Poisoned(p))) if !retried => {
                 tracing::debug!(channel = lease.channel_id(), reason = %p,
                     "pipelined query given up before its answer; sending it again on another channel");
                 lease.discard(p.to_string());
                 retried = true;
                 want = Want::Fresh;
+                continue;
             }
-            Ok(Err(Failed::Poisoned(p))) => {
+            Some(Err(Failed::Poisoned(p))) => {
                 lease.discard(p.to_string());
                 let source = SiteError::ChannelLost(p.0);
-                return Err(QueryError::Site { site: site.name().to_owned(), source });
+                QueryError::Site { site: site.name().to_owned(), source }
             }
-            Ok(Err(Failed::Header(f))) if !f.any_byte && lease.reused() && !retried => {
+            Some(Err(Failed::Header(f))) if !f.any_byte && lease.reused() && !retried => {
                 tracing::debug!(channel = lease.channel_id(), error = %f.error,
                     "reused channel failed before answering; retrying once on a fresh channel");
                 lease.discard(f.error.to_string());
                 retried = true;
                 want = Want::Fresh;
+                continue;
             }
-            Ok(Err(Failed::Header(f))) => {
+            Some(Err(Failed::Header(f))) => {
                 lease.discard(f.error.to_string());
-                return Err(QueryError::from_site(site.name(), f.error));
+                QueryError::from_site(site.name(), f.error)
             }
-            Err(_) => {
+            None => {
                 lease.discard("query timeout");
-                return Err(site.timeout_error());
+                site.timeout_error()
             }
-        }
+        };
+        recycle(read);
+        return Err(failure);
     }
 }
 
@@ -295,19 +391,35 @@ mod tests {
 
     use super::*;
 
+    /// The start of the answer in `bytes`, and what of it is in the buffer.
+    async fn read_start(bytes: &[u8]) -> (Result<ResponseStart, HeaderFailure>, BytesMut) {
+        let mut buf = BytesMut::new();
+        (super::read_response_start(&mut &bytes[..], &mut buf, PREFETCH, Duration::from_secs(1)).await, buf)
+    }
+
     async fn start_of(bytes: &[u8]) -> Result<ResponseStart, HeaderFailure> {
-        read_response_start(&mut &bytes[..], PREFETCH, Duration::from_secs(1)).await
+        read_start(bytes).await.0
+    }
+
+    async fn read_response_start<R: AsyncRead + Unpin>(
+        r: &mut R,
+        prefetch: usize,
+        wait: Duration,
+    ) -> Result<ResponseStart, HeaderFailure> {
+        super::read_response_start(r, &mut BytesMut::new(), prefetch, wait).await
     }
 
     #[tokio::test]
     async fn a_header_and_its_body_and_nothing_more() {
-        let s = start_of(b"200           4\n100\n").await.ok().expect("a framed answer");
+        let (s, buf) = read_start(b"200           4\n100\n").await;
+        let s = s.ok().expect("a framed answer");
         assert_eq!(
-            (s.header.status, s.header.length, &s.prefix[..], &s.surplus[..]),
-            (Status::Ok, 4, &b"100\n"[..], &b""[..])
+            (s.header.status, s.header.length, &buf[..], &s.surplus[..]),
+            (Status::Ok, 4, &b"200           4\n100\n"[..], &b""[..])
         );
-        let s = start_of(b"400           4\nbad\nInvalid request method\n").await.ok().expect("a framed answer");
-        assert_eq!(&s.prefix[..], b"bad\n", "the body, not what follows it");
+        let (s, buf) = read_start(b"400           4\nbad\nInvalid request method\n").await;
+        let s = s.ok().expect("a framed answer");
+        assert_eq!(&buf[FIXED16_LEN..], b"bad\n", "the body, not what follows it");
         assert_eq!(&s.surplus[..], b"Invalid request method\n", "what follows, for the caller to judge");
     }
 

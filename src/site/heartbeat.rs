@@ -38,13 +38,14 @@ pub(crate) async fn exchange(link: &std::sync::Arc<Link>) -> Result<i64, SiteErr
 pub(crate) async fn read_answer<R: AsyncRead + Unpin>(r: &mut R) -> Result<(i64, bytes::Bytes), SiteError> {
     // The caller bounds the whole exchange (`heartbeat_timeout`).
     let unbounded = std::time::Duration::MAX;
-    let start = read_response_start(r, MAX_BODY as usize, unbounded).await.map_err(|f| f.error)?;
-    let (header, prefix) = (start.header, start.prefix);
+    let mut read = bytes::BytesMut::new();
+    let start = read_response_start(r, &mut read, MAX_BODY as usize, unbounded).await.map_err(|f| f.error)?;
+    let (header, prefix) = (start.header, &read[livemux_protocol::FIXED16_LEN..]);
     if header.length > MAX_BODY {
         return Err(SiteError::HeartbeatAnswer(format!("answer of {} bytes is not a heartbeat answer", header.length)));
     }
     let mut body = vec![0u8; header.length as usize];
-    body[..prefix.len()].copy_from_slice(&prefix);
+    body[..prefix.len()].copy_from_slice(prefix);
     r.read_exact(&mut body[prefix.len()..]).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => {
             SiteError::Truncated { got: 16 + prefix.len() as u64, expected: 16 + header.length }

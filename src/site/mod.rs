@@ -14,6 +14,7 @@
 pub(crate) mod actor;
 pub mod channel;
 pub mod connector;
+mod desk;
 pub mod exchange;
 pub(crate) mod heartbeat;
 mod inbox;
@@ -35,7 +36,7 @@ use crate::config::{SiteConfig, SiteParams};
 use crate::error::{QueryError, SiteError};
 use actor::{AcquireError, Actor, Request};
 pub use channel::Lease;
-pub use exchange::{SiteResponse, send_commands, send_query};
+pub use exchange::{SiteResponse, send_commands, send_query, send_query_with};
 pub use pool::Want;
 
 /// Capacity of a site's request queue. Requests are tiny and the actor
@@ -202,9 +203,14 @@ struct HandleInner {
     /// Replaced by a reload (short critical sections only).
     address: std::sync::RwLock<String>,
     params: std::sync::RwLock<Arc<SiteParams>>,
+    /// Bumped when a reload replaces `params` (see [`HeldParams`]).
+    params_version: AtomicU64,
     /// The daemon's query cache (for the site's counters in its snapshot).
     cache: Arc<crate::cache::Cache>,
     requests: mpsc::Sender<Request>,
+    /// The pool, where the everyday query takes and gives back a channel
+    /// without a message to the actor.
+    desk: Arc<desk::Desk>,
     status: watch::Receiver<SiteStatus>,
     clients: AtomicU64,
     reaped: AtomicU64,
@@ -250,12 +256,16 @@ impl SiteHandle {
         };
         let (status_tx, status_rx) = watch::channel(initial);
         let metrics = crate::metrics::global().site(&cfg.name);
+        let span = tracing::info_span!("site", site = %cfg.name);
+        let (actor, desk) = Actor::new(cfg.clone(), connector, tls, rx, status_tx, shutdown, metrics.clone());
         let inner = HandleInner {
             name: cfg.name.clone(),
             address: std::sync::RwLock::new(cfg.address.to_string()),
             params: std::sync::RwLock::new(Arc::new(cfg.params.clone())),
+            params_version: AtomicU64::new(0),
             cache,
             requests: tx,
+            desk,
             status: status_rx,
             clients: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
@@ -266,8 +276,6 @@ impl SiteHandle {
             inventory: std::sync::Mutex::new(None),
             listen: std::sync::OnceLock::new(),
         };
-        let span = tracing::info_span!("site", site = %cfg.name);
-        let actor = Actor::new(cfg, connector, tls, rx, status_tx, shutdown, metrics);
         tracker.spawn(tracing::Instrument::instrument(actor.run(), span));
         SiteHandle { inner: Arc::new(inner) }
     }
@@ -282,6 +290,20 @@ impl SiteHandle {
         self.inner.params.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The settings for a session to hold (see [`HeldParams`]).
+    pub fn hold_params(&self) -> HeldParams {
+        let version = self.inner.params_version.load(Ordering::Acquire);
+        HeldParams { version, params: self.params() }
+    }
+
+    /// `held`, re-read if a reload replaced the settings since.
+    pub fn refresh<'a>(&self, held: &'a mut HeldParams) -> &'a Arc<SiteParams> {
+        if self.inner.params_version.load(Ordering::Acquire) != held.version {
+            *held = self.hold_params();
+        }
+        &held.params
+    }
+
     /// The site's address, as configured.
     pub fn address(&self) -> String {
         self.inner.address.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -294,6 +316,7 @@ impl SiteHandle {
     pub async fn reconfigure(&self, cfg: SiteConfig, tls: Option<Arc<crate::tls::SiteTls>>) {
         let reconnect = self.address() != cfg.address.to_string() || self.params().tls != cfg.params.tls;
         *self.inner.params.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg.params.clone());
+        self.inner.params_version.fetch_add(1, Ordering::Release);
         *self.inner.address.write().unwrap_or_else(|e| e.into_inner()) = cfg.address.to_string();
         let connector = Arc::new(connector::NetConnector::new(cfg.address.clone(), cfg.params.clone(), tls.clone()));
         let r = actor::Reconfigure { cfg, connector, tls, reconnect };
@@ -318,6 +341,11 @@ impl SiteHandle {
     /// Borrow a channel (or a place on one) for `want`: at most
     /// `channel_timeout`, and not past `deadline`.
     pub async fn acquire(&self, want: Want, deadline: Instant) -> Result<Lease, QueryError> {
+        // The everyday case: an idle channel, nobody waiting.
+        if let Some(lease) = self.inner.desk.take_idle(want) {
+            self.inner.metrics.waited(Duration::ZERO);
+            return Ok(lease);
+        }
         let params = self.params();
         let start = Instant::now();
         let wait_until = deadline.min(start + params.channel_timeout);
@@ -461,6 +489,15 @@ impl SiteHandle {
         self.inner.clients.fetch_add(1, Ordering::Relaxed);
         ClientCount(self.clone())
     }
+}
+
+/// A site's settings as a session holds them between requests: re-read
+/// (through the handle's lock) only after a reload replaced them, so that
+/// a query reads them without touching anything another core writes.
+#[derive(Debug, Clone)]
+pub struct HeldParams {
+    version: u64,
+    params: Arc<SiteParams>,
 }
 
 /// Keeps a client counted while alive.

@@ -28,7 +28,7 @@
 //! `pipeline_depth` each. A `COMMAND`, or a query sent again, only ever
 //! takes an idle channel, and nothing joins a channel while it carries one.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -147,6 +147,46 @@ struct Lent<C> {
     idle_since: Option<Instant>,
 }
 
+/// The lent channels by number: a few at most (`channels_max`), so a list.
+/// It keeps its room when emptied: lending and taking back the one channel
+/// of a quiet site allocates nothing (a map's node would come and go with
+/// every query).
+struct Busy<C>(Vec<(u64, Lent<C>)>);
+
+impl<C> Busy<C> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn get(&self, id: &u64) -> Option<&Lent<C>> {
+        self.0.iter().find(|(i, _)| i == id).map(|(_, l)| l)
+    }
+
+    fn get_mut(&mut self, id: &u64) -> Option<&mut Lent<C>> {
+        self.0.iter_mut().find(|(i, _)| i == id).map(|(_, l)| l)
+    }
+
+    fn insert(&mut self, id: u64, lent: Lent<C>) {
+        match self.get_mut(&id) {
+            Some(l) => *l = lent,
+            None => self.0.push((id, lent)),
+        }
+    }
+
+    fn remove(&mut self, id: &u64) -> Option<Lent<C>> {
+        let i = self.0.iter().position(|(n, _)| n == id)?;
+        Some(self.0.swap_remove(i).1)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&u64, &Lent<C>)> {
+        self.0.iter().map(|(id, l)| (id, l))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Lent<C>> {
+        self.0.iter().map(|(_, l)| l)
+    }
+}
+
 /// An idle channel, and since when.
 struct Idle<C> {
     channel: C,
@@ -161,7 +201,7 @@ pub(crate) struct Pool<C, W> {
     /// are the ones the heartbeat keeps checking).
     idle: VecDeque<Idle<C>>,
     /// Lent channels.
-    busy: BTreeMap<u64, Lent<C>>,
+    busy: Busy<C>,
     /// Connects in flight for the pool (the probe included).
     connecting: usize,
     /// New channels whose admission heartbeat is in flight.
@@ -185,7 +225,7 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         Pool {
             sizes,
             idle: VecDeque::new(),
-            busy: BTreeMap::new(),
+            busy: Busy(Vec::new()),
             connecting: 0,
             admitting: 0,
             capacity: None,
@@ -377,15 +417,9 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         self.unlend(id);
     }
 
-    /// Take a channel's entry out of the lent ones. An emptied map gives
-    /// its node back: a `BTreeMap` keeps its root node when emptied, and an
-    /// idle pool (most of 10,000 sites' pools) would hold one each.
+    /// Take a channel's entry out of the lent ones.
     fn unlend(&mut self, id: u64) -> Option<Lent<C>> {
-        let l = self.busy.remove(&id);
-        if self.busy.is_empty() {
-            self.busy = BTreeMap::new();
-        }
-        l
+        self.busy.remove(&id)
     }
 
     /// Mark a channel as lent for `what` (a heartbeat on a new connection,
@@ -427,6 +461,57 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         };
         self.busy.insert(channel.id(), lent);
         Some(channel)
+    }
+
+    /// The idle channel given back last (the next to be lent).
+    pub(crate) fn last_idle_mut(&mut self) -> Option<&mut C> {
+        self.idle.back_mut().map(|i| &mut i.channel)
+    }
+
+    /// Lend the most recently used idle channel for `want` (a `GET` or
+    /// `COMMAND`s; never for [`Want::Fresh`]) if `alive` says it can be
+    /// used: the desk's lending, which the caller allows only while nobody
+    /// waits. `None` if there is no idle channel, or it may have died.
+    pub(crate) fn lend_idle(&mut self, want: Want, now: SystemTime, alive: impl FnOnce(&mut C) -> bool) -> Option<u64> {
+        if want == Want::Fresh || !alive(&mut self.idle.back_mut()?.channel) {
+            return None;
+        }
+        let idle = self.idle.pop_back()?;
+        let what = if want == Want::Get { Use::Query } else { Use::Alone };
+        let id = idle.channel.id();
+        let lent =
+            Lent { channel: Some(idle.channel), what, since: now, in_flight: 1, back: Back::Reuse, idle_since: None };
+        self.busy.insert(id, lent);
+        Some(id)
+    }
+
+    /// Take back a channel whose only query left it clean, if `current`
+    /// says it may be reused (the desk's give-back, which the caller allows
+    /// only while nobody waits); false for anything else (pipelined
+    /// queries still on it, a worse return before, not current), which is
+    /// then the actor's to settle with [`Pool::left`].
+    pub(crate) fn give_back_clean(&mut self, id: u64, now: Instant, current: impl FnOnce(&C) -> bool) -> bool {
+        let clean = self.busy.get(&id).is_some_and(|l| {
+            matches!(l.what, Use::Query | Use::Alone)
+                && l.in_flight == 1
+                && l.back == Back::Reuse
+                && l.channel.as_ref().is_some_and(current)
+        });
+        if !clean {
+            return false;
+        }
+        match self.unlend(id).and_then(|l| l.channel) {
+            Some(c) => {
+                self.idle.push_back(Idle { channel: c, since: now });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queries wait for a channel (some may have stopped waiting).
+    pub(crate) fn has_waiters(&self) -> bool {
+        !self.waiters.is_empty()
     }
 
     /// A lent channel, to make a lease on it.
@@ -547,13 +632,19 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// The site went down: every channel is gone, and the cap with them
     /// (the site may serve more when it is back). Returns the waiting
     /// queries, to be answered with the failure.
-    pub(crate) fn reset(&mut self) -> VecDeque<W> {
-        self.idle.clear();
-        self.busy.clear();
+    /// The channels come back too, to be closed by the caller.
+    pub(crate) fn reset(&mut self) -> (VecDeque<W>, Vec<C>) {
+        let mut gone: Vec<C> = self.idle.drain(..).map(|i| i.channel).collect();
+        gone.extend(std::mem::take(&mut self.busy.0).into_iter().filter_map(|(_, l)| l.channel));
         self.capacity = None;
         self.grow_at = None;
         self.warned = None;
-        self.take_waiters()
+        (self.take_waiters(), gone)
+    }
+
+    /// Idle channels.
+    pub(crate) fn idle_count(&self) -> usize {
+        self.idle.len()
     }
 
     /// New sizes (a configuration reload). Idle channels beyond the new

@@ -100,7 +100,8 @@ async fn ask(h: &SiteHandle, text: &str) -> Result<(u16, String), QueryError> {
     let mut wire = Vec::new();
     q.encode_for_site(&mut wire);
     let resp = send_query(h, &wire, q.pipelinable, Instant::now() + h.params().query_timeout).await?;
-    let SiteResponse { header, prefix, mut lease, .. } = resp;
+    let header = resp.header;
+    let (prefix, mut lease) = resp.into_prefix();
     let mut body = prefix.to_vec();
     let mut rest = vec![0u8; header.length as usize - body.len()];
     lease.read_exact(&mut rest).await.expect("the body");

@@ -173,9 +173,10 @@ async fn the_state_file_describes_every_site() {
     // b may first be marked down by a heartbeat cut off by the stop; the
     // reconnect after connect_retry then records the refused connect.
     let refused = format!("cannot connect to {}", b.address());
-    eventually("state file shows a ready and b down, refusing connections", || {
+    eventually("state file shows a ready with both channels and b down, refusing connections", || {
         json = read();
         json["sites"][0]["state"] == "ready"
+            && json["sites"][0]["channels"].as_array().is_some_and(|c| c.len() == 2)
             && json["sites"][1]["state"] == "down"
             && json["sites"][1]["last_error"].as_str().is_some_and(|e| e.starts_with(&refused))
     })

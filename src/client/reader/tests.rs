@@ -56,10 +56,10 @@ async fn small_requests_cost_the_budget_nothing() {
     ours.write_all(b"GET hosts\nColumns: name\n\nGET status\n\n").await.unwrap();
     let mut r = RequestReader::new(budget.clone());
     let stop = CancellationToken::new();
-    let first = r.next(&mut theirs, &Limits::default(), TIMEOUTS, &stop).await.unwrap().unwrap();
+    let first = r.next(&mut theirs, &Limits::default(), TIMEOUTS, &stop, &mut None).await.unwrap().unwrap();
     assert_eq!(&first[..], b"GET hosts\nColumns: name\n\n");
     drop(first);
-    let second = r.next(&mut theirs, &Limits::default(), TIMEOUTS, &stop).await.unwrap().unwrap();
+    let second = r.next(&mut theirs, &Limits::default(), TIMEOUTS, &stop, &mut None).await.unwrap().unwrap();
     assert_eq!(&second[..], b"GET status\n\n");
     assert_eq!(budget.usage().memory_used, 0);
     assert_eq!(budget.usage().waits, 0);
@@ -73,7 +73,7 @@ async fn a_large_request_is_charged_while_it_arrives_and_given_back_after_it_is_
     let (b, stop) = (budget.clone(), CancellationToken::new());
     let reading = tokio::spawn(async move {
         let mut r = RequestReader::new(b);
-        let block = r.next(&mut stream, &Limits::default(), TIMEOUTS, &stop).await.unwrap().unwrap();
+        let block = r.next(&mut stream, &Limits::default(), TIMEOUTS, &stop, &mut None).await.unwrap().unwrap();
         (r, stream, block)
     });
     // Most of the request is in livemux's buffer (the rest in the pipe).
@@ -89,7 +89,8 @@ async fn a_large_request_is_charged_while_it_arrives_and_given_back_after_it_is_
     drop(block);
     // ... and given back once the next one is awaited.
     let stop = CancellationToken::new();
-    let next = tokio::spawn(async move { r.next(&mut stream, &Limits::default(), TIMEOUTS, &stop).await.is_ok() });
+    let next =
+        tokio::spawn(async move { r.next(&mut stream, &Limits::default(), TIMEOUTS, &stop, &mut None).await.is_ok() });
     until("the charge is given back", || budget.usage().memory_used == 0).await;
     next.abort();
     writer.abort();
@@ -106,7 +107,7 @@ async fn a_client_over_the_budget_waits_and_goes_on_when_room_comes() {
     let (mut a_stream, a_finish, a_writer) = client(request_head(400 * KIB));
     a_finish.send(()).unwrap();
     let mut a = RequestReader::new(budget.clone());
-    let a_block = a.next(&mut a_stream, &Limits::default(), TIMEOUTS, &stop).await.unwrap().unwrap();
+    let a_block = a.next(&mut a_stream, &Limits::default(), TIMEOUTS, &stop, &mut None).await.unwrap().unwrap();
     // b's does not fit beside it while a is being answered.
     let (b_stream, b_finish, b_writer) = client(request_head(700 * KIB));
     b_finish.send(()).unwrap();
@@ -114,7 +115,7 @@ async fn a_client_over_the_budget_waits_and_goes_on_when_room_comes() {
     let b = tokio::spawn(async move {
         let mut s = b_stream;
         let mut r = RequestReader::new(b_budget);
-        r.next(&mut s, &Limits::default(), TIMEOUTS, &b_stop).await.map(|b| b.map(|b| b.len()))
+        r.next(&mut s, &Limits::default(), TIMEOUTS, &b_stop, &mut None).await.map(|b| b.map(|b| b.len()))
     });
     until("b waits for room", || budget.usage().waits >= 1).await;
     assert!(!b.is_finished());
@@ -138,14 +139,14 @@ async fn no_room_within_request_memory_wait_is_a_503_naming_the_budget() {
     // a holds most of the budget and never finishes its request.
     let a = tokio::spawn(async move {
         let mut r = RequestReader::new(b_budget);
-        let _ = r.next(&mut a_stream, &Limits::default(), TIMEOUTS, &a_stop).await;
+        let _ = r.next(&mut a_stream, &Limits::default(), TIMEOUTS, &a_stop, &mut None).await;
     });
     until("a holds the budget", || budget.usage().memory_used > 512 * KIB).await;
     let held_by_a = budget.usage().memory_used;
     let (mut b_stream, _b_finish, b_writer) = client(request_head(900 * KIB));
     let mut b = RequestReader::new(budget.clone());
     let began = Instant::now();
-    let err = match b.next(&mut b_stream, &Limits::default(), TIMEOUTS, &stop).await {
+    let err = match b.next(&mut b_stream, &Limits::default(), TIMEOUTS, &stop, &mut None).await {
         Err(ReadError::Refused(e)) => e,
         Err(ReadError::Io(e)) => panic!("an I/O error instead of a refusal: {e}"),
         Ok(_) => panic!("b's request was received although the budget was full"),
@@ -171,7 +172,7 @@ async fn a_budget_reloaded_smaller_than_a_request_refuses_it_at_once() {
     let (mut s, _finish, writer) = client(request_head(200 * KIB));
     let mut r = RequestReader::new(budget.clone());
     let began = Instant::now();
-    let refused = r.next(&mut s, &Limits::default(), TIMEOUTS, &CancellationToken::new()).await;
+    let refused = r.next(&mut s, &Limits::default(), TIMEOUTS, &CancellationToken::new(), &mut None).await;
     assert!(matches!(refused, Err(ReadError::Refused(Refusal::Budget { .. }))));
     assert!(began.elapsed() < Duration::from_secs(1), "no wait for what can never fit");
     writer.abort();

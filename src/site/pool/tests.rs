@@ -306,8 +306,9 @@ fn going_down_empties_the_pool_and_hands_back_the_waiters() {
     p.wait(w(3));
     assert_eq!(lend_all(&mut p).len(), 1);
     p.wait(w(4));
-    let waiters = p.reset();
+    let (waiters, gone) = p.reset();
     assert_eq!(waiters.iter().map(|w| w.n).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(gone.len(), 2, "both channels come back to be closed");
     assert_eq!((p.serving(), p.capacity(), p.next_deadline(), p.limit()), (0, None, None, 3));
 }
 
