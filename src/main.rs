@@ -131,7 +131,17 @@ fn main() -> ExitCode {
         }
         other => (Job::Other(other), 1),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
+    // One worker thread: tokio's single-threaded scheduler, which does the
+    // same work without the work-stealing scheduler's bookkeeping (no other
+    // worker to steal from or wake); more: the multi-threaded one.
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(format_args!("cannot start the async runtime: {e}")),
     };

@@ -20,10 +20,11 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -79,11 +80,91 @@ struct VersionLabel {
     version: &'static str,
 }
 
-type Histograms = Family<SiteLabel, Histogram, fn() -> Histogram>;
+/// [`BUCKETS`] in nanoseconds (the same bounds, compared as integers).
+const BUCKETS_NS: [u64; BUCKETS.len()] = {
+    let mut ns = [0u64; BUCKETS.len()];
+    let micros: [u64; BUCKETS.len()] = [
+        100,
+        250,
+        500,
+        1_000,
+        2_500,
+        5_000,
+        10_000,
+        25_000,
+        50_000,
+        100_000,
+        250_000,
+        500_000,
+        1_000_000,
+        2_500_000,
+        5_000_000,
+        10_000_000,
+        30_000_000,
+        60_000_000,
+        120_000_000,
+    ];
+    let mut i = 0;
+    while i < micros.len() {
+        ns[i] = micros[i] * 1_000;
+        i += 1;
+    }
+    ns
+};
 
-fn histogram() -> Histogram {
-    Histogram::new(BUCKETS)
+/// A histogram of durations that records with two atomic adds and no lock
+/// (a query records one or two of them, so a lock per observation would
+/// be the one thing every query on every core takes): a count per bucket
+/// (the last for anything above the largest bound) and the sum in
+/// nanoseconds. Encoded as a Prometheus histogram over [`BUCKETS`].
+#[derive(Clone, Debug, Default)]
+pub struct DurationHistogram(Arc<HistogramCells>);
+
+#[derive(Debug, Default)]
+struct HistogramCells {
+    buckets: [std::sync::atomic::AtomicU64; BUCKETS.len() + 1],
+    sum_ns: std::sync::atomic::AtomicU64,
 }
+
+impl DurationHistogram {
+    /// Count one duration.
+    pub fn observe(&self, d: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        // The first bound the value does not exceed (Prometheus' `le`).
+        let i = BUCKETS_NS.partition_point(|b| *b < ns);
+        self.0.buckets[i].fetch_add(1, Relaxed);
+        if ns > 0 {
+            self.0.sum_ns.fetch_add(ns, Relaxed);
+        }
+    }
+
+    /// (sum in seconds, count, per-bucket counts with their upper bounds).
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counts: Vec<u64> = self.0.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let bounds = BUCKETS.iter().copied().chain(std::iter::once(f64::INFINITY));
+        let buckets: Vec<(f64, u64)> = bounds.zip(counts.iter().copied()).collect();
+        (self.0.sum_ns.load(Relaxed) as f64 / 1e9, counts.iter().sum(), buckets)
+    }
+}
+
+impl TypedMetric for DurationHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for DurationHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = self.snapshot();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+type Histograms = Family<SiteLabel, DurationHistogram>;
 
 /// How a client's request ended (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,8 +231,8 @@ pub struct Metrics {
 
 static GLOBAL: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     queries: Family::default(),
-    duration: Family::new_with_constructor(histogram as fn() -> Histogram),
-    wait: Family::new_with_constructor(histogram as fn() -> Histogram),
+    duration: Family::default(),
+    wait: Family::default(),
     state_changes: Family::default(),
     from_site: Family::default(),
     to_clients: Family::default(),
@@ -185,8 +266,8 @@ impl Metrics {
 #[derive(Clone, Debug)]
 pub struct SiteMetrics {
     outcomes: [Counter; Outcome::ALL.len()],
-    duration: Histogram,
-    wait: Histogram,
+    duration: DurationHistogram,
+    wait: DurationHistogram,
     state_changes: Counter,
     from_site: Counter,
     to_clients: Counter,
@@ -198,12 +279,12 @@ impl SiteMetrics {
         if let Some(i) = Outcome::ALL.iter().position(|o| *o == outcome) {
             self.outcomes[i].inc();
         }
-        self.duration.observe(took.as_secs_f64());
+        self.duration.observe(took);
     }
 
     /// A query waited `d` for its channel.
     pub fn waited(&self, d: Duration) {
-        self.wait.observe(d.as_secs_f64());
+        self.wait.observe(d);
     }
 
     /// The site changed state.
@@ -453,4 +534,33 @@ async fn answer(
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_fall_into_the_first_bucket_they_do_not_exceed_and_encode_cumulatively() {
+        let h = DurationHistogram::default();
+        for us in [0, 100, 101, 250, 1_500, 200_000_000] {
+            h.observe(Duration::from_micros(us));
+        }
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 6);
+        assert!((sum - 200.001951).abs() < 1e-9, "{sum}");
+        let at = |le: f64| buckets.iter().find(|(b, _)| *b == le).map(|(_, n)| *n);
+        assert_eq!(at(0.0001), Some(2), "0 and exactly 100 µs");
+        assert_eq!(at(0.00025), Some(2), "101 and 250 µs");
+        assert_eq!(at(0.0025), Some(1));
+        assert_eq!(at(f64::INFINITY), Some(1), "beyond the largest bound");
+        let mut registry = Registry::default();
+        registry.register("d", "durations", h);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(text.contains("d_bucket{le=\"0.0001\"} 2\n"), "{text}");
+        assert!(text.contains("d_bucket{le=\"0.00025\"} 4\n"), "{text}");
+        assert!(text.contains("d_bucket{le=\"+Inf\"} 6\n"), "{text}");
+        assert!(text.contains("d_count 6\n"), "{text}");
+    }
 }

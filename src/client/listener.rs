@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::session::{ClientStream, Session};
+use super::session::{ClientStream, Peer, Session, client_span};
 use crate::config::TcpListen;
 use crate::site::SiteHandle;
 use livemux_protocol::{Status, error_response};
@@ -245,12 +245,12 @@ impl Accepting {
 
     /// Run a session for an accepted client, or refuse it when the site has
     /// `max_clients` already.
-    fn admit<S>(&self, stream: S, peer: &str, watchdog: Option<crate::watchdog::Watchdog>)
+    fn admit<S>(&self, stream: S, peer: Peer, watchdog: Option<crate::watchdog::Watchdog>)
     where
         S: ClientStream,
     {
         match self.limit.try_acquire() {
-            Ok(permit) => self.spawn_session(stream, self.span(peer), watchdog, permit),
+            Ok(permit) => self.spawn_session(stream, peer, None, watchdog, permit),
             Err(_) => {
                 self.log_busy();
                 self.tracker.spawn(refuse(stream, self.site.params().max_clients));
@@ -260,29 +260,39 @@ impl Accepting {
 
     /// The span of a client's session: every log line of it names the
     /// site and the client.
-    fn span(&self, peer: &str) -> tracing::Span {
-        tracing::info_span!(parent: None, "client", site = %self.site.name(), peer = %peer)
+    fn span(&self, peer: &Peer) -> tracing::Span {
+        client_span(&self.site, peer)
     }
 
     /// Run a session for an admitted client; its permit ends with it.
+    ///
+    /// The session's span (`client{site=.. peer=..}`) is made when the
+    /// session first logs something: most sessions never do, and making a
+    /// span costs as much as answering a query. With debug logging on, it
+    /// is made at once and every line of the session runs in it; `span`
+    /// is one made already (a TLS client's handshake ran in it).
     fn spawn_session<S>(
         &self,
         stream: S,
-        span: tracing::Span,
+        peer: Peer,
+        span: Option<tracing::Span>,
         watchdog: Option<crate::watchdog::Watchdog>,
         permit: OwnedSemaphorePermit,
     ) where
         S: ClientStream,
     {
         use tracing::Instrument;
-        let session = Session::new(self.site.clone(), stream, self.shutdown.clone(), &self.shared, watchdog);
-        self.tracker.spawn(
-            async move {
-                session.run().await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        let eager = span.or_else(|| tracing::enabled!(tracing::Level::DEBUG).then(|| self.span(&peer)));
+        let session =
+            Session::new(self.site.clone(), stream, self.shutdown.clone(), &self.shared, watchdog, peer, eager.clone());
+        let run = async move {
+            session.run().await;
+            drop(permit);
+        };
+        match eager {
+            Some(span) => self.tracker.spawn(run.instrument(span)),
+            None => self.tracker.spawn(run),
+        };
     }
 
     fn log_busy(&self) {
@@ -320,7 +330,7 @@ pub async fn serve_unix(listener: UnixListener, ctx: Accepting) {
                 ctx.accepted();
                 // UNIX clients have no address: they are numbered.
                 clients += 1;
-                ctx.admit(s, &format!("unix#{clients}"), None);
+                ctx.admit(s, Peer::Unix(clients), None);
             }
             Err(e) if ctx.backoff(&e).await => continue,
             Err(_) => break,
@@ -368,9 +378,8 @@ pub async fn serve_tcp(listener: TcpListener, settings: SharedTcpSettings, stop:
                 None
             }
         };
-        let peer_name = peer.to_string();
         let Some(acceptor) = tls.clone() else {
-            ctx.admit(stream, &peer_name, watchdog);
+            ctx.admit(stream, Peer::Tcp(peer), watchdog);
             continue;
         };
         // The permit comes first, so handshakes in progress count too. A
@@ -379,10 +388,10 @@ pub async fn serve_tcp(listener: TcpListener, settings: SharedTcpSettings, stop:
             ctx.log_busy();
             continue;
         };
-        let (ctx2, after, span) = (ctx.clone(), params.tls.handshake_timeout, ctx.span(&peer_name));
+        let (ctx2, after, span) = (ctx.clone(), params.tls.handshake_timeout, ctx.span(&Peer::Tcp(peer)));
         let handshake = async move {
             match tokio::time::timeout(after, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => ctx2.spawn_session(s, tracing::Span::current(), watchdog, permit),
+                Ok(Ok(s)) => ctx2.spawn_session(s, Peer::Tcp(peer), Some(tracing::Span::current()), watchdog, permit),
                 Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake with client {peer} failed"),
                 Err(_) => tracing::info!("TLS handshake with client {peer} did not finish in time"),
             }

@@ -25,11 +25,12 @@
 //! request arrives means a client learns that there is no room before it
 //! has sent everything, not after.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -230,12 +231,22 @@ pub struct RequestReader {
     /// Bytes charged to the budget for this buffer (and the copies of the
     /// requests in it).
     charged: usize,
+    /// The end of the request returned last: dropped at the next call.
+    consumed: usize,
 }
 
 impl RequestReader {
     /// An empty reader charging `budget`.
     pub fn new(budget: Arc<RequestBudget>) -> Self {
-        RequestReader { buf: BytesMut::new(), framer: Framer::new(), eof: false, started: None, budget, charged: 0 }
+        RequestReader {
+            buf: BytesMut::new(),
+            framer: Framer::new(),
+            eof: false,
+            started: None,
+            budget,
+            charged: 0,
+            consumed: 0,
+        }
     }
 
     /// How the client wants answers, as far as the request seen so far
@@ -249,11 +260,13 @@ impl RequestReader {
         self.eof
     }
 
-    /// The next request block, or `None` at end of input, idle timeout or
-    /// shutdown while idle.
+    /// The next request, or `None` at end of input, idle timeout or
+    /// shutdown while idle: where its bytes lie, for [`RequestReader::request`].
     ///
-    /// The block returned last must have been dropped before this is
-    /// called again: its bytes are charged until then.
+    /// The request returned last is dropped from the buffer by this call
+    /// (its bytes are charged until then; answer it first). A buffer
+    /// emptied that way goes back to this thread's spares, so an idle
+    /// session holds none and a busy one allocates none.
     ///
     /// `timer` is the session's timer for these waits (made at the first
     /// wait that needs one): a read that can go on at once needs none.
@@ -264,7 +277,11 @@ impl RequestReader {
         timeouts: ReadTimeouts,
         shutdown: &CancellationToken,
         timer: &mut Option<Deadline>,
-    ) -> Result<Option<Bytes>, ReadError> {
+    ) -> Result<Option<Range<usize>>, ReadError> {
+        self.buf.advance(std::mem::take(&mut self.consumed));
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            recycle(std::mem::take(&mut self.buf));
+        }
         // The last request has been answered: its buffer is gone unless
         // more requests are in it.
         if self.buf.capacity() == 0 {
@@ -274,21 +291,16 @@ impl RequestReader {
             match self.framer.scan(&self.buf, limits) {
                 Ok(Some(f)) => {
                     self.started = None;
-                    let block = self.buf.split_to(f.end).freeze();
-                    if self.buf.is_empty() {
-                        // Nothing more buffered: hold no buffer while the
-                        // next request is awaited.
-                        self.buf = BytesMut::new();
-                    }
-                    return Ok(Some(block.slice(f.start..)));
+                    self.consumed = f.end;
+                    return Ok(Some(f.start..f.end));
                 }
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::Refused(e.into())),
             }
             if self.eof {
                 return Ok(self.framer.finish(&self.buf).map(|f| {
-                    let block = self.buf.split_to(f.end).freeze();
-                    block.slice(f.start..)
+                    self.consumed = f.end;
+                    f.start..f.end
                 }));
             }
             // Empty lines before a request are dropped, so that a client
@@ -314,7 +326,7 @@ impl RequestReader {
                     // An idle session holds no buffer while it waits.
                     std::future::poll_fn(|cx| stream.poll_sent(cx)).await?;
                     if buf.capacity() - buf.len() < READ_RESERVE {
-                        grow(buf, READ_RESERVE);
+                        *buf = spare();
                     }
                 }
                 stream.read_buf(buf).await
@@ -389,6 +401,11 @@ impl RequestReader {
         Err(ReadError::Refused(Refusal::Budget { budget, waited_ms }))
     }
 
+    /// The bytes of a request [`RequestReader::next`] returned.
+    pub fn request(&self, at: Range<usize>) -> &[u8] {
+        &self.buf[at]
+    }
+
     /// Give back what the buffer had charged (it is empty and freed).
     fn release(&mut self) {
         self.budget.give_back(std::mem::take(&mut self.charged));
@@ -405,6 +422,33 @@ impl Drop for RequestReader {
 /// one, and its copies.
 fn charge(capacity: usize) -> usize {
     capacity.saturating_sub(UNBUDGETED_BYTES).saturating_mul(1 + COPIES)
+}
+
+/// Request buffers of [`READ_RESERVE`] bytes kept per thread for reuse
+/// (every everyday request fits one).
+const SPARE_BUFFERS: usize = 64;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty buffer of [`READ_RESERVE`] bytes, a spare if there is one.
+fn spare() -> BytesMut {
+    SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(READ_RESERVE))
+}
+
+/// Keep an emptied buffer of [`READ_RESERVE`] bytes for reuse (larger
+/// ones, grown for a large request, are freed).
+fn recycle(mut buf: BytesMut) {
+    buf.clear();
+    if buf.capacity() == READ_RESERVE {
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_BUFFERS {
+                s.push(buf);
+            }
+        });
+    }
 }
 
 /// Move the buffer's bytes to a new one of exactly `capacity` bytes (so

@@ -31,7 +31,9 @@ use crate::relay::{RelayContext, Relayed, SendEnd, relay, send};
 use crate::site::{SiteHandle, SiteResponse, send_commands, send_query_with};
 use crate::spool::SpoolBudget;
 use crate::watchdog::{Reaped, Watchdog};
-use livemux_protocol::{CommandRequest, Query, ReplyStyle, Request, ResponseHeader, Status, error_response};
+use livemux_protocol::{
+    CommandRequest, ForSite, GetSummary, ReplyStyle, Request, ResponseHeader, Status, error_response,
+};
 
 /// How long an error answer may take to write once the query's deadline has
 /// passed (it is a line of text; a client that cannot take it reads nothing).
@@ -71,6 +73,30 @@ impl ClientStream for tokio::net::TcpStream {
 }
 impl ClientStream for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
 
+/// Who a client is, for its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// A UNIX socket client: they have no address, so they are numbered.
+    Unix(u64),
+    /// A TCP client.
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Unix(n) => write!(f, "unix#{n}"),
+            Peer::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// The span of a client session: every log line of it names the site and
+/// the client, `client{site=berlin peer=unix#17}`.
+pub fn client_span(site: &SiteHandle, peer: &Peer) -> tracing::Span {
+    tracing::info_span!(parent: None, "client", site = %site.name(), peer = %peer)
+}
+
 /// One client connection to a site's socket.
 pub struct Session<S> {
     site: SiteHandle,
@@ -93,17 +119,25 @@ pub struct Session<S> {
     dead: bool,
     /// How the current request ended (for the metrics).
     outcome: Outcome,
+    /// Who the client is.
+    peer: Peer,
+    /// The session's span, made when it first logs (see `Session::log`).
+    span: std::cell::OnceCell<tracing::Span>,
 }
 
 impl<S: ClientStream> Session<S> {
     /// A session for `stream`, a client of `site` (ended by `shutdown`
-    /// while idle); TCP clients bring a send-stall [`Watchdog`].
+    /// while idle); TCP clients bring a send-stall [`Watchdog`]. `span`
+    /// is the session's span if it was made already (else it is made by
+    /// the first log line).
     pub fn new(
         site: SiteHandle,
         stream: S,
         shutdown: CancellationToken,
         daemon: &Shared,
         watchdog: Option<Watchdog>,
+        peer: Peer,
+        span: Option<tracing::Span>,
     ) -> Self {
         Session {
             site,
@@ -118,7 +152,16 @@ impl<S: ClientStream> Session<S> {
             shutdown,
             dead: false,
             outcome: Outcome::Ok,
+            peer,
+            span: span.map(std::cell::OnceCell::from).unwrap_or_default(),
         }
+    }
+
+    /// Log inside the session's span (`client{site=.. peer=..}`), made
+    /// now if this is the session's first line: a client that only asks
+    /// and reads costs no span at all.
+    fn log(&self, emit: impl FnOnce()) {
+        self.span.get_or_init(|| client_span(&self.site, &self.peer)).in_scope(emit);
     }
 
     /// Serve the connection until the client leaves or must be dropped.
@@ -132,8 +175,8 @@ impl<S: ClientStream> Session<S> {
                 .reader
                 .next(&mut self.stream, &params.limits, timeouts, &self.shutdown, &mut self.idle_timer)
                 .await;
-            let block = match read {
-                Ok(Some(b)) => b,
+            let at = match read {
+                Ok(Some(at)) => at,
                 Ok(None) => break,
                 Err(ReadError::Refused(e)) => {
                     self.site.note_query();
@@ -143,7 +186,7 @@ impl<S: ClientStream> Session<S> {
                         Refusal::Request(_) => Outcome::BadRequest,
                     };
                     self.site.metrics().query(outcome, std::time::Duration::ZERO);
-                    events::RequestRejected { status: e.status(), error: &e }.emit();
+                    self.log(|| events::RequestRejected { status: e.status(), error: &e }.emit());
                     let style = self.reader.style();
                     let deadline = Instant::now() + params.query_timeout;
                     self.write_error(e.status(), &e.to_string(), style, deadline).await;
@@ -154,33 +197,36 @@ impl<S: ClientStream> Session<S> {
                         // Keepalive found the peer gone while it was idle.
                         (Some(w), std::io::ErrorKind::TimedOut) => {
                             let reason = format!("keepalive: peer unreachable ({e})");
-                            events::ClientReaped { peer: &w.peer, reason: &reason, stuck: 0 }.emit();
+                            self.log(|| events::ClientReaped { peer: &w.peer, reason: &reason, stuck: 0 }.emit());
                             self.site.note_reaped(&w.peer, &reason);
                         }
-                        _ => tracing::debug!(error = %e, "client read failed"),
+                        _ => self.log(|| tracing::debug!(error = %e, "client read failed")),
                     }
                     break;
                 }
             };
             let arrived = Instant::now();
-            let at = arrived + params.query_timeout;
+            let deadline = arrived + params.query_timeout;
             match self.timer.as_mut() {
-                Some(t) => t.set(at),
-                None => self.timer = Some(Deadline::new(at)),
+                Some(t) => t.set(deadline),
+                None => self.timer = Some(Deadline::new(deadline)),
             }
             self.site.note_query();
             self.outcome = Outcome::Ok;
+            // A GET is written for the site as it is parsed, into the
+            // session's buffer for it.
+            let parsed = Request::parse_for_site(self.reader.request(at.clone()), &mut self.wire);
             // Answering is boxed: an idle session's task stays small (a
             // daemon holds tens of thousands of idle clients).
-            let keep = match Request::parse(&block) {
-                Ok(Request::Get(q)) => Box::pin(self.answer(&q, params)).await,
-                Ok(Request::Command(c)) => Box::pin(self.command(&c)).await,
+            let keep = match parsed {
+                Ok(ForSite::Get(q)) => Box::pin(self.answer(q, params)).await,
+                Ok(ForSite::Command(c)) => Box::pin(self.command(&c)).await,
                 Err(e) => {
                     self.site.note_error();
                     self.outcome = Outcome::BadRequest;
-                    events::RequestRejected { status: e.status(), error: &e }.emit();
-                    let style = ReplyStyle::sniff(&block);
-                    self.write_error(e.status(), &e.to_string(), style, at).await;
+                    self.log(|| events::RequestRejected { status: e.status(), error: &e }.emit());
+                    let style = ReplyStyle::sniff(self.reader.request(at));
+                    self.write_error(e.status(), &e.to_string(), style, deadline).await;
                     style.keepalive && style.fixed16
                 }
             };
@@ -211,9 +257,7 @@ impl<S: ClientStream> Session<S> {
     /// A `Cache: reload` query (with caching on) is answered from the cache
     /// when it can be; with `coalesce`, any query joins an identical one in
     /// flight. Otherwise it goes to the site.
-    async fn answer(&mut self, q: &Query, params: &SiteParams) -> bool {
-        self.wire.clear();
-        q.encode_for_site(&mut self.wire);
+    async fn answer(&mut self, q: GetSummary, params: &SiteParams) -> bool {
         let cacheable = params.cache && q.cache.is_some();
         if !(cacheable || params.coalesce) {
             return self.fetch(q, params, None).await;
@@ -223,7 +267,7 @@ impl<S: ClientStream> Session<S> {
         let tag = Tag { generation: status.generation, program_start: status.program_start };
         let key = Key::new(self.site.name(), &self.wire);
         match self.cache.plan(key, tag, params.cache_max_age, cacheable, deadline).await {
-            Plan::Hit(entry) => self.serve_entry(&entry, q, deadline).await,
+            Plan::Hit(entry) => self.serve_entry(&entry, q.style, deadline).await,
             Plan::Lead(capture) => self.fetch(q, params, Some(capture)).await,
             Plan::Alone => self.fetch(q, params, None).await,
             Plan::TimedOut => self.query_failed(&self.site.timeout_error(), q.style, deadline).await,
@@ -233,8 +277,8 @@ impl<S: ClientStream> Session<S> {
     /// Write a complete answer held in memory. The body is written from the
     /// shared entry, not copied: a thousand slow clients of one cached
     /// answer cost one copy of it.
-    async fn serve_entry(&mut self, entry: &Entry, q: &Query, deadline: Instant) -> bool {
-        let head: &[u8] = if q.style.fixed16 { &entry.raw_header } else { &[] };
+    async fn serve_entry(&mut self, entry: &Entry, style: ReplyStyle, deadline: Instant) -> bool {
+        let head: &[u8] = if style.fixed16 { &entry.raw_header } else { &[] };
         let total = (head.len() + entry.body.len()) as u64;
         let mut out = Buf::chain(head, entry.body.clone());
         let mut sent = 0;
@@ -244,7 +288,7 @@ impl<S: ClientStream> Session<S> {
         let result = send(&mut self.stream, &mut out, &mut sent, deadline, self.watchdog.as_mut()).await;
         self.site.metrics().bytes(0, sent);
         match result {
-            Ok(()) => q.style.keepalive && (q.style.fixed16 || entry.status == Status::Ok),
+            Ok(()) => style.keepalive && (style.fixed16 || entry.status == Status::Ok),
             Err(end) => {
                 self.sending_failed(end, sent, total);
                 false
@@ -256,11 +300,11 @@ impl<S: ClientStream> Session<S> {
     fn sending_failed(&mut self, end: SendEnd, sent: u64, total: u64) {
         self.outcome = if matches!(end, SendEnd::Deadline) { Outcome::Timeout } else { Outcome::ClientGone };
         match end {
-            SendEnd::Gone => events::ClientClosedMidResponse { sent, total }.emit(),
+            SendEnd::Gone => self.log(|| events::ClientClosedMidResponse { sent, total }.emit()),
             SendEnd::Reaped(reaped) => self.reaped(&reaped, sent, total),
             SendEnd::Deadline => {
                 let error = self.site.timeout_error();
-                events::ResponseCut { sent, total, error: &error }.emit();
+                self.log(|| events::ResponseCut { sent, total, error: &error }.emit());
             }
         }
     }
@@ -269,13 +313,13 @@ impl<S: ClientStream> Session<S> {
         self.dead = true;
         let peer = self.watchdog.as_ref().map_or("?", |w| w.peer.as_str());
         let reason = format!("{} ({sent} of {total} bytes sent)", reaped.reason);
-        events::ClientReaped { peer, reason: &reason, stuck: reaped.stuck }.emit();
+        self.log(|| events::ClientReaped { peer, reason: &reason, stuck: reaped.stuck }.emit());
         self.site.note_reaped(peer, &reason);
     }
 
     /// Send a query to the site and relay its answer; a `leader` gets the
     /// answer for the cache and for identical queries waiting.
-    async fn fetch(&mut self, q: &Query, params: &SiteParams, capture: Option<Capture>) -> bool {
+    async fn fetch(&mut self, q: GetSummary, params: &SiteParams, capture: Option<Capture>) -> bool {
         let style = q.style;
         let Some(timer) = self.timer.as_mut() else { return false };
         // (Inside the boxed answer: an idle session's own state stays small.)
@@ -310,7 +354,7 @@ impl<S: ClientStream> Session<S> {
             Relayed::NothingSent(e) => self.query_failed(&e, style, deadline).await,
             Relayed::ClientGone { sent, total } => {
                 self.outcome = Outcome::ClientGone;
-                events::ClientClosedMidResponse { sent, total }.emit();
+                self.log(|| events::ClientClosedMidResponse { sent, total }.emit());
                 false
             }
             Relayed::Reaped { sent, total, reaped } => {
@@ -320,7 +364,7 @@ impl<S: ClientStream> Session<S> {
             }
             Relayed::Cut { error, sent, total } => {
                 self.outcome = Outcome::of(&error);
-                events::ResponseCut { sent, total, error: &error }.emit();
+                self.log(|| events::ResponseCut { sent, total, error: &error }.emit());
                 false
             }
         }
@@ -357,7 +401,7 @@ impl<S: ClientStream> Session<S> {
     async fn query_failed(&mut self, e: &QueryError, style: ReplyStyle, deadline: Instant) -> bool {
         self.site.note_error();
         self.outcome = Outcome::of(e);
-        events::QueryFailed { error: e }.emit();
+        self.log(|| events::QueryFailed { error: e }.emit());
         self.write_error(e.status(), &e.to_string(), style, deadline).await
     }
 
@@ -375,7 +419,7 @@ impl<S: ClientStream> Session<S> {
             }
             Ok(()) => true,
             Err(e) => {
-                events::CommandFailed { commands: c.commands.len(), error: &e }.emit();
+                self.log(|| events::CommandFailed { commands: c.commands.len(), error: &e }.emit());
                 if c.style.fixed16 {
                     self.write_error(e.status(), &e.to_string(), c.style, deadline).await
                 } else {

@@ -301,7 +301,7 @@ async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: Cance
     let mut timer = None;
     loop {
         let block = match reader.next(&mut stream, &limits, timeouts, &shutdown, &mut timer).await {
-            Ok(Some(block)) => block,
+            Ok(Some(at)) => bytes::Bytes::copy_from_slice(reader.request(at)),
             Ok(None) => return,
             Err(ReadError::Io(e)) => {
                 tracing::debug!(error = %e, "client read failed");

@@ -107,6 +107,8 @@ pub struct Link {
     /// a query alone on its channel costs no wake-up machinery).
     turned: tokio::sync::Notify,
     activity: Arc<Activity>,
+    /// Quick ACKs wanted (TCP): see `connector::QuickAck`.
+    quickack: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The channel cannot be read for this ticket: the query received no byte
@@ -122,6 +124,7 @@ impl std::fmt::Display for Poisoned {
 
 impl Link {
     pub(crate) fn new(stream: SiteStream, activity: Arc<Activity>) -> Link {
+        let quickack = stream.quickack_switch();
         let (half, write) = tokio::io::split(stream);
         let turns = Turns { reader: Some(Reader { half, pending: Bytes::new() }), ..Turns::default() };
         Link {
@@ -129,6 +132,7 @@ impl Link {
             turns: Mutex::new(turns),
             turned: tokio::sync::Notify::new(),
             activity,
+            quickack,
         }
     }
 
@@ -429,6 +433,17 @@ impl Lease {
     /// stale connection or what came before it, worth one more try.
     pub fn reused(&self) -> bool {
         self.reused || self.behind_others
+    }
+
+    /// How the answer's start arrived: `whole` if its first read brought
+    /// the header and the whole body. A site that splits its answers gets
+    /// quick ACKs before the reads that wait (see `connector::QuickAck`).
+    pub(crate) fn answer_arrived(&self, whole: bool) {
+        if let Some(q) = &self.link.quickack
+            && q.load(std::sync::atomic::Ordering::Relaxed) == whole
+        {
+            q.store(!whole, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// The channel's number.

@@ -6,17 +6,22 @@
 //!
 //! [`SiteStream`] is the connection type of a channel: TCP or UNIX. On TCP
 //! the proxy sets `TCP_NODELAY` (a query goes out in one write) and re-arms
-//! `TCP_QUICKACK` before every read: Icinga 2 writes the fixed16 header and
-//! the body in two writes without `TCP_NODELAY`, so with delayed ACKs on our
-//! side its Nagle algorithm holds the body for ~40 ms on every keep-alive
-//! query. Quick ACKs make that stall impossible. The option is re-armed when
-//! a read is about to wait for the first time since data last arrived (the
-//! kernel leaves quick-ACK mode on its own as it acknowledges data): one
-//! system call per answer, not one per poll (an idle channel is polled for
-//! its death whenever the site's actor wakes).
+//! `TCP_QUICKACK` before reads: Icinga 2 and Naemon write the fixed16
+//! header and the body in two writes without `TCP_NODELAY`, so with delayed
+//! ACKs on our side their Nagle algorithm holds the body for ~40 ms on
+//! every keep-alive query. Quick ACKs make that stall impossible. The
+//! option is re-armed when a read is about to wait for the first time since
+//! data last arrived (the kernel leaves quick-ACK mode on its own as it
+//! acknowledges data): one system call per answer, not one per poll. And
+//! only while the site is seen to split its answers ([`QuickAck::wanted`]):
+//! a site whose answers arrive whole, with their header, in the first read
+//! (the simulated site; any core behind a proxy that coalesces) cannot be
+//! stalled by a delayed ACK, and its channels make no such call at all.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -39,19 +44,31 @@ pub enum SiteStream {
     Memory(tokio::io::DuplexStream),
 }
 
-/// Whether `TCP_QUICKACK` was armed since data last arrived.
-#[derive(Debug, Default)]
+/// Whether `TCP_QUICKACK` was armed since data last arrived, and whether
+/// it is wanted at all.
+#[derive(Debug)]
 pub struct QuickAck {
     armed: bool,
+    /// The site's last answer did not arrive whole in its first read (set
+    /// by the channel's reader, see [`crate::site::exchange`]); true until
+    /// an answer shows otherwise.
+    wanted: Arc<AtomicBool>,
+}
+
+impl Default for QuickAck {
+    fn default() -> Self {
+        QuickAck { armed: false, wanted: Arc::new(AtomicBool::new(true)) }
+    }
 }
 
 impl QuickAck {
-    /// After a read of `s` returned `r`: arm quick ACKs if the read waits
-    /// and they were not armed since data last arrived.
+    /// After a read of `s` returned `r`: arm quick ACKs if the read waits,
+    /// they were not armed since data last arrived, and the site splits
+    /// its answers.
     fn after_read<T>(&mut self, s: &TcpStream, r: &Poll<T>) {
         if r.is_ready() {
             self.armed = false;
-        } else if !self.armed {
+        } else if !self.armed && self.wanted.load(Ordering::Relaxed) {
             self.armed = true;
             #[cfg(target_os = "linux")]
             {
@@ -60,6 +77,17 @@ impl QuickAck {
             }
             #[cfg(not(target_os = "linux"))]
             let _ = s;
+        }
+    }
+}
+
+impl SiteStream {
+    /// The switch that says whether quick ACKs are wanted on this
+    /// connection (TCP and TLS; `None` for UNIX sockets).
+    pub(crate) fn quickack_switch(&self) -> Option<Arc<AtomicBool>> {
+        match self {
+            SiteStream::Tcp(_, ack) | SiteStream::Tls(_, ack) => Some(ack.wanted.clone()),
+            _ => None,
         }
     }
 }

@@ -84,6 +84,7 @@ pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
 ) -> Result<ResponseStart, HeaderFailure> {
     buf.clear();
     buf.reserve(prefetch.max(FIXED16_LEN));
+    let mut first_read = None;
     while buf.len() < FIXED16_LEN {
         if !livemux_protocol::response::could_be_header(buf) {
             let error = read_unframed(r, std::mem::take(buf), unframed_wait).await;
@@ -97,7 +98,9 @@ pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
                 let error = SiteError::Truncated { got: buf.len() as u64, expected: FIXED16_LEN as u64 };
                 return Err(HeaderFailure { any_byte: true, error });
             }
-            Ok(_) => {}
+            Ok(n) => {
+                first_read.get_or_insert(n);
+            }
             Err(e) => return Err(HeaderFailure { any_byte: !buf.is_empty(), error: SiteError::Io(e) }),
         }
     }
@@ -112,6 +115,7 @@ pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
     // that belong to no request (a core answering the leftovers of a
     // request it stopped reading). The caller decides.
     let end = FIXED16_LEN as u64 + header.length;
+    let whole = first_read.is_some_and(|n| n as u64 >= end);
     let surplus = if buf.len() as u64 > end {
         let surplus = Bytes::copy_from_slice(&buf[end as usize..]);
         buf.truncate(end as usize);
@@ -119,7 +123,7 @@ pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
     } else {
         Bytes::new()
     };
-    Ok(ResponseStart { raw, header, surplus })
+    Ok(ResponseStart { raw, header, surplus, whole })
 }
 
 /// The start of a framed answer, as [`read_response_start`] read it (the
@@ -131,6 +135,8 @@ pub(crate) struct ResponseStart {
     pub header: ResponseHeader,
     /// Bytes read past the body.
     pub surplus: Bytes,
+    /// The first read brought the header and the whole body.
+    pub whole: bool,
 }
 
 /// The rest of an answer that did not start with a header: a TLS record,
@@ -282,7 +288,8 @@ pub async fn send_query_with(
             }
         };
         let failure = match outcome {
-            Some(Ok(ResponseStart { raw, header, surplus })) => {
+            Some(Ok(ResponseStart { raw, header, surplus, whole })) => {
+                lease.answer_arrived(whole);
                 if header.status != Status::Ok {
                     lease.answered_with_error();
                 }

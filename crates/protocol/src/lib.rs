@@ -27,6 +27,7 @@ pub mod request;
 pub mod response;
 
 pub use request::{
-    CacheDirective, CommandRequest, FrameEnd, Framer, Limit, Limits, Query, ReplyStyle, Request, RequestError,
+    CacheDirective, CommandRequest, ForSite, FrameEnd, Framer, GetSummary, Limit, Limits, Query, ReplyStyle, Request,
+    RequestError,
 };
 pub use response::{FIXED16_LEN, HeaderError, ResponseHeader, Status, error_response, unframed_error};

@@ -316,48 +316,31 @@ pub struct Query {
     pub pipelinable: bool,
 }
 
-/// The header names both Livestatus families (mk-livestatus, Icinga 2) know.
-const KNOWN_HEADERS: &[&[u8]] = &[
-    b"Filter",
-    b"Sort",
-    b"Or",
-    b"And",
-    b"Negate",
-    b"StatsOr",
-    b"StatsAnd",
-    b"StatsNegate",
-    b"Stats",
-    b"StatsGroupBy",
-    b"Columns",
-    b"ColumnHeaders",
-    b"Limit",
-    b"Offset",
-    b"Timelimit",
-    b"AuthUser",
-    b"Separators",
-    b"OutputFormat",
-    b"WaitCondition",
-    b"WaitConditionAnd",
-    b"WaitConditionOr",
-    b"WaitConditionNegate",
-    b"WaitTrigger",
-    b"WaitObject",
-    b"WaitTimeout",
-    b"Localtime",
-];
-
-/// A forwarded header line a core takes in stride: a known name, and for
-/// the headers whose bad values make a core give up on the connection, a
-/// value of the right shape (a number; a column and an operator).
+/// A forwarded header line a core takes in stride: a name both
+/// Livestatus families (mk-livestatus, Icinga 2) know, and for the headers
+/// whose bad values make a core give up on the connection, a value of the
+/// right shape (a number; a column and an operator).
 fn safe_to_pipeline(name: &[u8], value: &[u8]) -> bool {
-    if !KNOWN_HEADERS.contains(&name) {
-        return false;
-    }
     match name {
         b"Limit" | b"Offset" | b"Timelimit" | b"WaitTimeout" | b"Localtime" | b"And" | b"Or" | b"StatsAnd"
         | b"StatsOr" => !value.is_empty() && value.iter().all(u8::is_ascii_digit),
         b"Filter" | b"WaitCondition" => value.split(|b| *b == b' ').filter(|w| !w.is_empty()).count() >= 2,
-        _ => true,
+        b"Sort"
+        | b"Negate"
+        | b"StatsNegate"
+        | b"Stats"
+        | b"StatsGroupBy"
+        | b"Columns"
+        | b"ColumnHeaders"
+        | b"AuthUser"
+        | b"Separators"
+        | b"OutputFormat"
+        | b"WaitConditionAnd"
+        | b"WaitConditionOr"
+        | b"WaitConditionNegate"
+        | b"WaitTrigger"
+        | b"WaitObject" => true,
+        _ => false,
     }
 }
 
@@ -373,21 +356,149 @@ pub struct CommandRequest {
     pub style: ReplyStyle,
 }
 
+/// What the proxy needs to know of a `GET` it forwards (see
+/// [`Request::parse_for_site`]; a [`Query`] holds the same and more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GetSummary {
+    /// How the client wants the answer framed.
+    pub style: ReplyStyle,
+    /// `Cache:` directive (never forwarded).
+    pub cache: Option<CacheDirective>,
+    /// See [`Query::pipelinable`].
+    pub pipelinable: bool,
+}
+
+/// A request as [`Request::parse_for_site`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForSite {
+    /// A `GET`, already written for the site.
+    Get(GetSummary),
+    /// `COMMAND`s.
+    Command(CommandRequest),
+}
+
+/// What [`scan_get`] found besides the site's copy: where the values the
+/// proxy keeps lie in it.
+struct Scanned {
+    summary: GetSummary,
+    /// Where the forwarded header lines begin in the site's copy.
+    headers_at: usize,
+    output_format: Option<std::ops::Range<usize>>,
+    auth_user: Option<std::ops::Range<usize>>,
+}
+
+/// The text the proxy puts after the `GET` line for the site.
+const SITE_HEADERS: &[u8] = b"\nResponseHeader: fixed16\nKeepAlive: on\n";
+
+/// Parse a `GET` (its first line split off: `rest` after `GET`, the
+/// header lines in `lines`) and write the site's copy into `out` in the
+/// same pass: the `GET` line, `ResponseHeader: fixed16` and `KeepAlive:
+/// on`, the forwarded header lines, the empty line.
+fn scan_get<'a>(
+    first: &[u8],
+    rest: &[u8],
+    lines: impl Iterator<Item = &'a [u8]>,
+    out: &mut Vec<u8>,
+) -> Result<Scanned, RequestError> {
+    if !(rest.is_empty() || rest.starts_with(b" ")) {
+        return Err(invalid_method(first));
+    }
+    let table = rest.trim_ascii();
+    if std::str::from_utf8(table).is_err() {
+        return Err(RequestError::NotUtf8("the table name"));
+    }
+    if table.is_empty() {
+        return Err(RequestError::MissingTable);
+    }
+    out.reserve(table.len() + SITE_HEADERS.len() + 5);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(table);
+    out.extend_from_slice(SITE_HEADERS);
+    let mut scanned = Scanned {
+        summary: GetSummary { style: ReplyStyle::default(), cache: None, pipelinable: true },
+        headers_at: out.len(),
+        output_format: None,
+        auth_user: None,
+    };
+    let q = &mut scanned.summary;
+    // The slot for a forwarded value nobody keeps.
+    let mut unkept = None;
+    for line in lines {
+        let kept = match split_header(line) {
+            Some((b"KeepAlive", v)) => {
+                q.style.keepalive = on_off(v, "KeepAlive", "'on' or 'off'", b"on")?;
+                None
+            }
+            Some((b"ResponseHeader", v)) => {
+                q.style.fixed16 = on_off(v, "ResponseHeader", "'fixed16' or 'off'", b"fixed16")?;
+                None
+            }
+            Some((b"Cache", v)) => {
+                if v != b"reload" {
+                    return Err(bad_header("Cache", v, "'reload'"));
+                }
+                q.cache = Some(CacheDirective::Reload);
+                None
+            }
+            Some((b"OutputFormat", v)) => {
+                utf8_value(v, "the OutputFormat value")?;
+                Some((v, &mut scanned.output_format))
+            }
+            Some((b"AuthUser", v)) => {
+                utf8_value(v, "the AuthUser value")?;
+                Some((v, &mut scanned.auth_user))
+            }
+            Some((name, v)) => {
+                q.pipelinable &= safe_to_pipeline(name, v);
+                Some((v, &mut unkept))
+            }
+            None => {
+                q.pipelinable = false;
+                Some((line, &mut unkept))
+            }
+        };
+        if let Some((value, slot)) = kept {
+            let at = out.len();
+            out.extend_from_slice(line);
+            out.push(b'\n');
+            // Where the value lies in the copy (a header's last value wins).
+            let start = at + (value.as_ptr() as usize - line.as_ptr() as usize);
+            *slot = Some(start..start + value.len());
+        }
+    }
+    out.push(b'\n');
+    Ok(scanned)
+}
+
 impl Request {
     /// Parse a request framed by [`Framer`] (with or without its empty line).
     pub fn parse(block: &[u8]) -> Result<Request, RequestError> {
         let mut it = lines(block);
         let first = it.next().unwrap_or_default();
         if let Some(rest) = first.strip_prefix(b"GET") {
-            if !(rest.is_empty() || rest.starts_with(b" ")) {
-                return Err(invalid_method(first));
-            }
-            let table = std::str::from_utf8(rest.trim_ascii()).map_err(|_| RequestError::NotUtf8("the table name"))?;
-            if table.is_empty() {
-                return Err(RequestError::MissingTable);
-            }
-            return Query::from_headers(table, it).map(Request::Get);
+            let mut site = Vec::new();
+            let scanned = scan_get(first, rest, it, &mut site)?;
+            return Ok(Request::Get(Query::from_scanned(site, scanned)));
         }
+        Self::parse_other(first, it).map(Request::Command)
+    }
+
+    /// Parse a request as [`Request::parse`] does, a `GET` written for the
+    /// site into `out` (emptied first) in the same pass: what a session
+    /// does with every request, without an allocation once `out` has room.
+    /// The bytes are those of [`Query::encode_for_site`].
+    pub fn parse_for_site(block: &[u8], out: &mut Vec<u8>) -> Result<ForSite, RequestError> {
+        out.clear();
+        let mut it = lines(block);
+        let first = it.next().unwrap_or_default();
+        if let Some(rest) = first.strip_prefix(b"GET") {
+            return scan_get(first, rest, it, out).map(|s| ForSite::Get(s.summary));
+        }
+        Self::parse_other(first, it).map(ForSite::Command)
+    }
+
+    /// A request that is not a `GET`: `COMMAND`s, or an error.
+    fn parse_other<'a>(first: &[u8], it: impl Iterator<Item = &'a [u8]>) -> Result<CommandRequest, RequestError> {
         if first.starts_with(b"COMMAND ") {
             let mut commands = vec![Bytes::copy_from_slice(first)];
             let mut style = ReplyStyle { fixed16: false, keepalive: true };
@@ -398,7 +509,7 @@ impl Request {
                     style.fixed16 = value == b"fixed16";
                 }
             }
-            return Ok(Request::Command(CommandRequest { commands, style }));
+            return Ok(CommandRequest { commands, style });
         }
         Err(invalid_method(first))
     }
@@ -421,58 +532,22 @@ impl Query {
         }
     }
 
-    fn from_headers<'a>(table: &str, lines: impl Iterator<Item = &'a [u8]>) -> Result<Query, RequestError> {
-        let mut q = Query {
-            table: table.to_owned(),
-            headers: Bytes::new(),
-            style: ReplyStyle::default(),
-            output_format: None,
-            auth_user: None,
-            cache: None,
-            pipelinable: true,
-        };
-        let mut pass = Vec::new();
-        for line in lines {
-            let keep = match split_header(line) {
-                Some((b"KeepAlive", v)) => {
-                    q.style.keepalive = on_off(v, "KeepAlive", "'on' or 'off'", b"on")?;
-                    false
-                }
-                Some((b"ResponseHeader", v)) => {
-                    q.style.fixed16 = on_off(v, "ResponseHeader", "'fixed16' or 'off'", b"fixed16")?;
-                    false
-                }
-                Some((b"Cache", v)) => {
-                    if v != b"reload" {
-                        return Err(bad_header("Cache", v, "'reload'"));
-                    }
-                    q.cache = Some(CacheDirective::Reload);
-                    false
-                }
-                Some((b"OutputFormat", v)) => {
-                    q.output_format = Some(utf8_value(v, "the OutputFormat value")?);
-                    true
-                }
-                Some((b"AuthUser", v)) => {
-                    q.auth_user = Some(utf8_value(v, "the AuthUser value")?);
-                    true
-                }
-                Some((name, v)) => {
-                    q.pipelinable &= safe_to_pipeline(name, v);
-                    true
-                }
-                None => {
-                    q.pipelinable = false;
-                    true
-                }
-            };
-            if keep {
-                pass.extend_from_slice(line);
-                pass.push(b'\n');
-            }
+    /// The query from its site copy (see [`scan_get`]).
+    fn from_scanned(site: Vec<u8>, s: Scanned) -> Query {
+        let text = |r: Option<std::ops::Range<usize>>| r.map(|r| String::from_utf8_lossy(&site[r]).into_owned());
+        let table = String::from_utf8_lossy(&site[b"GET ".len()..s.headers_at - SITE_HEADERS.len()]).into_owned();
+        let (output_format, auth_user) = (text(s.output_format), text(s.auth_user));
+        let headers = Bytes::from(site).slice(s.headers_at..);
+        Query {
+            table,
+            // Without the empty line that ends the site's copy.
+            headers: headers.slice(..headers.len() - 1),
+            style: s.summary.style,
+            output_format,
+            auth_user,
+            cache: s.summary.cache,
+            pipelinable: s.summary.pipelinable,
         }
-        q.headers = pass.into();
-        Ok(q)
     }
 
     /// The header lines forwarded to the site, each ending in `\n`.
@@ -518,8 +593,8 @@ fn bad_header(name: &'static str, value: &[u8], expected: &'static str) -> Reque
     RequestError::BadHeader { name, value: String::from_utf8_lossy(value).into_owned(), expected }
 }
 
-fn utf8_value(v: &[u8], what: &'static str) -> Result<String, RequestError> {
-    std::str::from_utf8(v).map(str::to_owned).map_err(|_| RequestError::NotUtf8(what))
+fn utf8_value(v: &[u8], what: &'static str) -> Result<(), RequestError> {
+    std::str::from_utf8(v).map(|_| ()).map_err(|_| RequestError::NotUtf8(what))
 }
 
 /// Non-empty lines of a block, without `\r\n` / `\n` terminators.

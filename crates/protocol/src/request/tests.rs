@@ -211,6 +211,46 @@ proptest! {
         let _ = f.scan(&input, &Limits { max_request_bytes: 100, max_header_lines: 5, max_line_bytes: 30 });
     }
 
+    /// The one-pass encoding a session uses gives exactly the bytes (and
+    /// the errors) of parsing into a [`Query`] and encoding that, whatever
+    /// the request: header lines of every kind, values of every shape,
+    /// bytes that are not UTF-8, `COMMAND`s and garbage.
+    #[test]
+    fn the_one_pass_site_copy_is_the_querys(
+        first in prop_oneof![
+            Just("GET hosts".to_owned()), Just("GET".to_owned()), Just("GET  status ".to_owned()),
+            Just("GETX".to_owned()), Just("COMMAND [1] X".to_owned()), Just("HELLO".to_owned()),
+            "GET [a-z\\xe9]{0,6}",
+        ],
+        lines in proptest::collection::vec(prop_oneof![
+            "(Columns|Filter|Stats|Limit|Or|Sort|Foo|WaitTimeout): ?[a-z0-9 =~\\xff]{0,12}",
+            "(KeepAlive|ResponseHeader|Cache): ?(on|off|fixed16|reload|x)",
+            "(OutputFormat|AuthUser): ?[a-z\\xe9\\xff]{0,8}",
+            "[a-zA-Z :]{1,12}",
+            Just("COMMAND [2] Y".to_owned()),
+        ], 0..8),
+        crs in any::<bool>(),
+    ) {
+        let end = if crs { "\r\n" } else { "\n" };
+        let mut text = first.clone();
+        text.push_str(end);
+        for l in &lines { text.push_str(l); text.push_str(end); }
+        let bytes: Vec<u8> = text.chars().map(|c| if c == '\u{ff}' { 0xff } else { c as u8 }).collect();
+        let mut wire = b"left over".to_vec();
+        let fast = Request::parse_for_site(&bytes, &mut wire);
+        match (Request::parse(&bytes), fast) {
+            (Ok(Request::Get(q)), Ok(ForSite::Get(summary))) => {
+                let mut expected = Vec::new();
+                q.encode_for_site(&mut expected);
+                prop_assert_eq!(&wire, &expected);
+                prop_assert_eq!(summary, GetSummary { style: q.style, cache: q.cache, pipelinable: q.pipelinable });
+            }
+            (Ok(Request::Command(c)), Ok(ForSite::Command(d))) => prop_assert_eq!(c, d),
+            (Err(a), Err(b)) => prop_assert_eq!(a, b),
+            (a, b) => prop_assert!(false, "parse {:?} against parse_for_site {:?}", a, b),
+        }
+    }
+
     /// What the proxy sends to a site parses back to the same query.
     #[test]
     fn site_encoding_round_trips(
