@@ -16,6 +16,8 @@ perl -MMonitoring::Livestatus -e1 >/dev/null 2>&1 || missing+=(libmonitoring-liv
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+# strace counts the system calls per query (tests/it/hotpath.rs).
+command -v strace >/dev/null 2>&1 || missing+=(strace)
 command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # systemd-analyze verifies dist/livemux.service.

@@ -415,6 +415,8 @@ impl RequestReader {
 impl Drop for RequestReader {
     fn drop(&mut self) {
         self.release();
+        // A client that asked one query and left gives its buffer to the next.
+        recycle(std::mem::take(&mut self.buf));
     }
 }
 
@@ -441,6 +443,9 @@ fn spare() -> BytesMut {
 /// ones, grown for a large request, are freed).
 fn recycle(mut buf: BytesMut) {
     buf.clear();
+    // Empty: this takes back the room the requests were advanced over
+    // (without allocating), so the capacity is the original one again.
+    buf.reserve(READ_RESERVE);
     if buf.capacity() == READ_RESERVE {
         SPARE.with(|s| {
             let mut s = s.borrow_mut();

@@ -327,8 +327,18 @@ impl<S: ClientStream> Session<S> {
             Ok(r) => r,
             Err(e) => return self.query_failed(&e, style, self.deadline()).await,
         };
-        if resp.complete() && capture.is_none() {
-            return self.write_whole(resp, style).await;
+        if capture.is_none() && resp.fits() {
+            // Small enough to hold in the buffer it began in: read the rest
+            // there (a core that writes the header apart from the body) and
+            // write it whole, without the relay.
+            if resp.complete() {
+                return self.write_whole(resp, style).await;
+            }
+            let deadline = self.deadline();
+            return match resp.read_rest(&self.site, deadline, params.response_idle_timeout).await {
+                Ok(resp) => self.write_whole(resp, style).await,
+                Err(e) => self.query_failed(&e, style, deadline).await,
+            };
         }
         let deadline = self.deadline();
         let status = resp.header.status;

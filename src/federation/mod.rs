@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::reader::{ReadError, ReadTimeouts, RequestBudget, RequestReader};
-use livemux_protocol::{ReplyStyle, ResponseHeader, Status, error_response};
+use livemux_protocol::{FIXED16_LEN, ReplyStyle, ResponseHeader, Status, error_response};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
@@ -425,7 +425,8 @@ async fn ask_site(
         let mut splitter = RowSplitter::default();
         let mut rows = Vec::new();
         let mut error_text = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
+        // Only an answer that did not come whole with its header needs more reads.
+        let mut buf = Vec::new();
         loop {
             if let Some(c) = capture.as_mut()
                 && !chunk.is_empty()
@@ -444,6 +445,9 @@ async fn ask_site(
             }
             if remaining == 0 {
                 break;
+            }
+            if buf.is_empty() {
+                buf = vec![0u8; 64 * 1024];
             }
             let want = (remaining as usize).min(buf.len());
             let n = tokio::time::timeout_at(deadline, lease.read(&mut buf[..want]))
@@ -655,18 +659,25 @@ async fn send_spooled<S: Client>(stream: &mut S, status: Status, mut body: Spool
     if body.rewind().is_err() {
         return false;
     }
-    if fixed16 && stream.write_all(&ResponseHeader::new(status, len).encode()).await.is_err() {
-        return false;
+    // The header goes out with the first part of the body: one write for
+    // a small answer.
+    let mut chunk = vec![0u8; (len as usize).saturating_add(FIXED16_LEN).min(64 * 1024)];
+    let mut head = 0;
+    if fixed16 {
+        chunk[..FIXED16_LEN].copy_from_slice(&ResponseHeader::new(status, len).encode());
+        head = FIXED16_LEN;
     }
-    let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let n = match body.read(&mut chunk) {
-            Ok(0) => return true,
+        let n = match body.read(&mut chunk[head..]) {
             Ok(n) => n,
             Err(_) => return false,
         };
-        if stream.write_all(&chunk[..n]).await.is_err() {
+        if head + n > 0 && stream.write_all(&chunk[..head + n]).await.is_err() {
             return false;
         }
+        if n == 0 {
+            return true;
+        }
+        head = 0;
     }
 }

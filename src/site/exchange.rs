@@ -210,6 +210,60 @@ impl SiteResponse {
         &self.read
     }
 
+    /// The whole answer fits the buffer its start was read into (up to
+    /// [`PREFETCH`] bytes: nearly every answer a GUI asks for).
+    pub fn fits(&self) -> bool {
+        FIXED16_LEN as u64 + self.header.length <= self.read.capacity() as u64
+    }
+
+    /// Read the rest of an answer that [`fits`](SiteResponse::fits) into
+    /// its buffer (a core that writes its header and body apart, as Icinga
+    /// 2 and Naemon do, sends them in two segments): each read waits at
+    /// most `idle` (`response_idle_timeout`), all of them end by the
+    /// deadline, and the site going down ends them. On an error the
+    /// channel is closed, and the error is the query's.
+    pub(crate) async fn read_rest(
+        mut self,
+        site: &SiteHandle,
+        deadline: Instant,
+        idle: std::time::Duration,
+    ) -> Result<SiteResponse, QueryError> {
+        let end = FIXED16_LEN as u64 + self.header.length;
+        let down = self.lease.down_signal();
+        let failure = loop {
+            let got = self.read.len() as u64;
+            if got >= end {
+                return Ok(self);
+            }
+            let until = deadline.min(Instant::now() + idle);
+            let mut limited = (&mut self.lease).take(end - got);
+            let read = tokio::select! {
+                biased;
+                r = tokio::time::timeout_at(until, limited.read_buf(&mut self.read)) => r,
+                _ = down.cancelled() => break site.down_error(),
+            };
+            let (head, expected) = (got, end);
+            match read {
+                Ok(Ok(0)) => {
+                    let source = body_error(io::ErrorKind::UnexpectedEof.into(), head, expected);
+                    break QueryError::Site { site: site.name().to_owned(), source };
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    break QueryError::Site { site: site.name().to_owned(), source: body_error(e, head, expected) };
+                }
+                Err(_) if until < deadline => {
+                    break QueryError::Site { site: site.name().to_owned(), source: SiteError::ResponseIdle(idle) };
+                }
+                Err(_) => break site.timeout_error(),
+            }
+        };
+        // The channel is in an unknown state: it goes, with the reason.
+        self.lease.discard(failure.to_string());
+        recycle(self.read);
+        Err(failure)
+    }
+
     /// The read buffer, to be given back with [`recycle`] once written.
     pub(crate) fn into_read(self) -> (BytesMut, Lease) {
         (self.read, self.lease)

@@ -4,6 +4,7 @@
 //! - `proxy`, `clients`, `heartbeat`, `pool`: the proxy in front of
 //!   simulated sites (framing, errors, limits, heartbeats, the channel pool);
 //! - `pipeline`: elastic pools and pipelined channels;
+//! - `desk`: channels taken and given back without the site's actor;
 //! - `cache`: `Cache: reload` and single-flight;
 //! - `federation`: federated sockets over simulated sites;
 //! - `inventory`: HW/SW inventory sync against simulated sites;
@@ -15,7 +16,9 @@
 //! - `realpeers`: real Icinga 2 and Naemon sites, and Monitoring::Livestatus;
 //! - `reload`: configuration reload in the running daemon;
 //! - `cli`: the `livemux` binary (SIGHUP, pid file, systemd notify, status);
-//! - `fuzz_corpus`: the fuzz targets' corpora, replayed on stable.
+//! - `fuzz_corpus`: the fuzz targets' corpora, replayed on stable;
+//! - `hotpath`: system calls and heap allocations per query, counted
+//!   against budgets (the guard on livemux's own cost per query).
 //!
 //! Run one subject with `cargo test --test it proxy::`.
 
@@ -26,9 +29,11 @@ mod cache;
 mod cli;
 mod clients;
 mod deadpeers;
+mod desk;
 mod federation;
 mod fuzz_corpus;
 mod heartbeat;
+mod hotpath;
 mod inventory;
 mod metrics;
 mod pipeline;

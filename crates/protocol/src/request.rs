@@ -398,6 +398,7 @@ fn scan_get<'a>(
     first: &[u8],
     rest: &[u8],
     lines: impl Iterator<Item = &'a [u8]>,
+    lines_len: usize,
     out: &mut Vec<u8>,
 ) -> Result<Scanned, RequestError> {
     if !(rest.is_empty() || rest.starts_with(b" ")) {
@@ -410,7 +411,9 @@ fn scan_get<'a>(
     if table.is_empty() {
         return Err(RequestError::MissingTable);
     }
-    out.reserve(table.len() + SITE_HEADERS.len() + 5);
+    // Room for all of it at once: the copy is never longer than the
+    // request and the two header lines the proxy adds.
+    out.reserve(first.len() + SITE_HEADERS.len() + 2 + lines_len);
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(table);
     out.extend_from_slice(SITE_HEADERS);
@@ -477,7 +480,7 @@ impl Request {
         let first = it.next().unwrap_or_default();
         if let Some(rest) = first.strip_prefix(b"GET") {
             let mut site = Vec::new();
-            let scanned = scan_get(first, rest, it, &mut site)?;
+            let scanned = scan_get(first, rest, it, block.len(), &mut site)?;
             return Ok(Request::Get(Query::from_scanned(site, scanned)));
         }
         Self::parse_other(first, it).map(Request::Command)
@@ -492,7 +495,7 @@ impl Request {
         let mut it = lines(block);
         let first = it.next().unwrap_or_default();
         if let Some(rest) = first.strip_prefix(b"GET") {
-            return scan_get(first, rest, it, out).map(|s| ForSite::Get(s.summary));
+            return scan_get(first, rest, it, block.len(), out).map(|s| ForSite::Get(s.summary));
         }
         Self::parse_other(first, it).map(ForSite::Command)
     }
