@@ -8,15 +8,20 @@
 //!
 //! - **take** the most recently used idle channel, when the desk is open,
 //!   nobody is waiting for a channel, and the channel shows no sign of
-//!   having died ([`Desk::take_idle`]);
-//! - **give back** a channel that its only query left clean, when the desk
-//!   is open, nobody is waiting and the channel belongs to the current
-//!   generation ([`Desk::give_back`]).
+//!   having died; or, for a `GET` while every channel is busy and the pool
+//!   is at its limit, a place behind others on the busy channel the pool's
+//!   rules pick (what the actor would give a waiting query)
+//!   ([`Desk::take_idle`]);
+//! - **give back** a channel that a query left clean, when the desk is
+//!   open, nobody is waiting and the channel belongs to the current
+//!   generation: idle again if no query is pipelined behind, else still
+//!   theirs ([`Desk::give_back`]).
 //!
-//! Everything else (a query that finds no idle channel, a retry that needs
-//! a fresh one, a channel that comes back after an error answer, closed or
-//! of an older generation, any return while queries wait) goes to the
-//! actor as before, through its request queue or its inbox.
+//! Everything else (a query that finds no channel it may take while the
+//! pool could still grow, a retry that needs a fresh one, a channel that
+//! comes back after an error answer, closed or of an older generation, any
+//! return while queries wait) goes to the actor as before, through its
+//! request queue or its inbox.
 //!
 //! The actor keeps the desk *open* only while it has nothing to claim: the
 //! site is ready, no heartbeat waits for a channel, and the daemon is not
@@ -121,7 +126,15 @@ impl Desk {
         if !st.open || st.pool.has_waiters() {
             return None;
         }
-        let id = st.pool.lend_idle(want, SystemTime::now(), looks_alive)?;
+        let id = match st.pool.lend_idle(want, SystemTime::now(), looks_alive) {
+            Some(id) => id,
+            // Every channel busy and the pool at its limit: a place behind
+            // others, as the actor would give a waiting GET.
+            None if want == Want::Get && st.pool.idle_count() == 0 => {
+                st.pool.lend_pipelined(|c: &Channel| c.link.poisoned().is_none())?
+            }
+            None => return None,
+        };
         let down = st.down.clone();
         let ch = st.pool.channel_mut(id)?;
         Some(Lease::new(ch, self.clone(), down))

@@ -485,19 +485,35 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         Some(id)
     }
 
-    /// Take back a channel whose only query left it clean, if `current`
-    /// says it may be reused (the desk's give-back, which the caller allows
-    /// only while nobody waits); false for anything else (pipelined
-    /// queries still on it, a worse return before, not current), which is
-    /// then the actor's to settle with [`Pool::left`].
+    /// A place behind others on a busy channel for a `GET`, by the rules
+    /// of [`Pool::next_lend`] for a waiting query (the pool at its limit,
+    /// the channel with the fewest queries below the depth, one that
+    /// `shareable` allows): the desk's lending when no channel is idle,
+    /// which the caller allows only while nobody waits.
+    pub(crate) fn lend_pipelined(&mut self, shareable: impl Fn(&C) -> bool) -> Option<u64> {
+        let id = self.pipeline_slot(&shareable)?;
+        let l = self.busy.get_mut(&id)?;
+        l.in_flight += 1;
+        self.pipelined += 1;
+        Some(id)
+    }
+
+    /// Take back a channel a query left clean, if `current` says it may
+    /// be reused (the desk's give-back, which the caller allows only while
+    /// nobody waits): with queries pipelined behind it the channel stays
+    /// theirs; with none it is idle again. False for anything else (a
+    /// worse return by a query before, not current), which is then the
+    /// actor's to settle with [`Pool::left`].
     pub(crate) fn give_back_clean(&mut self, id: u64, now: Instant, current: impl FnOnce(&C) -> bool) -> bool {
-        let clean = self.busy.get(&id).is_some_and(|l| {
-            matches!(l.what, Use::Query | Use::Alone)
-                && l.in_flight == 1
-                && l.back == Back::Reuse
-                && l.channel.as_ref().is_some_and(current)
-        });
-        if !clean {
+        let Some(l) = self.busy.get_mut(&id) else { return false };
+        if !matches!(l.what, Use::Query | Use::Alone) || l.back != Back::Reuse {
+            return false;
+        }
+        if l.in_flight > 1 {
+            l.in_flight -= 1;
+            return true;
+        }
+        if !(l.in_flight == 1 && l.channel.as_ref().is_some_and(current)) {
             return false;
         }
         match self.unlend(id).and_then(|l| l.channel) {

@@ -320,3 +320,40 @@ fn dead_idle_channels_are_dropped() {
     assert_eq!(p.remove_idle(0), Some(c(1)));
     assert_eq!(p.connects_wanted(), 2);
 }
+
+#[test]
+fn the_desk_lends_what_a_waiting_query_would_get_and_takes_back_only_clean_current_channels() {
+    let now = Instant::now();
+    let mut p = pool(2, 2, 2);
+    // The most recently used idle channel, as for a waiter; not one that
+    // looks dead; never for a retry.
+    assert_eq!(p.lend_idle(Want::Get, T, |_| false), None, "a channel that may have died is the actor's");
+    assert_eq!(p.lend_idle(Want::Fresh, T, |_| true), None);
+    assert_eq!(p.lend_idle(Want::Get, T, |_| true), Some(2));
+    assert_eq!(p.lend_idle(Want::Alone, T, |_| true), Some(1));
+    assert_eq!(p.lend_idle(Want::Get, T, |_| true), None, "none idle");
+    // Both busy, the pool at its limit: a place behind the fewest, by the
+    // pipelining rules (not behind COMMANDs: channel 1 is Alone).
+    assert_eq!(p.lend_pipelined(ANY), Some(2));
+    assert_eq!(p.lend_pipelined(ANY), None, "pipeline_depth 2 reached");
+    assert_eq!(p.pipelined(), 1);
+    // Given back: the first query of two leaves the channel to the other,
+    // the last makes it idle.
+    assert!(p.give_back_clean(2, now, |_| true));
+    assert_eq!(p.describe(|_| T).iter().find(|d| d.0 == 2).map(|d| (d.1, d.3)), Some(("busy", 1)));
+    assert!(p.give_back_clean(2, now, |_| true));
+    assert_eq!(p.idle_count(), 1);
+    // Not current (an older generation): the actor's.
+    assert!(!p.give_back_clean(1, now, |_| false));
+    // A pool that may still grow does not pipeline: the actor opens a
+    // channel instead.
+    let mut q = pool(1, 2, 2);
+    assert_eq!(q.lend_idle(Want::Get, T, |_| true), Some(1));
+    assert_eq!(q.lend_pipelined(ANY), None);
+    // After a worse return by a query before it, the channel is the actor's.
+    assert_eq!(p.lend_idle(Want::Get, T, |_| true), Some(2));
+    assert_eq!(p.lend_pipelined(ANY), Some(2));
+    assert_eq!(p.left(2, Back::Verify), None, "the other query is still on it");
+    assert!(!p.give_back_clean(2, now, |_| true));
+    assert_eq!(p.left(2, Back::Reuse), Some((c(2), Back::Verify)));
+}
