@@ -310,6 +310,39 @@ pub async fn send<C: AsyncWrite + Unpin>(
     deadline: Instant,
     mut watchdog: Option<&mut Watchdog>,
 ) -> Result<(), SendEnd> {
+    // What the client's socket takes at once needs no timer: write until
+    // it would wait (a small answer goes out here whole, and the flush of
+    // a plain socket is done at once too).
+    let at_once = std::future::poll_fn(|cx| {
+        use std::task::Poll;
+        loop {
+            if !out.has_remaining() {
+                return match std::pin::Pin::new(&mut *client).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(()))),
+                    Poll::Ready(Err(_)) => Poll::Ready(Some(Err(SendEnd::Gone))),
+                    Poll::Pending => Poll::Ready(None),
+                };
+            }
+            // A header chained before a body goes out in the same call.
+            let mut parts = [std::io::IoSlice::new(&[]); 2];
+            let written = match out.chunks_vectored(&mut parts) {
+                n if n > 1 => std::pin::Pin::new(&mut *client).poll_write_vectored(cx, &parts[..n]),
+                _ => std::pin::Pin::new(&mut *client).poll_write(cx, out.chunk()),
+            };
+            match written {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    out.advance(n);
+                    *sent += n as u64;
+                }
+                Poll::Ready(_) => return Poll::Ready(Some(Err(SendEnd::Gone))),
+                Poll::Pending => return Poll::Ready(None),
+            }
+        }
+    })
+    .await;
+    if let Some(done) = at_once {
+        return done;
+    }
     loop {
         let step = async {
             if out.has_remaining() {

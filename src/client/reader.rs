@@ -252,7 +252,7 @@ impl RequestReader {
     /// How the client wants answers, as far as the request seen so far
     /// tells (for an error answer before the request is complete).
     pub fn style(&self) -> ReplyStyle {
-        self.framer.style()
+        self.framer.style(&self.buf)
     }
 
     /// Whether the client has half-closed its side.

@@ -191,8 +191,6 @@ pub struct Framer {
     line_start: usize,
     /// Non-empty lines seen in the current request.
     lines: usize,
-    /// Reply style seen so far, for answering a request that breaks a limit.
-    style: ReplyStyle,
 }
 
 impl Framer {
@@ -201,9 +199,11 @@ impl Framer {
         Self::default()
     }
 
-    /// The reply style of the request being framed, as far as seen.
-    pub fn style(&self) -> ReplyStyle {
-        self.style
+    /// The reply style of the request being framed in `buf`, as far as it
+    /// has arrived (to answer a request that breaks a limit in the form
+    /// its client asked for): looked for only then, not on every line.
+    pub fn style(&self, buf: &[u8]) -> ReplyStyle {
+        ReplyStyle::sniff(buf.get(self.start..).unwrap_or_default())
     }
 
     /// Look for the end of the next request in `buf`.
@@ -233,7 +233,6 @@ impl Framer {
             if self.lines > limits.max_header_lines.saturating_add(1) {
                 return Err(too_large(Limit::HeaderLines, limits.max_header_lines));
             }
-            self.style.observe(line);
             self.check_size(self.line_start, limits)?;
         }
         if buf.len() - self.line_start > limits.max_line_bytes {
