@@ -425,24 +425,34 @@ def scenario3(b, targets):
             site_procs.append(st)
             direct = [f"tls:{a}" for a in fronts]
             direct_extra = ["--ca-file", certs["ca"], "--no-resumption"]
-            ca = certs["ca"]
-            hp, hs = b.haproxy(list(zip(names, fronts)), tls_ca=ca)
-            lm, ls = b.livemux(list(zip(names, fronts)), tls_ca=ca)
-            base = b.livemux(list(zip(names, fronts)), tls_ca=ca, binary=b.baseline) if b.baseline else None
+            fronts_or_addrs, ca = fronts, certs["ca"]
         else:
             direct = [f"tcp:{a}" for a in addrs]
             direct_extra = []
-            hp, hs = b.haproxy(list(zip(names, addrs)))
-            lm, ls = b.livemux(list(zip(names, addrs)))
-            base = b.livemux(list(zip(names, addrs)), binary=b.baseline) if b.baseline else None
-        started += [hp, lm] + ([base[0]] if base else [])
-        peers = {"direct": (direct, direct_extra, None), "haproxy": ([hs[s] for s in names], [], hp),
-                 "livemux": ([ls[s] for s in names], [], lm)}
-        if base:
-            peers["baseline"] = ([base[1][s] for s in names], [], base[0])
+            fronts_or_addrs, ca = addrs, None
+        hp, hs = b.haproxy(list(zip(names, fronts_or_addrs)), tls_ca=ca)
+        started.append(hp)
+
+        def start_livemux(binary):
+            p, s = b.livemux(list(zip(names, fronts_or_addrs)), tls_ca=ca, binary=binary)
+            return ([s[x] for x in names], [], p)
+
+        # With a baseline build, each livemux runs only while it is measured:
+        # the idle channels of two proxies would take every connection the
+        # sites serve (20), and direct workers would get none.
+        lazy = bool(b.baseline)
+        lm = None if lazy else start_livemux(LIVEMUX)
+        if lm:
+            started.append(lm[2])
+        peers = {"direct": (direct, direct_extra, None), "haproxy": ([hs[s] for s in names], [], hp), "livemux": lm}
+        if lazy:
+            peers["baseline"] = None
         for n in ns:
             for peer in peers:
-                tlist, extra, proc = peers[peer]
+                if peers[peer] is None:
+                    tlist, extra, proc = start_livemux(LIVEMUX if peer == "livemux" else b.baseline)
+                else:
+                    tlist, extra, proc = peers[peer]
                 site_cpu0, t0 = sum(p.cpu() for p in site_procs), time.monotonic()
                 with SiteConnections(ports[:n]) as held:
                     j = b.load(f"s3 {rtt} ms {transport} N={n} {peer}", tlist[:n], clients=S3_WORKERS,
@@ -455,6 +465,8 @@ def scenario3(b, targets):
                 per = f"{j['cpu_us_query']:.1f}" if proc else "-"
                 rows.append([f"{rtt} ms", transport.upper(), str(n), peer] + row_cells(j) +
                             [per, str(held.most), f"{site_cpu:.0f}%"])
+                if peers[peer] is None:
+                    b.drop(proc)
         for p in reversed(started):
             b.drop(p)
     b.charts["scenario3"] = (res, sorted({(r, t) for r, t, _ in points}))
