@@ -153,7 +153,7 @@ class Bench:
         addrs = [line.split()[1][len("tcp://"):] for line in p.text().splitlines() if line.startswith("listening")]
         return p, addrs
 
-    def livemux(self, sites, channels=None, top="", tls_ca=None, defaults="", binary=LIVEMUX):
+    def livemux(self, sites, channels=None, top="", tls_ca=None, defaults="", binary=None):
         """livemux in front of `sites`, with its defaults except `channels` when given (`binary`: another
         build, for an A/B)."""
         d = tempfile.mkdtemp(prefix="lm", dir=self.work)
@@ -168,7 +168,7 @@ class Bench:
                 f.write(f'[[site]]\nname = "{name}"\naddress = "{scheme}://{addr}"\n')
                 if tls_ca:
                     f.write(f'ca_file = "{tls_ca}"\n')
-        p = self.proc(f"livemux{len(self.procs)}", [binary, "run", "--config", cfg])
+        p = self.proc(f"livemux{len(self.procs)}", [binary or LIVEMUX, "run", "--config", cfg])
         p.state_file = f"{d}/state.json"
         wait_until("livemux sites ready", lambda: p.text("err").count("site is ready") >= len(sites) or not p.alive(), 300)
         if not p.alive():
@@ -1034,6 +1034,7 @@ def main():
     ap.add_argument("--baseline", help="another livemux binary (say, the parent commit's build), measured beside "
                     "this one as the peer 'baseline' in scenarios 1-3; prints only")
     ap.add_argument("--secs", type=float, help="seconds per measured point (default 5, quick 1.5)")
+    ap.add_argument("--livemux", help="measure this livemux binary instead of this tree's build; prints only")
     ap.add_argument("--rounds", type=int, help="interleaved rounds in scenario 1 (default 3, quick 1)")
     args = ap.parse_args()
     # Scenario 6 holds ~60,000 descriptors in livemux and as many in the
@@ -1057,6 +1058,9 @@ def main():
                  scenario10, scenario11]
     wanted = {int(x) for x in args.only.split(",")} if args.only else None
     sections, targets = [], []
+    if args.livemux:
+        global LIVEMUX
+        LIVEMUX = os.path.abspath(args.livemux)
     b = Bench(args.quick, secs=args.secs, rounds=args.rounds,
               baseline=args.baseline and os.path.abspath(args.baseline))
     try:
@@ -1078,7 +1082,7 @@ def main():
     report = (head + "\n### Targets\n\n" + table(["target", "measured", "met"], trows) + "\n\n" +
               "\n".join(sections))
     print(report)
-    if (not args.quick or args.write) and not wanted and not args.baseline:
+    if (not args.quick or args.write) and not wanted and not args.baseline and not args.livemux:
         with open(DOC) as f:
             doc = f.read()
         if BEGIN in doc and END in doc:

@@ -85,8 +85,9 @@ struct Turns {
     serving: u64,
     /// Why queries still waiting must not read here.
     poisoned: Option<&'static str>,
-    /// Queries waiting for their turn (only they need to be woken).
-    waiting: usize,
+    /// Queries waiting for their turn: (ticket, waker). The one whose turn
+    /// comes is woken alone; all are when the channel is poisoned.
+    waiting: Vec<(u64, std::task::Waker)>,
     /// The reading side, while no query holds it.
     reader: Option<Reader>,
 }
@@ -103,9 +104,6 @@ pub struct Link {
     writer: tokio::sync::Mutex<WriteHalf<SiteStream>>,
     /// Tickets and the reading side; only ever locked for a few steps.
     turns: Mutex<Turns>,
-    /// Wakes queries waiting for their turn (notified only while one waits:
-    /// a query alone on its channel costs no wake-up machinery).
-    turned: tokio::sync::Notify,
     activity: Arc<Activity>,
     /// Quick ACKs wanted (TCP): see `connector::QuickAck`.
     quickack: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -127,13 +125,7 @@ impl Link {
         let quickack = stream.quickack_switch();
         let (half, write) = tokio::io::split(stream);
         let turns = Turns { reader: Some(Reader { half, pending: Bytes::new() }), ..Turns::default() };
-        Link {
-            writer: tokio::sync::Mutex::new(write),
-            turns: Mutex::new(turns),
-            turned: tokio::sync::Notify::new(),
-            activity,
-            quickack,
-        }
+        Link { writer: tokio::sync::Mutex::new(write), turns: Mutex::new(turns), activity, quickack }
     }
 
     fn turns(&self) -> MutexGuard<'_, Turns> {
@@ -141,10 +133,10 @@ impl Link {
         self.turns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wake the queries waiting for their turn, if any (under the lock).
-    fn wake_waiting(&self, t: &Turns) {
-        if t.waiting > 0 {
-            self.turned.notify_waiters();
+    /// Wake every query waiting for its turn (the channel was poisoned).
+    fn wake_all(t: &mut Turns) {
+        for (_, w) in t.waiting.drain(..) {
+            w.wake();
         }
     }
 
@@ -200,27 +192,30 @@ impl Link {
 
     /// Wait until the answer to `ticket` is next, and take the reading side.
     pub(crate) async fn turn(self: &Arc<Self>, ticket: u64) -> Result<Turn, Poisoned> {
-        if let Some(turn) = self.try_turn(ticket)? {
-            return Ok(turn);
-        }
-        self.turns().waiting += 1;
-        // Counted out however the wait ends (a query may give up waiting).
-        struct Waiting<'a>(&'a Link);
+        // Taken off the list however the wait ends (a query may give up).
+        struct Waiting<'a>(&'a Link, u64);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
-                self.0.turns().waiting -= 1;
+                self.0.turns().waiting.retain(|(t, _)| *t != self.1);
             }
         }
-        let _waiting = Waiting(self);
-        loop {
-            let turned = self.turned.notified();
-            tokio::pin!(turned);
-            turned.as_mut().enable();
+        let _waiting = Waiting(self, ticket);
+        std::future::poll_fn(|cx| {
             if let Some(turn) = self.try_turn(ticket)? {
-                return Ok(turn);
+                return Poll::Ready(Ok(turn));
             }
-            turned.await;
-        }
+            let mut t = self.turns();
+            match t.waiting.iter_mut().find(|(n, _)| *n == ticket) {
+                Some((_, w)) => w.clone_from(cx.waker()),
+                None => t.waiting.push((ticket, cx.waker().clone())),
+            }
+            // The turn may have come between the look and the listing.
+            if t.serving == ticket || t.poisoned.is_some() {
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Make every query still waiting for its turn go elsewhere.
@@ -228,7 +223,7 @@ impl Link {
         let mut t = self.turns();
         if t.poisoned.is_none() {
             t.poisoned = Some(why);
-            self.wake_waiting(&t);
+            Self::wake_all(&mut t);
         }
     }
 
@@ -308,11 +303,16 @@ impl Turn {
         }
         if !self.finished {
             t.poisoned.get_or_insert("a query gave up in the middle of its answer");
+            Link::wake_all(&mut t);
         }
         if t.serving == self.ticket {
             t.serving += 1;
+            // The next answer's query, and no other.
+            let next = t.serving;
+            if let Some(i) = t.waiting.iter().position(|(n, _)| *n == next) {
+                t.waiting.swap_remove(i).1.wake();
+            }
         }
-        self.link.wake_waiting(&t);
     }
 }
 
