@@ -30,7 +30,7 @@ use livemux::site::SiteState;
 use livemux_protocol::{FIXED16_LEN, ResponseHeader};
 use livemux_simsite::SimSite;
 
-use crate::support::process::{BIN, Lines, Reaped};
+use crate::support::process::{Lines, ProxyProcess};
 use crate::support::{PATIENCE, skip, test_config};
 
 /// Queries per measurement: enough that one stray event is lost in the
@@ -42,26 +42,29 @@ const N: usize = 1000;
 /// 4.00, and 2.00 waits).
 ///
 /// `total` counts the calls that do the work; waiting (`epoll_wait`) is
-/// bounded apart, by the waits a query has by design: how many of them a
-/// run takes depends on how events happen to fall together, the rest does
-/// not. The budgets leave room for a stray event, not for another call per
-/// query.
+/// bounded apart: a query has two waits by design (for the site, for the
+/// client's next request), but each of its sockets also turns writable
+/// again, and whether those events come with the others or wake the loop
+/// once more depends on the machine's load (2.00 alone, 2.06 beside the
+/// whole test suite). The waits' budget is one more per query than the
+/// design's: a new timer or wake-up per query still fails it. The other
+/// budgets leave room for a stray event, not for another call per query.
 const KEEPALIVE: Budget =
-    Budget { total: 4.05, waits: 2.05, each: &[("recvfrom", 2.02), ("sendto", 2.02), ("setsockopt", 0.02)] };
+    Budget { total: 4.05, waits: 3.0, each: &[("recvfrom", 2.02), ("sendto", 2.02), ("setsockopt", 0.02)] };
 /// A connection per query adds its accept (and the one that finds no more
 /// waiting), registering it with epoll and taking it out, and its close;
 /// a debug build (what `cargo test` runs) also checks the descriptor with
-/// `fcntl` before closing it (measured 10.00, and 2.10 to 2.44 waits of 3:
-/// for the connection, its request, the site).
+/// `fcntl` before closing it (measured 10.00, and 2.03 to 2.44 waits: for
+/// the connection and its request, the site).
 const CONNECTION: Budget = Budget {
     total: 10.05,
-    waits: 3.05,
+    waits: 3.5,
     each: &[("accept4", 2.02), ("epoll_ctl", 2.02), ("close", 1.02), ("recvfrom", 2.02), ("sendto", 2.02)],
 };
 /// A federated query over three sites: a request to each site and its
 /// answer, the client's request and answer, one write each (measured 8.00;
-/// 2.01 waits of 4: the request, then each site's answer).
-const FEDERATED: Budget = Budget { total: 8.05, waits: 4.05, each: &[("sendto", 4.02), ("recvfrom", 4.02)] };
+/// 2.00 to 2.77 waits: the request, the sites' answers as they come).
+const FEDERATED: Budget = Budget { total: 8.05, waits: 4.5, each: &[("sendto", 4.02), ("recvfrom", 4.02)] };
 
 /// Heap allocations per query, livemux's thread only. A keep-alive query:
 /// the boxed future that answers it (measured 1.00). A connection: its
@@ -274,22 +277,6 @@ fn report(what: &str, got: &[(&str, f64, f64)]) {
 
 // === system calls ===
 
-/// `livemux run` with `text` as its configuration, every site ready.
-fn daemon(dir: &Path, text: &str, sites: usize) -> (Reaped, Lines) {
-    let path = dir.join("livemux.toml");
-    std::fs::write(&path, text).expect("config");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", path.to_str().expect("utf-8 path")])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start livemux");
-    let mut log = Lines::new(child.stderr.take().expect("stderr"));
-    for _ in 0..sites {
-        log.wait_for("site is ready");
-    }
-    (Reaped(child), log)
-}
-
 /// The system calls of process `pid` while `f` runs, by name (`strace -f
 /// -c`, attached before and detached after).
 fn syscalls(pid: u32, out: &Path, f: impl FnOnce()) -> Vec<(String, u64)> {
@@ -346,7 +333,7 @@ fn system_calls_per_query_stay_within_the_budget() {
         text.push_str(&format!("[[site]]\nname = \"{name}\"\naddress = \"{addr}\"\n"));
     }
     text.push_str("[[federation]]\nname = \"all\"\nsites = [\"ha\", \"hb\", \"hc\"]\n");
-    let (child, _log) = daemon(dir.path(), &text, 3);
+    let daemon = ProxyProcess::start_text(dir.path(), &text, 3);
     let sockets: PathBuf = dir.path().join("s");
     let mut failures = Vec::new();
     for (what, kind, budget) in [
@@ -356,7 +343,8 @@ fn system_calls_per_query_stay_within_the_budget() {
     ] {
         // Warm up first (pools, spare buffers), then count.
         drive(&sockets, kind, 200, 0, || {});
-        let counted = syscalls(child.0.id(), &dir.path().join("strace.txt"), || drive(&sockets, kind, 0, N, || {}));
+        let counted =
+            syscalls(daemon.child.id(), &dir.path().join("strace.txt"), || drive(&sockets, kind, 0, N, || {}));
         let per =
             |name: &str| counted.iter().filter(|(n, _)| n == name).map(|(_, c)| *c).sum::<u64>() as f64 / N as f64;
         let total = counted.iter().filter(|(n, _)| n != "epoll_wait").map(|(_, c)| *c).sum::<u64>() as f64 / N as f64;

@@ -113,6 +113,12 @@ impl ProxyProcess {
         for (name, addr, more) in sites {
             text.push_str(&format!("[[site]]\nname = \"{name}\"\naddress = \"{addr}\"\n{more}\n"));
         }
+        Self::start_text(dir, &text, sites.len())
+    }
+
+    /// `livemux run` with `text` as its whole configuration (written into
+    /// `dir`); waits until `sites` sites are ready.
+    pub fn start_text(dir: &Path, text: &str, sites: usize) -> ProxyProcess {
         let config = dir.join("livemux.toml");
         std::fs::write(&config, text).expect("write config");
         let mut child = Command::new(BIN)
@@ -121,7 +127,7 @@ impl ProxyProcess {
             .spawn()
             .expect("start livemux");
         let mut log = Lines::new(child.stderr.take().expect("stderr"));
-        for _ in sites {
+        for _ in 0..sites {
             log.wait_for("site is ready");
         }
         ProxyProcess { child, log, dir: dir.to_owned() }
