@@ -140,23 +140,24 @@ impl Desk {
         Some(Lease::new(ch, self.clone(), down))
     }
 
-    /// Take back a channel that its only query left clean, if the desk is
-    /// open, nobody waits and it belongs to the current generation; false
-    /// sends it to the actor.
+    /// Take back a channel a query left clean, if the desk is open, nobody
+    /// waits and it belongs to the current generation (idle again, or still
+    /// the pipelined queries' behind it); false sends it to the actor.
     pub(crate) fn give_back(&self, id: u64) -> bool {
         let mut st = self.lock();
         if !st.open || st.pool.has_waiters() {
             return false;
         }
         let generation = st.generation;
-        if !st.pool.give_back_clean(id, Instant::now(), |c| c.generation == generation) {
+        let Some(idle) = st.pool.give_back_clean(id, Instant::now(), |c| c.generation == generation) else {
             return false;
-        }
-        // Watch it for its death with the actor's waker, as the actor's own
-        // loop would: a readable idle channel wakes the actor.
+        };
+        // An idle channel is watched for its death with the actor's waker,
+        // as the actor's own loop would: a readable idle channel wakes the
+        // actor. (One still carrying pipelined queries is theirs.)
         let st = &mut *st;
         let died = match (&st.actor, st.pool.last_idle_mut()) {
-            (Some(w), Some(ch)) => ch.link.poll_idle_event(&mut Context::from_waker(w)).is_ready(),
+            (Some(w), Some(ch)) if idle => ch.link.poll_idle_event(&mut Context::from_waker(w)).is_ready(),
             _ => false,
         };
         // An idle channel above the floor now has an expiry the actor's

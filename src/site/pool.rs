@@ -503,26 +503,23 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// nobody waits): with queries pipelined behind it the channel stays
     /// theirs; with none it is idle again. False for anything else (a
     /// worse return by a query before, not current), which is then the
-    /// actor's to settle with [`Pool::left`].
-    pub(crate) fn give_back_clean(&mut self, id: u64, now: Instant, current: impl FnOnce(&C) -> bool) -> bool {
-        let Some(l) = self.busy.get_mut(&id) else { return false };
+    /// actor's to settle with [`Pool::left`]. `Some(true)`: the channel is
+    /// idle again (the last idle one).
+    pub(crate) fn give_back_clean(&mut self, id: u64, now: Instant, current: impl FnOnce(&C) -> bool) -> Option<bool> {
+        let l = self.busy.get_mut(&id)?;
         if !matches!(l.what, Use::Query | Use::Alone) || l.back != Back::Reuse {
-            return false;
+            return None;
         }
         if l.in_flight > 1 {
             l.in_flight -= 1;
-            return true;
+            return Some(false);
         }
         if !(l.in_flight == 1 && l.channel.as_ref().is_some_and(current)) {
-            return false;
+            return None;
         }
-        match self.unlend(id).and_then(|l| l.channel) {
-            Some(c) => {
-                self.idle.push_back(Idle { channel: c, since: now });
-                true
-            }
-            None => false,
-        }
+        let c = self.unlend(id).and_then(|l| l.channel)?;
+        self.idle.push_back(Idle { channel: c, since: now });
+        Some(true)
     }
 
     /// Queries wait for a channel (some may have stopped waiting).

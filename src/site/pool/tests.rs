@@ -339,12 +339,12 @@ fn the_desk_lends_what_a_waiting_query_would_get_and_takes_back_only_clean_curre
     assert_eq!(p.pipelined(), 1);
     // Given back: the first query of two leaves the channel to the other,
     // the last makes it idle.
-    assert!(p.give_back_clean(2, now, |_| true));
+    assert_eq!(p.give_back_clean(2, now, |_| true), Some(false), "still the other query's");
     assert_eq!(p.describe(|_| T).iter().find(|d| d.0 == 2).map(|d| (d.1, d.3)), Some(("busy", 1)));
-    assert!(p.give_back_clean(2, now, |_| true));
+    assert_eq!(p.give_back_clean(2, now, |_| true), Some(true), "idle again");
     assert_eq!(p.idle_count(), 1);
     // Not current (an older generation): the actor's.
-    assert!(!p.give_back_clean(1, now, |_| false));
+    assert_eq!(p.give_back_clean(1, now, |_| false), None);
     // A pool that may still grow does not pipeline: the actor opens a
     // channel instead.
     let mut q = pool(1, 2, 2);
@@ -354,6 +354,6 @@ fn the_desk_lends_what_a_waiting_query_would_get_and_takes_back_only_clean_curre
     assert_eq!(p.lend_idle(Want::Get, T, |_| true), Some(2));
     assert_eq!(p.lend_pipelined(ANY), Some(2));
     assert_eq!(p.left(2, Back::Verify), None, "the other query is still on it");
-    assert!(!p.give_back_clean(2, now, |_| true));
+    assert_eq!(p.give_back_clean(2, now, |_| true), None);
     assert_eq!(p.left(2, Back::Reuse), Some((c(2), Back::Verify)));
 }
