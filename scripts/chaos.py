@@ -8,7 +8,8 @@ and the configuration at random, with every answer checked.
 
 Options: --minutes N (the fault phase; a float, default 1), --seed N (the
 injector's and the clients' random choices; the schedule still depends on
-timing), --clients N (clients of every kind, default 50), --report FILE (also
+timing), --clients N (clients of every kind, default 50), --faults K,K (only
+these kinds of fault, e.g. `--faults blackhole,restart`), --report FILE (also
 write the Markdown report there), --log FILE (keep livemux's log there; by
 default it is kept only when an invariant failed). Exit status 0 when every
 invariant held, 1 otherwise (or when something the soak needs is missing
@@ -64,7 +65,11 @@ counted apart as "cut (visible)"; a truncated answer is one a client could
 take for complete. The answers on a connection whose packets a client_drop
 fault dropped are judged for content, not for time (they arrive late through
 the fault). After the faults stop: within heartbeat_interval +
-heartbeat_timeout + connect_retry (+ MARGIN) every site is ready; once the
+heartbeat_timeout + connect_retry (+ MARGIN) every site is ready, counted
+from the moment the site itself answers a direct query within
+heartbeat_timeout again (livemux cannot be ready before its site; how long
+each site took is in the report, and one that does not answer within
+SITE_BACK_LIMIT fails the invariant); once the
 clients are gone, no channel is busy (or in a heartbeat or
 verification longer than heartbeat_timeout + MARGIN), no client is counted, livemux's
 descriptors are back at the baseline (corrected for the number of open
@@ -99,6 +104,7 @@ TIMEOUTS = dict(heartbeat_interval=1.0, heartbeat_timeout=0.5, channel_timeout=2
                 connect_retry=1.0, connect_timeout=1.0, tls_handshake_timeout=1.0, response_idle_timeout=3.0,
                 send_stall_grace=3.0, channel_idle_timeout=2.0, client_request_timeout=5.0, tcp_user_timeout=4.0,
                 keepalive_idle=2.0, keepalive_interval=1.0)
+SITE_BACK_LIMIT = 60.0  # seconds after the faults a site has to answer a direct query in time again
 MARGIN = 1.0  # seconds added to every bound (scheduling of this script and the sites on 2 shared cores)
 FD_SLACK = 2  # descriptors: a heartbeat's extra connection or a reconnect in flight at the moment of counting
 RSS_SLACK = 32 << 20
@@ -614,6 +620,8 @@ class Chaos:
         self.bounds, self.detect = bounds()
         self.reloads = 0
         self.phase = "warm-up"
+        self.kinds = args.faults
+        self.site_back = {}  # site -> seconds after the faults until it answered a direct query in time
 
     # --- judging answers ---
 
@@ -801,7 +809,7 @@ class Chaos:
         deck = []
         while time.monotonic() < until:
             if not deck:
-                deck = FAULTS[:]
+                deck = self.kinds[:]
                 self.rng.shuffle(deck)
             kind = deck.pop()
             if not await self.inject(kind):
@@ -843,14 +851,40 @@ class Chaos:
         self.phase = "recovery"
         t = TIMEOUTS
         recover = t["heartbeat_interval"] + t["heartbeat_timeout"] + t["connect_retry"] + MARGIN
-        await asyncio.sleep(recover)
+        lifted = time.monotonic()
+        # livemux cannot be ready before the site is: a core may itself take a while to answer again (Icinga 2's
+        # few Livestatus threads stay held by connections a black hole cut until their FIN gets through).
+        await asyncio.gather(*(self.answers_directly(s, lifted) for s in self.sites.sites))
+        slow = {k: v for k, v in self.site_back.items() if v > 0.5}
+        if slow:
+            log("sites slow to answer directly after the faults: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(slow.items())))
+        back = max([v for v in self.site_back.values() if v is not None], default=0.0)
+        await asyncio.sleep(max(0.0, lifted + back + recover - time.monotonic()))
         state = await asyncio.to_thread(self.lm.fresh_state)
         self.not_ready = [f"{s['name']} ({s.get('state')}: {s.get('last_error')})" for s in state["sites"]
                           if s.get("state") != "ready"]
-        log(f"{recover:.1f} s after the faults: not ready: {self.not_ready or 'none'}; stopping the clients")
+        self.not_ready += [f"{k} (the site itself did not answer within {SITE_BACK_LIMIT:g} s)"
+                           for k, v in self.site_back.items() if v is None]
+        log(f"{recover:.1f} s after the faults (and the sites): not ready: {self.not_ready or 'none'}; "
+            "stopping the clients")
         self.stopping = True
         await asyncio.gather(*tasks)
         lag.cancel()
+
+    async def answers_directly(self, site, since):
+        """Wait until the site itself answers a direct query within heartbeat_timeout (what livemux's heartbeat
+        asks of it); record how long after `since` that was (None: not within SITE_BACK_LIMIT)."""
+        port = site.backend or site.port
+        limit = TIMEOUTS["heartbeat_timeout"]
+        while time.monotonic() - since < SITE_BACK_LIMIT:
+            try:
+                await asyncio.to_thread(direct_query, port, "GET status\nColumns: program_start", limit)
+                self.site_back[site.name] = time.monotonic() - since
+                return
+            except (OSError, RuntimeError, ValueError):
+                await asyncio.sleep(0.1)
+        self.site_back[site.name] = None
 
     def settle(self):
         """After the clients are gone: channels, clients, descriptors, memory, log."""
@@ -942,7 +976,8 @@ class Chaos:
              f"{MARGIN:g} s (a query retried once on a fresh channel may take longer, within query_timeout)",
              str(self.beyond[502]), True),
             (f"sites not ready {t['heartbeat_interval'] + t['heartbeat_timeout'] + t['connect_retry'] + MARGIN:.1f} s "
-             "after the faults", ", ".join(self.not_ready) or "0", not self.not_ready),
+             "after the faults, or after the site itself answered again (" + site_back(self.site_back) + ")",
+             ", ".join(self.not_ready) or "0", not self.not_ready),
             (f"channels not idle (busy, heartbeat, verifying) for over heartbeat_timeout + {MARGIN:g} s after the "
              "clients left", ", ".join(end["busy"]) or "0", not end["busy"]),
             ("clients still counted by livemux", str(end["clients"]), end["clients"] == 0),
@@ -958,7 +993,7 @@ class Chaos:
             ("faults that could not be injected or lifted", str(len(self.fault_errors)), not self.fault_errors),
         ]
         if self.args.minutes >= 10:
-            few = [k for k in FAULTS if self.faults[k] < 20]
+            few = [k for k in self.kinds if self.faults[k] < 20]
             checks.append(("fault kinds injected fewer than 20 times", ", ".join(few) or "0", not few))
         for _, _, good in checks:
             ok = ok and good
@@ -989,6 +1024,12 @@ class Chaos:
         return ok, text
 
 
+def site_back(back):
+    """The sites that answered a direct query in time only later than 0.5 s after the faults."""
+    slow = [f"{k}: {'never' if v is None else f'{v:.1f} s'}" for k, v in sorted(back.items()) if v is None or v > 0.5]
+    return "the sites' own: " + (", ".join(slow) if slow else "all within 0.5 s")
+
+
 def fd_change(before, after):
     """What changed between two descriptor counts by kind, e.g. '; +1 socket'."""
     diff = [f"{after[k] - before[k]:+d} {k}" for k in sorted(set(before) | set(after)) if after[k] != before[k]]
@@ -1011,12 +1052,23 @@ def missing_tools():
     return miss
 
 
+def fault_kinds(text):
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in FAULTS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown fault kind(s) {', '.join(bad) or '(none given)'}; "
+                                         f"known: {', '.join(FAULTS)}")
+    return kinds
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=1.0, help="length of the fault phase (default 1)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
     ap.add_argument("--clients", type=int, default=50, help="clients of every kind (default 50)")
     ap.add_argument("--report", help="also write the Markdown report to this file")
+    ap.add_argument("--faults", type=fault_kinds, default=FAULTS,
+                    help=f"the kinds of fault to inject, comma-separated (default all: {','.join(FAULTS)})")
     ap.add_argument("--log", help="keep livemux's log in this file (by default only when an invariant failed)")
     args = ap.parse_args()
     if os.environ.get(NETNS_ENV) != "1":

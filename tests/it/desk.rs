@@ -144,3 +144,34 @@ async fn a_reload_that_removes_a_site_takes_its_channels_back() {
     assert_eq!(code, 200);
     p.shutdown().await;
 }
+
+/// An answer small enough to be held in the read buffer, sent by the site
+/// in pieces (as Icinga 2 and Naemon send header and body apart): read
+/// whole and exact while the pieces keep coming; a site that falls silent
+/// between them for `response_idle_timeout` fails the query with that
+/// reason, and the client gets the error, never part of the answer.
+#[tokio::test]
+async fn a_small_answer_sent_in_pieces_is_read_whole_or_fails_on_the_idle_timeout() {
+    let params =
+        livemux::config::SiteParams { response_idle_timeout: std::time::Duration::from_secs(1), ..fast_params() };
+    let (p, s) = Proxy::with_sim("dp", params).await;
+    let q = "GET hosts\nColumns: name address\nLimit: 20";
+    let whole = query(&p, "dp", q).await;
+    assert_eq!(whole.0, 200);
+    assert!(whole.1.len() > 100 && whole.1.len() < 8000, "an answer the read buffer holds: {}", whole.1.len());
+    // In 16-byte pieces (the header alone first), 20 ms apart.
+    s.set_knobs(|k| {
+        k.fault_table = Some("hosts".into());
+        k.write_chunk = 16;
+        k.write_pause = std::time::Duration::from_millis(20);
+    });
+    assert_eq!(query(&p, "dp", q).await, whole, "the same answer, byte for byte");
+    // Silent for longer than response_idle_timeout after the header.
+    s.set_knobs(|k| k.write_pause = std::time::Duration::from_secs(3));
+    let (code, body) = query(&p, "dp", q).await;
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("the site sent nothing for 1s in the middle of the answer"), "{body}");
+    s.set_knobs(|k| *k = livemux_simsite::Knobs::default());
+    assert_eq!(query(&p, "dp", q).await, whole, "the site's other channels still serve");
+    p.shutdown().await;
+}
