@@ -41,6 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{Activity, Channel, Lease, Return, looks_alive, poll_dead_idle};
+use super::closing::Closing;
 use super::connector::{Connect, SiteStream};
 use super::desk::{Desk, DeskState};
 use super::heartbeat::{self, Schedule};
@@ -164,6 +165,8 @@ pub(crate) struct Actor {
 
     /// The pool, shared with the queries (see `desk`).
     desk: Arc<Desk>,
+    /// Closed connections the site may not have heard of (see `closing`).
+    closing: Arc<Closing>,
     schedule: Schedule,
 
     state: SiteState,
@@ -210,6 +213,7 @@ impl Actor {
         });
         let desk = Desk::new(pool, events_tx.clone());
         let schedule = Schedule::new(p.heartbeat_interval, p.heartbeat_timeout);
+        let closing = Arc::new(Closing::new(closing_limit(p)));
         let actor = Actor {
             cfg,
             connector,
@@ -224,6 +228,7 @@ impl Actor {
             heartbeat_rtt_us: Arc::default(),
             metrics,
             desk: desk.clone(),
+            closing,
             schedule,
             state: SiteState::Starting,
             state_since: SystemTime::now(),
@@ -383,6 +388,7 @@ impl Actor {
             tracing::debug!(closed = closed.len(), "idle channels closed: the reload asked for fewer");
         }
         drop(closed);
+        self.closing.set_limit(closing_limit(p));
         self.schedule.set_timing(p.heartbeat_interval, p.heartbeat_timeout);
         self.connector = r.connector;
         self.tls = r.tls;
@@ -572,6 +578,14 @@ impl Actor {
                 }
                 drop(d);
                 if purpose == Purpose::Probe {
+                    let swept = self.closing.recovered();
+                    if swept.reset > 0 {
+                        tracing::info!(
+                            connections = swept.reset,
+                            "reset the connections closed while the site was unreachable that it had not \
+                             acknowledged (its threads held by them are free now)"
+                        );
+                    }
                     self.set_state(SiteState::Ready, "connected and answering heartbeats".into());
                     self.schedule.start(Instant::now());
                     self.ensure_channels();
@@ -692,6 +706,10 @@ impl Actor {
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        let swept = self.closing.sweep(2 * self.cfg.params.heartbeat_interval);
+        if swept.reset > 0 {
+            tracing::debug!(connections = swept.reset, "reset closed connections the site never acknowledged");
+        }
         if self.local_retry_at.is_some_and(|t| now >= t) {
             self.local_retry_at = None;
             self.ensure_channels();
@@ -755,7 +773,7 @@ impl Actor {
     fn new_channel(&mut self, stream: SiteStream) -> Channel {
         let id = self.next_id;
         self.next_id += 1;
-        Channel::new(id, stream, self.generation, self.activity.clone())
+        Channel::new(id, stream, self.generation, self.activity.clone(), Some(self.closing.clone()))
     }
 
     /// Check a new pool channel with a heartbeat before lending it.
@@ -806,7 +824,10 @@ impl Actor {
                     (Some(ch), Ok(ps))
                 }
                 Ok(Err(e)) => (None, Err(e)),
-                Err(_) => (None, Err(SiteError::HeartbeatTimeout(timeout))),
+                Err(_) => {
+                    ch.link.mark_silent();
+                    (None, Err(SiteError::HeartbeatTimeout(timeout)))
+                }
             };
             let _ = tx.send(Event::Helper(Box::new(report(channel, result))));
         });
@@ -822,6 +843,8 @@ impl Actor {
         let cause = Arc::new(e);
         self.last_error = Some(cause.clone());
         self.generation += 1;
+        // Channels closed from here on may not reach the site (see `closing`).
+        self.closing.set_suspect(true);
         let (in_flight, waiters, gone) = {
             let mut d = self.desk();
             d.open = false;
@@ -888,8 +911,15 @@ impl Actor {
             heartbeat_rtt_us: Some(self.heartbeat_rtt_us.load(std::sync::atomic::Ordering::Relaxed))
                 .filter(|us| *us > 0),
             channels_max: self.cfg.params.channels_max,
+            closing: self.closing.len(),
         }
     }
+}
+
+/// How many closed connections a site's `Closing` keeps: its pool, a
+/// probe and an extra heartbeat connection.
+fn closing_limit(p: &crate::config::SiteParams) -> usize {
+    p.channels_max + 2
 }
 
 /// A connect failed for lack of descriptors in livemux (EMFILE, ENFILE).

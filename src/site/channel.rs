@@ -47,6 +47,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::actor::Event;
+use super::closing::Closing;
 use super::connector::SiteStream;
 use super::desk::Desk;
 
@@ -101,12 +102,17 @@ struct Reader {
 /// A connection to a site, shared by the queries pipelined on it.
 pub struct Link {
     /// Requests go out whole, one at a time.
-    writer: tokio::sync::Mutex<WriteHalf<SiteStream>>,
+    /// (`None` only while the link is dropped: see `closing`.)
+    writer: tokio::sync::Mutex<Option<WriteHalf<SiteStream>>>,
     /// Tickets and the reading side; only ever locked for a few steps.
     turns: Mutex<Turns>,
     activity: Arc<Activity>,
     /// Quick ACKs wanted (TCP): see `connector::QuickAck`.
     quickack: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Where a TCP connection goes when it is closed on a suspect path.
+    closing: Option<Arc<Closing>>,
+    /// A heartbeat on it went unanswered.
+    silent: std::sync::atomic::AtomicBool,
 }
 
 /// The channel cannot be read for this ticket: the query received no byte
@@ -120,12 +126,46 @@ impl std::fmt::Display for Poisoned {
     }
 }
 
+impl Drop for Link {
+    /// A TCP connection closed on a suspect path goes to the site's
+    /// `Closing` list instead of simply closing.
+    fn drop(&mut self) {
+        let Some(closing) = self.closing.take() else { return };
+        let Some(write) = self.writer.get_mut().take() else { return };
+        let reader = self.turns.get_mut().unwrap_or_else(|e| e.into_inner()).reader.take();
+        // Without its reading side (a query's turn ended abnormally) the
+        // stream cannot be put together: it closes the usual way.
+        let Some(reader) = reader.filter(|r| r.half.is_pair_of(&write)) else { return };
+        let stream = reader.half.unsplit(write);
+        let silent = *self.silent.get_mut();
+        if stream.tcp().is_some_and(|s| closing.wants(silent, s))
+            && let Some(sock) = stream.into_tcp()
+        {
+            closing.keep(sock);
+        }
+    }
+}
+
 impl Link {
-    pub(crate) fn new(stream: SiteStream, activity: Arc<Activity>) -> Link {
+    pub(crate) fn new(stream: SiteStream, activity: Arc<Activity>, closing: Option<Arc<Closing>>) -> Link {
         let quickack = stream.quickack_switch();
+        let closing = closing.filter(|_| stream.tcp().is_some());
         let (half, write) = tokio::io::split(stream);
         let turns = Turns { reader: Some(Reader { half, pending: Bytes::new() }), ..Turns::default() };
-        Link { writer: tokio::sync::Mutex::new(write), turns: Mutex::new(turns), activity, quickack }
+        Link {
+            writer: tokio::sync::Mutex::new(Some(write)),
+            turns: Mutex::new(turns),
+            activity,
+            quickack,
+            closing,
+            silent: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A heartbeat on this connection went unanswered: when it closes, the
+    /// site may not hear of it (see `closing`).
+    pub(crate) fn mark_silent(&self) {
+        self.silent.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn turns(&self) -> MutexGuard<'_, Turns> {
@@ -143,7 +183,8 @@ impl Link {
     /// Write a request that expects an answer; its ticket is its place in
     /// the order of answers. A poisoned channel takes no more requests.
     pub(crate) async fn send(&self, wire: &[u8]) -> Result<(u64, bool), Result<Poisoned, io::Error>> {
-        let mut w = self.writer.lock().await;
+        let mut guard = self.writer.lock().await;
+        let Some(w) = guard.as_mut() else { return Err(Ok(Poisoned("the channel is closed"))) };
         let (ticket, ahead) = {
             let mut t = self.turns();
             if let Some(why) = t.poisoned {
@@ -169,7 +210,8 @@ impl Link {
 
     /// Write requests that expect no answer (`COMMAND`s).
     pub(crate) async fn send_unanswered(&self, wire: &[u8]) -> io::Result<()> {
-        let mut w = self.writer.lock().await;
+        let mut guard = self.writer.lock().await;
+        let Some(w) = guard.as_mut() else { return Err(io::ErrorKind::NotConnected.into()) };
         w.write_all(wire).await?;
         w.flush().await
     }
@@ -360,8 +402,15 @@ pub struct Channel {
 }
 
 impl Channel {
-    pub(crate) fn new(id: u64, stream: SiteStream, generation: u64, activity: Arc<Activity>) -> Channel {
-        Channel { id, link: Arc::new(Link::new(stream, activity)), uses: 0, generation, since: SystemTime::now() }
+    pub(crate) fn new(
+        id: u64,
+        stream: SiteStream,
+        generation: u64,
+        activity: Arc<Activity>,
+        closing: Option<Arc<Closing>>,
+    ) -> Channel {
+        let link = Arc::new(Link::new(stream, activity, closing));
+        Channel { id, link, uses: 0, generation, since: SystemTime::now() }
     }
 }
 

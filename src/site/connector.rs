@@ -82,6 +82,26 @@ impl QuickAck {
 }
 
 impl SiteStream {
+    /// The TCP connection under it (TCP and TLS).
+    pub(crate) fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            SiteStream::Tcp(s, _) => Some(s),
+            SiteStream::Tls(s, _) => Some(s.get_ref().0),
+            _ => None,
+        }
+    }
+
+    /// The TCP connection under it, taken out of the runtime (TCP and TLS;
+    /// a TLS session ends without its close_notify).
+    pub(crate) fn into_tcp(self) -> Option<std::net::TcpStream> {
+        let tcp = match self {
+            SiteStream::Tcp(s, _) => s,
+            SiteStream::Tls(s, _) => s.into_inner().0,
+            _ => return None,
+        };
+        tcp.into_std().ok()
+    }
+
     /// The switch that says whether quick ACKs are wanted on this
     /// connection (TCP and TLS; `None` for UNIX sockets).
     pub(crate) fn quickack_switch(&self) -> Option<Arc<AtomicBool>> {

@@ -13,6 +13,7 @@
 
 pub(crate) mod actor;
 pub mod channel;
+pub(crate) mod closing;
 pub mod connector;
 mod desk;
 pub mod exchange;
@@ -117,6 +118,9 @@ pub struct SiteSnapshot {
     pub channels: Vec<ChannelSnapshot>,
     /// Connections being opened.
     pub channels_connecting: usize,
+    /// Connections closed on a path that was failing, whose FIN the site
+    /// has not acknowledged yet (reset when it answers again).
+    pub channels_closing: usize,
     /// Queries waiting for a channel.
     pub clients_waiting: usize,
     /// Client connections on the site's socket (and TCP listener).
@@ -175,6 +179,7 @@ pub(crate) struct PoolReport {
     pub tls: Option<crate::tls::TlsSnapshot>,
     pub heartbeat_rtt_us: Option<u64>,
     pub channels_max: usize,
+    pub closing: usize,
 }
 
 /// A dropped TCP client, for the state file.
@@ -424,6 +429,7 @@ impl SiteHandle {
                 .map(|(id, state, since, queries)| ChannelSnapshot { id, state, since: timestamp(since), queries })
                 .collect(),
             channels_connecting: r.opening,
+            channels_closing: r.closing,
             channels_served: r.served,
             queries_pipelined: r.pipelined,
             channels_peak: r.peak,

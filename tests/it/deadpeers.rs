@@ -356,6 +356,58 @@ fn a_site_that_vanishes_mid_answer_is_marked_down_and_the_client_is_not_left_han
     });
 }
 
+/// ESTABLISHED TCP sockets in this namespace on `port`: (the site's side,
+/// the connecting side), as `ss -t state established` would count them.
+fn established(port: u16) -> (usize, usize) {
+    let text = std::fs::read_to_string("/proc/thread-self/net/tcp").expect("/proc/thread-self/net/tcp");
+    let port_of = |a: &str| a.rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok());
+    let mut counts = (0, 0);
+    for f in text.lines().skip(1).map(|l| l.split_whitespace().collect::<Vec<_>>()) {
+        if f.len() > 3 && f[3] == "01" {
+            counts.0 += usize::from(port_of(f[1]) == Some(port));
+            counts.1 += usize::from(port_of(f[2]) == Some(port));
+        }
+    }
+    counts
+}
+
+/// Seen in the chaos soak on Icinga 2 (4 Livestatus threads on 2 cores): a
+/// black hole longer than `tcp_user_timeout` swallowed the FINs of the
+/// channels livemux gave up, the kernel stopped retransmitting them, and the
+/// site's threads stayed blocked reading connections nobody used; after a
+/// few such outages the site answered no heartbeat. Now the site holds no
+/// connection livemux gave up once it is reachable again.
+#[test]
+fn channels_given_up_in_a_black_hole_do_not_hold_the_site_after_it() {
+    in_netns("given-up channels after a black hole", || async {
+        let s = sim("s1").await;
+        let port = s.tcp_addr().unwrap().port();
+        let params = SiteParams { channels: 2, channels_max: 2, ..params() };
+        let p = Proxy::start(vec![("s1", s.address(), params.clone())]).await;
+        p.wait_state("s1", SiteState::Ready).await;
+        eventually("both channels open on both sides", || established(port) == (2, 2)).await;
+        drop_port("hole", port);
+        p.wait_state("s1", SiteState::Down).await;
+        let snap = eventually_snapshot(&p, "s1", "the given-up channels kept", |s| s.channels_closing >= 2).await;
+        assert!(snap.channels_closing <= params.channels_max + 2, "bounded: {}", snap.channels_closing);
+        // The outage outlasts tcp_user_timeout (2 s): by itself the kernel
+        // would have stopped retransmitting the FINs by now.
+        tokio::time::sleep(params.tcp_user_timeout + Duration::from_secs(2)).await;
+        assert_eq!(established(port).0, 2, "the site still holds the two channels it never heard closed");
+        lift("hole");
+        p.wait_state("s1", SiteState::Ready).await;
+        eventually("the site holds only the connections livemux has open", || {
+            let (site, livemux) = established(port);
+            site == livemux
+        })
+        .await;
+        eventually_snapshot(&p, "s1", "nothing left closing", |s| s.channels_closing == 0).await;
+        let (code, _) = query(&p, "s1", "GET status\nColumns: num_hosts").await;
+        assert_eq!(code, 200);
+        p.shutdown().await;
+    });
+}
+
 #[test]
 fn only_from_admits_listed_sources_and_refuses_others_ipv4_and_ipv6() {
     in_netns("only_from", || async {
