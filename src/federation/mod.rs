@@ -557,20 +557,43 @@ async fn answer<S: Client>(
     if sites.is_empty() {
         return Err(Failure::Answer(Status::NotFound, "no site of this federation is selected".into()));
     }
-    let wire = {
+    // Each site's request: the same for all unless a filter tests the site
+    // column; a site whose filter is false is not asked.
+    let encode = |text: &str| -> Result<Arc<Vec<u8>>, Failure> {
         let mut w = Vec::new();
-        match livemux_protocol::Query::from_text(&plan.site_query) {
+        match livemux_protocol::Query::from_text(text) {
             Ok(q) => q.encode_for_site(&mut w),
             Err(e) => return Err(Failure::Answer(e.status(), e.to_string())),
         }
-        Arc::new(w)
+        Ok(Arc::new(w))
     };
+    let mut asked: Vec<(&SiteHandle, Arc<Vec<u8>>)> = Vec::with_capacity(sites.len());
+    if plan.per_site() {
+        let mut wires: Vec<(String, Arc<Vec<u8>>)> = Vec::new();
+        for site in sites {
+            let Some(text) = plan.query_for(site.name()) else { continue };
+            let wire = match wires.iter().find(|(t, _)| *t == text) {
+                Some((_, w)) => w.clone(),
+                None => {
+                    let w = encode(&text)?;
+                    wires.push((text, w.clone()));
+                    w
+                }
+            };
+            asked.push((site, wire));
+        }
+    } else if let Some(text) = sites.first().and_then(|s| plan.query_for(s.name())) {
+        let wire = encode(&text)?;
+        asked.extend(sites.iter().map(|s| (s, wire.clone())));
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel(QUEUE);
     let mut readers = tokio::task::JoinSet::new();
-    for (i, site) in sites.iter().enumerate() {
-        readers.spawn(ask_site(i, site.clone(), wire.clone(), tx.clone(), fed.cache.clone(), plan.cache_reload));
+    for (i, (site, wire)) in asked.iter().enumerate() {
+        let (site, wire) = ((*site).clone(), wire.clone());
+        readers.spawn(ask_site(i, site, wire, tx.clone(), fed.cache.clone(), plan.cache_reload));
     }
     drop(tx);
+    let name = |i: usize| asked[i].0.name();
     let header = plan.headers.then(|| plan.header_names(0));
     let mut pending = Vec::with_capacity(16 * 1024);
     let mut renderer = Renderer::start(plan, header.as_deref(), &mut pending);
@@ -582,16 +605,16 @@ async fn answer<S: Client>(
     while let Some(part) = rx.recv().await {
         match part {
             Part::Done(i, Err(why)) => {
-                tracing::warn!(site = %sites[i].name(), reason = %why, "site left out of a federated answer");
-                failed.push((sites[i].name().to_owned(), why));
+                tracing::warn!(site = %name(i), reason = %why, "site left out of a federated answer");
+                failed.push((name(i).to_owned(), why));
             }
             Part::Done(_, Ok(())) => {}
             Part::Row(i, row) => {
                 total += 1;
                 if !plan.stats.is_empty() {
-                    stats.add(plan, sites[i].name(), row);
+                    stats.add(plan, name(i), row);
                 } else if !plan.sort.is_empty() {
-                    let row = plan.client_row(sites[i].name(), row);
+                    let row = plan.client_row(name(i), row);
                     sorted_bytes += serde_json::to_string(&row).map_or(64, |s| s.len() + 64);
                     if sorted_bytes > fed.sort_budget {
                         readers.abort_all();
@@ -609,7 +632,7 @@ async fn answer<S: Client>(
                     skipped += 1;
                 } else if plan.limit.is_none_or(|l| given < l) {
                     given += 1;
-                    renderer.row(&plan.client_row(sites[i].name(), row), &mut pending);
+                    renderer.row(&plan.client_row(name(i), row), &mut pending);
                     if pending.len() >= 16 * 1024 {
                         sink.put(&pending).await?;
                         pending.clear();
@@ -634,7 +657,7 @@ async fn answer<S: Client>(
         total = rows.len();
     }
     failed.sort();
-    if failed.len() == sites.len() || (fed.cfg.fail_on_site_error && !failed.is_empty()) {
+    if (!asked.is_empty() && failed.len() == asked.len()) || (fed.cfg.fail_on_site_error && !failed.is_empty()) {
         let list: Vec<String> = failed.iter().map(|(s, w)| format!("{s}: {w}")).collect();
         return Err(Failure::Answer(Status::SiteUnavailable, format!("federated query failed on {}", list.join("; "))));
     }

@@ -4,15 +4,21 @@
 //! The client's request is split into what the sites answer (the query
 //! with the virtual `site` column taken out, `OutputFormat: json`, `Limit`
 //! raised by `Offset`, `avg` asked as `sum` and a count) and what livemux
-//! does over the union: the `site` column, `Sites:`/`Backends:` and
-//! `Filter: site = x` (which also decide which sites are asked), merging
+//! does over the union: the `site` column, `Sites:`/`Backends:` and the
+//! site column's tests in filters and stats (decided per site by
+//! [`sitefilter`]: which sites are asked, and what each is asked), merging
 //! `Stats` per group key, `Sort`, `Offset`, `Limit`, and the client's output
 //! format and headers.
 
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
+use std::fmt::Write as _;
 
 use serde_json::Value;
+
+pub mod sitefilter;
+
+use sitefilter::{Expr, STATS, Stack, StrOp, StrTest};
 
 /// Where the forwarded `Columns:` line goes, until it is known.
 const COLUMNS_PLACEHOLDER: &str = "\u{0}columns";
@@ -53,8 +59,15 @@ pub enum Format {
 pub struct Plan {
     /// The table.
     pub table: String,
-    /// The request each selected site gets (without the empty line).
-    pub site_query: String,
+    /// The request's lines each selected site gets before its filters (the
+    /// `GET` line, `Columns`, the headers livemux passes on).
+    head: String,
+    /// The filter stack, with the site column's tests (decided per site).
+    filters: Stack,
+    /// The stats columns as the sites are asked for them.
+    stat_lines: Vec<Stat>,
+    /// The `Limit` the sites get (the client's raised by its `Offset`).
+    site_limit: Option<usize>,
     /// Explicit columns (with the virtual ones), if any.
     pub columns: Vec<String>,
     /// Positions in `columns` of the virtual site column.
@@ -81,6 +94,16 @@ pub struct Plan {
     pub visible: usize,
 }
 
+/// One stats column as the sites are asked for it.
+#[derive(Debug, Clone)]
+enum Stat {
+    /// An aggregate (`sum`, `min`, `max`; `avg` as a sum and a count):
+    /// lines passed on as they are.
+    Aggregate(Vec<String>),
+    /// A count of the rows a filter expression passes.
+    Count(Expr),
+}
+
 /// A request livemux refuses, with its status code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
@@ -96,12 +119,20 @@ fn refuse(status: u16, message: impl Into<String>) -> Refused {
 
 /// A count filter that every row of `table` passes (for `avg`'s count).
 fn universal_filter(table: &str) -> Option<&'static str> {
+    bounds(table).map(|(all, _)| all)
+}
+
+/// Count filters every row of `table` passes, and none: (all, none). Not
+/// `StatsNegate:` of the first: Icinga 2 ignores that header.
+fn bounds(table: &str) -> Option<(&'static str, &'static str)> {
     Some(match table {
-        "hosts" | "hostsbygroup" => "name !=",
-        "services" | "servicesbygroup" | "servicesbyhostgroup" => "description !=",
-        "hostgroups" | "servicegroups" | "contactgroups" | "contacts" | "commands" | "timeperiods" => "name !=",
-        "comments" | "downtimes" => "id >= 0",
-        "log" | "statehist" => "time >= 0",
+        "hosts" | "hostsbygroup" => ("name !=", "name ="),
+        "services" | "servicesbygroup" | "servicesbyhostgroup" => ("description !=", "description ="),
+        "hostgroups" | "servicegroups" | "contactgroups" | "contacts" | "commands" | "timeperiods" => {
+            ("name !=", "name =")
+        }
+        "comments" | "downtimes" => ("id >= 0", "id < 0"),
+        "log" | "statehist" => ("time >= 0", "time < 0"),
         _ => return None,
     })
 }
@@ -114,7 +145,10 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
     let Some(table) = table else { return Err(refuse(400, "a federated request must be a GET with a table")) };
     let mut p = Plan {
         table: table.to_owned(),
-        site_query: format!("GET {table}\n"),
+        head: format!("GET {table}\n"),
+        filters: Stack::default(),
+        stat_lines: Vec::new(),
+        site_limit: None,
         columns: Vec::new(),
         site_positions: Vec::new(),
         stats: Vec::new(),
@@ -130,7 +164,9 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
     };
     let mut sort_names: Vec<(String, bool)> = Vec::new();
     let mut forwarded = Vec::new();
-    let mut site_filters: Vec<String> = Vec::new();
+    // The count part of the Stats lines, as a stack (StatsAnd/Or/Negate
+    // combine counts only).
+    let mut counts = Stack::default();
     for line in lines {
         let (name, value) = line.split_once(':').map(|(n, v)| (n.trim(), v.trim())).unwrap_or((line, ""));
         match name {
@@ -144,18 +180,12 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
                 // Written at the end: Sort may add columns to it.
                 forwarded.push(COLUMNS_PLACEHOLDER.to_owned());
             }
-            "Filter" => {
-                let mut w = value.splitn(3, ' ');
-                let (col, op, arg) = (w.next().unwrap_or(""), w.next().unwrap_or(""), w.next().unwrap_or(""));
-                if SITE_COLUMNS.contains(&col) {
-                    if op != "=" {
-                        return Err(refuse(452, format!("a filter on `{col}` must use '=' ('{value}')")));
-                    }
-                    site_filters.push(arg.to_owned());
-                } else {
-                    forwarded.push(line.to_owned());
-                }
+            "Filter" => p.filters.items.push(atom(value)?),
+            "And" | "Or" => {
+                let n: usize = value.parse().map_err(|_| refuse(400, format!("{name}: '{value}' is not a number")))?;
+                p.filters.combine(n, name == "And", name).map_err(|m| refuse(400, m))?;
             }
+            "Negate" => p.filters.negate(name).map_err(|m| refuse(400, m))?,
             "Sites" | "Backends" => {
                 let set: BTreeSet<String> = value.split_whitespace().map(str::to_owned).collect();
                 p.sites = Some(match p.sites.take() {
@@ -186,33 +216,46 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
                                 format!("Stats: avg on table '{table}' is not supported federated"),
                             ));
                         };
-                        forwarded.push(format!("Stats: sum {rest}"));
-                        forwarded.push(format!("Stats: {all}"));
+                        p.stat_lines.push(Stat::Aggregate(vec![format!("sum {rest}"), all.to_owned()]));
                         p.stats.push(Merge::Avg);
                     }
                     Some(k) if !rest.is_empty() => {
-                        forwarded.push(line.to_owned());
+                        p.stat_lines.push(Stat::Aggregate(vec![value.to_owned()]));
                         p.stats.push(k);
                     }
                     _ => {
-                        forwarded.push(line.to_owned());
+                        p.stat_lines.push(Stat::Count(atom(value)?));
                         p.stats.push(Merge::Add);
                     }
                 }
             }
-            "StatsAnd" | "StatsOr" => {
-                let n: usize = value.parse().map_err(|_| refuse(400, format!("{name}: '{value}' is not a number")))?;
-                if n == 0 || n > p.stats.len() || p.stats[p.stats.len() - n..].iter().any(|m| *m != Merge::Add) {
+            "StatsAnd" | "StatsOr" | "StatsNegate" => {
+                let n: usize = match name {
+                    "StatsNegate" => 1,
+                    _ => value.parse().map_err(|_| refuse(400, format!("{name}: '{value}' is not a number")))?,
+                };
+                // The top n stats columns, all counts, become one.
+                let top = p.stat_lines.len().saturating_sub(n);
+                if n == 0 || n > p.stat_lines.len() || p.stat_lines[top..].iter().any(|s| !matches!(s, Stat::Count(_)))
+                {
                     return Err(refuse(452, format!("{name}: {n} combines no count filters")));
                 }
-                p.stats.truncate(p.stats.len() - n + 1);
-                forwarded.push(line.to_owned());
-            }
-            "StatsNegate" => {
-                if p.stats.last() != Some(&Merge::Add) {
-                    return Err(refuse(452, "StatsNegate: no count filter to negate"));
+                counts.items = p
+                    .stat_lines
+                    .drain(top..)
+                    .filter_map(|s| match s {
+                        Stat::Count(e) => Some(e),
+                        Stat::Aggregate(_) => None,
+                    })
+                    .collect();
+                match name {
+                    "StatsNegate" => counts.negate(name),
+                    _ => counts.combine(n, name == "StatsAnd", name),
                 }
-                forwarded.push(line.to_owned());
+                .map_err(|m| refuse(400, m))?;
+                p.stats.truncate(top);
+                p.stats.push(Merge::Add);
+                p.stat_lines.extend(counts.items.drain(..).map(Stat::Count));
             }
             "Sort" => {
                 let mut w = value.split_whitespace();
@@ -255,16 +298,8 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
             _ => forwarded.push(line.to_owned()),
         }
     }
-    if site_filters.len() > 1 {
-        // Several `Filter: site = x` lines mean the union of those sites
-        // when followed by `Or:`; livemux takes them as such.
-    }
-    if !site_filters.is_empty() {
-        let set: BTreeSet<String> = site_filters.into_iter().collect();
-        p.sites = Some(match p.sites.take() {
-            Some(old) => old.intersection(&set).cloned().collect(),
-            None => set,
-        });
+    if universal_filter(table).is_none() && p.stat_lines.iter().any(|s| matches!(s, Stat::Count(e) if e.has_site())) {
+        return Err(refuse(452, format!("Stats on the site column are not supported federated on table '{table}'")));
     }
     if p.columns.is_empty() && p.stats.is_empty() && !p.site_positions.is_empty() {
         return Err(refuse(400, "the site column needs explicit Columns"));
@@ -306,17 +341,71 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         && let Some(l) = p.limit
     {
         // Saturating: `Limit` and `Offset` are the client's numbers.
-        forwarded.push(format!("Limit: {}", l.saturating_add(p.offset)));
+        p.site_limit = Some(l.saturating_add(p.offset));
     }
-    forwarded.push("OutputFormat: json".to_owned());
     for l in forwarded {
-        p.site_query.push_str(&l);
-        p.site_query.push('\n');
+        p.head.push_str(&l);
+        p.head.push('\n');
     }
     Ok(p)
 }
 
+/// A `Filter:` or `Stats:` line's condition: a test of the site column, or
+/// a line for the sites.
+fn atom(value: &str) -> Result<Expr, Refused> {
+    let mut w = value.splitn(3, ' ');
+    let (col, op, arg) = (w.next().unwrap_or(""), w.next().unwrap_or(""), w.next().unwrap_or(""));
+    if !SITE_COLUMNS.contains(&col) {
+        return Ok(Expr::Line(value.to_owned()));
+    }
+    let Some(op) = StrOp::parse(op) else {
+        return Err(refuse(400, format!("'{op}' is not an operator for the string column '{col}'")));
+    };
+    StrTest::new(op, arg).map(|t| Expr::Site(Box::new(t))).map_err(|m| refuse(400, m))
+}
+
 impl Plan {
+    /// The request `site` gets (without the empty line), or `None` when the
+    /// filters exclude it (its rows would all be filtered out).
+    pub fn query_for(&self, site: &str) -> Option<String> {
+        let mut q = String::with_capacity(self.head.len() + 128);
+        q.push_str(&self.head);
+        self.filters.for_site(site, &mut q)?;
+        for s in &self.stat_lines {
+            match s {
+                Stat::Aggregate(lines) => {
+                    for l in lines {
+                        q.push_str("Stats: ");
+                        q.push_str(l);
+                        q.push('\n');
+                    }
+                }
+                Stat::Count(e) if !e.has_site() => e.render(STATS, &mut q),
+                Stat::Count(e) => match e.for_site(site) {
+                    // Every row or none (the table's bounds were checked
+                    // to exist when planned).
+                    Expr::Const(b) => {
+                        let (all, none) = bounds(&self.table).unwrap_or(("name !=", "name ="));
+                        q.push_str("Stats: ");
+                        q.push_str(if b { all } else { none });
+                        q.push('\n');
+                    }
+                    e => e.render(STATS, &mut q),
+                },
+            }
+        }
+        if let Some(l) = self.site_limit {
+            let _ = writeln!(q, "Limit: {l}");
+        }
+        q.push_str("OutputFormat: json\n");
+        Some(q)
+    }
+
+    /// Whether some site may get a different request from the others.
+    pub fn per_site(&self) -> bool {
+        self.filters.has_site() || self.stat_lines.iter().any(|s| matches!(s, Stat::Count(e) if e.has_site()))
+    }
+
     /// The output columns' names (for `ColumnHeaders` and `wrapped_json`).
     pub fn header_names(&self, stats_from_row: usize) -> Vec<String> {
         if !self.stats.is_empty() {

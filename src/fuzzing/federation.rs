@@ -40,7 +40,11 @@ pub fn federation_answer(data: &[u8]) {
             return;
         }
     };
-    check_site_query(&plan.site_query);
+    for site in SITES {
+        if let Some(q) = plan.query_for(site) {
+            check_site_query(&q);
+        }
+    }
     let mut out = Vec::new();
     merge(&plan, &answers, &mut out);
     if matches!(plan.format, Format::Json | Format::WrappedJson) {
@@ -91,7 +95,7 @@ fn merge(plan: &plan::Plan, answers: &[Result<Vec<Vec<Value>>, String>], out: &m
     let mut failed = Vec::new();
     let (mut skipped, mut given, mut total) = (0usize, 0usize, 0usize);
     for (site, answer) in SITES.iter().zip(answers) {
-        if plan.sites.as_ref().is_some_and(|set| !set.contains(*site)) {
+        if plan.sites.as_ref().is_some_and(|set| !set.contains(*site)) || plan.query_for(site).is_none() {
             continue;
         }
         let rows = match answer {

@@ -90,6 +90,49 @@ async fn rows_are_the_union_with_the_site_column_and_sites_can_be_selected() {
     p.shutdown().await;
 }
 
+/// The cases, as a client writes them: site tests under `Or`, `And`
+/// and `Negate`, with other operators, and in `Stats`; each answer equals
+/// the whole filter applied to the union (fa: 100 hosts a-*, fb: 30 b-*,
+/// fc: 7 c-*; host i is DOWN when i % 50 == 49).
+#[tokio::test]
+async fn site_filters_work_under_and_or_negate_and_in_stats() {
+    let (_a, _b, _c, p) = three().await;
+    let names = |body: &str| -> BTreeSet<String> { body.lines().map(str::to_owned).collect() };
+    let hosts = |prefix: &str, n: usize| -> BTreeSet<String> { (0..n).map(|i| format!("{prefix}-{i:04}")).collect() };
+    let ask = |q: &'static str| {
+        let p = &p;
+        async move {
+            let (code, body) = fed(p, &format!("GET hosts\nColumns: name\n{q}")).await;
+            assert_eq!(code, 200, "{q}: {body}");
+            body
+        }
+    };
+    let or = ask("Filter: site = fb\nFilter: site = fc\nOr: 2").await;
+    assert_eq!(names(&or), hosts("b", 30).union(&hosts("c", 7)).cloned().collect());
+    let and = ask("Filter: state = 1\nFilter: site = fa\nAnd: 2").await;
+    assert_eq!(names(&and), ["a-0049".to_owned(), "a-0099".to_owned()].into());
+    let not = ask("Filter: site != fa").await;
+    assert_eq!(names(&not).len(), 37);
+    assert_eq!(ask("Filter: site ~ ^f[bc]$\nNegate:").await, ask("Filter: peer_key = fa").await);
+    assert_eq!(names(&ask("Filter: peer_name ~~ FC").await), hosts("c", 7));
+    // A site's own column under Or with a site test: fb whole, the others filtered.
+    let mixed = ask("Filter: state = 1\nFilter: site = fb\nOr: 2").await;
+    let mut want = hosts("b", 30);
+    want.extend(["a-0049".to_owned(), "a-0099".to_owned()]);
+    assert_eq!(names(&mixed), want);
+    // A filter no site passes: an empty answer, not an error.
+    assert_eq!(ask("Filter: site = nowhere").await, "");
+    // Stats: per site counts through site tests, exactly.
+    let (code, body) = fed(
+        &p,
+        "GET hosts\nStats: site = fa\nStats: site != fa\nStats: state = 1\nStats: site = fb\nStatsOr: 2\nOutputFormat: json",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json_rows(&body), vec![vec![Value::from(100), Value::from(37), Value::from(30 + 2)]]);
+    p.shutdown().await;
+}
+
 #[tokio::test]
 async fn stats_equal_the_statistics_of_the_union() {
     let (a, b, c, p) = three().await;

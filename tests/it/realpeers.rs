@@ -750,6 +750,42 @@ async fn a_federation_of_icinga_and_naemon_answers_with_the_union_and_merged_sta
     let ok = want.iter().filter(|w| w.3 == 0).count() as f64;
     assert_eq!(merged[0][0].as_f64(), Some(ok));
     assert_eq!(merged[0][1].as_f64(), Some(want.len() as f64 - ok));
+    // Site tests under Or, Negate and And, and in Stats: each answer equals
+    // the whole filter applied to the union (each core gets only what it knows).
+    let rows_of = |body: &str| -> std::collections::BTreeSet<_> {
+        let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(body).expect("federated JSON");
+        rows.iter()
+            .map(|r| {
+                let state = r[3].as_f64().unwrap_or(-1.0) as i64;
+                (r[0].as_str().unwrap_or("?").to_owned(), r[1].to_string(), r[2].to_string(), state)
+            })
+            .collect()
+    };
+    let cols = "GET services\nColumns: site host_name description state\nOutputFormat: json\n";
+    for (filters, keep) in [
+        (
+            "Filter: state != 0\nFilter: site = nm\nOr: 2",
+            &(|w: &(String, String, String, i64)| w.0 == "nm" || w.3 != 0)
+                as &dyn Fn(&(String, String, String, i64)) -> bool,
+        ),
+        ("Filter: site = ic\nNegate:\nFilter: state = 0\nAnd: 2", &|w| w.0 != "ic" && w.3 == 0),
+        ("Filter: peer_name ~ ^i\nFilter: state >= 1\nAnd: 2", &|w| w.0 == "ic" && w.3 >= 1),
+    ] {
+        let (code, body) = crate::federation::fed(&p, &format!("{cols}{filters}")).await;
+        assert_eq!(code, 200, "{filters}: {body}");
+        let expected: std::collections::BTreeSet<_> = want.iter().filter(|w| keep(w)).cloned().collect();
+        assert_eq!(rows_of(&body), expected, "{filters}");
+    }
+    let (code, body) = crate::federation::fed(
+        &p,
+        "GET services\nStats: site = ic\nStats: state = 0\nStats: site ~ ^n\nStatsAnd: 2\nOutputFormat: json",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let merged: Vec<Vec<serde_json::Value>> = serde_json::from_str(&body).expect("stats JSON");
+    let ic_rows = want.iter().filter(|w| w.0 == "ic").count() as f64;
+    let nm_ok = want.iter().filter(|w| w.0 == "nm" && w.3 == 0).count() as f64;
+    assert_eq!((merged[0][0].as_f64(), merged[0][1].as_f64()), (Some(ic_rows), Some(nm_ok)), "{body}");
     p.shutdown().await;
 }
 
