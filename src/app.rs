@@ -116,10 +116,59 @@ pub struct App {
     inventory: Option<tokio::sync::mpsc::Sender<crate::inventory::Control>>,
     /// Where `/metrics` is served.
     metrics_addr: Option<std::net::SocketAddr>,
-    /// The federated sockets (removed at exit).
-    federation_sockets: Vec<listener::SocketFile>,
-    /// Federations' TCP listeners: (name, address).
-    federation_tcp: Vec<(String, std::net::SocketAddr)>,
+    /// The federated sockets, in configuration order.
+    federations: Vec<FederationRuntime>,
+    /// Federations removed by a reload, finishing their answers.
+    retiring_federations: TaskTracker,
+}
+
+/// One federation at run time: its socket, listeners and sessions.
+struct FederationRuntime {
+    fed: Arc<crate::federation::Federation>,
+    socket: listener::SocketFile,
+    /// Stops its listeners and idle sessions.
+    stop: CancellationToken,
+    /// Its sessions.
+    sessions: TaskTracker,
+    tcp: Option<FederationTcp>,
+}
+
+/// A federation's running TCP listener.
+struct FederationTcp {
+    /// The configured address (a reload with another one rebinds; other
+    /// settings change in place).
+    addr: std::net::SocketAddr,
+    /// As bound (the port when 0 was asked for).
+    bound: Option<std::net::SocketAddr>,
+    settings: crate::federation::TcpSettings,
+    stop: CancellationToken,
+}
+
+/// A federation's sockets and TLS, bound and not yet served.
+type BoundFederation = (
+    tokio::net::UnixListener,
+    listener::SocketFile,
+    Option<tokio::net::TcpListener>,
+    Option<tokio_rustls::TlsAcceptor>,
+);
+
+/// Bind a federation's UNIX socket and TCP listener (both or neither), with
+/// its TLS settings.
+fn bind_federation(config: &Config, f: &crate::config::FederationConfig) -> Result<BoundFederation, StartError> {
+    let tls = match f.listen.as_ref().and_then(|l| l.tls.as_ref()) {
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::server_config(t).map_err(|source| StartError::Tls { site: f.name.clone(), source })?,
+        )),
+        None => None,
+    };
+    let (unix, file) = listener::bind(&config.socket_path(&f.name))?;
+    match f.listen.as_ref().map(listener::bind_tcp).transpose() {
+        Ok(tcp) => Ok((unix, file, tcp, tls)),
+        Err(e) => {
+            file.remove();
+            Err(e.into())
+        }
+    }
 }
 
 /// One site at run time: its actor, socket, listeners and sessions.
@@ -175,8 +224,15 @@ pub struct ReloadReport {
     pub kept: usize,
     /// Global keys that only a restart applies.
     pub needs_restart: Vec<&'static str>,
-    /// Sites whose change could not be applied, and why.
+    /// Sites (and federations, as `federation NAME`) whose change could
+    /// not be applied, and why.
     pub failed: Vec<(String, String)>,
+    /// Federations added.
+    pub federations_added: Vec<String>,
+    /// Federations removed (their answers in progress finish first).
+    pub federations_removed: Vec<String>,
+    /// Federations whose definition changed (in place; their clients stay).
+    pub federations_changed: Vec<String>,
 }
 
 impl std::fmt::Display for ReloadReport {
@@ -191,6 +247,16 @@ impl std::fmt::Display for ReloadReport {
             list(&self.reconnected),
             self.kept
         )?;
+        let feds = [
+            ("federations added", &self.federations_added),
+            ("federations removed", &self.federations_removed),
+            ("federations changed", &self.federations_changed),
+        ];
+        for (what, names) in feds {
+            if !names.is_empty() {
+                write!(f, "; {what}: {}", names.join(", "))?;
+            }
+        }
         if !self.needs_restart.is_empty() {
             write!(f, "; needs a restart to apply: {}", self.needs_restart.join(", "))?;
         }
@@ -236,22 +302,7 @@ impl App {
         }
         let mut federated = Vec::with_capacity(config.federations.len());
         for f in &config.federations {
-            let tls = match f.listen.as_ref().and_then(|l| l.tls.as_ref()) {
-                Some(t) => Some(tokio_rustls::TlsAcceptor::from(
-                    crate::tls::server_config(t).map_err(|source| StartError::Tls { site: f.name.clone(), source })?,
-                )),
-                None => None,
-            };
-            let bound_fed = listener::bind(&config.socket_path(&f.name)).and_then(|(unix, file)| {
-                match f.listen.as_ref().map(listener::bind_tcp).transpose() {
-                    Ok(tcp) => Ok((unix, file, tcp, tls)),
-                    Err(e) => {
-                        file.remove();
-                        Err(e)
-                    }
-                }
-            });
-            match bound_fed {
+            match bind_federation(&config, f) {
                 Ok(b) => federated.push(b),
                 Err(e) => {
                     for (_, file, _) in &bound {
@@ -260,7 +311,7 @@ impl App {
                     for (_, file, _, _) in &federated {
                         file.remove();
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
@@ -298,48 +349,17 @@ impl App {
             state,
             inventory: None,
             metrics_addr: None,
-            federation_sockets: Vec::new(),
-            federation_tcp: Vec::new(),
+            federations: Vec::new(),
+            retiring_federations: TaskTracker::new(),
         };
         for ((site, b), tls) in config.sites.iter().zip(bound).zip(tls) {
             app.start_site(site.clone(), b, tls);
         }
         app.publish_sites();
-        let mut feds = Vec::new();
-        for (f, (unix, file, tcp, tls)) in config.federations.iter().zip(federated) {
-            let sites = f.sites.iter().filter_map(|n| app.site(n)).collect();
-            let spool_dir = if config.spool.disk_budget > 0 { config.spool.dir.clone() } else { std::env::temp_dir() };
-            let fed = Arc::new(crate::federation::Federation::new(
-                f.clone(),
-                sites,
-                config.federation_sort_budget,
-                spool_dir,
-                &app.shared,
-            ));
-            feds.push(fed.clone());
-            if let (Some(t), Some(listen)) = (tcp, f.listen.clone()) {
-                if let Ok(a) = t.local_addr() {
-                    app.federation_tcp.push((f.name.clone(), a));
-                }
-                let on = t.local_addr().map_or_else(|_| listen.addr.to_string(), |a| a.to_string());
-                tracing::info!(federation = %f.name, addr = %on, "federated TCP listener ready");
-                let span = tracing::info_span!("listen", federation = %f.name, on = %on);
-                let serve = crate::federation::serve_tcp(
-                    t,
-                    listen,
-                    tls,
-                    fed.clone(),
-                    app.shutdown.clone(),
-                    app.tracker.clone(),
-                );
-                app.tracker.spawn(tracing::Instrument::instrument(serve, span));
-            }
-            let span = tracing::info_span!("listen", federation = %f.name, on = %file.path().display());
-            let serve = crate::federation::serve(unix, fed, app.shutdown.clone(), app.tracker.clone());
-            app.tracker.spawn(tracing::Instrument::instrument(serve, span));
-            app.federation_sockets.push(file);
+        for (f, b) in config.federations.iter().zip(federated) {
+            app.start_federation(f.clone(), b);
         }
-        let _ = app.state.federations.set(feds);
+        app.publish_federations();
         if let Some(inv) = config.inventory.clone() {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             app.inventory = Some(tx);
@@ -416,7 +436,149 @@ impl App {
 
     /// A federation's TCP listener address (with its port when 0 was asked for).
     pub fn federation_addr(&self, name: &str) -> Option<std::net::SocketAddr> {
-        self.federation_tcp.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.federations.iter().find(|f| f.fed.name == name).and_then(|f| f.tcp.as_ref()).and_then(|t| t.bound)
+    }
+
+    /// Serve a bound federation: its socket, its TCP listener, its sessions.
+    fn start_federation(&mut self, f: crate::config::FederationConfig, bound: BoundFederation) {
+        let (unix, file, tcp, tls) = bound;
+        let sites = f.sites.iter().filter_map(|n| self.site(n)).collect();
+        let config = &self.config;
+        let spool_dir = if config.spool.disk_budget > 0 { config.spool.dir.clone() } else { std::env::temp_dir() };
+        let fed = Arc::new(crate::federation::Federation::new(
+            f.clone(),
+            sites,
+            config.federation_sort_budget,
+            spool_dir,
+            &self.shared,
+        ));
+        let stop = self.shutdown.child_token();
+        let sessions = TaskTracker::new();
+        let tcp = match (tcp, f.listen.clone()) {
+            (Some(t), Some(listen)) => Some(self.serve_federation_tcp(&fed, t, listen, tls, &sessions)),
+            _ => None,
+        };
+        let span = tracing::info_span!("listen", federation = %f.name, on = %file.path().display());
+        let serve = crate::federation::serve(unix, fed.clone(), stop.clone(), sessions.clone());
+        self.tracker.spawn(tracing::Instrument::instrument(serve, span));
+        self.federations.push(FederationRuntime { fed, socket: file, stop, sessions, tcp });
+    }
+
+    /// Serve a federation's bound TCP listener (stopped with the
+    /// federation, or alone when a reload moves it).
+    fn serve_federation_tcp(
+        &self,
+        fed: &Arc<crate::federation::Federation>,
+        t: tokio::net::TcpListener,
+        listen: crate::config::TcpListen,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        sessions: &TaskTracker,
+    ) -> FederationTcp {
+        let bound = t.local_addr().ok();
+        let on = bound.map_or_else(|| listen.addr.to_string(), |a| a.to_string());
+        tracing::info!(federation = %fed.name, addr = %on, "federated TCP listener ready");
+        let span = tracing::info_span!("listen", federation = %fed.name, on = %on);
+        let stop = self.shutdown.child_token();
+        let addr = listen.addr;
+        let settings = Arc::new(std::sync::RwLock::new((listen, tls)));
+        let serve = crate::federation::serve_tcp(t, settings.clone(), fed.clone(), stop.clone(), sessions.clone());
+        self.tracker.spawn(tracing::Instrument::instrument(serve, span));
+        FederationTcp { addr, bound, settings, stop }
+    }
+
+    /// The federations the state file shows.
+    fn publish_federations(&self) {
+        let feds = self.federations.iter().map(|f| f.fed.clone()).collect();
+        *self.state.federations.write().unwrap_or_else(|e| e.into_inner()) = feds;
+    }
+
+    /// Apply the reloaded `[[federation]]` tables (after the sites, whose
+    /// handles they take): an unchanged federation keeps its socket and
+    /// clients (it only takes the sites' current handles); a changed one
+    /// changes in place (its TCP listener rebound on a new `listen`); an
+    /// added one is bound and served; a removed one stops accepting and its
+    /// socket goes once its answers in progress are done.
+    fn reload_federations(&mut self, new: &Config, report: &mut ReloadReport) {
+        let keep: std::collections::HashSet<&str> = new.federations.iter().map(|f| f.name.as_str()).collect();
+        let (gone, stay): (Vec<FederationRuntime>, Vec<FederationRuntime>) =
+            std::mem::take(&mut self.federations).into_iter().partition(|f| !keep.contains(f.fed.name.as_str()));
+        self.federations = stay;
+        for f in gone {
+            report.federations_removed.push(f.fed.name.clone());
+            self.retire_federation(f);
+        }
+        for cfg in &new.federations {
+            let sites: Vec<SiteHandle> = cfg.sites.iter().filter_map(|n| self.site(n)).collect();
+            match self.federations.iter().position(|f| f.fed.name == cfg.name) {
+                Some(i) => {
+                    let old = self.federations[i].fed.setup().cfg.clone();
+                    if old != *cfg {
+                        if old.listen != cfg.listen
+                            && let Err(why) = self.move_federation_tcp(i, cfg)
+                        {
+                            report.failed.push((format!("federation {}", cfg.name), why));
+                            continue;
+                        }
+                        report.federations_changed.push(cfg.name.clone());
+                    }
+                    self.federations[i].fed.replace(cfg.clone(), sites);
+                }
+                None => match bind_federation(&self.config, cfg) {
+                    Ok(b) => {
+                        self.start_federation(cfg.clone(), b);
+                        report.federations_added.push(cfg.name.clone());
+                    }
+                    Err(e) => report.failed.push((format!("federation {}", cfg.name), e.to_string())),
+                },
+            }
+        }
+        let order: Vec<&str> = new.federations.iter().map(|f| f.name.as_str()).collect();
+        self.federations.sort_by_key(|f| order.iter().position(|n| *n == f.fed.name).unwrap_or(usize::MAX));
+        self.publish_federations();
+    }
+
+    /// A federation's TCP listener for a changed `listen`: on the same
+    /// address its settings change in place; on another the new one is
+    /// bound before the old one stops (a failure leaves the old in place).
+    fn move_federation_tcp(&mut self, i: usize, cfg: &crate::config::FederationConfig) -> Result<(), String> {
+        let tls = match cfg.listen.as_ref().and_then(|l| l.tls.as_ref()) {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(t).map_err(|e| e.to_string())?)),
+            None => None,
+        };
+        if let (Some(t), Some(l)) = (&self.federations[i].tcp, &cfg.listen)
+            && t.addr == l.addr
+        {
+            *t.settings.write().unwrap_or_else(|e| e.into_inner()) = (l.clone(), tls);
+            return Ok(());
+        }
+        let fresh = match &cfg.listen {
+            Some(l) => Some((listener::bind_tcp(l).map_err(|e| e.to_string())?, l.clone(), tls)),
+            None => None,
+        };
+        let rt = &self.federations[i];
+        let tcp = fresh.map(|(t, l, tls)| self.serve_federation_tcp(&rt.fed, t, l, tls, &rt.sessions));
+        if let Some(old) = std::mem::replace(&mut self.federations[i].tcp, tcp) {
+            old.stop.cancel();
+        }
+        Ok(())
+    }
+
+    /// A removed federation: stop accepting now; once its sessions are done
+    /// (at most `shutdown_grace`) its socket file goes.
+    fn retire_federation(&self, f: FederationRuntime) {
+        f.stop.cancel();
+        if let Some(t) = &f.tcp {
+            t.stop.cancel();
+        }
+        f.sessions.close();
+        let grace = self.config.shutdown_grace;
+        self.retiring_federations.spawn(async move {
+            if tokio::time::timeout(grace, f.sessions.wait()).await.is_err() {
+                tracing::warn!(federation = %f.fed.name, "removed federation's answers did not finish within shutdown_grace");
+            }
+            f.socket.remove();
+            tracing::info!(federation = %f.fed.name, "removed federation stopped");
+        });
     }
 
     /// All sites, in configuration order.
@@ -511,6 +673,8 @@ impl App {
         self.config.request_memory_wait = new.request_memory_wait;
         self.shared.requests.set(new.request_memory_budget, new.request_memory_wait);
         self.config.sites = self.sites.iter().map(|s| s.config.clone()).collect();
+        self.reload_federations(&new, &mut report);
+        self.config.federations = self.federations.iter().map(|f| f.fed.setup().cfg.clone()).collect();
         report
     }
 
@@ -629,6 +793,12 @@ impl App {
             s.sessions.close();
             late |= tokio::time::timeout_at(deadline, s.sessions.wait()).await.is_err();
         }
+        for f in &self.federations {
+            f.sessions.close();
+            late |= tokio::time::timeout_at(deadline, f.sessions.wait()).await.is_err();
+        }
+        self.retiring_federations.close();
+        late |= tokio::time::timeout_at(deadline, self.retiring_federations.wait()).await.is_err();
         late |= tokio::time::timeout_at(deadline, self.tracker.wait()).await.is_err();
         self.retiring.close();
         late |= tokio::time::timeout_at(deadline, self.retiring.wait()).await.is_err();
@@ -647,8 +817,8 @@ impl App {
         for s in &self.sites {
             s.socket.remove();
         }
-        for f in &self.federation_sockets {
-            f.remove();
+        for f in &self.federations {
+            f.socket.remove();
         }
     }
 }
@@ -692,7 +862,6 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check(old.inventory != new.inventory, "inventory");
     check(old.pid_file != new.pid_file, "pid_file");
     check(old.metrics_listen != new.metrics_listen, "metrics_listen");
-    check(old.federations != new.federations, "[[federation]]");
     check(old.federation_sort_budget != new.federation_sort_budget, "federation_sort_budget");
     keys
 }

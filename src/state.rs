@@ -100,8 +100,8 @@ pub struct StateSource {
     pub reloads: std::sync::Arc<std::sync::Mutex<ReloadRecord>>,
     /// `state_interval`.
     pub interval: Duration,
-    /// The federated sockets (set once they exist).
-    pub federations: std::sync::Arc<std::sync::OnceLock<Vec<std::sync::Arc<crate::federation::Federation>>>>,
+    /// The federated sockets (replaced by a reload).
+    pub federations: std::sync::Arc<std::sync::RwLock<Vec<std::sync::Arc<crate::federation::Federation>>>>,
 }
 
 impl StateSource {
@@ -128,7 +128,7 @@ pub async fn collect(src: &StateSource) -> StateFile {
         reloads: src.reloads.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         spool: src.budget.usage(),
         requests: src.requests.usage(),
-        federations: src.federations.get().map(|f| f.iter().map(|f| f.snapshot()).collect()).unwrap_or_default(),
+        federations: src.federations.read().unwrap_or_else(|e| e.into_inner()).iter().map(|f| f.snapshot()).collect(),
         sites: entries,
     }
 }

@@ -46,10 +46,10 @@ const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A federation at run time.
 pub struct Federation {
-    /// Its configuration.
-    pub cfg: FederationConfig,
-    /// Its sites, in configuration order.
-    pub sites: Vec<SiteHandle>,
+    /// Its name (its socket's); a reload never changes it.
+    pub name: String,
+    /// Its configuration and sites, replaced whole by a reload.
+    setup: std::sync::RwLock<Arc<Setup>>,
     /// `federation_sort_budget`.
     pub sort_budget: usize,
     /// Where spilled answers go (the spool directory).
@@ -89,6 +89,14 @@ pub struct LastPartial {
     pub sites: std::collections::BTreeMap<String, String>,
 }
 
+/// What a federation is now: what each query and session starts with.
+pub struct Setup {
+    /// Its configuration.
+    pub cfg: FederationConfig,
+    /// Its sites, in configuration order.
+    pub sites: Vec<SiteHandle>,
+}
+
 impl Federation {
     /// A federation over `sites`.
     pub fn new(
@@ -100,14 +108,27 @@ impl Federation {
     ) -> Self {
         let status = FederationSnapshot { name: cfg.name.clone(), sites: cfg.sites.clone(), ..Default::default() };
         Federation {
-            cfg,
-            sites,
+            name: cfg.name.clone(),
+            setup: std::sync::RwLock::new(Arc::new(Setup { cfg, sites })),
             sort_budget,
             spool_dir,
             status: std::sync::Mutex::new(status),
             cache: shared.cache.clone(),
             requests: shared.requests.clone(),
         }
+    }
+
+    /// Its configuration and sites now.
+    pub fn setup(&self) -> Arc<Setup> {
+        self.setup.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A reload's configuration and sites (a site removed and added again
+    /// has a new handle): queries from now on use them; those in progress
+    /// finish with what they started with.
+    pub fn replace(&self, cfg: FederationConfig, sites: Vec<SiteHandle>) {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).sites = cfg.sites.clone();
+        *self.setup.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Setup { cfg, sites });
     }
 
     /// The state file's entry.
@@ -220,12 +241,15 @@ impl RowSplitter {
 pub trait Client: crate::client::session::ClientStream {}
 impl<T: crate::client::session::ClientStream> Client for T {}
 
+/// A federation's TCP listener's settings (`listen`, with `only_from`, and
+/// its TLS), which a reload may replace while the listener stays bound.
+pub type TcpSettings = Arc<std::sync::RwLock<(crate::config::TcpListen, Option<tokio_rustls::TlsAcceptor>)>>;
+
 /// Accept clients on a federation's cascading TCP listener (`listen`,
 /// `only_from`, `tls`) until `shutdown`.
 pub async fn serve_tcp(
     listener: TcpListener,
-    listen: crate::config::TcpListen,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    settings: TcpSettings,
     fed: Arc<Federation>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -242,13 +266,17 @@ pub async fn serve_tcp(
             },
             _ = shutdown.cancelled() => return,
         };
-        if !listen.allows(peer.ip()) {
+        let (allowed, tls) = {
+            let current = settings.read().unwrap_or_else(|e| e.into_inner());
+            (current.0.allows(peer.ip()), current.1.clone())
+        };
+        if !allowed {
             crate::events::ClientRefused { peer }.emit();
             continue;
         }
-        let span = tracing::info_span!(parent: None, "client", federation = %fed.cfg.name, peer = %peer);
+        let span = tracing::info_span!(parent: None, "client", federation = %fed.name, peer = %peer);
         let (fed, stop) = (fed.clone(), shutdown.clone());
-        match tls.clone() {
+        match tls {
             None => {
                 tracker.spawn(tracing::Instrument::instrument(session(stream, fed, stop), span));
             }
@@ -280,7 +308,8 @@ pub async fn serve(listener: UnixListener, fed: Arc<Federation>, shutdown: Cance
         match accepted {
             Ok((s, _)) => {
                 n += 1;
-                let span = tracing::info_span!(parent: None, "client", federation = %fed.cfg.name, peer = %format!("unix#{n}"));
+                let span =
+                    tracing::info_span!(parent: None, "client", federation = %fed.name, peer = %format!("unix#{n}"));
                 let (fed, stop) = (fed.clone(), shutdown.clone());
                 tracker.spawn(tracing::Instrument::instrument(session(s, fed, stop), span));
             }
@@ -295,9 +324,9 @@ pub async fn serve(listener: UnixListener, fed: Arc<Federation>, shutdown: Cance
 async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: CancellationToken) {
     let mut reader = RequestReader::new(fed.requests.clone());
     // As on a site's socket: `[defaults]`' request limits and client timeouts.
-    let limits = fed.cfg.client.limits;
-    let timeouts =
-        ReadTimeouts { idle: fed.cfg.client.client_idle_timeout, request: fed.cfg.client.client_request_timeout };
+    let client = fed.setup().cfg.client.clone();
+    let limits = client.limits;
+    let timeouts = ReadTimeouts { idle: client.client_idle_timeout, request: client.client_request_timeout };
     let mut timer = None;
     loop {
         let block = match reader.next(&mut stream, &limits, timeouts, &shutdown, &mut timer).await {
@@ -342,7 +371,7 @@ async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, s
     req.encode_for_site(&mut wire);
     let mut failed = Vec::new();
     let mut jobs = tokio::task::JoinSet::new();
-    for site in fed.sites.clone() {
+    for site in fed.setup().sites.clone() {
         let wire = wire.clone();
         jobs.spawn(async move {
             let deadline = Instant::now() + site.params().query_timeout;
@@ -487,8 +516,9 @@ async fn get<S: Client>(fed: &Federation, text: &str, style: ReplyStyle, stream:
             return stream.write_all(&error_response(status, &message, style.fixed16)).await.is_ok();
         }
     };
+    let setup = fed.setup();
     let sites: Vec<SiteHandle> =
-        fed.sites.iter().filter(|s| plan.sites.as_ref().is_none_or(|set| set.contains(s.name()))).cloned().collect();
+        setup.sites.iter().filter(|s| plan.sites.as_ref().is_none_or(|set| set.contains(s.name()))).cloned().collect();
     // Plain rows without fixed16 go to the client as the sites answer; the
     // rest needs the whole answer (its length, or all rows) first.
     let streaming = !style.fixed16 && plan.stats.is_empty() && plan.sort.is_empty();
@@ -497,7 +527,7 @@ async fn get<S: Client>(fed: &Federation, text: &str, style: ReplyStyle, stream:
     } else {
         Sink::Spool(tempfile::spooled_tempfile_in(SPOOL_MEMORY, &fed.spool_dir))
     };
-    let result = answer(fed, &plan, &sites, &mut sink).await;
+    let result = answer(fed, &setup.cfg, &plan, &sites, &mut sink).await;
     fed.note(&result);
     match (result, sink) {
         (Ok(()), Sink::Spool(body)) => send_spooled(stream, Status::Ok, body, style.fixed16).await,
@@ -550,6 +580,7 @@ impl<S: Client> Sink<'_, S> {
 /// Merge the selected sites' answers into the client's rendered answer.
 async fn answer<S: Client>(
     fed: &Federation,
+    cfg: &FederationConfig,
     plan: &Plan,
     sites: &[SiteHandle],
     sink: &mut Sink<'_, S>,
@@ -657,7 +688,7 @@ async fn answer<S: Client>(
         total = rows.len();
     }
     failed.sort();
-    if (!asked.is_empty() && failed.len() == asked.len()) || (fed.cfg.fail_on_site_error && !failed.is_empty()) {
+    if (!asked.is_empty() && failed.len() == asked.len()) || (cfg.fail_on_site_error && !failed.is_empty()) {
         let list: Vec<String> = failed.iter().map(|(s, w)| format!("{s}: {w}")).collect();
         return Err(Failure::Answer(Status::SiteUnavailable, format!("federated query failed on {}", list.join("; "))));
     }

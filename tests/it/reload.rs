@@ -311,3 +311,78 @@ async fn a_new_address_while_a_heartbeat_is_in_flight_keeps_the_heartbeats_going
     assert_eq!(p.site("hx").status().state, SiteState::Ready);
     p.shutdown().await;
 }
+
+/// `[[federation]]` tables reload like sites: an added federation is served;
+/// a changed one keeps its clients, whose next queries see its new sites;
+/// an unchanged one is left alone; a removed one answers the query in
+/// progress whole, and its socket goes after that.
+#[tokio::test]
+async fn federations_are_added_changed_and_removed_by_a_reload() {
+    use livemux::config::FederationConfig;
+    let (a, b) = (sim("fa").await, sim("fb").await);
+    a.with_dataset(|d| {
+        d.host_prefix = "a-".into();
+        d.hosts = 5;
+    });
+    b.with_dataset(|d| {
+        d.host_prefix = "b-".into();
+        d.hosts = 3;
+    });
+    let mut p = proxy(vec![("fa", a.address(), fast_params()), ("fb", b.address(), fast_params())]).await;
+    let fed = |name: &str, sites: &[&str]| FederationConfig {
+        name: name.into(),
+        sites: sites.iter().map(|s| (*s).to_owned()).collect(),
+        fail_on_site_error: false,
+        listen: None,
+        client: SiteParams::default(),
+    };
+    let hosts = "GET hosts\nColumns: name\nKeepAlive: on\nResponseHeader: fixed16\n\n";
+    let c = changed(&p, |c| c.federations = vec![fed("one", &["fa"])]);
+    let report = reload(&mut p, c).await;
+    assert_eq!(report.federations_added, vec!["one".to_owned()], "{report}");
+    assert!(report.needs_restart.is_empty() && report.failed.is_empty(), "{report}");
+    let mut one = UnixStream::connect(p.config.socket_path("one")).await.expect("the added federation's socket");
+    let (code, body) = ask(&mut one, hosts).await;
+    assert_eq!((code, body.lines().count()), (200, 5), "{body}");
+
+    // "one" changes (a second site), "two" is added.
+    let c = changed(&p, |c| c.federations = vec![fed("one", &["fa", "fb"]), fed("two", &["fa", "fb"])]);
+    let report = reload(&mut p, c).await;
+    assert_eq!(
+        (report.federations_changed.clone(), report.federations_added.clone()),
+        (vec!["one".to_owned()], vec!["two".to_owned()]),
+        "{report}"
+    );
+    assert!(report.to_string().contains("federations changed: one"), "{report}");
+    let (code, body) = ask(&mut one, hosts).await;
+    assert_eq!((code, body.lines().count()), (200, 8), "the same connection, the new sites: {body}");
+
+    // Nothing changes: nothing reported, the client stays.
+    let same = p.config.clone();
+    let report = reload(&mut p, same).await;
+    assert!(report.federations_added.is_empty() && report.federations_changed.is_empty(), "{report}");
+    assert!(report.federations_removed.is_empty(), "{report}");
+    assert_eq!(ask(&mut one, hosts).await.0, 200);
+
+    // "two" is removed while a query on it waits for a slow site.
+    // (Only its hosts answers are late: heartbeats keep it ready.)
+    b.set_knobs(|k| {
+        k.fault_table = Some("hosts".into());
+        k.delay = Duration::from_millis(1500);
+    });
+    let mut two = UnixStream::connect(p.config.socket_path("two")).await.expect("connect");
+    two.write_all(b"GET hosts\nColumns: name\nResponseHeader: fixed16\n\n").await.expect("send");
+    eventually_snapshot(&p, "fb", "the query in progress at fb", |s| s.channels.iter().any(|c| c.state == "busy"))
+        .await;
+    let c = changed(&p, |c| c.federations = vec![fed("one", &["fa", "fb"])]);
+    let report = reload(&mut p, c).await;
+    assert_eq!(report.federations_removed, vec!["two".to_owned()], "{report}");
+    assert!(p.config.socket_path("two").exists(), "the socket stays while its answer is in progress");
+    let (code, body) = read_answer(&mut two).await;
+    assert_eq!((code, body.lines().count()), (200, 8), "the answer in progress, whole: {body}");
+    eventually("the removed federation's socket gone", || !p.config.socket_path("two").exists()).await;
+    assert!(UnixStream::connect(p.config.socket_path("two")).await.is_err());
+    b.set_knobs(|k| *k = livemux_simsite::Knobs::default());
+    assert_eq!(ask(&mut one, hosts).await.0, 200, "the other federation's client is untouched");
+    p.shutdown().await;
+}
