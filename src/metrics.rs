@@ -297,6 +297,11 @@ impl SiteMetrics {
         self.from_site.inc_by(from_site);
         self.to_clients.inc_by(to_client);
     }
+
+    /// Bytes read from the site and written to clients so far.
+    pub fn bytes_so_far(&self) -> (u64, u64) {
+        (self.from_site.get(), self.to_clients.get())
+    }
 }
 
 /// A family of per-scrape values with one label set per site.

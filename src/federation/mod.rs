@@ -16,6 +16,7 @@
 //! error. A `COMMAND` goes to every site of the federation.
 
 pub mod plan;
+pub mod sites;
 
 use std::io::{Read, Seek, Write};
 use std::sync::Arc;
@@ -519,6 +520,17 @@ async fn get<S: Client>(fed: &Federation, text: &str, style: ReplyStyle, stream:
     let setup = fed.setup();
     let sites: Vec<SiteHandle> =
         setup.sites.iter().filter(|s| plan.sites.as_ref().is_none_or(|set| set.contains(s.name()))).cloned().collect();
+    // `Backends:` naming a site the federation lacks: reported as LMD does.
+    let unknown: Vec<(String, String)> = plan
+        .sites
+        .iter()
+        .flatten()
+        .filter(|n| !setup.sites.iter().any(|s| s.name() == n.as_str()))
+        .map(|n| (n.clone(), format!("bad request: backend {n} does not exist")))
+        .collect();
+    if sites::is_sites(&plan.table) {
+        return sites_table(&plan, &sites, unknown, style, stream).await;
+    }
     // Plain rows without fixed16 go to the client as the sites answer; the
     // rest needs the whole answer (its length, or all rows) first.
     let streaming = !style.fixed16 && plan.stats.is_empty() && plan.sort.is_empty();
@@ -527,7 +539,7 @@ async fn get<S: Client>(fed: &Federation, text: &str, style: ReplyStyle, stream:
     } else {
         Sink::Spool(tempfile::spooled_tempfile_in(SPOOL_MEMORY, &fed.spool_dir))
     };
-    let result = answer(fed, &setup.cfg, &plan, &sites, &mut sink).await;
+    let result = answer(fed, &setup.cfg, &plan, &sites, unknown, &mut sink).await;
     fed.note(&result);
     match (result, sink) {
         (Ok(()), Sink::Spool(body)) => send_spooled(stream, Status::Ok, body, style.fixed16).await,
@@ -583,9 +595,10 @@ async fn answer<S: Client>(
     cfg: &FederationConfig,
     plan: &Plan,
     sites: &[SiteHandle],
+    unknown: Vec<(String, String)>,
     sink: &mut Sink<'_, S>,
 ) -> Result<(), Failure> {
-    if sites.is_empty() {
+    if sites.is_empty() && unknown.is_empty() {
         return Err(Failure::Answer(Status::NotFound, "no site of this federation is selected".into()));
     }
     // Each site's request: the same for all unless a filter tests the site
@@ -628,7 +641,7 @@ async fn answer<S: Client>(
     let header = plan.headers.then(|| plan.header_names(0));
     let mut pending = Vec::with_capacity(16 * 1024);
     let mut renderer = Renderer::start(plan, header.as_deref(), &mut pending);
-    let mut failed: Vec<(String, String)> = Vec::new();
+    let mut failed: Vec<(String, String)> = unknown;
     let mut stats = StatsMerge::default();
     let mut sorted: Vec<Vec<Value>> = Vec::new();
     let mut sorted_bytes = 0usize;
@@ -688,7 +701,10 @@ async fn answer<S: Client>(
         total = rows.len();
     }
     failed.sort();
-    if (!asked.is_empty() && failed.len() == asked.len()) || (cfg.fail_on_site_error && !failed.is_empty()) {
+    // No site could answer: an error, except in `wrapped_json`, whose
+    // `failed` says so (as LMD answers, and Thruk expects).
+    let none_answered = !failed.is_empty() && failed.len() == asked.len() + unknown_count(&failed, &asked);
+    if (none_answered && plan.format != plan::Format::WrappedJson) || (cfg.fail_on_site_error && !failed.is_empty()) {
         let list: Vec<String> = failed.iter().map(|(s, w)| format!("{s}: {w}")).collect();
         return Err(Failure::Answer(Status::SiteUnavailable, format!("federated query failed on {}", list.join("; "))));
     }
@@ -696,6 +712,59 @@ async fn answer<S: Client>(
     sink.put(&pending).await?;
     fed.note_failed(&failed);
     Ok(())
+}
+
+/// How many of `failed` are sites that were not asked (unknown backends).
+fn unknown_count(failed: &[(String, String)], asked: &[(&SiteHandle, Arc<Vec<u8>>)]) -> usize {
+    failed.iter().filter(|(n, _)| !asked.iter().any(|(s, _)| s.name() == n.as_str())).count()
+}
+
+/// Answer a query on the virtual `sites` table (see [`sites`]).
+async fn sites_table<S: Client>(
+    plan: &Plan,
+    selected: &[SiteHandle],
+    failed: Vec<(String, String)>,
+    style: ReplyStyle,
+    stream: &mut S,
+) -> bool {
+    if !plan.stats.is_empty() {
+        let msg = "bad request: Stats on the sites table are not supported";
+        return stream.write_all(&error_response(Status::BadRequest, msg, style.fixed16)).await.is_ok();
+    }
+    let names: Vec<String> = if plan.columns.is_empty() {
+        sites::COLUMNS.iter().map(|c| (*c).to_owned()).collect()
+    } else {
+        plan.columns.clone()
+    };
+    let mut rows = Vec::with_capacity(selected.len());
+    for site in selected {
+        let row = sites::row(site).await;
+        if plan.row_passes(site.name(), |l| sites::holds(l, &row)) {
+            let value = |c: &String| row.iter().find(|(n, _)| n == c).map_or(Value::from(""), |(_, v)| v.clone());
+            rows.push(names.iter().map(value).collect::<Vec<_>>());
+        }
+    }
+    let total = rows.len();
+    plan::sort(plan, &mut rows);
+    let end = plan.limit.map_or(rows.len(), |l| plan.offset.saturating_add(l).min(rows.len()));
+    let rows: Vec<Vec<Value>> = rows.drain(plan.offset.min(end)..end).collect();
+    // Without Columns, every column and a header row (as a core answers).
+    let header = if plan.columns.is_empty() { Some(names) } else { plan.headers.then(|| plan.header_names(0)) };
+    let mut body = Vec::with_capacity(256 * (rows.len() + 1));
+    let mut renderer = plan::Renderer::start(plan, header.as_deref(), &mut body);
+    for mut row in rows {
+        if !plan.columns.is_empty() {
+            row.truncate(plan.visible);
+        }
+        renderer.row(&row, &mut body);
+    }
+    renderer.finish(&failed, total, &mut body);
+    let mut out = Vec::with_capacity(body.len() + FIXED16_LEN);
+    if style.fixed16 {
+        out.extend_from_slice(&ResponseHeader::new(Status::Ok, body.len() as u64).encode());
+    }
+    out.extend_from_slice(&body);
+    stream.write_all(&out).await.is_ok()
 }
 
 fn write_spool(f: &mut Spooled, bytes: &[u8]) -> Result<(), (Status, String)> {

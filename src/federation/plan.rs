@@ -186,6 +186,8 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
                 p.filters.combine(n, name == "And", name).map_err(|m| refuse(400, m))?;
             }
             "Negate" => p.filters.negate(name).map_err(|m| refuse(400, m))?,
+            // LMD: an empty list means every site.
+            "Sites" | "Backends" if value.is_empty() => {}
             "Sites" | "Backends" => {
                 let set: BTreeSet<String> = value.split_whitespace().map(str::to_owned).collect();
                 p.sites = Some(match p.sites.take() {
@@ -399,6 +401,12 @@ impl Plan {
         }
         q.push_str("OutputFormat: json\n");
         Some(q)
+    }
+
+    /// Whether a row of livemux's own (the `sites` table, whose site column
+    /// is `site`) passes the filter stack; `line` decides a filter line.
+    pub fn row_passes(&self, site: &str, mut line: impl FnMut(&str) -> bool) -> bool {
+        self.filters.items.iter().all(|e| e.eval(site, &mut line))
     }
 
     /// Whether some site may get a different request from the others.

@@ -245,6 +245,89 @@ async fn a_stopped_site_gives_a_partial_answer_naming_it_and_all_stopped_is_an_e
     let (code, body) = fed(&p, "GET hosts\nColumns: name").await;
     assert_eq!(code, 502);
     assert!(body.contains("ff:") && body.contains("fg:"), "{body}");
+    // In wrapped_json (LMD's, Thruk's) every site down is a 200 whose
+    // `failed` names them all: Thruk marks each backend down from it.
+    let (code, body) = fed(&p, "GET hosts\nColumns: name\nOutputFormat: wrapped_json").await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["data"].as_array().map(Vec::len), v["total_count"].as_u64()), (Some(0), Some(0)), "{body}");
+    assert!(v["failed"]["ff"].is_string() && v["failed"]["fg"].is_string(), "{body}");
+    // The sites table shows them down, with the reason.
+    let (code, body) = fed(&p, "GET sites\nColumns: key status last_error\nOutputFormat: json").await;
+    assert_eq!(code, 200, "{body}");
+    for row in json_rows(&body) {
+        assert_eq!(row[1], 2, "{body}");
+        assert!(row[2].as_str().is_some_and(|e| e.contains("down") || e.contains("connect")), "{body}");
+    }
+    p.shutdown().await;
+}
+
+/// LMD's `Backends:`: a key the federation lacks is reported in `failed`
+/// in LMD's words, the others answer; only unknown keys are an error in
+/// plain json (502) and an empty answer with `failed` in wrapped_json.
+#[tokio::test]
+async fn backends_naming_an_unknown_site_report_it_as_lmd_does() {
+    let (_a, _b, _c, p) = three().await;
+    let (code, body) = fed(&p, "GET hosts\nColumns: name\nBackends: fc nosuch\nOutputFormat: wrapped_json").await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(7), "{body}");
+    assert_eq!(v["failed"], serde_json::json!({"nosuch": "bad request: backend nosuch does not exist"}));
+    assert_eq!(v["total_count"], 7);
+    let (code, body) = fed(&p, "GET hosts\nColumns: name\nBackends: nosuch\nOutputFormat: json").await;
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("bad request: backend nosuch does not exist"), "{body}");
+    let (code, body) = fed(&p, "GET hosts\nColumns: name\nBackends: nosuch\nOutputFormat: wrapped_json").await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["data"].as_array().map(Vec::len), v["failed"]["nosuch"].is_string()), (Some(0), true));
+    // An empty Backends: means every site.
+    let (_, body) = fed(&p, "GET hosts\nColumns: name\nBackends:").await;
+    assert_eq!(body.lines().count(), 137);
+    p.shutdown().await;
+}
+
+/// LMD's virtual `sites` table, as Thruk's `get_sites` asks for it: one row
+/// per site from livemux's live state, the key equal to `peer_key` and to
+/// `Backends:`, unknown columns `""`, `Backends:`, filters and sort applied.
+#[tokio::test]
+async fn the_sites_table_lists_the_federation_s_sites_as_lmd_does() {
+    let (_a, _b, c, p) = three().await;
+    let cols = "peer_key peer_name key name addr status bytes_send bytes_received queries last_error last_update \
+                last_online response_time idling last_query parent section lmd_last_cache_update federation_key \
+                federation_name federation_addr federation_type federation_version";
+    let (code, body) = fed(&p, &format!("GET sites\nColumns: {cols}\nOutputFormat: json")).await;
+    assert_eq!(code, 200, "{body}");
+    let rows = json_rows(&body);
+    assert_eq!(rows.iter().map(|r| r[2].as_str().unwrap()).collect::<Vec<_>>(), ["fa", "fb", "fc"]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    for r in &rows {
+        assert!(r[0] == r[2] && r[1] == r[3] && r[0] == r[1], "key, name, peer_key, peer_name: {r:?}");
+        assert!(r[4].as_str().is_some_and(|a| a.starts_with("tcp://")), "addr: {r:?}");
+        assert_eq!((r[5].as_i64(), r[9].as_str()), (Some(0), Some("")), "up, no error: {r:?}");
+        assert!(r[10].as_u64().is_some_and(|t| t + 5 >= now), "last_update is now: {r:?}");
+        assert!(r[12].as_f64().is_some_and(|s| s > 0.0 && s < 1.0), "response_time in seconds: {r:?}");
+        assert_eq!((r[15].as_str(), r[16].as_str(), r[17].as_str()), (Some(""), Some(""), Some("")), "{r:?}");
+        assert_eq!(r[18], serde_json::json!([]), "federation_key: {r:?}");
+    }
+    // Backends:, a filter and a sort apply; without Columns every column and a header row.
+    let (_, body) = fed(&p, "GET sites\nColumns: key\nBackends: fb fc\nSort: key desc\nOutputFormat: json").await;
+    assert_eq!(json_rows(&body), vec![vec![Value::from("fc")], vec![Value::from("fb")]]);
+    let (_, body) = fed(&p, "GET backends\nColumns: key\nFilter: name ~ ^f[ab]\nOutputFormat: json").await;
+    assert_eq!(json_rows(&body).len(), 2, "{body}");
+    let (_, body) = fed(&p, "GET sites\nOutputFormat: json").await;
+    let all = json_rows(&body);
+    assert_eq!((all.len(), all[0][2].as_str()), (4, Some("key")), "header row, then the sites: {body}");
+    // A stopped site: status 2, its reason, and left out of `Filter: status = 0`.
+    c.stop();
+    p.wait_state("fc", SiteState::Down).await;
+    let (_, body) = fed(&p, "GET sites\nColumns: key status last_error\nBackends: fc\nOutputFormat: json").await;
+    let row = &json_rows(&body)[0];
+    assert_eq!(row[1], 2, "{body}");
+    assert!(row[2].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    let (_, body) = fed(&p, "GET sites\nColumns: key\nFilter: status = 0\nOutputFormat: wrapped_json").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"], serde_json::json!([["fa"], ["fb"]]), "{body}");
     p.shutdown().await;
 }
 
