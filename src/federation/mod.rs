@@ -685,6 +685,7 @@ async fn answer<S: Client>(
             }
         }
     }
+    let sorted_total = sorted.len();
     let mut rows = plan::held_rows(plan, std::mem::take(&mut stats), sorted);
     for row in &mut rows {
         if plan.stats.is_empty() {
@@ -695,8 +696,11 @@ async fn answer<S: Client>(
         }
         renderer.row(row, &mut pending);
     }
+    // Every matching row, before Offset and Limit (stats: every group).
     if plan.stats.is_empty() && plan.sort.is_empty() {
         total = total.max(given);
+    } else if plan.stats.is_empty() {
+        total = sorted_total;
     } else {
         total = rows.len();
     }

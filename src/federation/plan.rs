@@ -338,8 +338,11 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
             forwarded[at] = format!("Columns: {}", real.join(" "));
         }
     }
+    // wrapped_json's `total_count` is every matching row before Offset and
+    // Limit (Thruk's pager): the sites are asked for all of them there.
     if p.stats.is_empty()
         && p.sort.is_empty()
+        && p.format != Format::WrappedJson
         && let Some(l) = p.limit
     {
         // Saturating: `Limit` and `Offset` are the client's numbers.

@@ -422,3 +422,31 @@ async fn cache_reload_queries_are_answered_from_each_sites_cache() {
     assert_eq!((a.queries_on("hosts"), b.queries_on("hosts")), (3, 2));
     p.shutdown().await;
 }
+
+/// Thruk's pager: `total_count` is every matching row of the union before
+/// `Offset` and `Limit`, with and without `Sort` (a status page sorts, a
+/// plain list need not), while `data` holds only the page.
+#[tokio::test]
+async fn total_count_counts_every_matching_row_before_offset_and_limit() {
+    let (_a, _b, _c, p) = three().await;
+    for q in [
+        "GET hosts\nColumns: name\nSort: name desc\nOffset: 10\nLimit: 5\nOutputFormat: wrapped_json",
+        "GET hosts\nColumns: name\nOffset: 10\nLimit: 5\nOutputFormat: wrapped_json",
+        "GET hosts\nColumns: name\nFilter: state = 0\nLimit: 3\nOutputFormat: wrapped_json",
+    ] {
+        let (code, body) = fed(&p, q).await;
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        // (fa's hosts 49 and 99 are DOWN.)
+        let want_total = if q.contains("state = 0") { 135 } else { 137 };
+        assert_eq!(v["total_count"], want_total, "{q}: {body}");
+        let page = v["data"].as_array().map(Vec::len);
+        assert_eq!(page, Some(if q.contains("Limit: 3") { 3 } else { 5 }), "{q}");
+    }
+    let (_, body) =
+        fed(&p, "GET hosts\nColumns: name\nSort: name desc\nOffset: 10\nLimit: 2\nOutputFormat: wrapped_json").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    // c-0006 … c-0000, b-0029 … b-0027 skipped.
+    assert_eq!(v["data"], serde_json::json!([["b-0026"], ["b-0025"]]), "sorted, then the page: {body}");
+    p.shutdown().await;
+}
