@@ -72,12 +72,15 @@ pub struct Plan {
     pub columns: Vec<String>,
     /// Positions in `columns` of the virtual site column.
     pub site_positions: Vec<usize>,
+    /// Positions in `columns` of LMD's computed columns (asked of the sites
+    /// as the column they are computed from).
+    pub computed: Vec<(usize, Computed)>,
     /// Merge of each stats column, in client order (empty: no stats).
     pub stats: Vec<Merge>,
     /// Sites the filters and headers allow (None: all of the federation's).
     pub sites: Option<BTreeSet<String>>,
-    /// Sort keys: (column index in the output row, descending).
-    pub sort: Vec<(usize, bool)>,
+    /// Sort keys, in order.
+    pub sort: Vec<SortKey>,
     /// Rows to skip.
     pub offset: usize,
     /// Rows to give at most.
@@ -92,6 +95,60 @@ pub struct Plan {
     pub cache_reload: bool,
     /// Columns the client sees (those after are asked only to sort by).
     pub visible: usize,
+}
+
+/// A sort key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SortKey {
+    /// The column's index in the output row.
+    pub col: usize,
+    /// Descending.
+    pub desc: bool,
+    /// `Sort: custom_variables NAME`: the variable (upper case) whose value
+    /// orders (an empty one last when ascending, first when descending).
+    pub var: Option<String>,
+}
+
+/// LMD's columns computed from a site's column (`sni/lmd`'s datarow):
+/// (name, the column asked of the sites).
+const COMPUTED: [(&str, &str, Computed); 3] = [
+    ("state_order", "state", Computed::StateOrder),
+    ("last_state_change_order", "last_state_change", Computed::LastStateChangeOrder),
+    ("has_long_plugin_output", "long_plugin_output", Computed::HasLongPluginOutput),
+];
+
+/// How a computed column is made from its site column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Computed {
+    /// `state`, with CRITICAL (2) as 4: it sorts above UNKNOWN (3).
+    StateOrder,
+    /// `last_state_change`, or the core's `program_start` where it is 0
+    /// (never changed).
+    LastStateChangeOrder,
+    /// 1 when `long_plugin_output` is not empty, else 0.
+    HasLongPluginOutput,
+}
+
+impl Computed {
+    fn apply(self, v: &Value, program_start: Option<i64>) -> Value {
+        match self {
+            Computed::StateOrder => match v.as_i64() {
+                Some(2) => Value::from(4),
+                Some(n) => Value::from(n),
+                None => v.clone(),
+            },
+            Computed::LastStateChangeOrder => match v.as_i64() {
+                Some(0) => Value::from(program_start.unwrap_or(0)),
+                _ => v.clone(),
+            },
+            Computed::HasLongPluginOutput => Value::from(i64::from(v.as_str().is_some_and(|s| !s.is_empty()))),
+        }
+    }
+}
+
+/// The column a site is asked for in place of a client's column.
+fn site_column(c: &str) -> &str {
+    COMPUTED.iter().find(|(name, _, _)| *name == c).map_or(c, |(_, from, _)| from)
 }
 
 /// One stats column as the sites are asked for it.
@@ -151,6 +208,7 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         site_limit: None,
         columns: Vec::new(),
         site_positions: Vec::new(),
+        computed: Vec::new(),
         stats: Vec::new(),
         sites: None,
         sort: Vec::new(),
@@ -162,7 +220,7 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         cache_reload: false,
         visible: 0,
     };
-    let mut sort_names: Vec<(String, bool)> = Vec::new();
+    let mut sort_names: Vec<(String, bool, Option<String>)> = Vec::new();
     let mut forwarded = Vec::new();
     // The count part of the Stats lines, as a stack (StatsAnd/Or/Negate
     // combine counts only).
@@ -262,12 +320,17 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
             "Sort" => {
                 let mut w = value.split_whitespace();
                 let col = w.next().unwrap_or_default().to_owned();
+                // LMD's `Sort: custom_variables NAME asc`.
+                let var = match col.as_str() {
+                    "custom_variables" | "host_custom_variables" => w.next().map(str::to_uppercase),
+                    _ => None,
+                };
                 let desc = match w.next() {
                     None | Some("asc") => false,
                     Some("desc") => true,
                     Some(other) => return Err(refuse(400, format!("Sort: '{other}' is not asc or desc"))),
                 };
-                sort_names.push((col, desc));
+                sort_names.push((col, desc, var));
             }
             "Limit" => {
                 p.limit = Some(value.parse().map_err(|_| refuse(400, format!("Limit: '{value}' is not a number")))?)
@@ -310,7 +373,7 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         return Err(refuse(452, "Sort with Stats is not supported federated"));
     }
     p.visible = p.columns.len();
-    for (name, desc) in sort_names {
+    for (name, desc, var) in sort_names {
         let i = match p.columns.iter().position(|c| *c == name) {
             Some(i) => i,
             // Asked of the sites too, and not shown.
@@ -328,9 +391,15 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
                 ));
             }
         };
-        p.sort.push((i, desc));
+        p.sort.push(SortKey { col: i, desc, var });
     }
-    let real: Vec<&str> = p.columns.iter().map(String::as_str).filter(|c| !SITE_COLUMNS.contains(c)).collect();
+    for (i, c) in p.columns.iter().enumerate() {
+        if let Some((_, _, how)) = COMPUTED.iter().find(|(name, _, _)| name == c) {
+            p.computed.push((i, *how));
+        }
+    }
+    let real: Vec<&str> =
+        p.columns.iter().map(String::as_str).filter(|c| !SITE_COLUMNS.contains(c)).map(site_column).collect();
     if let Some(at) = forwarded.iter().position(|l| l == COLUMNS_PLACEHOLDER) {
         if real.is_empty() {
             forwarded.remove(at);
@@ -433,19 +502,32 @@ impl Plan {
     /// A site's row (as the site answered) as the client's row: the site
     /// column put in its places.
     pub fn client_row(&self, site: &str, row: Vec<Value>) -> Vec<Value> {
-        if self.site_positions.is_empty() {
-            return row;
-        }
-        let mut out = Vec::with_capacity(row.len() + self.site_positions.len());
-        let mut it = row.into_iter();
-        for i in 0..self.columns.len() {
-            if self.site_positions.contains(&i) {
-                out.push(Value::String(site.to_owned()));
-            } else if let Some(v) = it.next() {
-                out.push(v);
+        self.client_row_of(site, None, row)
+    }
+
+    /// [`Plan::client_row`], with the computed columns made (the core's
+    /// `program_start` for `last_state_change_order`).
+    pub fn client_row_of(&self, site: &str, program_start: Option<i64>, row: Vec<Value>) -> Vec<Value> {
+        let mut out = if self.site_positions.is_empty() {
+            row
+        } else {
+            let mut out = Vec::with_capacity(row.len() + self.site_positions.len());
+            let mut it = row.into_iter();
+            for i in 0..self.columns.len() {
+                if self.site_positions.contains(&i) {
+                    out.push(Value::String(site.to_owned()));
+                } else if let Some(v) = it.next() {
+                    out.push(v);
+                }
+            }
+            out.extend(it);
+            out
+        };
+        for (i, how) in &self.computed {
+            if let Some(v) = out.get_mut(*i) {
+                *v = how.apply(v, program_start);
             }
         }
-        out.extend(it);
         out
     }
 
@@ -599,15 +681,44 @@ pub fn held_rows(plan: &Plan, stats: StatsMerge, mut sorted: Vec<Vec<Value>>) ->
 /// Sort rows by the plan's keys (stable: equal rows keep site order).
 pub fn sort(plan: &Plan, rows: &mut [Vec<Value>]) {
     rows.sort_by(|a, b| {
-        for (i, desc) in &plan.sort {
-            let o = compare(a.get(*i).unwrap_or(&Value::Null), b.get(*i).unwrap_or(&Value::Null));
-            let o = if *desc { o.reverse() } else { o };
+        for k in &plan.sort {
+            let (x, y) = (a.get(k.col).unwrap_or(&Value::Null), b.get(k.col).unwrap_or(&Value::Null));
+            let o = match &k.var {
+                Some(name) => compare_var(custom_var(x, name), custom_var(y, name)),
+                None => compare(x, y),
+            };
+            let o = if k.desc { o.reverse() } else { o };
             if o != Ordering::Equal {
                 return o;
             }
         }
         Ordering::Equal
     });
+}
+
+/// A custom variable's value in a `custom_variables` column: an object
+/// (`{"NAME": "value"}`) or a list of pairs (`[["NAME", "value"]]`).
+fn custom_var<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    match v {
+        Value::Object(m) => m.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v),
+        Value::Array(pairs) => pairs.iter().find_map(|p| match p.as_array().map(Vec::as_slice) {
+            Some([k, v]) if k.as_str().is_some_and(|k| k.eq_ignore_ascii_case(name)) => Some(v),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+/// Order custom variables' values: as [`compare`], an empty or missing one
+/// after every other (so last ascending, first descending, as LMD).
+fn compare_var(a: Option<&Value>, b: Option<&Value>) -> Ordering {
+    let empty = |v: Option<&Value>| v.is_none_or(|v| v.is_null() || v.as_str() == Some(""));
+    match (empty(a), empty(b)) {
+        (true, true) => Ordering::Equal,
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+        (false, false) => compare(a.unwrap_or(&Value::Null), b.unwrap_or(&Value::Null)),
+    }
 }
 
 /// Writes rows in the client's format.

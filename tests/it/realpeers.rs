@@ -784,6 +784,24 @@ async fn a_federation_of_icinga_and_naemon_answers_with_the_union_and_merged_sta
     .await;
     assert_eq!(code, 200, "{body}");
     let merged: Vec<Vec<serde_json::Value>> = serde_json::from_str(&body).expect("stats JSON");
+    // LMD's computed columns, made from each core's own, and sorted on.
+    let (code, body) = crate::federation::fed(
+        &p,
+        "GET services\nColumns: site host_name state state_order has_long_plugin_output last_state_change_order\n\
+         Sort: state_order desc\nSort: site asc\nSort: host_name asc\nOutputFormat: json",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(rows.len(), want.len());
+    let orders: Vec<i64> = rows.iter().map(|r| r[3].as_i64().unwrap_or(-1)).collect();
+    for r in &rows {
+        let state = r[2].as_i64().unwrap_or(-1);
+        assert_eq!(r[3].as_i64(), Some(if state == 2 { 4 } else { state }), "{r:?}");
+        assert!(matches!(r[4].as_i64(), Some(0 | 1)), "{r:?}");
+        assert!(r[5].as_i64().is_some_and(|t| t > 0), "a time, the core's start where it never changed: {r:?}");
+    }
+    assert!(orders.windows(2).all(|w| w[0] >= w[1]), "sorted by state_order, descending: {orders:?}");
     let ic_rows = want.iter().filter(|w| w.0 == "ic").count() as f64;
     let nm_ok = want.iter().filter(|w| w.0 == "nm" && w.3 == 0).count() as f64;
     assert_eq!((merged[0][0].as_f64(), merged[0][1].as_f64()), (Some(ic_rows), Some(nm_ok)), "{body}");

@@ -124,7 +124,7 @@ fn rows_sort_numbers_numerically_and_render_in_every_format() {
 fn a_sort_column_outside_columns_is_asked_and_not_shown() {
     let p = plan("GET hosts\nColumns: name\nSort: latency desc").unwrap();
     assert_eq!(p.query_for("x").unwrap(), "GET hosts\nColumns: name latency\nOutputFormat: json\n");
-    assert_eq!((p.visible, p.sort.clone()), (1, vec![(1, true)]));
+    assert_eq!((p.visible, p.sort.clone()), (1, vec![SortKey { col: 1, desc: true, var: None }]));
     assert_eq!(p.header_names(0), vec!["name".to_owned()]);
     let p = plan("GET hosts\nColumns: name\nSort: site asc").unwrap();
     assert_eq!(p.query_for("x").unwrap(), "GET hosts\nColumns: name\nOutputFormat: json\n");
@@ -361,4 +361,50 @@ mod property {
             prop_assert_eq!(got, want, "filter:\n{}stats:\n{}", ftext, stext);
         }
     }
+}
+
+#[test]
+fn lmd_s_computed_columns_and_custom_variable_sorts() {
+    let p = plan("GET services\nColumns: host_name state_order has_long_plugin_output last_state_change_order site\nSort: state_order desc\nSort: site asc").unwrap();
+    assert_eq!(
+        p.query_for("x").unwrap(),
+        "GET services\nColumns: host_name state long_plugin_output last_state_change\nOutputFormat: json\n",
+        "asked as the columns they are made of"
+    );
+    let row = |state: i64, long: &str, lsc: i64| vec![json!("h"), json!(state), json!(long), json!(lsc)];
+    assert_eq!(
+        p.client_row_of("s1", Some(1700), row(2, "", 0)),
+        vec![json!("h"), json!(4), json!(0), json!(1700), json!("s1")]
+    );
+    assert_eq!(
+        p.client_row_of("s1", Some(1700), row(3, "more", 99)),
+        vec![json!("h"), json!(3), json!(1), json!(99), json!("s1")]
+    );
+    let mut rows = vec![
+        p.client_row_of("b", None, row(3, "", 1)),
+        p.client_row_of("a", None, row(2, "", 1)),
+        p.client_row_of("a", None, row(3, "", 1)),
+        p.client_row_of("c", None, row(0, "", 1)),
+    ];
+    sort(&p, &mut rows);
+    let order: Vec<(i64, &str)> = rows.iter().map(|r| (r[1].as_i64().unwrap(), r[4].as_str().unwrap())).collect();
+    assert_eq!(order, vec![(4, "a"), (3, "a"), (3, "b"), (0, "c")], "CRITICAL above UNKNOWN, then by site");
+
+    // Custom variables, as objects (Naemon) or pairs (Icinga 2); empty ones last ascending.
+    let p = plan("GET hosts\nColumns: name\nSort: custom_variables prio asc").unwrap();
+    assert_eq!(p.query_for("x").unwrap(), "GET hosts\nColumns: name custom_variables\nOutputFormat: json\n");
+    assert_eq!(p.sort, vec![SortKey { col: 1, desc: false, var: Some("PRIO".into()) }]);
+    let mut rows = vec![
+        vec![json!("none"), json!({})],
+        vec![json!("b"), json!({"PRIO": "2"})],
+        vec![json!("a"), json!([["PRIO", "1"]])],
+        vec![json!("empty"), json!({"PRIO": ""})],
+    ];
+    sort(&p, &mut rows);
+    let names: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "b", "none", "empty"]);
+    let p = plan("GET hosts\nColumns: name\nSort: custom_variables PRIO desc").unwrap();
+    sort(&p, &mut rows);
+    let names: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
+    assert_eq!(names, ["none", "empty", "b", "a"], "empty ones first descending (stable among themselves)");
 }
