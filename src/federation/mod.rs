@@ -638,8 +638,15 @@ async fn answer<S: Client>(
     }
     drop(tx);
     let name = |i: usize| asked[i].0.name();
-    // The core's start, for `last_state_change_order` (only when asked for).
-    let start = |i: usize| if plan.computed.is_empty() { None } else { asked[i].0.status().program_start };
+    // What the computed and LMD-only columns need of the site (only when
+    // asked for: an address is a string made per call).
+    let addrs: Vec<String> =
+        if plan.lmd.is_empty() { Vec::new() } else { asked.iter().map(|(s, _)| s.address()).collect() };
+    let row_site = |i: usize| plan::RowSite {
+        name: asked[i].0.name(),
+        addr: addrs.get(i).map_or("", String::as_str),
+        program_start: if plan.computed.is_empty() { None } else { asked[i].0.status().program_start },
+    };
     let header = plan.headers.then(|| plan.header_names(0));
     let mut pending = Vec::with_capacity(16 * 1024);
     let mut renderer = Renderer::start(plan, header.as_deref(), &mut pending);
@@ -660,7 +667,7 @@ async fn answer<S: Client>(
                 if !plan.stats.is_empty() {
                     stats.add(plan, name(i), row);
                 } else if !plan.sort.is_empty() {
-                    let row = plan.client_row_of(name(i), start(i), row);
+                    let row = plan.client_row_of(row_site(i), row);
                     sorted_bytes += serde_json::to_string(&row).map_or(64, |s| s.len() + 64);
                     if sorted_bytes > fed.sort_budget {
                         readers.abort_all();
@@ -678,7 +685,7 @@ async fn answer<S: Client>(
                     skipped += 1;
                 } else if plan.limit.is_none_or(|l| given < l) {
                     given += 1;
-                    renderer.row(&plan.client_row_of(name(i), start(i), row), &mut pending);
+                    renderer.row(&plan.client_row_of(row_site(i), row), &mut pending);
                     if pending.len() >= 16 * 1024 {
                         sink.put(&pending).await?;
                         pending.clear();

@@ -75,6 +75,8 @@ pub struct Plan {
     /// Positions in `columns` of LMD's computed columns (asked of the sites
     /// as the column they are computed from).
     pub computed: Vec<(usize, Computed)>,
+    /// Positions in `columns` of LMD-only columns (not asked of the sites).
+    pub lmd: Vec<(usize, LmdColumn)>,
     /// Merge of each stats column, in client order (empty: no stats).
     pub stats: Vec<Merge>,
     /// Sites the filters and headers allow (None: all of the federation's).
@@ -116,6 +118,45 @@ const COMPUTED: [(&str, &str, Computed); 3] = [
     ("last_state_change_order", "last_state_change", Computed::LastStateChangeOrder),
     ("has_long_plugin_output", "long_plugin_output", Computed::HasLongPluginOutput),
 ];
+
+/// LMD's columns no core has, answered by livemux itself (Thruk asks for
+/// them on `status`, `hosts` and `services` when it talks to LMD).
+const LMD_ONLY: [(&str, LmdColumn); 8] = [
+    ("peer_addr", LmdColumn::Addr),
+    ("peer_section", LmdColumn::Empty),
+    ("peer_status", LmdColumn::Zero),
+    ("peer_last_error", LmdColumn::Empty),
+    ("peer_last_update", LmdColumn::Now),
+    ("lmd_last_cache_update", LmdColumn::Now),
+    ("thruk", LmdColumn::Object),
+    ("configtool", LmdColumn::Object),
+];
+
+/// The value of an LMD-only column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LmdColumn {
+    /// The site's address.
+    Addr,
+    /// `""`.
+    Empty,
+    /// 0 (the site answered: it is up).
+    Zero,
+    /// Now, in Unix seconds (livemux's rows are live, never a cached copy).
+    Now,
+    /// `{}`.
+    Object,
+}
+
+/// What livemux knows of the site a row came from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowSite<'a> {
+    /// Its name (the site column).
+    pub name: &'a str,
+    /// Its address (LMD's `peer_addr`; empty unless asked for).
+    pub addr: &'a str,
+    /// Its core's `program_start` (for `last_state_change_order`).
+    pub program_start: Option<i64>,
+}
 
 /// How a computed column is made from its site column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,6 +250,7 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         columns: Vec::new(),
         site_positions: Vec::new(),
         computed: Vec::new(),
+        lmd: Vec::new(),
         stats: Vec::new(),
         sites: None,
         sort: Vec::new(),
@@ -397,9 +439,15 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         if let Some((_, _, how)) = COMPUTED.iter().find(|(name, _, _)| name == c) {
             p.computed.push((i, *how));
         }
+        if let Some((_, what)) = LMD_ONLY.iter().find(|(name, _)| name == c) {
+            p.lmd.push((i, *what));
+        }
     }
-    let real: Vec<&str> =
-        p.columns.iter().map(String::as_str).filter(|c| !SITE_COLUMNS.contains(c)).map(site_column).collect();
+    if !p.stats.is_empty() && !p.lmd.is_empty() {
+        return Err(refuse(452, "Stats grouped by an LMD-only column are not supported federated"));
+    }
+    let asked = |c: &&str| !SITE_COLUMNS.contains(c) && !LMD_ONLY.iter().any(|(n, _)| n == c);
+    let real: Vec<&str> = p.columns.iter().map(String::as_str).filter(asked).map(site_column).collect();
     if let Some(at) = forwarded.iter().position(|l| l == COLUMNS_PLACEHOLDER) {
         if real.is_empty() {
             forwarded.remove(at);
@@ -502,20 +550,31 @@ impl Plan {
     /// A site's row (as the site answered) as the client's row: the site
     /// column put in its places.
     pub fn client_row(&self, site: &str, row: Vec<Value>) -> Vec<Value> {
-        self.client_row_of(site, None, row)
+        self.client_row_of(RowSite { name: site, ..RowSite::default() }, row)
     }
 
-    /// [`Plan::client_row`], with the computed columns made (the core's
-    /// `program_start` for `last_state_change_order`).
-    pub fn client_row_of(&self, site: &str, program_start: Option<i64>, row: Vec<Value>) -> Vec<Value> {
-        let mut out = if self.site_positions.is_empty() {
+    /// [`Plan::client_row`], with LMD's computed and LMD-only columns made.
+    pub fn client_row_of(&self, site: RowSite<'_>, row: Vec<Value>) -> Vec<Value> {
+        let mut out = if self.site_positions.is_empty() && self.lmd.is_empty() {
             row
         } else {
-            let mut out = Vec::with_capacity(row.len() + self.site_positions.len());
+            let now = || {
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                Value::from(t.as_secs())
+            };
+            let mut out = Vec::with_capacity(row.len() + self.site_positions.len() + self.lmd.len());
             let mut it = row.into_iter();
             for i in 0..self.columns.len() {
                 if self.site_positions.contains(&i) {
-                    out.push(Value::String(site.to_owned()));
+                    out.push(Value::String(site.name.to_owned()));
+                } else if let Some((_, what)) = self.lmd.iter().find(|(at, _)| *at == i) {
+                    out.push(match what {
+                        LmdColumn::Addr => Value::from(site.addr),
+                        LmdColumn::Empty => Value::from(""),
+                        LmdColumn::Zero => Value::from(0),
+                        LmdColumn::Now => now(),
+                        LmdColumn::Object => Value::Object(serde_json::Map::new()),
+                    });
                 } else if let Some(v) = it.next() {
                     out.push(v);
                 }
@@ -525,7 +584,7 @@ impl Plan {
         };
         for (i, how) in &self.computed {
             if let Some(v) = out.get_mut(*i) {
-                *v = how.apply(v, program_start);
+                *v = how.apply(v, site.program_start);
             }
         }
         out

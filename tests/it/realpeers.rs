@@ -802,6 +802,28 @@ async fn a_federation_of_icinga_and_naemon_answers_with_the_union_and_merged_sta
         assert!(r[5].as_i64().is_some_and(|t| t > 0), "a time, the core's start where it never changed: {r:?}");
     }
     assert!(orders.windows(2).all(|w| w[0] >= w[1]), "sorted by state_order, descending: {orders:?}");
+    // Thruk's process-info query (LMD-only columns answered by livemux):
+    // one row per site, keyed by peer_key.
+    let (code, body) = crate::federation::fed(
+        &p,
+        "GET status\nColumns: program_start program_version peer_key peer_name peer_addr thruk configtool \
+         lmd_last_cache_update peer_key\nOutputFormat: wrapped_json",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let data = v["data"].as_array().expect("data");
+    let keys: std::collections::BTreeSet<&str> = data.iter().filter_map(|r| r[2].as_str()).collect();
+    assert_eq!(keys, ["ic", "nm"].into(), "{body}");
+    for r in data {
+        let addr = if r[2] == "ic" { ic.tcp_address() } else { nm.tcp_address() };
+        assert_eq!(
+            (r[4].as_str(), &r[5], &r[6]),
+            (Some(addr.as_str()), &serde_json::json!({}), &serde_json::json!({}))
+        );
+        assert!(r[0].as_i64().is_some_and(|t| t > 0) && r[8] == r[2], "{r:?}");
+    }
+    assert_eq!((&v["failed"], &v["total_count"]), (&serde_json::json!({}), &serde_json::json!(2)));
     let ic_rows = want.iter().filter(|w| w.0 == "ic").count() as f64;
     let nm_ok = want.iter().filter(|w| w.0 == "nm" && w.3 == 0).count() as f64;
     assert_eq!((merged[0][0].as_f64(), merged[0][1].as_f64()), (Some(ic_rows), Some(nm_ok)), "{body}");

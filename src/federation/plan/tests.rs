@@ -373,18 +373,18 @@ fn lmd_s_computed_columns_and_custom_variable_sorts() {
     );
     let row = |state: i64, long: &str, lsc: i64| vec![json!("h"), json!(state), json!(long), json!(lsc)];
     assert_eq!(
-        p.client_row_of("s1", Some(1700), row(2, "", 0)),
+        p.client_row_of(RowSite { name: "s1", addr: "", program_start: Some(1700) }, row(2, "", 0)),
         vec![json!("h"), json!(4), json!(0), json!(1700), json!("s1")]
     );
     assert_eq!(
-        p.client_row_of("s1", Some(1700), row(3, "more", 99)),
+        p.client_row_of(RowSite { name: "s1", addr: "", program_start: Some(1700) }, row(3, "more", 99)),
         vec![json!("h"), json!(3), json!(1), json!(99), json!("s1")]
     );
     let mut rows = vec![
-        p.client_row_of("b", None, row(3, "", 1)),
-        p.client_row_of("a", None, row(2, "", 1)),
-        p.client_row_of("a", None, row(3, "", 1)),
-        p.client_row_of("c", None, row(0, "", 1)),
+        p.client_row("b", row(3, "", 1)),
+        p.client_row("a", row(2, "", 1)),
+        p.client_row("a", row(3, "", 1)),
+        p.client_row("c", row(0, "", 1)),
     ];
     sort(&p, &mut rows);
     let order: Vec<(i64, &str)> = rows.iter().map(|r| (r[1].as_i64().unwrap(), r[4].as_str().unwrap())).collect();
@@ -407,4 +407,16 @@ fn lmd_s_computed_columns_and_custom_variable_sorts() {
     sort(&p, &mut rows);
     let names: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
     assert_eq!(names, ["none", "empty", "b", "a"], "empty ones first descending (stable among themselves)");
+}
+
+#[test]
+fn lmd_only_columns_are_answered_by_livemux_and_not_asked_of_the_sites() {
+    let p = plan("GET status\nColumns: program_start peer_key peer_addr thruk configtool lmd_last_cache_update peer_section\nOutputFormat: wrapped_json").unwrap();
+    assert_eq!(p.query_for("x").unwrap(), "GET status\nColumns: program_start\nOutputFormat: json\n");
+    let row =
+        p.client_row_of(RowSite { name: "berlin", addr: "tcp://10.0.0.1:6557", program_start: None }, vec![json!(17)]);
+    assert_eq!(&row[..5], &[json!(17), json!("berlin"), json!("tcp://10.0.0.1:6557"), json!({}), json!({})]);
+    assert!(row[5].as_u64().is_some_and(|t| t > 1_700_000_000), "now: {row:?}");
+    assert_eq!(row[6], json!(""));
+    assert!(plan("GET hosts\nColumns: peer_addr\nStats: state = 0").is_err(), "refused in a stats group");
 }
