@@ -347,12 +347,15 @@ async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: Cance
         };
         let style = ReplyStyle::sniff(&block);
         let text = String::from_utf8_lossy(&block).into_owned();
-        let ok = if text.starts_with("COMMAND ") {
+        // COMMAND blocks may follow one another on one connection (as on a
+        // core, and as LMD takes them from Thruk): a COMMAND does not end it.
+        let is_command = text.starts_with("COMMAND ");
+        let ok = if is_command {
             command(&fed, &block, style, &mut stream).await
         } else {
             get(&fed, &text, style, &mut stream).await
         };
-        if !ok || !style.keepalive || reader.at_eof() {
+        if !ok || !(style.keepalive || is_command) || reader.at_eof() {
             let _ = stream.shutdown().await;
             return;
         }
@@ -371,8 +374,26 @@ async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, s
     let mut wire = Vec::new();
     req.encode_for_site(&mut wire);
     let mut failed = Vec::new();
+    // LMD's `Backends:` on a COMMAND block (Thruk sends one after each
+    // command): only those sites get it; a name the federation lacks fails.
+    let text = String::from_utf8_lossy(block);
+    let backends: Option<Vec<&str>> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Backends:"))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>())
+        .filter(|v| !v.is_empty());
+    let setup = fed.setup();
+    let mut targets = Vec::with_capacity(setup.sites.len());
+    for site in &setup.sites {
+        if backends.as_ref().is_none_or(|b| b.contains(&site.name())) {
+            targets.push(site.clone());
+        }
+    }
+    for n in backends.iter().flatten().filter(|n| !setup.sites.iter().any(|s| s.name() == **n)) {
+        failed.push(format!("{n}: bad request: backend {n} does not exist"));
+    }
     let mut jobs = tokio::task::JoinSet::new();
-    for site in fed.setup().sites.clone() {
+    for site in targets {
         let wire = wire.clone();
         jobs.spawn(async move {
             let deadline = Instant::now() + site.params().query_timeout;
@@ -386,6 +407,13 @@ async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, s
         }
     }
     if !style.fixed16 {
+        // Silence is success (as a core answers a COMMAND); a client that
+        // chose sites (LMD's way, Thruk) gets a failure as one `502: ...`
+        // line, which is what it reads.
+        if backends.is_some() && !failed.is_empty() {
+            let line = format!("502: COMMAND failed on: {}\n", failed.join("; "));
+            return stream.write_all(line.as_bytes()).await.is_ok();
+        }
         return true;
     }
     let answer = if failed.is_empty() {
@@ -514,6 +542,9 @@ async fn get<S: Client>(fed: &Federation, text: &str, style: ReplyStyle, stream:
         Err(Refused { status, message }) => {
             tracing::info!(%message, "federated query refused");
             let status = Status::from_code(status);
+            // In LMD's words: Thruk shows a "bad request:" as it is, and
+            // takes any other error for a daemon in trouble (and retries).
+            let message = format!("bad request: {message}");
             return stream.write_all(&error_response(status, &message, style.fixed16)).await.is_ok();
         }
     };

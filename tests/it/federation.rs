@@ -366,6 +366,7 @@ async fn without_fixed16_rows_stream_as_the_sites_answer_and_the_connection_ends
 
 #[tokio::test]
 async fn a_command_goes_to_every_site() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (a, b) = (sim("fh").await, sim("fi").await);
     let p = federated(vec![("fh", a.address()), ("fi", b.address())], 64 << 20).await;
     let cmd = "COMMAND [1700000000] PROCESS_HOST_CHECK_RESULT;host-0001;1;federated";
@@ -376,6 +377,26 @@ async fn a_command_goes_to_every_site() {
     assert_eq!(b.commands(), vec![cmd.to_owned()]);
     let (_, body) = fed(&p, "GET hosts\nColumns: site state plugin_output\nFilter: name = host-0001").await;
     assert_eq!(body.lines().collect::<BTreeSet<_>>(), ["fh;1;federated", "fi;1;federated"].into());
+    // As Thruk sends them: several COMMAND blocks on one connection, each
+    // with its own `Backends:`, no framing; an unknown backend is a
+    // `502:` line.
+    let one = "COMMAND [1700000001] PROCESS_HOST_CHECK_RESULT;host-0002;1;only fi";
+    let two = "COMMAND [1700000002] PROCESS_HOST_CHECK_RESULT;host-0003;1;both";
+    let mut c = tokio::net::UnixStream::connect(p.config.socket_path("all")).await.expect("connect");
+    c.write_all(format!("{one}\nBackends: fi\n\n{two}\nBackends: fh fi\n\n").as_bytes()).await.expect("send");
+    c.shutdown().await.expect("half-close, as Thruk does");
+    let mut reply = String::new();
+    tokio::time::timeout(PATIENCE, c.read_to_string(&mut reply)).await.expect("closed").expect("read");
+    assert_eq!(reply, "", "silence is success");
+    assert_eq!(a.commands(), vec![cmd.to_owned(), two.to_owned()]);
+    assert_eq!(b.commands(), vec![cmd.to_owned(), one.to_owned(), two.to_owned()]);
+    let mut c = tokio::net::UnixStream::connect(p.config.socket_path("all")).await.expect("connect");
+    c.write_all(format!("{one}\nBackends: nosuch\n\n").as_bytes()).await.expect("send");
+    c.shutdown().await.expect("half-close");
+    let mut reply = String::new();
+    tokio::time::timeout(PATIENCE, c.read_to_string(&mut reply)).await.expect("closed").expect("read");
+    assert_eq!(reply, "502: COMMAND failed on: nosuch: bad request: backend nosuch does not exist\n");
+    assert_eq!(b.commands().len(), 3, "sent nowhere");
     p.shutdown().await;
 }
 
