@@ -868,3 +868,177 @@ async fn icinga_a_federation_of_three_sites_of_different_sizes_equals_their_unio
     assert_eq!(body.lines().collect::<Vec<_>>(), last3[..2].iter().map(String::as_str).collect::<Vec<_>>());
     p.shutdown().await;
 }
+
+// === Thruk through a federated socket (issue 24) ===
+
+/// The requests Thruk sends for its main pages (`tests/thruk/corpus.txt`),
+/// replayed against a federation over an Icinga 2 and a Naemon site; each
+/// answer is compared with the one computed from the sites' own answers
+/// (rows, order, `total_count`, `failed`, stats).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thruk_corpus_through_a_federation_of_icinga_and_naemon_equals_the_sites_answers() {
+    use serde_json::Value;
+    let Some(ic) = site(Core::Icinga, 30, 3).await else { return };
+    let Some(nm) = site(Core::Naemon, 20, 2).await else { return };
+    let p = crate::federation::federated(vec![("ic", ic.tcp_address()), ("nm", nm.tcp_address())], 64 << 20).await;
+    let sites = [("ic", &ic), ("nm", &nm)];
+    let corpus =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/thruk/corpus.txt")).expect("corpus");
+    let mut entries = Vec::new();
+    for chunk in corpus.split("\n== ").skip(1) {
+        let (head, body) = chunk.split_once('\n').expect("an entry's request");
+        let (kind, what) = head.split_once(": ").expect("kind: what");
+        let request = body.trim_end().replace("{backends}", "ic nm");
+        entries.push((kind.to_owned(), what.to_owned(), request));
+    }
+    assert_eq!(entries.len(), 10, "every entry read");
+    // The direct request for a site: what livemux answers itself taken out.
+    let direct = |request: &str| -> String {
+        let mut out = String::new();
+        for l in request.lines() {
+            let name = l.split(':').next().unwrap_or_default();
+            if ["Backends", "Limit", "Offset", "Sort", "OutputFormat", "ResponseHeader"].contains(&name) {
+                continue;
+            }
+            if let Some(cols) = l.strip_prefix("Columns: ") {
+                let kept: Vec<&str> = cols.split(' ').filter(|c| *c != "peer_key").collect();
+                if !kept.is_empty() {
+                    out.push_str(&format!("Columns: {}\n", kept.join(" ")));
+                }
+                continue;
+            }
+            out.push_str(l);
+            out.push('\n');
+        }
+        out + "OutputFormat: json\n\n"
+    };
+    let rows_of = |body: &[u8]| -> Vec<Vec<Value>> {
+        serde_json::from_slice(body).unwrap_or_else(|e| panic!("JSON ({e}): {}", String::from_utf8_lossy(body)))
+    };
+    for (kind, what, request) in &entries {
+        let mut union: Vec<Vec<Value>> = Vec::new();
+        if ["rows", "page", "stats", "bykey"].contains(&kind.as_str()) {
+            for (name, s) in sites {
+                for mut r in rows_of(&direct_raw(s, &direct(request)).await) {
+                    // peer_key where the request has it: last, or the stats' group key.
+                    match kind.as_str() {
+                        "stats" => {}
+                        "bykey" => r.insert(0, Value::from(name)),
+                        _ => r.push(Value::from(name)),
+                    }
+                    union.push(r);
+                }
+            }
+        }
+        if kind == "command" {
+            let mut c = tokio::net::UnixStream::connect(p.config.socket_path("all")).await.expect("connect");
+            c.write_all(format!("{request}\n\n").as_bytes()).await.expect("send");
+            c.shutdown().await.expect("half-close, as Thruk does");
+            assert_eq!(String::from_utf8_lossy(&read_to_eof(&mut c).await), "", "{what}: silence is success");
+            for (name, s) in sites {
+                let q = "GET hosts\nColumns: notifications_enabled\nFilter: name = host-0003\nOutputFormat: json\n\n";
+                let deadline = tokio::time::Instant::now() + PATIENCE;
+                while rows_of(&direct_raw(s, q).await) != vec![vec![Value::from(0)]] {
+                    assert!(tokio::time::Instant::now() < deadline, "{what}: not in effect on {name}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            continue;
+        }
+        let (code, body) = crate::federation::fed(&p, request.trim_end_matches("\nResponseHeader: fixed16")).await;
+        assert_eq!(code, 200, "{what}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: JSON ({e}): {body}"));
+        let wrapped = request.contains("wrapped_json");
+        if wrapped {
+            assert_eq!(v["failed"], serde_json::json!({}), "{what}: no site failed");
+        }
+        let data: Vec<Vec<Value>> =
+            serde_json::from_value(if wrapped { v["data"].clone() } else { v.clone() }).expect("rows");
+        let text = |rows: &[Vec<Value>]| -> Vec<String> {
+            let mut t: Vec<String> = rows.iter().map(|r| Value::from(r.clone()).to_string()).collect();
+            t.sort();
+            t
+        };
+        match kind.as_str() {
+            "rows" | "bykey" => assert_eq!(text(&data), text(&union), "{what}"),
+            "stats" => {
+                let sum: Vec<f64> = (0..union[0].len())
+                    .map(|i| union.iter().map(|r| r[i].as_f64().unwrap_or(f64::NAN)).sum())
+                    .collect();
+                let got: Vec<f64> = data[0].iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect();
+                assert_eq!((data.len(), got), (1, sum), "{what}");
+            }
+            "page" => {
+                let cols: Vec<&str> =
+                    request.lines().find_map(|l| l.strip_prefix("Columns: ")).expect("Columns").split(' ').collect();
+                let keys: Vec<(usize, bool)> = request
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("Sort: "))
+                    .map(|s| {
+                        let (c, dir) = s.split_once(' ').expect("Sort: col dir");
+                        (cols.iter().position(|x| *x == c).expect("a sort column in Columns"), dir == "desc")
+                    })
+                    .collect();
+                let field = |name: &str| -> usize {
+                    request.lines().find_map(|x| x.strip_prefix(name)).map_or(0, |n| n.trim().parse().unwrap_or(0))
+                };
+                let (limit, offset) = (field("Limit:"), field("Offset:"));
+                let key = |r: &Vec<Value>| -> Vec<String> {
+                    keys.iter()
+                        .map(|(i, _)| match &r[*i] {
+                            Value::Number(n) => format!("{:020.6}", n.as_f64().unwrap_or(0.0)),
+                            other => other.as_str().unwrap_or_default().to_owned(),
+                        })
+                        .collect()
+                };
+                union.sort_by(|a, b| {
+                    for (n, (_, desc)) in keys.iter().enumerate() {
+                        let o = key(a)[n].cmp(&key(b)[n]);
+                        let o = if *desc { o.reverse() } else { o };
+                        if o != std::cmp::Ordering::Equal {
+                            return o;
+                        }
+                    }
+                    std::cmp::Ordering::Equal
+                });
+                assert_eq!(v["total_count"].as_u64(), Some(union.len() as u64), "{what}: total_count");
+                let page: Vec<Vec<Value>> = union.iter().skip(offset).take(limit).cloned().collect();
+                assert_eq!(data.len(), page.len(), "{what}: the page's size");
+                assert_eq!(
+                    data.iter().map(key).collect::<Vec<_>>(),
+                    page.iter().map(key).collect::<Vec<_>>(),
+                    "{what}: order"
+                );
+                let all = text(&union);
+                for r in &data {
+                    assert!(
+                        all.binary_search(&Value::from(r.clone()).to_string()).is_ok(),
+                        "{what}: a row of the sites: {r:?}"
+                    );
+                }
+            }
+            "status" => {
+                assert_eq!(data.len(), 2, "{what}: one row per site");
+                for (name, s) in sites {
+                    let row = data.iter().find(|r| r[4] == name).unwrap_or_else(|| panic!("{what}: no row for {name}"));
+                    let start =
+                        rows_of(&direct_raw(s, "GET status\nColumns: program_start\nOutputFormat: json\n\n").await);
+                    assert_eq!(row[0], start[0][0], "{what}: {name}'s program_start");
+                    assert_eq!(
+                        (row[5].as_str(), row[6].as_str()),
+                        (Some(name), Some(s.tcp_address().as_str())),
+                        "{what}"
+                    );
+                    assert_eq!(row[10], row[4], "{what}: peer_key twice");
+                }
+            }
+            "sites" => {
+                let keys: Vec<&str> = data.iter().filter_map(|r| r[2].as_str()).collect();
+                assert_eq!(keys, ["ic", "nm"], "{what}");
+                assert!(data.iter().all(|r| r[5] == 0 && r[0] == r[2] && r[23] == r[0]), "{what}: {body}");
+            }
+            other => panic!("unknown kind {other}"),
+        }
+    }
+    p.shutdown().await;
+}
