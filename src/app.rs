@@ -566,19 +566,19 @@ impl App {
     /// A removed federation: stop accepting now; once its sessions are done
     /// (at most `shutdown_grace`) its socket file goes.
     fn retire_federation(&self, f: FederationRuntime) {
-        f.stop.cancel();
-        if let Some(t) = &f.tcp {
-            t.stop.cancel();
-        }
-        f.sessions.close();
-        let grace = self.config.shutdown_grace;
-        self.retiring_federations.spawn(async move {
-            if tokio::time::timeout(grace, f.sessions.wait()).await.is_err() {
-                tracing::warn!(federation = %f.fed.name, "removed federation's answers did not finish within shutdown_grace");
-            }
-            f.socket.remove();
-            tracing::info!(federation = %f.fed.name, "removed federation stopped");
-        });
+        let tcp = f.tcp.as_ref().map(|t| &t.stop);
+        let what = format!("federation '{}'", f.fed.name);
+        wind_down(
+            &self.retiring_federations,
+            self.config.shutdown_grace,
+            what,
+            &f.stop,
+            tcp,
+            f.sessions.clone(),
+            move || {
+                f.socket.remove();
+            },
+        );
     }
 
     /// All sites, in configuration order.
@@ -740,20 +740,20 @@ impl App {
     /// A removed site: stop accepting now; once its sessions are done (at
     /// most `shutdown_grace`) its socket file goes and its actor stops.
     fn retire(&self, site: SiteRuntime) {
-        site.stop.cancel();
-        if let Some(t) = &site.tcp {
-            t.stop.cancel();
-        }
-        site.sessions.close();
-        let grace = self.config.shutdown_grace;
-        self.retiring.spawn(async move {
-            if tokio::time::timeout(grace, site.sessions.wait()).await.is_err() {
-                tracing::warn!(site = %site.config.name, "removed site's answers did not finish within shutdown_grace");
-            }
-            site.socket.remove();
-            site.actor_stop.cancel();
-            tracing::info!(site = %site.config.name, "removed site stopped");
-        });
+        let tcp = site.tcp.as_ref().map(|t| &t.stop);
+        let what = format!("site '{}'", site.config.name);
+        wind_down(
+            &self.retiring,
+            self.config.shutdown_grace,
+            what,
+            &site.stop,
+            tcp,
+            site.sessions.clone(),
+            move || {
+                site.socket.remove();
+                site.actor_stop.cancel();
+            },
+        );
     }
 
     /// Record a reload's outcome (state file) and log it.
@@ -821,6 +821,32 @@ impl App {
             f.socket.remove();
         }
     }
+}
+
+/// Retire what a reload removed (a site or a federation): stop its
+/// listeners now, and once its sessions are done (at most `grace`), run
+/// `then` (its socket file goes) on `tracker`.
+fn wind_down(
+    tracker: &TaskTracker,
+    grace: std::time::Duration,
+    what: String,
+    stop: &CancellationToken,
+    tcp: Option<&CancellationToken>,
+    sessions: TaskTracker,
+    then: impl FnOnce() + Send + 'static,
+) {
+    stop.cancel();
+    if let Some(t) = tcp {
+        t.cancel();
+    }
+    sessions.close();
+    tracker.spawn(async move {
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+            tracing::warn!("removed {what}: its answers did not finish within shutdown_grace");
+        }
+        then();
+        tracing::info!("removed {what} stopped");
+    });
 }
 
 /// Start serving a bound TCP listener.

@@ -13,7 +13,8 @@
 //!   mid-answer, peak memory for 1 GiB answers;
 //! - `deadpeers`: dead peers in private network namespaces (root);
 //! - `tls`: TLS toward sites (stunnel) and on the listener;
-//! - `realpeers`: real Icinga 2 and Naemon sites, and Monitoring::Livestatus;
+//! - `realpeers`: real Icinga 2 and Naemon sites, Monitoring::Livestatus,
+//!   and Thruk's requests (`tests/thruk/corpus.txt`) through a federation;
 //! - `reload`: configuration reload in the running daemon;
 //! - `cli`: the `livemux` binary (SIGHUP, pid file, systemd notify, status);
 //! - `fuzz_corpus`: the fuzz targets' corpora, replayed on stable;
