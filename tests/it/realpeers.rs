@@ -871,6 +871,34 @@ async fn icinga_a_federation_of_three_sites_of_different_sizes_equals_their_unio
 
 // === Thruk through a federated socket (issue 24) ===
 
+/// Thruk's wait after a command (`cmd.pm`): the `Wait*` headers go to every
+/// site with the query, and the answer equals the union of the sites' own
+/// answers to the same request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_headers_reach_both_cores_through_a_federation() {
+    let Some(ic) = site(Core::Icinga, 10, 2).await else { return };
+    let Some(nm) = site(Core::Naemon, 10, 2).await else { return };
+    let p = crate::federation::federated(vec![("ic", ic.tcp_address()), ("nm", nm.tcp_address())], 64 << 20).await;
+    let q = "GET hosts\nColumns: name state\nFilter: name = host-0001\nWaitObject: host-0001\n\
+             WaitCondition: state = 0\nWaitTrigger: all\nWaitTimeout: 300\nOutputFormat: json";
+    let mut want = Vec::new();
+    for (name, s) in [("ic", &ic), ("nm", &nm)] {
+        let rows: Vec<Vec<serde_json::Value>> =
+            serde_json::from_slice(&direct_raw(s, &format!("{q}\n\n")).await).expect("direct JSON");
+        want.extend(rows.into_iter().map(|mut r| {
+            r.push(serde_json::Value::from(name));
+            r.to_vec()
+        }));
+    }
+    assert_eq!(want.len(), 2, "each core answers the waiting query: {want:?}");
+    let (code, body) = crate::federation::fed(&p, &q.replace("Columns: name state", "Columns: name state site")).await;
+    assert_eq!(code, 200, "{body}");
+    let mut got: Vec<Vec<serde_json::Value>> = serde_json::from_str(&body).expect("JSON");
+    got.sort_by_key(|r| r[2].to_string());
+    assert_eq!(got, want);
+    p.shutdown().await;
+}
+
 /// The requests Thruk sends for its main pages (`tests/thruk/corpus.txt`),
 /// replayed against a federation over an Icinga 2 and a Naemon site; each
 /// answer is compared with the one computed from the sites' own answers
