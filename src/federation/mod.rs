@@ -681,6 +681,7 @@ async fn answer<S: Client>(
     let header = plan.headers.then(|| plan.header_names(0));
     let mut pending = Vec::with_capacity(16 * 1024);
     let mut renderer = Renderer::start(plan, header.as_deref(), &mut pending);
+    let unknown_sites = unknown.len();
     let mut failed: Vec<(String, String)> = unknown;
     let mut stats = StatsMerge::default();
     let mut sorted: Vec<Vec<Value>> = Vec::new();
@@ -747,7 +748,7 @@ async fn answer<S: Client>(
     failed.sort();
     // No site could answer: an error, except in `wrapped_json`, whose
     // `failed` says so (as LMD answers, and Thruk expects).
-    let none_answered = !failed.is_empty() && failed.len() == asked.len() + unknown_count(&failed, &asked);
+    let none_answered = !failed.is_empty() && failed.len() == asked.len() + unknown_sites;
     if (none_answered && plan.format != plan::Format::WrappedJson) || (cfg.fail_on_site_error && !failed.is_empty()) {
         let list: Vec<String> = failed.iter().map(|(s, w)| format!("{s}: {w}")).collect();
         return Err(Failure::Answer(Status::SiteUnavailable, format!("federated query failed on {}", list.join("; "))));
@@ -756,11 +757,6 @@ async fn answer<S: Client>(
     sink.put(&pending).await?;
     fed.note_failed(&failed);
     Ok(())
-}
-
-/// How many of `failed` are sites that were not asked (unknown backends).
-fn unknown_count(failed: &[(String, String)], asked: &[(&SiteHandle, Arc<Vec<u8>>)]) -> usize {
-    failed.iter().filter(|(n, _)| !asked.iter().any(|(s, _)| s.name() == n.as_str())).count()
 }
 
 /// Answer a query on the virtual `sites` table (see [`sites`]).
