@@ -15,7 +15,9 @@
 //! site failed (or `on_site_error = "fail"` and any) the client gets an
 //! error. A `COMMAND` goes to every site of the federation.
 
+pub mod merge;
 pub mod plan;
+pub mod rows;
 pub mod sites;
 
 use std::io::{Read, Seek, Write};
@@ -33,14 +35,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::FederationConfig;
 use crate::site::{SiteHandle, send_commands, send_query};
-use plan::{Plan, Refused, Renderer, StatsMerge};
+use merge::Merger;
+use plan::{Pass, Plan, Refused};
+use rows::CsvSplitter;
+pub use rows::{MAX_ROW_BYTES, RowSplitter};
 
 /// Rendered answer bytes kept in memory before they spill to a file.
 pub const SPOOL_MEMORY: usize = 4 << 20;
-/// Largest single row a site may send.
-pub const MAX_ROW_BYTES: usize = 64 << 20;
-/// Rows in flight between the sites' readers and the merger.
-const QUEUE: usize = 256;
+/// Batches of rows (each from one read of a site's answer) in flight
+/// between the sites' readers and the merger.
+const QUEUE: usize = 32;
 
 /// How long an error answer to a refused request may take to write.
 const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -156,85 +160,6 @@ impl Federation {
             at: crate::site::timestamp(std::time::SystemTime::now()),
             sites: failed.iter().cloned().collect(),
         });
-    }
-}
-
-/// Cuts a JSON array of rows (`[[...],[...]]`) into rows as bytes arrive.
-#[derive(Debug, Default)]
-pub struct RowSplitter {
-    started: bool,
-    done: bool,
-    depth: usize,
-    in_string: bool,
-    escape: bool,
-    row: Vec<u8>,
-}
-
-impl RowSplitter {
-    /// Feed bytes; complete rows go to `emit`.
-    pub fn feed(&mut self, bytes: &[u8], mut emit: impl FnMut(Vec<Value>)) -> Result<(), String> {
-        for &b in bytes {
-            if self.done {
-                if b.is_ascii_whitespace() {
-                    continue;
-                }
-                return Err("data after the end of the answer".into());
-            }
-            if !self.started {
-                match b {
-                    b'[' => self.started = true,
-                    b if b.is_ascii_whitespace() => {}
-                    _ => return Err("the answer is not a JSON list".into()),
-                }
-                continue;
-            }
-            if self.depth == 0 {
-                match b {
-                    b'[' => {
-                        self.depth = 1;
-                        self.row.clear();
-                        self.row.push(b);
-                    }
-                    b']' => self.done = true,
-                    b',' => {}
-                    b if b.is_ascii_whitespace() => {}
-                    _ => return Err("a row is not a JSON list".into()),
-                }
-                continue;
-            }
-            self.row.push(b);
-            if self.row.len() > MAX_ROW_BYTES {
-                return Err(format!("a row is larger than {MAX_ROW_BYTES} bytes"));
-            }
-            if self.in_string {
-                match (self.escape, b) {
-                    (true, _) => self.escape = false,
-                    (false, b'\\') => self.escape = true,
-                    (false, b'"') => self.in_string = false,
-                    _ => {}
-                }
-                continue;
-            }
-            match b {
-                b'"' => self.in_string = true,
-                b'[' | b'{' => self.depth += 1,
-                b']' | b'}' => {
-                    self.depth -= 1;
-                    if self.depth == 0 {
-                        let row: Vec<Value> =
-                            serde_json::from_slice(&self.row).map_err(|e| format!("a row is not valid JSON: {e}"))?;
-                        emit(row);
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// The answer ended: was it complete?
-    pub fn finish(&self) -> Result<(), String> {
-        if self.done || (!self.started && self.row.is_empty()) { Ok(()) } else { Err("the answer ends early".into()) }
     }
 }
 
@@ -425,9 +350,85 @@ async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, s
 }
 
 /// One site's part of an answer.
+/// What a site's reader hands the merger.
 enum Part {
-    Row(usize, Vec<Value>),
+    /// Rows of site `.0`, parsed ([`Pass::Parse`]), and the bytes they
+    /// came in.
+    Rows(usize, Vec<Vec<Value>>, usize),
+    /// Rows of a site as it sent them, to splice ([`Pass::Json`],
+    /// [`Pass::Csv`]; see [`Renderer::spliced`]), and the end of each row in
+    /// those bytes.
+    Raw(Vec<u8>, Vec<u32>),
+    /// Site `.0` answered whole, or why not.
     Done(usize, Result<(), String>),
+}
+
+/// A site's answer, cut into the merger's batches: one per read.
+struct Feed {
+    i: usize,
+    pass: Pass,
+    json: RowSplitter,
+    csv: CsvSplitter,
+    tx: tokio::sync::mpsc::Sender<Part>,
+}
+
+impl Feed {
+    fn new(i: usize, pass: Pass, tx: tokio::sync::mpsc::Sender<Part>) -> Self {
+        Feed { i, pass, json: RowSplitter::default(), csv: CsvSplitter::default(), tx }
+    }
+
+    /// The rows complete in `bytes` go to the merger; false when it is
+    /// gone (the client or the query ended).
+    async fn chunk(&mut self, bytes: &[u8]) -> Result<bool, String> {
+        let part = match self.pass {
+            Pass::Parse => {
+                let (mut rows, mut raw_len) = (Vec::new(), 0);
+                self.json.feed_raw(bytes, |raw| {
+                    raw_len += raw.len();
+                    rows.push(serde_json::from_slice(raw).map_err(|e| format!("a row is not valid JSON: {e}"))?);
+                    Ok(())
+                })?;
+                if rows.is_empty() {
+                    return Ok(true);
+                }
+                Part::Rows(self.i, rows, raw_len)
+            }
+            Pass::Json => {
+                let (mut out, mut ends) = (Vec::with_capacity(bytes.len() + 256), Vec::new());
+                self.json.feed_raw(bytes, |row| {
+                    out.extend_from_slice(b",\n");
+                    out.extend_from_slice(row);
+                    ends.push(out.len() as u32);
+                    Ok(())
+                })?;
+                if ends.is_empty() {
+                    return Ok(true);
+                }
+                Part::Raw(out, ends)
+            }
+            Pass::Csv => {
+                let mut got = None;
+                let mut ends = Vec::new();
+                self.csv.feed(bytes, &mut ends, |rows, e| got = Some((rows.to_vec(), e.to_vec())))?;
+                let Some((rows, ends)) = got else { return Ok(true) };
+                Part::Raw(rows, ends)
+            }
+        };
+        Ok(self.tx.send(part).await.is_ok())
+    }
+
+    /// The answer ended: was it whole?
+    async fn end(&mut self) -> Result<bool, String> {
+        if self.pass != Pass::Csv {
+            return self.json.finish().map(|()| true);
+        }
+        let mut got = None;
+        self.csv.finish(|rows, e| got = Some((rows.to_vec(), e.to_vec())));
+        match got {
+            Some((rows, ends)) => Ok(self.tx.send(Part::Raw(rows, ends)).await.is_ok()),
+            None => Ok(true),
+        }
+    }
 }
 
 /// Ask one site and hand its rows on. With `Cache: reload` (and the
@@ -441,8 +442,10 @@ async fn ask_site(
     tx: tokio::sync::mpsc::Sender<Part>,
     cache: Arc<crate::cache::Cache>,
     cache_reload: bool,
+    pass: Pass,
 ) {
     let deadline = Instant::now() + site.params().query_timeout;
+    let mut feed = Feed::new(i, pass, tx.clone());
     let result = async {
         let params = site.params();
         let cacheable = params.cache && cache_reload;
@@ -457,16 +460,12 @@ async fn ask_site(
                         let text = String::from_utf8_lossy(&entry.body);
                         return Err(format!("{} {}", entry.status.code(), text.lines().next().unwrap_or_default()));
                     }
-                    let mut splitter = RowSplitter::default();
-                    let mut rows = Vec::new();
-                    splitter.feed(&entry.body, |r| rows.push(r))?;
-                    splitter.finish()?;
-                    for r in rows {
-                        if tx.send(Part::Row(i, r)).await.is_err() {
+                    for piece in entry.body.chunks(64 * 1024) {
+                        if !feed.chunk(piece).await? {
                             return Ok(());
                         }
                     }
-                    return Ok(());
+                    return feed.end().await.map(|_| ());
                 }
                 crate::cache::Plan::Lead(c) => capture = Some(c),
                 crate::cache::Plan::Alone => {}
@@ -478,37 +477,34 @@ async fn ask_site(
         let raw_header = resp.raw_header;
         let status = resp.header.status;
         let mut remaining = resp.header.length.saturating_sub(resp.prefix().len() as u64);
-        let mut chunk = resp.prefix().to_vec();
+        // The part that came with the header first; only an answer that
+        // did not come whole with it needs more reads.
+        let mut buf = resp.prefix().to_vec();
         let mut lease = resp.lease;
-        let mut splitter = RowSplitter::default();
-        let mut rows = Vec::new();
         let mut error_text = Vec::new();
-        // Only an answer that did not come whole with its header needs more reads.
-        let mut buf = Vec::new();
+        let mut n = buf.len();
         loop {
+            let chunk = &buf[..n];
             if let Some(c) = capture.as_mut()
                 && !chunk.is_empty()
             {
-                c.push(&bytes::Bytes::copy_from_slice(&chunk));
+                c.push(&bytes::Bytes::copy_from_slice(chunk));
             }
             if status == Status::Ok {
-                splitter.feed(&chunk, |r| rows.push(r))?;
-                for r in rows.drain(..) {
-                    if tx.send(Part::Row(i, r)).await.is_err() {
-                        return Ok(());
-                    }
+                if !feed.chunk(chunk).await? {
+                    return Ok(());
                 }
             } else if error_text.len() < 4096 {
-                error_text.extend_from_slice(&chunk);
+                error_text.extend_from_slice(chunk);
             }
             if remaining == 0 {
                 break;
             }
-            if buf.is_empty() {
-                buf = vec![0u8; 64 * 1024];
+            if buf.len() < 64 * 1024 {
+                buf.resize(64 * 1024, 0);
             }
             let want = (remaining as usize).min(buf.len());
-            let n = tokio::time::timeout_at(deadline, lease.read(&mut buf[..want]))
+            n = tokio::time::timeout_at(deadline, lease.read(&mut buf[..want]))
                 .await
                 .map_err(|_| "query_timeout passed".to_owned())?
                 .map_err(|e| e.to_string())?;
@@ -516,7 +512,6 @@ async fn ask_site(
                 return Err("the site closed the channel mid-answer".to_owned());
             }
             remaining -= n as u64;
-            chunk = buf[..n].to_vec();
         }
         lease.release();
         if let Some(c) = capture {
@@ -526,7 +521,7 @@ async fn ask_site(
             let text = String::from_utf8_lossy(&error_text);
             return Err(format!("{} {}", status.code(), text.lines().next().unwrap_or_default().trim()));
         }
-        splitter.finish()
+        feed.end().await.map(|_| ())
     }
     .await;
     let _ = tx.send(Part::Done(i, result)).await;
@@ -665,7 +660,7 @@ async fn answer<S: Client>(
     let mut readers = tokio::task::JoinSet::new();
     for (i, (site, wire)) in asked.iter().enumerate() {
         let (site, wire) = ((*site).clone(), wire.clone());
-        readers.spawn(ask_site(i, site, wire, tx.clone(), fed.cache.clone(), plan.cache_reload));
+        readers.spawn(ask_site(i, site, wire, tx.clone(), fed.cache.clone(), plan.cache_reload, plan.pass));
     }
     drop(tx);
     let name = |i: usize| asked[i].0.name();
@@ -678,15 +673,10 @@ async fn answer<S: Client>(
         addr: addrs.get(i).map_or("", String::as_str),
         program_start: if plan.computed.is_empty() { None } else { asked[i].0.status().program_start },
     };
-    let header = plan.headers.then(|| plan.header_names(0));
     let mut pending = Vec::with_capacity(16 * 1024);
-    let mut renderer = Renderer::start(plan, header.as_deref(), &mut pending);
+    let mut merger = Merger::start(plan, fed.sort_budget, &mut pending);
     let unknown_sites = unknown.len();
     let mut failed: Vec<(String, String)> = unknown;
-    let mut stats = StatsMerge::default();
-    let mut sorted: Vec<Vec<Value>> = Vec::new();
-    let mut sorted_bytes = 0usize;
-    let (mut skipped, mut given, mut total) = (0usize, 0usize, 0usize);
     while let Some(part) = rx.recv().await {
         match part {
             Part::Done(i, Err(why)) => {
@@ -694,56 +684,25 @@ async fn answer<S: Client>(
                 failed.push((name(i).to_owned(), why));
             }
             Part::Done(_, Ok(())) => {}
-            Part::Row(i, row) => {
-                total += 1;
-                if !plan.stats.is_empty() {
-                    stats.add(plan, name(i), row);
-                } else if !plan.sort.is_empty() {
-                    let row = plan.client_row_of(row_site(i), row);
-                    sorted_bytes += serde_json::to_string(&row).map_or(64, |s| s.len() + 64);
-                    if sorted_bytes > fed.sort_budget {
-                        readers.abort_all();
-                        return Err(Failure::Answer(
-                            Status::PayloadTooLarge,
-                            format!(
-                                "Sort needs more than federation_sort_budget ({} bytes) for the rows it orders; \
-                                 add filters or a Limit, or raise the budget",
-                                fed.sort_budget
-                            ),
-                        ));
-                    }
-                    sorted.push(row);
-                } else if skipped < plan.offset {
-                    skipped += 1;
-                } else if plan.limit.is_none_or(|l| given < l) {
-                    given += 1;
-                    renderer.row(&plan.client_row_of(row_site(i), row), &mut pending);
-                    if pending.len() >= 16 * 1024 {
-                        sink.put(&pending).await?;
-                        pending.clear();
-                    }
+            Part::Raw(bytes, ends) => merger.raw(&bytes, &ends, &mut pending),
+            Part::Rows(i, rows, raw_len) => {
+                if merger.rows(row_site(i), rows, raw_len, &mut pending).is_err() {
+                    readers.abort_all();
+                    return Err(Failure::Answer(
+                        Status::PayloadTooLarge,
+                        format!(
+                            "Sort needs more than federation_sort_budget ({} bytes) for the rows it orders; \
+                             add filters or a Limit, or raise the budget",
+                            fed.sort_budget
+                        ),
+                    ));
                 }
             }
         }
-    }
-    let sorted_total = sorted.len();
-    let mut rows = plan::held_rows(plan, std::mem::take(&mut stats), sorted);
-    for row in &mut rows {
-        if plan.stats.is_empty() {
-            // Columns asked only to sort by are not shown.
-            if !plan.columns.is_empty() {
-                row.truncate(plan.visible);
-            }
+        if pending.len() >= 16 * 1024 {
+            sink.put(&pending).await?;
+            pending.clear();
         }
-        renderer.row(row, &mut pending);
-    }
-    // Every matching row, before Offset and Limit (stats: every group).
-    if plan.stats.is_empty() && plan.sort.is_empty() {
-        total = total.max(given);
-    } else if plan.stats.is_empty() {
-        total = sorted_total;
-    } else {
-        total = rows.len();
     }
     failed.sort();
     // No site could answer: an error, except in `wrapped_json`, whose
@@ -753,7 +712,7 @@ async fn answer<S: Client>(
         let list: Vec<String> = failed.iter().map(|(s, w)| format!("{s}: {w}")).collect();
         return Err(Failure::Answer(Status::SiteUnavailable, format!("federated query failed on {}", list.join("; "))));
     }
-    renderer.finish(&failed, total, &mut pending);
+    merger.finish(&failed, &mut pending);
     sink.put(&pending).await?;
     fed.note_failed(&failed);
     Ok(())

@@ -23,6 +23,9 @@ use sitefilter::{Expr, STATS, Stack, StrOp, StrTest};
 /// Where the forwarded `Columns:` line goes, until it is known.
 const COLUMNS_PLACEHOLDER: &str = "\u{0}columns";
 
+/// csv's separators unless `Separators:` says otherwise.
+const DEFAULT_SEPARATORS: [u8; 4] = [b'\n', b';', b',', b'|'];
+
 /// The names of the virtual column (LMD's `peer_name` and `peer_key` too).
 const SITE_COLUMNS: [&str; 3] = ["site", "peer_name", "peer_key"];
 
@@ -52,6 +55,20 @@ pub enum Format {
     Python3,
     /// LMD's `{"columns", "data", "failed", "total_count"}`.
     WrappedJson,
+}
+
+/// How the sites' rows become the client's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Parsed, merged and rendered again (Stats, Sort, the site column,
+    /// LMD's columns, the Python formats).
+    Parse,
+    /// Spliced through as the sites sent them: JSON rows (for `json` and
+    /// `wrapped_json`), cut at their brackets and never parsed.
+    Json,
+    /// Spliced through as the sites sent them: csv rows with the default
+    /// separators, without `Offset` or `Limit` (cut at each `\n`).
+    Csv,
 }
 
 /// A federated query, planned.
@@ -97,6 +114,8 @@ pub struct Plan {
     pub cache_reload: bool,
     /// Columns the client sees (those after are asked only to sort by).
     pub visible: usize,
+    /// Whether the rows need reading, or can be spliced through.
+    pub pass: Pass,
 }
 
 /// A sort key.
@@ -258,9 +277,10 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         limit: None,
         format: Format::Csv,
         headers: false,
-        separators: [b'\n', b';', b',', b'|'],
+        separators: DEFAULT_SEPARATORS,
         cache_reload: false,
         visible: 0,
+        pass: Pass::Parse,
     };
     let mut sort_names: Vec<(String, bool, Option<String>)> = Vec::new();
     let mut forwarded = Vec::new();
@@ -469,7 +489,27 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         p.head.push_str(&l);
         p.head.push('\n');
     }
+    p.pass = splice(&p);
     Ok(p)
+}
+
+/// Whether the sites' rows are the client's rows byte for byte: nothing
+/// to merge (no Stats, Sort, site column or LMD column) and explicit
+/// Columns (without, each core answers with a header row of its own).
+fn splice(p: &Plan) -> Pass {
+    let plain = p.stats.is_empty()
+        && p.sort.is_empty()
+        && p.site_positions.is_empty()
+        && p.computed.is_empty()
+        && p.lmd.is_empty()
+        && !p.columns.is_empty();
+    match p.format {
+        Format::Json | Format::WrappedJson if plain => Pass::Json,
+        // The cores' csv is livemux's with the default separators; a row
+        // ends at the first `\n`, so no Offset or Limit is applied to it.
+        Format::Csv if plain && p.separators == DEFAULT_SEPARATORS && p.offset == 0 && p.limit.is_none() => Pass::Csv,
+        _ => Pass::Parse,
+    }
 }
 
 /// A `Filter:` or `Stats:` line's condition: a test of the site column, or
@@ -519,7 +559,7 @@ impl Plan {
         if let Some(l) = self.site_limit {
             let _ = writeln!(q, "Limit: {l}");
         }
-        q.push_str("OutputFormat: json\n");
+        q.push_str(if self.pass == Pass::Csv { "OutputFormat: csv\n" } else { "OutputFormat: json\n" });
         Some(q)
     }
 
@@ -887,6 +927,18 @@ impl Renderer {
             }
             _ => out.extend_from_slice(serde_json::to_string(v).unwrap_or_default().as_bytes()),
         }
+    }
+
+    /// `n` rows as a site sent them, spliced: csv rows each with its `\n`,
+    /// JSON rows each after a `,\n` (left out before the answer's first).
+    pub fn spliced(&mut self, rows: &[u8], n: usize, out: &mut Vec<u8>) {
+        let rows = match self.format {
+            Format::Csv => rows,
+            _ if self.rows == 0 => rows.get(2..).unwrap_or_default(),
+            _ => rows,
+        };
+        out.extend_from_slice(rows);
+        self.rows += n;
     }
 
     /// The end of the answer (`failed`: site → reason, for `wrapped_json`).

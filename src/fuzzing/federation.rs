@@ -6,12 +6,14 @@
 //! a refusal has a Livestatus error code; the query sent to the sites is
 //! one well-formed request; the rows cut from an answer, and its verdict,
 //! are the same whatever the chunking; the merged answer, in the JSON
-//! formats, is valid JSON with the rows the plan allows.
+//! formats, is valid JSON with the rows the plan allows, and the same
+//! whether the rows were parsed or spliced through unread.
 
 use serde_json::Value;
 
 use crate::federation::RowSplitter;
-use crate::federation::plan::{self, Format, Renderer, StatsMerge};
+use crate::federation::merge::Merger;
+use crate::federation::plan::{self, Format, Pass, RowSite};
 use livemux_protocol::{Framer, Limits, Query, Request};
 
 use super::{Input, chunks, parts};
@@ -42,11 +44,12 @@ pub fn federation_answer(data: &[u8]) {
     };
     for site in SITES {
         if let Some(q) = plan.query_for(site) {
-            check_site_query(&q);
+            check_site_query(&q, if plan.pass == Pass::Csv { "csv" } else { "json" });
         }
     }
     let mut out = Vec::new();
-    merge(&plan, &answers, &mut out);
+    let raw: Vec<&[u8]> = p[1..].to_vec();
+    merge(&plan, &answers, &raw, &mut out);
     if matches!(plan.format, Format::Json | Format::WrappedJson) {
         let parsed: Result<Value, _> = serde_json::from_slice(&out);
         assert!(parsed.is_ok(), "{:?} answer is not JSON: {}", plan.format, String::from_utf8_lossy(&out));
@@ -64,13 +67,14 @@ fn split(chunks: &[&[u8]]) -> Result<Vec<Vec<Value>>, String> {
     Ok(rows)
 }
 
-/// The site query is one request that parses as a `GET` asking for JSON.
-fn check_site_query(text: &str) {
+/// The site query is one request that parses as a `GET` asking for
+/// `format` (JSON, or csv when the rows are spliced as csv).
+fn check_site_query(text: &str, format: &str) {
     let q = match Query::from_text(text) {
         Ok(q) => q,
         Err(e) => panic!("the site query does not parse ({e}): {text:?}"),
     };
-    assert_eq!(q.output_format.as_deref(), Some("json"), "the site query: {text:?}");
+    assert_eq!(q.output_format.as_deref(), Some(format), "the site query: {text:?}");
     let mut wire = Vec::new();
     q.encode_for_site(&mut wire);
     let limits = Limits { max_request_bytes: usize::MAX, max_line_bytes: usize::MAX, max_header_lines: usize::MAX };
@@ -84,17 +88,15 @@ fn check_site_query(text: &str) {
     }
 }
 
-/// Merge the sites' rows as the federated socket does (`answer` in
-/// `federation`): stats per group, or sort with offset and limit, or
-/// plain rows with offset and limit; then render.
-fn merge(plan: &plan::Plan, answers: &[Result<Vec<Vec<Value>>, String>], out: &mut Vec<u8>) {
-    let header = plan.headers.then(|| plan.header_names(0));
-    let mut renderer = Renderer::start(plan, header.as_deref(), out);
-    let mut stats = StatsMerge::default();
-    let mut sorted = Vec::new();
+/// Merge the sites' rows as the federated socket does (its [`Merger`],
+/// one batch per site); with [`Pass::Json`], also spliced unread, which
+/// must give the same answer.
+fn merge(plan: &plan::Plan, answers: &[Result<Vec<Vec<Value>>, String>], raw: &[&[u8]], out: &mut Vec<u8>) {
+    let mut merger = Merger::start(plan, usize::MAX, out);
+    let mut spliced = Vec::new();
+    let mut splicer = Merger::start(plan, usize::MAX, &mut spliced);
     let mut failed = Vec::new();
-    let (mut skipped, mut given, mut total) = (0usize, 0usize, 0usize);
-    for (site, answer) in SITES.iter().zip(answers) {
+    for ((site, answer), bytes) in SITES.iter().zip(answers).zip(raw) {
         if plan.sites.as_ref().is_some_and(|set| !set.contains(*site)) || plan.query_for(site).is_none() {
             continue;
         }
@@ -105,29 +107,35 @@ fn merge(plan: &plan::Plan, answers: &[Result<Vec<Vec<Value>>, String>], out: &m
                 continue;
             }
         };
-        for row in rows {
-            total += 1;
-            if !plan.stats.is_empty() {
-                stats.add(plan, site, row.clone());
-            } else if !plan.sort.is_empty() {
-                sorted.push(plan.client_row(site, row.clone()));
-            } else if skipped < plan.offset {
-                skipped += 1;
-            } else if plan.limit.is_none_or(|l| given < l) {
-                given += 1;
-                renderer.row(&plan.client_row(site, row.clone()), out);
-            }
+        let site_of = RowSite { name: site, ..RowSite::default() };
+        assert!(merger.rows(site_of, rows.clone(), 0, out).is_ok(), "no budget to exceed");
+        if plan.pass == Pass::Json {
+            let (mut joined, mut ends) = (Vec::new(), Vec::new());
+            let mut splitter = RowSplitter::default();
+            let cut = splitter.feed_raw(bytes, |row| {
+                joined.extend_from_slice(b",\n");
+                joined.extend_from_slice(row);
+                ends.push(joined.len() as u32);
+                Ok(())
+            });
+            assert!(cut.is_ok(), "a row cut from an answer that parsed is not cut raw: {cut:?}");
+            splicer.raw(&joined, &ends, &mut spliced);
         }
     }
-    let mut rows = plan::held_rows(plan, stats, sorted);
-    for row in &mut rows {
-        if plan.stats.is_empty() && !plan.columns.is_empty() {
-            row.truncate(plan.visible);
-        }
-        renderer.row(row, out);
+    merger.finish(&failed, out);
+    splicer.finish(&failed, &mut spliced);
+    if plan.pass == Pass::Json {
+        let (a, b): (Result<Value, _>, Result<Value, _>) =
+            (serde_json::from_slice(out), serde_json::from_slice(&spliced));
+        assert!(
+            matches!((&a, &b), (Ok(a), Ok(b)) if a == b),
+            "spliced and parsed answers differ: {} / {}",
+            String::from_utf8_lossy(out),
+            String::from_utf8_lossy(&spliced)
+        );
     }
-    if plan.limit.is_some() && plan.stats.is_empty() {
-        assert!(given + rows.len() <= plan.limit.unwrap_or(usize::MAX), "more rows than the Limit");
+    if let (Some(l), true) = (plan.limit, plan.stats.is_empty() && matches!(plan.format, Format::Json)) {
+        let rows = serde_json::from_slice::<Vec<Value>>(out).map_or(0, |v| v.len());
+        assert!(rows <= l + usize::from(plan.headers), "more rows than the Limit");
     }
-    renderer.finish(&failed, total.max(given), out);
 }

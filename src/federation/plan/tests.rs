@@ -133,7 +133,9 @@ fn a_sort_column_outside_columns_is_asked_and_not_shown() {
 
 #[test]
 fn site_filters_take_every_operator_anywhere_in_the_stack() {
-    let q = |filters: &str, site: &str| plan(&format!("GET hosts\nColumns: name\n{filters}")).unwrap().query_for(site);
+    let q = |filters: &str, site: &str| {
+        plan(&format!("GET hosts\nColumns: name\nOutputFormat: json\n{filters}")).unwrap().query_for(site)
+    };
     let bare = "GET hosts\nColumns: name\nOutputFormat: json\n";
     // The cases: Or of two sites; And with a site's own column.
     let or = "Filter: site = berlin\nFilter: site = paris\nOr: 2";
