@@ -13,10 +13,26 @@
 use serde_json::Value;
 
 use super::plan::{self, Pass, Plan, Renderer, RowSite, StatsMerge};
+use super::rows::{RowSplitter, columns};
 
 /// A `Sort` would hold more rows than the budget allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OverBudget;
+
+/// Why rows read by the merger ([`Pass::Top`]) were not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopError {
+    /// See [`OverBudget`].
+    OverBudget,
+    /// The site's answer is not valid JSON: the site fails.
+    Site(String),
+}
+
+impl From<String> for TopError {
+    fn from(why: String) -> Self {
+        TopError::Site(why)
+    }
+}
 
 /// One federated answer being merged.
 pub struct Merger<'p> {
@@ -29,6 +45,11 @@ pub struct Merger<'p> {
     sort_budget: usize,
     /// Rows a sorted `Limit` keeps (`Offset + Limit`).
     keep: Option<usize>,
+    /// With `keep` rows held in order: the last one's sort key, which a
+    /// row must beat to be held ([`Pass::Top`]).
+    worst: Option<Vec<Value>>,
+    /// Each site's answer being cut into rows ([`Pass::Top`]).
+    splitters: Vec<RowSplitter>,
     /// Bytes and count of all the rows seen, for a held row's size.
     seen_bytes: usize,
     /// Rows skipped for `Offset`, given within `Limit`, and matching.
@@ -49,6 +70,8 @@ impl<'p> Merger<'p> {
             sorted: Vec::new(),
             sort_budget,
             keep,
+            worst: None,
+            splitters: Vec::new(),
             seen_bytes: 0,
             skipped: 0,
             given: 0,
@@ -74,20 +97,7 @@ impl<'p> Merger<'p> {
             }
         } else if !plan.sort.is_empty() {
             self.sorted.extend(rows.into_iter().map(|row| plan.client_row_of(site, row)));
-            if let Some(keep) = self.keep
-                && self.sorted.len() >= keep.saturating_mul(2).max(1024)
-            {
-                // Stable: of equal rows, those that came first stay first,
-                // as in one sort of them all.
-                plan::sort(plan, &mut self.sorted);
-                self.sorted.truncate(keep);
-            }
-            // What the held rows take, about: their share of the bytes
-            // seen, and a row's own overhead.
-            let per_row = self.seen_bytes / self.total.max(1) + 64;
-            if self.sorted.len().saturating_mul(per_row) > self.sort_budget {
-                return Err(OverBudget);
-            }
+            self.trim()?;
         } else {
             for row in rows {
                 if self.skipped < plan.offset {
@@ -101,10 +111,73 @@ impl<'p> Merger<'p> {
         Ok(())
     }
 
+    /// Held rows past twice a sorted `Limit`'s page are sorted and cut to
+    /// the page; and the held rows must fit the budget.
+    fn trim(&mut self) -> Result<(), OverBudget> {
+        if let Some(keep) = self.keep
+            && self.sorted.len() >= keep.saturating_mul(2).max(32)
+        {
+            // Stable: of equal rows, those that came first stay first, as
+            // in one sort of them all.
+            plan::sort(self.plan, &mut self.sorted);
+            self.sorted.truncate(keep);
+            self.worst = keep.checked_sub(1).and_then(|last| self.sorted.get(last)).map(|r| self.plan.key_of_row(r));
+        }
+        // What the held rows take, about: their share of the bytes seen,
+        // and a row's own overhead.
+        let per_row = self.seen_bytes / self.total.max(1) + 64;
+        if self.sorted.len().saturating_mul(per_row) > self.sort_budget {
+            return Err(OverBudget);
+        }
+        Ok(())
+    }
+
+    /// A read of site `i`'s answer, for a sorted page ([`Pass::Top`]): its
+    /// rows are cut here, and a row's sort keys are read first, the rest of
+    /// it only when it may be on the page.
+    pub fn top(&mut self, i: usize, site: RowSite<'_>, bytes: &[u8]) -> Result<(), TopError> {
+        if self.splitters.len() <= i {
+            self.splitters.resize_with(i + 1, RowSplitter::default);
+        }
+        let mut splitter = std::mem::take(&mut self.splitters[i]);
+        let mut cols = Vec::new();
+        let result = splitter.feed_cols(bytes, |row, commas| {
+            columns(row, commas, &mut cols);
+            self.top_row(site, row, &cols)
+        });
+        self.splitters[i] = splitter;
+        result
+    }
+
+    /// Site `i`'s answer ended: was it whole ([`Pass::Top`])?
+    pub fn top_end(&self, i: usize) -> Result<(), String> {
+        self.splitters.get(i).map_or(Ok(()), RowSplitter::finish)
+    }
+
+    fn top_row(&mut self, site: RowSite<'_>, raw: &[u8], cols: &[std::ops::Range<usize>]) -> Result<(), TopError> {
+        let plan = self.plan;
+        self.total += 1;
+        self.seen_bytes += raw.len();
+        if self.keep == Some(0) {
+            return Ok(());
+        }
+        if let Some(worst) = &self.worst {
+            // Not before the page's last row: after it (of equal rows, the
+            // first to come stays first).
+            if !plan.sorts_before(site, raw, cols, worst)? {
+                return Ok(());
+            }
+        }
+        let row = serde_json::from_slice::<Vec<Value>>(raw)
+            .map_err(|e| TopError::Site(format!("a row is not valid JSON: {e}")))?;
+        self.sorted.push(plan.client_row_of(site, row));
+        self.trim().map_err(|OverBudget| TopError::OverBudget)
+    }
+
     /// Rows as a site sent them ([`Pass::Json`], [`Pass::Csv`]): `ends`
     /// marks the end of each in `bytes`.
     pub fn raw(&mut self, bytes: &[u8], ends: &[u32], out: &mut Vec<u8>) {
-        debug_assert!(self.plan.pass != Pass::Parse);
+        debug_assert!(matches!(self.plan.pass, Pass::Json | Pass::Csv));
         let n = ends.len();
         self.total += n;
         let skip = self.plan.offset.saturating_sub(self.skipped).min(n);
@@ -169,7 +242,7 @@ mod tests {
                 for rows in all.chunks(batch) {
                     m.rows(RowSite { name: "x", ..RowSite::default() }, rows.to_vec(), 20 * rows.len(), &mut out)
                         .unwrap();
-                    assert!(m.sorted.len() <= (2 * (offset + limit)).max(1024) + batch, "held rows stay a page");
+                    assert!(m.sorted.len() <= (2 * (offset + limit)).max(32) + batch, "held rows stay a page");
                 }
                 m.finish(&[], &mut out);
                 let v: Value = serde_json::from_slice(&out).unwrap();
@@ -177,6 +250,47 @@ mod tests {
                 assert_eq!(v["data"], serde_json::json!(want), "offset {offset} limit {limit} batch {batch}");
             }
         }
+    }
+
+    /// Rows read key first ([`Pass::Top`]) give the page a full sort gives,
+    /// with the site column and a computed column among the keys.
+    #[test]
+    fn a_page_read_key_first_equals_a_full_sort() {
+        for (offset, limit) in [(0, 1), (0, 100), (7, 50), (2990, 20), (0, 5000)] {
+            let q = format!(
+                "GET hosts\nColumns: name state_order peer_name\nSort: state_order desc\nSort: peer_name asc\n\
+                 Sort: name desc\nOffset: {offset}\nLimit: {limit}\nOutputFormat: json\n"
+            );
+            let p = plan::plan(&q).unwrap();
+            assert_eq!(p.pass, Pass::Top);
+            let sites = [("c", rows_of(1000, "c")), ("a", rows_of(1000, "a")), ("b", rows_of(1000, "b"))];
+            let mut want = Vec::new();
+            let mut m = Merger::start(&p, usize::MAX, &mut want);
+            for (name, rows) in &sites {
+                m.rows(RowSite { name, ..RowSite::default() }, rows.clone(), 0, &mut want).unwrap();
+            }
+            m.finish(&[], &mut want);
+            for cut in [1, 64, 1000, 100_000] {
+                let mut got = Vec::new();
+                let mut m = Merger::start(&p, usize::MAX, &mut got);
+                for (i, (name, rows)) in sites.iter().enumerate() {
+                    let answer = serde_json::to_vec(rows).unwrap();
+                    for piece in answer.chunks(cut) {
+                        m.top(i, RowSite { name, ..RowSite::default() }, piece).unwrap();
+                    }
+                    m.top_end(i).unwrap();
+                }
+                m.finish(&[], &mut got);
+                assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "{q} reads of {cut}");
+            }
+        }
+        let p = plan::plan("GET hosts\nColumns: name\nSort: name\nLimit: 5\n").unwrap();
+        let mut out = Vec::new();
+        let mut m = Merger::start(&p, usize::MAX, &mut out);
+        let bad = m.top(0, RowSite::default(), b"[[\"a\",]]");
+        assert!(matches!(bad, Err(TopError::Site(why)) if why.starts_with("a row is not valid JSON")));
+        assert_eq!(m.top(1, RowSite::default(), b"[[\"a\"]"), Ok(()));
+        assert_eq!(m.top_end(1), Err("the answer ends early".to_owned()));
     }
 
     #[test]

@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::FederationConfig;
 use crate::site::{SiteHandle, send_commands, send_query};
-use merge::Merger;
+use merge::{Merger, TopError};
 use plan::{Pass, Plan, Refused};
 use rows::CsvSplitter;
 pub use rows::{MAX_ROW_BYTES, RowSplitter};
@@ -355,10 +355,13 @@ enum Part {
     /// Rows of site `.0`, parsed ([`Pass::Parse`]), and the bytes they
     /// came in.
     Rows(usize, Vec<Vec<Value>>, usize),
-    /// Rows of a site as it sent them, to splice ([`Pass::Json`],
-    /// [`Pass::Csv`]; see [`Renderer::spliced`]), and the end of each row in
-    /// those bytes.
-    Raw(Vec<u8>, Vec<u32>),
+    /// Rows of site `.0` as it sent them, to splice ([`Pass::Json`],
+    /// [`Pass::Csv`]; see [`plan::Renderer::spliced`]), and the end of each
+    /// row in those bytes.
+    Raw(usize, Vec<u8>, Vec<u32>),
+    /// A read of site `.0`'s answer as it came, cut into rows by the
+    /// merger ([`Pass::Top`]).
+    Read(usize, Vec<u8>),
     /// Site `.0` answered whole, or why not.
     Done(usize, Result<(), String>),
 }
@@ -393,6 +396,7 @@ impl Feed {
                 }
                 Part::Rows(self.i, rows, raw_len)
             }
+            Pass::Top => Part::Read(self.i, bytes.to_vec()),
             Pass::Json => {
                 let (mut out, mut ends) = (Vec::with_capacity(bytes.len() + 256), Vec::new());
                 self.json.feed_raw(bytes, |row| {
@@ -404,14 +408,14 @@ impl Feed {
                 if ends.is_empty() {
                     return Ok(true);
                 }
-                Part::Raw(out, ends)
+                Part::Raw(self.i, out, ends)
             }
             Pass::Csv => {
                 let mut got = None;
                 let mut ends = Vec::new();
                 self.csv.feed(bytes, &mut ends, |rows, e| got = Some((rows.to_vec(), e.to_vec())))?;
                 let Some((rows, ends)) = got else { return Ok(true) };
-                Part::Raw(rows, ends)
+                Part::Raw(self.i, rows, ends)
             }
         };
         Ok(self.tx.send(part).await.is_ok())
@@ -419,13 +423,16 @@ impl Feed {
 
     /// The answer ended: was it whole?
     async fn end(&mut self) -> Result<bool, String> {
-        if self.pass != Pass::Csv {
-            return self.json.finish().map(|()| true);
+        match self.pass {
+            Pass::Csv => {}
+            // The merger cuts the rows, and checks the end.
+            Pass::Top => return Ok(true),
+            Pass::Parse | Pass::Json => return self.json.finish().map(|()| true),
         }
         let mut got = None;
         self.csv.finish(|rows, e| got = Some((rows.to_vec(), e.to_vec())));
         match got {
-            Some((rows, ends)) => Ok(self.tx.send(Part::Raw(rows, ends)).await.is_ok()),
+            Some((rows, ends)) => Ok(self.tx.send(Part::Raw(self.i, rows, ends)).await.is_ok()),
             None => Ok(true),
         }
     }
@@ -677,25 +684,40 @@ async fn answer<S: Client>(
     let mut merger = Merger::start(plan, fed.sort_budget, &mut pending);
     let unknown_sites = unknown.len();
     let mut failed: Vec<(String, String)> = unknown;
+    // Sites whose rows the merger found bad (already in `failed`).
+    let mut bad: Vec<usize> = Vec::new();
     while let Some(part) = rx.recv().await {
         match part {
-            Part::Done(i, Err(why)) => {
+            Part::Done(i, Err(why)) if !bad.contains(&i) => {
                 tracing::warn!(site = %name(i), reason = %why, "site left out of a federated answer");
                 failed.push((name(i).to_owned(), why));
             }
-            Part::Done(_, Ok(())) => {}
-            Part::Raw(bytes, ends) => merger.raw(&bytes, &ends, &mut pending),
+            Part::Done(i, Ok(())) if !bad.contains(&i) => {
+                if let Err(why) = merger.top_end(i) {
+                    tracing::warn!(site = %name(i), reason = %why, "site left out of a federated answer");
+                    failed.push((name(i).to_owned(), why));
+                }
+            }
+            Part::Done(..) => {}
+            // The rest of a site that failed is not taken.
+            Part::Raw(i, ..) | Part::Rows(i, ..) | Part::Read(i, _) if bad.contains(&i) => {}
+            Part::Read(i, bytes) => match merger.top(i, row_site(i), &bytes) {
+                Ok(()) => {}
+                Err(TopError::OverBudget) => {
+                    readers.abort_all();
+                    return Err(over_budget(fed.sort_budget));
+                }
+                Err(TopError::Site(why)) => {
+                    tracing::warn!(site = %name(i), reason = %why, "site left out of a federated answer");
+                    failed.push((name(i).to_owned(), why));
+                    bad.push(i);
+                }
+            },
+            Part::Raw(_, bytes, ends) => merger.raw(&bytes, &ends, &mut pending),
             Part::Rows(i, rows, raw_len) => {
                 if merger.rows(row_site(i), rows, raw_len, &mut pending).is_err() {
                     readers.abort_all();
-                    return Err(Failure::Answer(
-                        Status::PayloadTooLarge,
-                        format!(
-                            "Sort needs more than federation_sort_budget ({} bytes) for the rows it orders; \
-                             add filters or a Limit, or raise the budget",
-                            fed.sort_budget
-                        ),
-                    ));
+                    return Err(over_budget(fed.sort_budget));
                 }
             }
         }
@@ -716,6 +738,17 @@ async fn answer<S: Client>(
     sink.put(&pending).await?;
     fed.note_failed(&failed);
     Ok(())
+}
+
+/// `Sort` would hold more than `federation_sort_budget`.
+fn over_budget(budget: usize) -> Failure {
+    Failure::Answer(
+        Status::PayloadTooLarge,
+        format!(
+            "Sort needs more than federation_sort_budget ({budget} bytes) for the rows it orders; \
+             add filters or a Limit, or raise the budget"
+        ),
+    )
 }
 
 /// Answer a query on the virtual `sites` table (see [`sites`]).

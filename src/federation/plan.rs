@@ -69,6 +69,10 @@ pub enum Pass {
     /// Spliced through as the sites sent them: csv rows with the default
     /// separators, without `Offset` or `Limit` (cut at each `\n`).
     Csv,
+    /// `Sort` with a `Limit`: the rows come unread, and only their sort
+    /// keys are read until a row is known to be within the page's
+    /// `Offset + Limit` (see [`super::merge`]).
+    Top,
 }
 
 /// A federated query, planned.
@@ -116,6 +120,9 @@ pub struct Plan {
     pub visible: usize,
     /// Whether the rows need reading, or can be spliced through.
     pub pass: Pass,
+    /// For each of `columns`, its place in a site's row (None: livemux
+    /// makes it); only for [`Pass::Top`].
+    site_index: Vec<Option<usize>>,
 }
 
 /// A sort key.
@@ -281,6 +288,7 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         cache_reload: false,
         visible: 0,
         pass: Pass::Parse,
+        site_index: Vec::new(),
     };
     let mut sort_names: Vec<(String, bool, Option<String>)> = Vec::new();
     let mut forwarded = Vec::new();
@@ -490,6 +498,17 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
         p.head.push('\n');
     }
     p.pass = splice(&p);
+    // Read per row only by a sorted page.
+    let mut at = 0;
+    p.site_index = (0..if p.pass == Pass::Top { p.columns.len() } else { 0 })
+        .map(|i| {
+            let made = p.site_positions.contains(&i) || p.lmd.iter().any(|(l, _)| *l == i);
+            (!made).then(|| {
+                at += 1;
+                at - 1
+            })
+        })
+        .collect();
     Ok(p)
 }
 
@@ -503,6 +522,9 @@ fn splice(p: &Plan) -> Pass {
         && p.computed.is_empty()
         && p.lmd.is_empty()
         && !p.columns.is_empty();
+    if p.stats.is_empty() && !p.sort.is_empty() && p.limit.is_some() {
+        return Pass::Top;
+    }
     match p.format {
         Format::Json | Format::WrappedJson if plain => Pass::Json,
         // The cores' csv is livemux's with the default separators; a row
@@ -598,23 +620,11 @@ impl Plan {
         let mut out = if self.site_positions.is_empty() && self.lmd.is_empty() {
             row
         } else {
-            let now = || {
-                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                Value::from(t.as_secs())
-            };
             let mut out = Vec::with_capacity(row.len() + self.site_positions.len() + self.lmd.len());
             let mut it = row.into_iter();
             for i in 0..self.columns.len() {
-                if self.site_positions.contains(&i) {
-                    out.push(Value::String(site.name.to_owned()));
-                } else if let Some((_, what)) = self.lmd.iter().find(|(at, _)| *at == i) {
-                    out.push(match what {
-                        LmdColumn::Addr => Value::from(site.addr),
-                        LmdColumn::Empty => Value::from(""),
-                        LmdColumn::Zero => Value::from(0),
-                        LmdColumn::Now => now(),
-                        LmdColumn::Object => Value::Object(serde_json::Map::new()),
-                    });
+                if let Some(v) = self.virtual_value(site, i) {
+                    out.push(v);
                 } else if let Some(v) = it.next() {
                     out.push(v);
                 }
@@ -628,6 +638,73 @@ impl Plan {
             }
         }
         out
+    }
+
+    /// The value of client column `i` when livemux makes it (the site
+    /// column, LMD-only columns), else None (the site answers it).
+    fn virtual_value(&self, site: RowSite<'_>, i: usize) -> Option<Value> {
+        if self.site_positions.contains(&i) {
+            return Some(Value::String(site.name.to_owned()));
+        }
+        let (_, what) = self.lmd.iter().find(|(at, _)| *at == i)?;
+        Some(match what {
+            LmdColumn::Addr => Value::from(site.addr),
+            LmdColumn::Empty => Value::from(""),
+            LmdColumn::Zero => Value::from(0),
+            LmdColumn::Now => {
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                Value::from(t.as_secs())
+            }
+            LmdColumn::Object => Value::Object(serde_json::Map::new()),
+        })
+    }
+
+    /// Whether a site's `row` (as sent, its columns at `cols`, see
+    /// [`super::rows::columns`]) sorts before a row with the sort keys
+    /// `worst`: its keys are read one by one until one differs (a string
+    /// without escapes compared as sent, without being copied).
+    pub fn sorts_before(
+        &self,
+        site: RowSite<'_>,
+        row: &[u8],
+        cols: &[std::ops::Range<usize>],
+        worst: &[Value],
+    ) -> Result<bool, String> {
+        for (k, w) in self.sort.iter().zip(worst) {
+            let o = match self.site_index.get(k.col).copied().flatten() {
+                None => order(k, &self.virtual_value(site, k.col).unwrap_or_default(), w),
+                Some(at) => {
+                    let raw = cols.get(at).and_then(|c| row.get(c.clone())).unwrap_or(b"null");
+                    let computed = self.computed.iter().find(|(at, _)| *at == k.col);
+                    match (raw, w) {
+                        ([b'"', s @ .., b'"'], Value::String(w))
+                            if k.var.is_none() && computed.is_none() && !s.contains(&b'\\') =>
+                        {
+                            let o = s.cmp(w.as_bytes());
+                            if k.desc { o.reverse() } else { o }
+                        }
+                        _ => {
+                            let v: Value =
+                                serde_json::from_slice(raw).map_err(|e| format!("a row is not valid JSON: {e}"))?;
+                            let v = match computed {
+                                Some((_, how)) => how.apply(&v, site.program_start),
+                                None => v,
+                            };
+                            order(k, &v, w)
+                        }
+                    }
+                }
+            };
+            if o.is_ne() {
+                return Ok(o.is_lt());
+            }
+        }
+        Ok(false)
+    }
+
+    /// A client row's sort keys, in the order of `Sort`.
+    pub fn key_of_row(&self, row: &[Value]) -> Vec<Value> {
+        self.sort.iter().map(|k| row.get(k.col).cloned().unwrap_or(Value::Null)).collect()
     }
 
     /// Group key columns of a stats row (the explicit, non-site columns).
@@ -777,22 +854,36 @@ pub fn held_rows(plan: &Plan, stats: StatsMerge, mut sorted: Vec<Vec<Value>>) ->
     sorted
 }
 
-/// Sort rows by the plan's keys (stable: equal rows keep site order).
+/// Sort rows by the plan's keys (stable: equal rows keep the order they
+/// came in).
 pub fn sort(plan: &Plan, rows: &mut [Vec<Value>]) {
+    let null = Value::Null;
     rows.sort_by(|a, b| {
-        for k in &plan.sort {
-            let (x, y) = (a.get(k.col).unwrap_or(&Value::Null), b.get(k.col).unwrap_or(&Value::Null));
-            let o = match &k.var {
-                Some(name) => compare_var(custom_var(x, name), custom_var(y, name)),
-                None => compare(x, y),
-            };
-            let o = if k.desc { o.reverse() } else { o };
-            if o != Ordering::Equal {
-                return o;
-            }
-        }
-        Ordering::Equal
+        plan.sort
+            .iter()
+            .map(|k| order(k, a.get(k.col).unwrap_or(&null), b.get(k.col).unwrap_or(&null)))
+            .find(|o| o.is_ne())
+            .unwrap_or(Ordering::Equal)
     });
+}
+
+/// Compare two rows' sort keys ([`Plan::sort_key`], [`Plan::key_of_row`]).
+pub fn compare_keys(plan: &Plan, a: &[Value], b: &[Value]) -> Ordering {
+    plan.sort
+        .iter()
+        .zip(a.iter().zip(b))
+        .map(|(k, (x, y))| order(k, x, y))
+        .find(|o| o.is_ne())
+        .unwrap_or(Ordering::Equal)
+}
+
+/// Two values in the order of one sort key.
+fn order(k: &SortKey, x: &Value, y: &Value) -> Ordering {
+    let o = match &k.var {
+        Some(name) => compare_var(custom_var(x, name), custom_var(y, name)),
+        None => compare(x, y),
+    };
+    if k.desc { o.reverse() } else { o }
 }
 
 /// A custom variable's value in a `custom_variables` column: an object

@@ -10,22 +10,50 @@
 //! [`CsvSplitter`] does the same for a csv answer with livemux's default
 //! separators: rows end at the dataset separator, which no value holds.
 
+use std::ops::Range;
+
 use memchr::{memchr_iter, memchr2, memrchr};
 use serde_json::Value;
 
 /// Largest single row a site may send.
 pub const MAX_ROW_BYTES: usize = 64 << 20;
 
-/// Cuts a JSON array of rows (`[[...],[...]]`) into rows as bytes arrive.
-#[derive(Debug, Default)]
-pub struct RowSplitter {
+/// The bytes a row's scan stops at outside strings.
+const STRUCTURAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'}' as usize] = true;
+    t
+};
+
+/// [`STRUCTURAL`], and the comma between columns.
+const STRUCTURAL_OR_COMMA: [bool; 256] = {
+    let mut t = STRUCTURAL;
+    t[b',' as usize] = true;
+    t
+};
+
+/// Where a scan is in the answer (copied to locals while scanning).
+#[derive(Debug, Default, Clone, Copy)]
+struct ScanState {
     started: bool,
     done: bool,
     depth: usize,
     in_string: bool,
     escape: bool,
+}
+
+/// Cuts a JSON array of rows (`[[...],[...]]`) into rows as bytes arrive.
+#[derive(Debug, Default)]
+pub struct RowSplitter {
+    st: ScanState,
     /// The part of the open row that came in earlier reads.
     carry: Vec<u8>,
+    /// Where the open row's columns end (its top-level commas).
+    commas: Vec<u32>,
 }
 
 impl RowSplitter {
@@ -41,45 +69,66 @@ impl RowSplitter {
     /// Feed bytes; each complete row goes to `emit` as the site sent it
     /// (`[` to its `]`), checked for its brackets and strings only.
     pub fn feed_raw(&mut self, bytes: &[u8], mut emit: impl FnMut(&[u8]) -> Result<(), String>) -> Result<(), String> {
+        self.scan::<false, String>(bytes, |row, _| emit(row))
+    }
+
+    /// [`RowSplitter::feed_raw`], with the positions in the row of the
+    /// commas between its columns (see [`columns`]).
+    pub fn feed_cols<E: From<String>>(
+        &mut self,
+        bytes: &[u8],
+        emit: impl FnMut(&[u8], &[u32]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.scan::<true, E>(bytes, emit)
+    }
+
+    fn scan<const COLS: bool, E: From<String>>(
+        &mut self,
+        bytes: &[u8],
+        mut emit: impl FnMut(&[u8], &[u32]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let stops = if COLS { &STRUCTURAL_OR_COMMA } else { &STRUCTURAL };
+        let mut st = self.st;
         // Where the open row began in `bytes` (None: in an earlier read,
         // held in `carry`).
         let mut start: Option<usize> = None;
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
-            if self.done {
+            if st.done {
                 if !b.is_ascii_whitespace() {
-                    return Err("data after the end of the answer".into());
+                    return Err(E::from("data after the end of the answer".to_owned()));
                 }
                 i += 1;
                 continue;
             }
-            if !self.started {
+            if !st.started {
                 match b {
-                    b'[' => self.started = true,
+                    b'[' => st.started = true,
                     b if b.is_ascii_whitespace() => {}
-                    _ => return Err("the answer is not a JSON list".into()),
+                    _ => return Err(E::from("the answer is not a JSON list".to_owned())),
                 }
                 i += 1;
                 continue;
             }
-            if self.depth == 0 {
+            if st.depth == 0 {
                 match b {
                     b'[' => {
-                        self.depth = 1;
+                        st.depth = 1;
                         start = Some(i);
+                        self.commas.clear();
                     }
-                    b']' => self.done = true,
+                    b']' => st.done = true,
                     b',' => {}
                     b if b.is_ascii_whitespace() => {}
-                    _ => return Err("a row is not a JSON list".into()),
+                    _ => return Err(E::from("a row is not a JSON list".to_owned())),
                 }
                 i += 1;
                 continue;
             }
-            if self.in_string {
-                if self.escape {
-                    self.escape = false;
+            if st.in_string {
+                if st.escape {
+                    st.escape = false;
                     i += 1;
                     continue;
                 }
@@ -88,9 +137,9 @@ impl RowSplitter {
                     Some(at) => {
                         i += at;
                         if bytes[i] == b'"' {
-                            self.in_string = false;
+                            st.in_string = false;
                         } else {
-                            self.escape = true;
+                            st.escape = true;
                         }
                         i += 1;
                     }
@@ -98,12 +147,24 @@ impl RowSplitter {
                 }
                 continue;
             }
+            if !stops[b as usize] {
+                // Numbers, literals (commas): on to the next stop.
+                i += bytes[i..].iter().position(|&b| stops[b as usize]).unwrap_or(bytes.len() - i);
+                continue;
+            }
             match b {
-                b'"' => self.in_string = true,
-                b'[' | b'{' => self.depth += 1,
+                b'"' => st.in_string = true,
+                b',' if COLS && st.depth == 1 => {
+                    let at = match start {
+                        Some(s) => i - s,
+                        None => self.carry.len() + i,
+                    };
+                    self.commas.push(at as u32);
+                }
+                b'[' | b'{' => st.depth += 1,
                 b']' | b'}' => {
-                    self.depth -= 1;
-                    if self.depth == 0 {
+                    st.depth -= 1;
+                    if st.depth == 0 {
                         let row = match start.take() {
                             Some(s) => &bytes[s..=i],
                             None => {
@@ -112,9 +173,9 @@ impl RowSplitter {
                             }
                         };
                         if row.len() > MAX_ROW_BYTES {
-                            return Err(format!("a row is larger than {MAX_ROW_BYTES} bytes"));
+                            return Err(E::from(format!("a row is larger than {MAX_ROW_BYTES} bytes")));
                         }
-                        emit(row)?;
+                        emit(row, &self.commas)?;
                         self.carry.clear();
                     }
                 }
@@ -122,10 +183,11 @@ impl RowSplitter {
             }
             i += 1;
         }
-        if self.depth > 0 {
+        self.st = st;
+        if st.depth > 0 {
             let from = start.unwrap_or(0);
             if self.carry.len() + (bytes.len() - from) > MAX_ROW_BYTES {
-                return Err(format!("a row is larger than {MAX_ROW_BYTES} bytes"));
+                return Err(E::from(format!("a row is larger than {MAX_ROW_BYTES} bytes")));
             }
             self.carry.extend_from_slice(&bytes[from..]);
         }
@@ -134,7 +196,42 @@ impl RowSplitter {
 
     /// The answer ended: was it complete?
     pub fn finish(&self) -> Result<(), String> {
-        if self.done || (!self.started && self.carry.is_empty()) { Ok(()) } else { Err("the answer ends early".into()) }
+        if self.st.done || (!self.st.started && self.carry.is_empty()) {
+            Ok(())
+        } else {
+            Err("the answer ends early".into())
+        }
+    }
+}
+
+/// The columns of one JSON row (`[a, "b", [c]]`): where the bytes of
+/// each value are in `row`, trimmed, cut at the `commas`
+/// [`RowSplitter::feed_cols`] found; not checked beyond brackets and
+/// strings (a row whose columns are needed whole is parsed).
+pub fn columns(row: &[u8], commas: &[u32], out: &mut Vec<Range<usize>>) {
+    out.clear();
+    if row.len() < 2 {
+        return;
+    }
+    let trim = |mut r: Range<usize>| {
+        while r.start < r.end && row[r.start].is_ascii_whitespace() {
+            r.start += 1;
+        }
+        while r.end > r.start && row[r.end - 1].is_ascii_whitespace() {
+            r.end -= 1;
+        }
+        r
+    };
+    let end = row.len() - 1;
+    let mut from = 1;
+    for &c in commas {
+        let c = (c as usize).clamp(from, end);
+        out.push(trim(from..c));
+        from = c + 1;
+    }
+    let last = trim(from.min(end)..end);
+    if !last.is_empty() || !out.is_empty() {
+        out.push(last);
     }
 }
 
@@ -228,6 +325,28 @@ mod tests {
         let rows = rows_cut_anywhere(answer);
         let rows: Vec<&str> = rows.iter().map(|r| std::str::from_utf8(r).unwrap()).collect();
         assert_eq!(rows, [r#"["a\"]",1,[2,3]]"#, r#"["b\\",{"k":"]"}, "x"]"#, "[]"]);
+    }
+
+    #[test]
+    fn a_row_s_columns_are_its_values_as_sent_wherever_the_reads_are_cut() {
+        let answer = br#"[[ "a,\"b" , 1.5,[1,[2,"]"]],{"k":","},"\\",null ],[],[7]]"#;
+        let want: [&[&str]; 3] =
+            [&[r#""a,\"b""#, "1.5", r#"[1,[2,"]"]]"#, r#"{"k":","}"#, r#""\\""#, "null"], &[], &["7"]];
+        for cut in 0..=answer.len() {
+            let mut got: Vec<Vec<String>> = Vec::new();
+            let mut s = RowSplitter::default();
+            for part in [&answer[..cut], &answer[cut..]] {
+                s.feed_cols(part, |row, commas| {
+                    let mut cols = Vec::new();
+                    columns(row, commas, &mut cols);
+                    got.push(cols.into_iter().map(|c| String::from_utf8_lossy(&row[c]).into_owned()).collect());
+                    Ok::<(), String>(())
+                })
+                .unwrap();
+            }
+            s.finish().unwrap();
+            assert_eq!(got, want.map(|r| r.iter().map(|c| c.to_string()).collect::<Vec<_>>()), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -49,7 +49,8 @@ pub fn federation_answer(data: &[u8]) {
     }
     let mut out = Vec::new();
     let raw: Vec<&[u8]> = p[1..].to_vec();
-    merge(&plan, &answers, &raw, &mut out);
+    let [_, sizes, _] = input.chunkings();
+    merge(&plan, &answers, &raw, &sizes, &mut out);
     if matches!(plan.format, Format::Json | Format::WrappedJson) {
         let parsed: Result<Value, _> = serde_json::from_slice(&out);
         assert!(parsed.is_ok(), "{:?} answer is not JSON: {}", plan.format, String::from_utf8_lossy(&out));
@@ -89,14 +90,20 @@ fn check_site_query(text: &str, format: &str) {
 }
 
 /// Merge the sites' rows as the federated socket does (its [`Merger`],
-/// one batch per site); with [`Pass::Json`], also spliced unread, which
-/// must give the same answer.
-fn merge(plan: &plan::Plan, answers: &[Result<Vec<Vec<Value>>, String>], raw: &[&[u8]], out: &mut Vec<u8>) {
+/// one batch per site); with [`Pass::Json`], also spliced unread, and with
+/// [`Pass::Top`] read key first, which must give the same answer.
+fn merge(
+    plan: &plan::Plan,
+    answers: &[Result<Vec<Vec<Value>>, String>],
+    raw: &[&[u8]],
+    sizes: &[usize],
+    out: &mut Vec<u8>,
+) {
     let mut merger = Merger::start(plan, usize::MAX, out);
     let mut spliced = Vec::new();
     let mut splicer = Merger::start(plan, usize::MAX, &mut spliced);
     let mut failed = Vec::new();
-    for ((site, answer), bytes) in SITES.iter().zip(answers).zip(raw) {
+    for (i, ((site, answer), bytes)) in SITES.iter().zip(answers).zip(raw).enumerate() {
         if plan.sites.as_ref().is_some_and(|set| !set.contains(*site)) || plan.query_for(site).is_none() {
             continue;
         }
@@ -109,6 +116,13 @@ fn merge(plan: &plan::Plan, answers: &[Result<Vec<Vec<Value>>, String>], raw: &[
         };
         let site_of = RowSite { name: site, ..RowSite::default() };
         assert!(merger.rows(site_of, rows.clone(), 0, out).is_ok(), "no budget to exceed");
+        if plan.pass == Pass::Top {
+            // The answer parsed: read key first, in the input's chunks.
+            for piece in chunks(bytes, sizes) {
+                assert_eq!(splicer.top(i, site_of, piece), Ok(()), "no budget to exceed");
+            }
+            assert_eq!(splicer.top_end(i), Ok(()), "an answer that parsed is whole");
+        }
         if plan.pass == Pass::Json {
             let (mut joined, mut ends) = (Vec::new(), Vec::new());
             let mut splitter = RowSplitter::default();
@@ -124,6 +138,13 @@ fn merge(plan: &plan::Plan, answers: &[Result<Vec<Vec<Value>>, String>], raw: &[
     }
     merger.finish(&failed, out);
     splicer.finish(&failed, &mut spliced);
+    if plan.pass == Pass::Top {
+        assert_eq!(
+            String::from_utf8_lossy(out),
+            String::from_utf8_lossy(&spliced),
+            "a sorted page read key first differs from one read whole"
+        );
+    }
     if plan.pass == Pass::Json {
         let (a, b): (Result<Value, _>, Result<Value, _>) =
             (serde_json::from_slice(out), serde_json::from_slice(&spliced));
