@@ -73,6 +73,7 @@ pub async fn run(dir: Option<PathBuf>, stop: impl std::future::Future<Output = (
             sites: SITES.iter().map(|(n, _, _)| (*n).to_owned()).collect(),
             fail_on_site_error: false,
             listen: None,
+            dialect: crate::config::Dialect::Livestatus,
             client: SiteParams::default(),
         }],
         federation_sort_budget: 64 << 20,

@@ -415,9 +415,22 @@ pub struct FederationConfig {
     pub fail_on_site_error: bool,
     /// Its cascading TCP listener, if any (as a site's).
     pub listen: Option<TcpListen>,
+    /// `dialect`: plain Livestatus, or LMD's where the two differ.
+    pub dialect: Dialect,
     /// Its clients' `client_idle_timeout`, `client_request_timeout` and
     /// request limits: those of `[defaults]`.
     pub client: SiteParams,
+}
+
+/// A federated socket's `dialect`: where LMD answers differently from a
+/// Livestatus core, which of the two the socket follows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// As a core: a column a site lacks is that site's error.
+    #[default]
+    Livestatus,
+    /// As LMD (for Thruk): a column a site lacks answers `""` from it.
+    Lmd,
 }
 
 /// `[inventory]`: keep the central site's copy of every remote host's HW/SW

@@ -84,6 +84,7 @@ pub(crate) struct RawFederation {
     pub name: Field,
     pub sites: Option<Spanned<Vec<Spanned<Scalar>>>>,
     pub on_site_error: Field,
+    pub dialect: Field,
     pub listen: Field,
     pub only_from: Option<Spanned<Vec<Spanned<Scalar>>>>,
     pub tls: Option<Spanned<RawListenerTls>>,

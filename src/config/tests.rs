@@ -365,7 +365,8 @@ fn inventory_sync_is_off_unless_configured_and_checked_when_it_is() {
 
 #[test]
 fn federations_name_known_sites_and_no_site_s_name() {
-    let c = Config::from_toml(&format!("{GOOD}[[federation]]\nname = \"all\"\n[[federation]]\nname = \"eu\"\nsites = [\"paris\"]\non_site_error = \"fail\"\n")).unwrap();
+    let c = Config::from_toml(&format!("{GOOD}[[federation]]\nname = \"all\"\n[[federation]]\nname = \"eu\"\nsites = [\"paris\"]\non_site_error = \"fail\"\ndialect = \"lmd\"\n")).unwrap();
+    assert_eq!((c.federations[0].dialect, c.federations[1].dialect), (Dialect::Livestatus, Dialect::Lmd));
     assert_eq!(c.federations[0].sites, vec!["berlin".to_owned(), "paris".to_owned()], "default: every site");
     assert!(!c.federations[0].fail_on_site_error);
     assert_eq!(c.federations[0].client.heartbeat_interval, Duration::from_secs(2), "[defaults] apply to its clients");
@@ -377,6 +378,9 @@ fn federations_name_known_sites_and_no_site_s_name() {
     assert_eq!(e.key.as_deref(), Some("federation[1].name"));
     let e = error(&format!("{GOOD}[[federation]]\nname = \"x\"\non_site_error = \"maybe\"\n"));
     assert_eq!(e.key.as_deref(), Some("federation[1].on_site_error"));
+    let e = error(&format!("{GOOD}[[federation]]\nname = \"x\"\ndialect = \"thruk\"\n"));
+    assert_eq!(e.key.as_deref(), Some("federation[1].dialect"));
+    assert!(e.message.contains("must be \"livestatus\" or \"lmd\""), "{e}");
 }
 
 #[test]

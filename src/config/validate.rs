@@ -343,6 +343,17 @@ impl<'a> Validator<'a> {
                 }
             }
         }
+        let mut dialect = super::Dialect::Livestatus;
+        if let Some(t) = self.text(&f.dialect, &format!("{prefix}.dialect")) {
+            match t.as_str() {
+                "livestatus" => {}
+                "lmd" => dialect = super::Dialect::Lmd,
+                _ => {
+                    let at = f.dialect.as_ref().map_or(span.clone(), |v| v.span());
+                    self.err(at, &format!("{prefix}.dialect"), format!("'{t}' must be \"livestatus\" or \"lmd\""));
+                }
+            }
+        }
         let as_site = RawSite {
             listen: f.listen.clone(),
             only_from: f.only_from.clone(),
@@ -350,7 +361,14 @@ impl<'a> Validator<'a> {
             ..RawSite::default()
         };
         let listen = self.listen(&as_site, &prefix, span)?;
-        Some(super::FederationConfig { name: name?, sites, fail_on_site_error: fail, listen, client: base.clone() })
+        Some(super::FederationConfig {
+            name: name?,
+            sites,
+            fail_on_site_error: fail,
+            listen,
+            dialect,
+            client: base.clone(),
+        })
     }
 
     fn inventory(&mut self, raw: &RawInventory, span: Range<usize>) -> Option<InventoryConfig> {

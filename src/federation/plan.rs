@@ -213,6 +213,11 @@ impl Computed {
     }
 }
 
+/// Whether a client's column is asked of the sites (not made by livemux).
+fn asked_of_sites(c: &str) -> bool {
+    !SITE_COLUMNS.contains(&c) && !LMD_ONLY.iter().any(|(n, _)| *n == c)
+}
+
 /// The column a site is asked for in place of a client's column.
 fn site_column(c: &str) -> &str {
     COMPUTED.iter().find(|(name, _, _)| *name == c).map_or(c, |(_, from, _)| from)
@@ -474,8 +479,7 @@ pub fn plan(block: &str) -> Result<Plan, Refused> {
     if !p.stats.is_empty() && !p.lmd.is_empty() {
         return Err(refuse(452, "Stats grouped by an LMD-only column are not supported federated"));
     }
-    let asked = |c: &&str| !SITE_COLUMNS.contains(c) && !LMD_ONLY.iter().any(|(n, _)| n == c);
-    let real: Vec<&str> = p.columns.iter().map(String::as_str).filter(asked).map(site_column).collect();
+    let real: Vec<&str> = p.columns.iter().map(String::as_str).filter(|c| asked_of_sites(c)).map(site_column).collect();
     if let Some(at) = forwarded.iter().position(|l| l == COLUMNS_PLACEHOLDER) {
         if real.is_empty() {
             forwarded.remove(at);
@@ -583,6 +587,34 @@ impl Plan {
         }
         q.push_str(if self.pass == Pass::Csv { "OutputFormat: csv\n" } else { "OutputFormat: json\n" });
         Some(q)
+    }
+
+    /// The request for `site` without the columns it lacks (`missing`,
+    /// some of the columns asked), in JSON; and where in each of its rows
+    /// the missing columns go (as `""`, LMD's answer). None when the
+    /// filters exclude the site, or no column would be left.
+    pub fn query_without(&self, site: &str, missing: &BTreeSet<String>) -> Option<(String, Vec<usize>)> {
+        let q = self.query_for(site)?;
+        let asked = self.asked();
+        let kept: Vec<&str> = asked.iter().copied().filter(|c| !missing.contains(*c)).collect();
+        if kept.is_empty() {
+            return None;
+        }
+        let line = format!("\nColumns: {}\n", asked.join(" "));
+        let q = q.replacen(&line, &format!("\nColumns: {}\n", kept.join(" ")), 1);
+        let q = q.replacen("OutputFormat: csv\n", "OutputFormat: json\n", 1);
+        let at = asked.iter().enumerate().filter(|(_, c)| missing.contains(**c)).map(|(i, _)| i).collect();
+        Some((q, at))
+    }
+
+    /// The columns the sites are asked for, in order (a site's row).
+    fn asked(&self) -> Vec<&str> {
+        self.columns.iter().map(String::as_str).filter(|c| asked_of_sites(c)).map(site_column).collect()
+    }
+
+    /// Whether `column` is one the sites are asked for.
+    pub fn asks(&self, column: &str) -> bool {
+        self.asked().contains(&column)
     }
 
     /// Whether a row of livemux's own (the `sites` table, whose site column

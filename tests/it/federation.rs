@@ -17,7 +17,7 @@ pub async fn federated(sites: Vec<(&str, String)>, budget: usize) -> Proxy {
 }
 
 /// [`federated`], with the federation's settings changed by `change`.
-async fn federated_with(
+pub async fn federated_with(
     sites: Vec<(&str, String)>,
     budget: usize,
     change: impl FnOnce(&mut FederationConfig),
@@ -30,6 +30,7 @@ async fn federated_with(
         sites: sites.iter().map(|(n, _)| (*n).to_owned()).collect(),
         fail_on_site_error: false,
         listen: None,
+        dialect: livemux::config::Dialect::Livestatus,
         client: livemux::config::SiteParams::default(),
     };
     change(&mut fed);
@@ -469,5 +470,48 @@ async fn total_count_counts_every_matching_row_before_offset_and_limit() {
     let v: Value = serde_json::from_str(&body).unwrap();
     // c-0006 … c-0000, b-0029 … b-0027 skipped.
     assert_eq!(v["data"], serde_json::json!([["b-0026"], ["b-0025"]]), "sorted, then the page: {body}");
+    p.shutdown().await;
+}
+
+/// LMD's dialect (`dialect = "lmd"`): a column a site lacks answers `""`
+/// from that site (Thruk asks for LMD-only and core-specific columns), in
+/// every way the rows are merged; the site is asked once without it, and
+/// from then on directly. A filter on such a column stays the site's error.
+/// In plain Livestatus the same query is the sites' error.
+#[tokio::test]
+async fn in_lmd_s_dialect_a_column_a_site_lacks_answers_empty() {
+    let (a, b) = (sim("fl").await, sim("fm").await);
+    a.with_dataset(|d| d.host_prefix = "a-".into());
+    b.with_dataset(|d| {
+        d.host_prefix = "b-".into();
+        d.hosts = 30;
+    });
+    let sites = vec![("fl", a.address()), ("fm", b.address())];
+    let p = federated_with(sites.clone(), 64 << 20, |f| f.dialect = livemux::config::Dialect::Lmd).await;
+    let (code, body) = fed(&p, "GET hosts\nColumns: name depends_exec state\nOutputFormat: json").await;
+    assert_eq!(code, 200, "{body}");
+    let rows = json_rows(&body);
+    assert_eq!(rows.len(), 130, "{body}");
+    assert!(rows.iter().all(|r| r.len() == 3 && r[1] == "" && r[2].is_number()), "{body}");
+    assert_eq!((a.queries_on("hosts"), b.queries_on("hosts")), (2, 2), "asked, then asked without the column");
+    let (code, body) = fed(&p, "GET hosts\nColumns: name depends_exec\nFilter: name = b-0003").await;
+    assert_eq!((code, body.as_str()), (200, "b-0003;\n"));
+    assert_eq!((a.queries_on("hosts"), b.queries_on("hosts")), (3, 3), "known now: asked without it at once");
+    let q = "GET hosts\nColumns: depends_exec name\nSort: depends_exec asc\nSort: name desc\nLimit: 3\n\
+             OutputFormat: wrapped_json";
+    let (code, body) = fed(&p, q).await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"], serde_json::json!([["", "b-0029"], ["", "b-0028"], ["", "b-0027"]]), "{body}");
+    assert_eq!(v["total_count"], 130, "{body}");
+    let (code, body) = fed(&p, "GET hosts\nColumns: name\nFilter: depends_exec = x\nOutputFormat: json").await;
+    assert_eq!(code, 502, "a filter on it stays the sites' error: {body}");
+    assert!(body.contains("has no column 'depends_exec'"), "{body}");
+    p.shutdown().await;
+
+    let p = federated(sites, 64 << 20).await;
+    let (code, body) = fed(&p, "GET hosts\nColumns: name depends_exec state\nOutputFormat: json").await;
+    assert_eq!(code, 502, "plain Livestatus: {body}");
+    assert!(body.contains("fl: 400 Table 'hosts' has no column 'depends_exec'"), "{body}");
     p.shutdown().await;
 }

@@ -1070,3 +1070,44 @@ async fn a_thruk_corpus_through_a_federation_of_icinga_and_naemon_equals_the_sit
     }
     p.shutdown().await;
 }
+
+/// LMD's dialect over real cores: Thruk asks for columns Icinga 2 lacks
+/// (`depends_exec`, `parents` on services); Icinga 2 refuses the query,
+/// Naemon answers them itself. Through a federation with `dialect = "lmd"`
+/// every row of both comes, Icinga 2's with `""` there, the rest equal to
+/// each site's own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_lmd_s_dialect_columns_icinga_lacks_answer_empty_through_a_federation() {
+    use serde_json::Value;
+    let Some(ic) = site(Core::Icinga, 12, 2).await else { return };
+    let Some(nm) = site(Core::Naemon, 8, 2).await else { return };
+    let p =
+        crate::federation::federated_with(vec![("ic", ic.tcp_address()), ("nm", nm.tcp_address())], 64 << 20, |f| {
+            f.dialect = livemux::config::Dialect::Lmd
+        })
+        .await;
+    let own = "GET services\nColumns: host_name description state\nOutputFormat: json\n\n";
+    let lacked = direct_raw(&ic, "GET services\nColumns: depends_exec\nResponseHeader: fixed16\n\n").await;
+    assert!(
+        String::from_utf8_lossy(&lacked).contains("does not exist"),
+        "Icinga 2 lacks it: {}",
+        String::from_utf8_lossy(&lacked)
+    );
+    for round in 0..2 {
+        let q = "GET services\nColumns: host_name description depends_exec state parents peer_key\n\
+                 Sort: peer_key asc\nSort: host_name asc\nSort: description asc\nLimit: 1000\nOutputFormat: json";
+        let (code, body) = crate::federation::fed(&p, q).await;
+        assert_eq!(code, 200, "round {round}: {body}");
+        let rows: Vec<Vec<Value>> = serde_json::from_str(&body).expect("JSON");
+        for (name, s) in [("ic", &ic), ("nm", &nm)] {
+            let mut want: Vec<Vec<Value>> = serde_json::from_slice(&direct_raw(s, own).await).expect("JSON");
+            want.sort_by(|a, b| (a[0].as_str(), a[1].as_str()).cmp(&(b[0].as_str(), b[1].as_str())));
+            let got: Vec<Vec<Value>> =
+                rows.iter().filter(|r| r[5] == name).map(|r| vec![r[0].clone(), r[1].clone(), r[3].clone()]).collect();
+            assert_eq!(got, want, "round {round}, {name}'s rows");
+        }
+        let ic_rows: Vec<&Vec<Value>> = rows.iter().filter(|r| r[5] == "ic").collect();
+        assert!(ic_rows.iter().all(|r| r[2] == "" && r[4] == ""), "round {round}: Icinga 2's lacked columns: {body}");
+    }
+    p.shutdown().await;
+}

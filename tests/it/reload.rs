@@ -334,6 +334,7 @@ async fn federations_are_added_changed_and_removed_by_a_reload() {
         sites: sites.iter().map(|s| (*s).to_owned()).collect(),
         fail_on_site_error: false,
         listen: None,
+        dialect: livemux::config::Dialect::Livestatus,
         client: SiteParams::default(),
     };
     let hosts = "GET hosts\nColumns: name\nKeepAlive: on\nResponseHeader: fixed16\n\n";
