@@ -1111,3 +1111,42 @@ async fn in_lmd_s_dialect_columns_icinga_lacks_answer_empty_through_a_federation
     }
     p.shutdown().await;
 }
+
+/// Thruk's log page through a federation: the `log` table of two Naemon
+/// sites merged globally, newest first, `total_count` the two logs'
+/// entries, the page the newest of the union; and the same rows as each
+/// site's own log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_tables_of_two_naemon_sites_are_merged_newest_first() {
+    use serde_json::Value;
+    let Some(n1) = site(Core::Naemon, 6, 1).await else { return };
+    let Some(n2) = site(Core::Naemon, 4, 1).await else { return };
+    let p = crate::federation::federated(vec![("n1", n1.tcp_address()), ("n2", n2.tcp_address())], 64 << 20).await;
+    let own = "GET log\nColumns: time type message\nFilter: time >= 1\nOutputFormat: json\n\n";
+    let mut union: Vec<Vec<Value>> = Vec::new();
+    for (name, s) in [("n1", &n1), ("n2", &n2)] {
+        let rows: Vec<Vec<Value>> = serde_json::from_slice(&direct_raw(s, own).await).expect("JSON");
+        assert!(!rows.is_empty(), "{name} has a log");
+        union.extend(rows.into_iter().map(|mut r| {
+            r.push(Value::from(name));
+            r
+        }));
+    }
+    let q = "GET log\nColumns: time type message peer_key\nFilter: time >= 1\nSort: time desc\nLimit: 20\n\
+             OutputFormat: wrapped_json";
+    let (code, body) = crate::federation::fed(&p, q).await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["total_count"], union.len(), "{body}");
+    let page: Vec<Vec<Value>> = serde_json::from_value(v["data"].clone()).expect("rows");
+    assert_eq!(page.len(), union.len().min(20), "{body}");
+    let time = |r: &Vec<Value>| r[0].as_i64().unwrap_or_default();
+    assert!(page.windows(2).all(|w| time(&w[0]) >= time(&w[1])), "newest first: {body}");
+    union.sort_by_key(|r| std::cmp::Reverse(time(r)));
+    let cut = time(&page[page.len() - 1]);
+    assert!(union.iter().take(page.len()).all(|r| time(r) >= cut), "the page holds the union's newest");
+    for r in &page {
+        assert!(union.contains(r), "a row of a site's own log: {r:?}");
+    }
+    p.shutdown().await;
+}
