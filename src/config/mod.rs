@@ -497,7 +497,10 @@ impl Config {
         for path in unknown {
             let span = keys::span(doc.get_ref(), &path).unwrap_or(0..0);
             let (name, key) = (keys::last(&path), keys::render(&path));
-            v.err(span, &key, format!("unknown key `{name}`"));
+            match suggest::hint(&path) {
+                Some(hint) => v.err(span, &key, format!("unknown key `{name}`; {hint}")),
+                None => v.err(span, &key, format!("unknown key `{name}`")),
+            }
         }
         let config = v.config(raw);
         if v.errors.is_empty() {
@@ -543,6 +546,8 @@ impl Default for Config {
         }
     }
 }
+
+mod suggest;
 
 /// Keys as paths through the file, for unknown keys.
 mod keys {

@@ -64,7 +64,7 @@ fn unknown_key_names_key_and_line() {
     let e = error("[defaults]\nchannels = 2\nchanels = 3\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n");
     assert_eq!(e.line, Some(3));
     assert_eq!(e.key.as_deref(), Some("defaults.chanels"));
-    assert_eq!(e.message, "unknown key `chanels`");
+    assert_eq!(e.message, "unknown key `chanels`; did you mean `channels`?");
 }
 
 #[test]
@@ -289,7 +289,7 @@ fn every_problem_in_a_file_is_reported_at_once_in_line_order() {
         got,
         [
             "line 1: socket_dir: expected a string, found the number 5",
-            "line 3: defaults.chanels: unknown key `chanels`",
+            "line 3: defaults.chanels: unknown key `chanels`; did you mean `channels`?",
             "line 4: defaults.query_timeout: 'soon' is not a duration (expected number at 0); write e.g. \"5s\" or \"250ms\"",
             "line 5: defaults.max_request_bytes: '4m': 'm' could mean either; write 4MiB (powers of 1024) or 4MB (powers of 1000)",
             "line 8: site[1].address: 'tcp://h': missing :port",

@@ -46,7 +46,10 @@ fn check_config_accepts_good_files_and_names_key_and_line_of_bad_ones() {
     let lines: Vec<&str> = err.lines().collect();
     let file = bad.display();
     assert_eq!(lines.len(), 2, "{err}");
-    assert_eq!(lines[0], format!("livemux: {file}: line 2: defaults.chanels: unknown key `chanels`"));
+    assert_eq!(
+        lines[0],
+        format!("livemux: {file}: line 2: defaults.chanels: unknown key `chanels`; did you mean `channels`?")
+    );
     assert!(lines[1].starts_with(&format!("livemux: {file}: line 3: defaults.query_timeout: 'soon'")), "{err}");
 
     let out = livemux(&["check-config", "--config", "/nonexistent/livemux.toml"]);
