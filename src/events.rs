@@ -1,6 +1,7 @@
-//! Observable events: each is a struct that writes its own log line (and,
-//! later, its metric), so a call site reads `SiteStateChanged { .. }.emit()`
-//! and every occurrence of an event looks the same in the log.
+//! Observable events of the client side: each is a struct that writes its
+//! own log line, so a call site reads `QueryFailed { .. }.emit()` and every
+//! occurrence of an event looks the same in the log. (A site's own events,
+//! such as its state changes, are in `site::events`.)
 //!
 //! Every event is emitted inside a span that names its site (`site{site=..}`
 //! in the site's actor, `client{site=.. peer=..}` in a client session,
@@ -12,71 +13,7 @@
 //! client's business, not an alarm); per-query failures caused by a site that
 //! is already known to be down are `debug` (the state change said it once).
 
-use std::time::Duration;
-
-use crate::error::{QueryError, fmt_duration};
-use crate::site::SiteState;
-
-/// A site changed state.
-pub struct SiteStateChanged<'a> {
-    /// Previous state.
-    pub from: SiteState,
-    /// New state.
-    pub to: SiteState,
-    /// Why.
-    pub reason: &'a str,
-    /// Time spent in the previous state.
-    pub after: Duration,
-}
-
-impl SiteStateChanged<'_> {
-    /// Write the log line.
-    pub fn emit(self) {
-        let after = fmt_duration(self.after);
-        match self.to {
-            SiteState::Down => {
-                tracing::warn!(from = %self.from, reason = self.reason, "site is down (was {} for {after}): {}", self.from, self.reason)
-            }
-            SiteState::Ready => {
-                tracing::info!(from = %self.from, "site is ready (was {} for {after}): {}", self.from, self.reason)
-            }
-            SiteState::Starting => tracing::info!("site is starting"),
-        }
-    }
-}
-
-/// A new channel was not served: the site serves fewer concurrent
-/// connections than `channels` asks for (Icinga 2 serves 2 × its CPU cores;
-/// xinetd closes connections over its `instances`).
-pub struct ChannelsLimited<'a> {
-    /// Channels the site does serve.
-    pub serving: usize,
-    /// Channels the pool was growing to: `channels`, or one more than it
-    /// served when it grew beyond that toward `channels_max` for waiting
-    /// queries.
-    pub wanted: usize,
-    /// What happened to the new channel.
-    pub reason: &'a str,
-    /// When livemux tries one more channel again.
-    pub retry: Duration,
-}
-
-impl ChannelsLimited<'_> {
-    /// Write the log line.
-    pub fn emit(self) {
-        tracing::warn!(
-            serving = self.serving,
-            wanted = self.wanted,
-            "site serves only {} of {} channels: a new channel {}; using {} and trying one more every {} \
-             (lower `channels`, or raise the site's connection limit)",
-            self.serving,
-            self.wanted,
-            self.reason,
-            self.serving,
-            fmt_duration(self.retry)
-        )
-    }
-}
+use crate::error::QueryError;
 
 /// A client's query ended with an error response from the proxy.
 pub struct QueryFailed<'a> {

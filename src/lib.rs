@@ -39,6 +39,7 @@ pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod counters;
 pub mod daemon;
 pub mod deadline;
 #[cfg(feature = "demo")]

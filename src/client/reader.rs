@@ -47,7 +47,7 @@ pub const UNBUDGETED_BYTES: usize = 16 * 1024;
 
 /// Copies of a request made while it is answered (the parsed query's
 /// headers, the text sent to the site), charged with its buffer.
-pub const COPIES: usize = 2;
+pub const COPIES: usize = crate::config::REQUEST_COPIES;
 
 /// Free space kept in a request buffer before each read: enough for a
 /// typical request; the buffer grows (doubling) for larger ones.

@@ -22,7 +22,7 @@ use livemux_protocol::Limits;
 pub use units::{parse_duration, parse_size};
 
 mod raw;
-mod units;
+pub(crate) mod units;
 mod validate;
 
 /// `channels_max` unless set (or `channels`, when that is larger): half of
@@ -401,6 +401,12 @@ pub struct Config {
     /// The sites, in file order.
     pub sites: Vec<SiteConfig>,
 }
+
+/// Copies of a request made while it is answered (the parsed query's
+/// headers, the text sent to the site), charged with its buffer against
+/// `request_memory_budget` (which must hold `1 +` this many times the
+/// largest request).
+pub const REQUEST_COPIES: usize = 2;
 
 /// A `[[federation]]`: a socket `<socket_dir>/<name>` whose queries go to
 /// several sites and whose answers are merged.

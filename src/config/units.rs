@@ -11,6 +11,12 @@
 
 use std::time::Duration;
 
+/// A moment as RFC 3339 with milliseconds (UTC), as the state file, the
+/// metrics and the logs write it.
+pub fn timestamp(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 /// Parse a size such as `"512KiB"`, `"64 MiB"`, `"1GB"` or `"4096"`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();

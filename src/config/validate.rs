@@ -269,7 +269,7 @@ impl<'a> Validator<'a> {
         let largest =
             sockets.reduce(|a, b| if b.1.limits.max_request_bytes > a.1.limits.max_request_bytes { b } else { a });
         if let Some((who, p)) = largest {
-            let factor = 1 + crate::client::reader::COPIES;
+            let factor = 1 + super::REQUEST_COPIES;
             let (most, n) = (p.limits.max_request_bytes, c.request_memory_budget);
             if most.saturating_mul(factor) > n {
                 let key = "request_memory_budget";

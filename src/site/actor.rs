@@ -161,7 +161,7 @@ pub(crate) struct Actor {
     helpers: JoinSet<()>,
     /// The last answered heartbeat's round trip, µs (0: none yet).
     heartbeat_rtt_us: Arc<std::sync::atomic::AtomicU64>,
-    metrics: crate::metrics::SiteMetrics,
+    metrics: crate::counters::SiteMetrics,
 
     /// The pool, shared with the queries (see `desk`).
     desk: Arc<Desk>,
@@ -200,7 +200,7 @@ impl Actor {
         requests: mpsc::Receiver<Request>,
         status_tx: watch::Sender<SiteStatus>,
         shutdown: CancellationToken,
-        metrics: crate::metrics::SiteMetrics,
+        metrics: crate::counters::SiteMetrics,
     ) -> (Actor, Arc<Desk>) {
         let (events_tx, events) = inbox();
         let p = &cfg.params;
@@ -675,7 +675,7 @@ impl Actor {
             other => format!("failed ({other})"),
         };
         if first {
-            crate::events::ChannelsLimited {
+            super::events::ChannelsLimited {
                 serving,
                 wanted: self.cfg.params.channels.max(serving + 1),
                 reason: &reason,
@@ -876,7 +876,7 @@ impl Actor {
         let was_for = SystemTime::now().duration_since(self.state_since).unwrap_or_default();
         self.state = to;
         self.state_since = SystemTime::now();
-        crate::events::SiteStateChanged { from, to, reason: &reason, after: was_for }.emit();
+        super::events::SiteStateChanged { from, to, reason: &reason, after: was_for }.emit();
         self.metrics.state_changed();
         self.publish();
     }

@@ -16,6 +16,7 @@ pub mod channel;
 pub(crate) mod closing;
 pub mod connector;
 mod desk;
+pub(crate) mod events;
 pub mod exchange;
 pub(crate) mod heartbeat;
 mod inbox;
@@ -193,9 +194,7 @@ pub struct ReapRecord {
     pub reason: String,
 }
 
-pub(crate) fn timestamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
+pub(crate) use crate::config::units::timestamp;
 
 /// The way to a site's actor.
 #[derive(Clone)]
@@ -221,7 +220,7 @@ struct HandleInner {
     reaped: AtomicU64,
     queries: AtomicU64,
     errors: AtomicU64,
-    metrics: crate::metrics::SiteMetrics,
+    metrics: crate::counters::SiteMetrics,
     /// Short critical sections only (no await while held).
     last_reaped: std::sync::Mutex<Option<ReapRecord>>,
     inventory: std::sync::Mutex<Option<Arc<crate::inventory::InventoryStatus>>>,
@@ -260,7 +259,7 @@ impl SiteHandle {
             last_error: None,
         };
         let (status_tx, status_rx) = watch::channel(initial);
-        let metrics = crate::metrics::global().site(&cfg.name);
+        let metrics = crate::counters::global().site(&cfg.name);
         let span = tracing::info_span!("site", site = %cfg.name);
         let (actor, desk) = Actor::new(cfg.clone(), connector, tls, rx, status_tx, shutdown, metrics.clone());
         let inner = HandleInner {
@@ -449,7 +448,7 @@ impl SiteHandle {
     }
 
     /// The site's accumulating metrics.
-    pub fn metrics(&self) -> &crate::metrics::SiteMetrics {
+    pub fn metrics(&self) -> &crate::counters::SiteMetrics {
         &self.inner.metrics
     }
 

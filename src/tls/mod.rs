@@ -201,7 +201,7 @@ impl SiteTls {
         TlsSnapshot {
             handshakes_full: self.full.load(Ordering::Relaxed),
             handshakes_resumed: self.resumed.load(Ordering::Relaxed),
-            loaded_at: crate::site::timestamp(at),
+            loaded_at: crate::config::units::timestamp(at),
         }
     }
 }

@@ -36,6 +36,7 @@ mod fuzz_corpus;
 mod heartbeat;
 mod hotpath;
 mod inventory;
+mod layers;
 mod metrics;
 mod pipeline;
 mod pool;
