@@ -873,7 +873,7 @@ def scenario9(b, targets):
         rows.append([name, "8 clients, good queries, beside 1 client sending only bad ones",
                      f"{mixed['beside']['rate']:.0f}"] + row_cells(mixed))
     return ("### 9. Channel hygiene: a client sending bad queries among good ones (livemux, 2 channels)\n\n"
-            "Every error answer costs its channel a heartbeat on it before it is lent again (see README, "
+            "Every error answer costs its channel a heartbeat on it before it is lent again (see docs/PROXY.md, "
             "*One client's bad request never reaches another client*). `bad/s` is the bad client's rate; "
             "the other columns are the good clients'. `sim20ms` is the simulated site with a 20 ms round "
             "trip in mk-livestatus mode (errors keep the connection).\n\n" +

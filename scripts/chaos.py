@@ -60,7 +60,7 @@ detection bound (heartbeat_interval + max(heartbeat_interval + 2
 heartbeat_timeout + connect_timeout + tls_handshake_timeout,
 response_idle_timeout)) are counted for information. A fixed16 answer that
 announces 200 and ends before its length (a site that failed mid-answer after
-livemux began relaying: README, "Never a short answer that looks complete") is
+livemux began relaying: docs/PROXY.md, "Never a short answer that looks complete") is
 counted apart as "cut (visible)"; a truncated answer is one a client could
 take for complete. The answers on a connection whose packets a client_drop
 fault dropped are judged for content, not for time (they arrive late through
@@ -143,7 +143,7 @@ def bounds():
         t["heartbeat_interval"] + 2 * t["heartbeat_timeout"] + t["connect_timeout"] + t["tls_handshake_timeout"],
         t["response_idle_timeout"])
     # A 503: a wait for a channel, for its turn behind a pipelined answer (then it goes elsewhere), and for a
-    # fresh channel for its one retry, each at most channel_timeout (README, "What the proxy does with a query").
+    # fresh channel for its one retry, each at most channel_timeout (docs/PROXY.md, "What the proxy does with a query").
     return {503: min(3 * ct, qt), 504: qt, 502: qt}, min(detect, qt)
 
 

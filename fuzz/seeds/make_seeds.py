@@ -139,8 +139,8 @@ def main():
         save(a.out, "liveproxyd_import", text + b"\0" + open(g, "rb").read())
     for f in glob.glob(os.path.join(a.repo, "tests/fixtures/liveproxyd/*.toml")):
         save(a.out, "config_toml", open(f, "rb").read())
-    # The README's example, and the configuration the unit tests start from.
-    readme = open(os.path.join(a.repo, "README.md")).read()
+    # The configuration reference's and the README's examples, and the configuration the unit tests start from.
+    readme = open(os.path.join(a.repo, "docs/CONFIGURATION.md")).read() + open(os.path.join(a.repo, "README.md")).read()
     for block in re.findall(r"```toml\n(.*?)```", readme, re.S):
         save(a.out, "config_toml", block.encode())
     tests = open(os.path.join(a.repo, "src/config/tests.rs")).read()

@@ -554,6 +554,7 @@ impl Default for Config {
 }
 
 mod suggest;
+pub use suggest::known_keys;
 
 /// Keys as paths through the file, for unknown keys.
 mod keys {

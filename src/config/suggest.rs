@@ -66,6 +66,12 @@ pub(super) fn hint(path: &[Step]) -> Option<String> {
         .map(|(_, k)| format!("did you mean `{k}`?"))
 }
 
+/// Every table's keys, as a message names the table (what the parser
+/// accepts: the configuration reference is checked against it).
+pub fn known_keys() -> Vec<(&'static str, &'static [&'static str])> {
+    tables().into_iter().map(|t| (t.said, t.keys)).collect()
+}
+
 /// A deserializer that records the field names `deserialize_struct` is
 /// given, and deserializes nothing.
 struct FieldNames<'a>(&'a mut Option<&'static [&'static str]>);

@@ -389,7 +389,7 @@ pub fn import_statements(
     let _ = writeln!(
         out,
         "# liveproxyd keeps exactly `channels` per site; livemux keeps them open while idle and opens up to\n\
-         # channels_max (default 10, or channels if larger) while queries wait (README, \"Sizing the pool\")."
+         # channels_max (default 10, or channels if larger) while queries wait (docs/CONFIGURATION.md, \"Sizing the pool\")."
     );
     param_lines(&base, &base, true, &mut out);
 

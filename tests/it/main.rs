@@ -31,6 +31,7 @@ mod cli;
 mod clients;
 mod deadpeers;
 mod desk;
+mod docs;
 mod federation;
 mod fuzz_corpus;
 mod heartbeat;

@@ -210,3 +210,42 @@ async fn the_dashboard_and_alerts_use_only_metrics_that_exist() {
     }
     p.shutdown().await;
 }
+
+/// docs/METRICS.md names every family `/metrics` exposes (with every
+/// feature on: `[inventory]` too), and only those (a counter is documented
+/// with its `_total` samples' name).
+#[tokio::test]
+async fn the_metrics_reference_names_every_family_exposed_and_no_other() {
+    let s = sim("mtdoc").await;
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").expect("tempdir");
+    let mut config = test_config(dir.path(), vec![("mtdoc", s.address(), fast_params())]);
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.inventory = Some(livemux::config::InventoryConfig::new(dir.path().join("inventory")));
+    let p = Proxy::start_config(dir, config).await;
+    p.wait_state("mtdoc", SiteState::Ready).await;
+    let addr = p.app.as_ref().and_then(|a| a.metrics_addr()).expect("metrics listener");
+    // The last sync's time is there once a sync has ended.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut m = scrape(addr).await;
+    while !m.contains("# TYPE livemux_inventory_last_sync_timestamp_seconds") {
+        assert!(tokio::time::Instant::now() < deadline, "no inventory sync ended: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = scrape(addr).await;
+    }
+    let exposed: std::collections::BTreeSet<String> =
+        m.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).map(str::to_owned).collect();
+    assert!(exposed.len() > 20, "{m}");
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/METRICS.md")).expect("reference");
+    let mut documented = std::collections::BTreeSet::new();
+    for row in doc.lines().filter(|l| l.starts_with("| `")) {
+        let first = row.split(" | ").next().unwrap_or_default();
+        for name in first.split('`').skip(1).step_by(2) {
+            documented.insert(name.strip_suffix("_total").unwrap_or(name).to_owned());
+        }
+    }
+    let undocumented: Vec<&String> = exposed.difference(&documented).collect();
+    assert!(undocumented.is_empty(), "exposed but not in docs/METRICS.md: {undocumented:?}");
+    let unknown: Vec<&String> = documented.difference(&exposed).collect();
+    assert!(unknown.is_empty(), "in docs/METRICS.md but not exposed: {unknown:?}");
+    p.shutdown().await;
+}
