@@ -26,7 +26,6 @@
 //! - [`state`]: the JSON state file; [`status`]: `livemux status`, its reader.
 //! - [`events`]: one struct per observable event (log line).
 //! - [`error`]: error types, classified by who failed.
-//! - `fuzzing`: the fuzz targets' bodies (for `fuzz/` and the corpus replay test).
 //! - [`cli`], `demo`: the `query` and `demo` commands (`demo`, with the
 //!   simulated site it runs, only with the default feature `demo`).
 //!
@@ -47,8 +46,6 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod federation;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod inventory;
 pub mod liveproxyd;
 pub mod metrics;

@@ -55,7 +55,7 @@ pub(crate) fn recycle(mut buf: BytesMut) {
 }
 
 /// A failure while waiting for the response header.
-pub(crate) struct HeaderFailure {
+pub struct HeaderFailure {
     /// At least one byte of the answer had arrived.
     pub any_byte: bool,
     /// What happened.
@@ -76,7 +76,7 @@ const UNFRAMED_LIMIT: usize = 8 * 1024;
 /// [`SiteError::Unframed`]) is noticed at the first byte that cannot belong
 /// to a header; its line is read to its end (or EOF, or
 /// [`UNFRAMED_LIMIT`]), each read waiting at most `unframed_wait`.
-pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
+pub async fn read_response_start<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
     prefetch: usize,
@@ -128,7 +128,7 @@ pub(crate) async fn read_response_start<R: AsyncRead + Unpin>(
 
 /// The start of a framed answer, as [`read_response_start`] read it (the
 /// body bytes that came with it are in the caller's buffer).
-pub(crate) struct ResponseStart {
+pub struct ResponseStart {
     /// The header as the site sent it.
     pub raw: [u8; FIXED16_LEN],
     /// The decoded header.

@@ -1,6 +1,6 @@
 //! The fuzz corpora (`fuzz/corpus/<target>/`), replayed on stable: every
 //! input of every target through the same body the fuzzer runs
-//! (`livemux::fuzzing`), so a finding kept in a corpus stays fixed without
+//! (`crates/fuzzing`), so a finding kept in a corpus stays fixed without
 //! a nightly toolchain. A target without a corpus, or with an empty one,
 //! fails: the replay cannot pass by finding nothing.
 
@@ -13,7 +13,7 @@ fn corpus(target: &str) -> PathBuf {
 #[test]
 fn every_corpus_input_passes_its_target() {
     let mut total = 0;
-    for (target, body) in livemux::fuzzing::TARGETS {
+    for (target, body) in livemux_fuzzing::TARGETS {
         let dir = corpus(target);
         let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("no corpus {}: {e}", dir.display()));
         let mut files: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
@@ -37,11 +37,11 @@ fn every_corpus_input_passes_its_target() {
 
 #[test]
 fn every_fuzz_target_has_a_binary() {
-    // The list in livemux::fuzzing and the targets in fuzz/ agree.
+    // The list in livemux_fuzzing and the targets in fuzz/ agree.
     let manifest = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/Cargo.toml")).unwrap();
-    for (target, _) in livemux::fuzzing::TARGETS {
+    for (target, _) in livemux_fuzzing::TARGETS {
         assert!(manifest.contains(&format!("name = \"{target}\"")), "fuzz/Cargo.toml has no target {target}");
     }
     let bins = manifest.matches("[[bin]]").count();
-    assert_eq!(bins, livemux::fuzzing::TARGETS.len(), "fuzz/Cargo.toml has targets livemux::fuzzing does not list");
+    assert_eq!(bins, livemux_fuzzing::TARGETS.len(), "fuzz/Cargo.toml has targets livemux_fuzzing does not list");
 }

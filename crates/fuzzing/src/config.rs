@@ -5,7 +5,7 @@
 //! order; an accepted configuration has unique site names, limits within
 //! their documented ranges, and federations of known sites.
 
-use crate::config::Config;
+use livemux::config::Config;
 
 /// Fuzz target `config_toml`.
 pub fn config_toml(data: &[u8]) {

@@ -11,9 +11,9 @@
 
 use serde_json::Value;
 
-use crate::federation::RowSplitter;
-use crate::federation::merge::Merger;
-use crate::federation::plan::{self, Format, Pass, RowSite};
+use livemux::federation::RowSplitter;
+use livemux::federation::merge::Merger;
+use livemux::federation::plan::{self, Format, Pass, RowSite};
 use livemux_protocol::{Framer, Limits, Query, Request};
 
 use super::{Input, chunks, parts};

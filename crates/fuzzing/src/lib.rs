@@ -1,6 +1,8 @@
 //! Fuzz target bodies, shared by the cargo-fuzz targets in `fuzz/` (nightly,
 //! coverage-guided) and the stable test that replays their corpora
-//! (`tests/it/fuzz_corpus.rs`), so both run exactly the same checks.
+//! (`tests/it/fuzz_corpus.rs`), so both run exactly the same checks. Test
+//! code: a crate of its own, outside the daemon's library, which it drives
+//! through its public interface.
 //!
 //! Each body takes arbitrary bytes and either returns or panics; a panic is
 //! a finding. Besides "no panic", each one asserts what must hold of the
@@ -11,7 +13,6 @@
 //!
 //! The streamed targets read their input as [`Input`]: a knob byte (limits
 //! and the like), a count byte, that many chunk sizes, then the stream.
-//! Not part of livemux's interface.
 
 mod config;
 mod federation;

@@ -18,8 +18,8 @@ use livemux_protocol::{FIXED16_LEN, ResponseHeader, unframed_error};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use super::{Input, chunks};
-use crate::error::SiteError;
-use crate::site::exchange::read_response_start;
+use livemux::error::SiteError;
+use livemux::site::exchange::read_response_start;
 
 /// Fuzz target `fixed16_response`.
 pub fn fixed16_response(data: &[u8]) {

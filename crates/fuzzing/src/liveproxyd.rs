@@ -11,9 +11,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
-use crate::liveproxyd::literal::{self, ParseError};
-use crate::liveproxyd::{ImportError, Options, import_statements};
+use livemux::config::Config;
+use livemux::liveproxyd::literal::{self, ParseError};
+use livemux::liveproxyd::{ImportError, Options, import_statements};
 
 use super::parts;
 
