@@ -425,24 +425,27 @@ impl Actor {
         }
         // Leases are made under the lock and handed out after it: a reply
         // that finds its query gone gives the lease back at the desk.
-        let mut lent = Vec::new();
-        let traded = {
-            let mut d = self.desk();
-            let down = d.down.clone();
-            let shareable = |c: &Channel| c.link.poisoned().is_none();
-            while let Some((w, id)) = d.pool.next_lend(SystemTime::now(), shareable) {
-                let Some(ch) = d.pool.channel_mut(id) else { continue };
-                lent.push((w, Lease::new(ch, self.desk.clone(), down.clone())));
+        // Each connect started for a retry may let the others be served:
+        // round again until the pool wants none.
+        loop {
+            let mut lent = Vec::new();
+            let traded = {
+                let mut d = self.desk();
+                let down = d.down.clone();
+                let shareable = |c: &Channel| c.link.poisoned().is_none();
+                while let Some((w, id)) = d.pool.next_lend(SystemTime::now(), shareable) {
+                    let Some(ch) = d.pool.channel_mut(id) else { continue };
+                    lent.push((w, Lease::new(ch, self.desk.clone(), down.clone())));
+                }
+                if self.state == SiteState::Ready { d.pool.fresh_connect() } else { None }
+            };
+            for (w, lease) in lent {
+                if let Err(Ok(lease)) = w.reply.send(Ok(lease)) {
+                    // The client stopped waiting just now: the channel is untouched.
+                    lease.unlend();
+                }
             }
-            if self.state == SiteState::Ready { d.pool.fresh_connect() } else { None }
-        };
-        for (w, lease) in lent {
-            if let Err(Ok(lease)) = w.reply.send(Ok(lease)) {
-                // The client stopped waiting just now: the channel is untouched.
-                lease.unlend();
-            }
-        }
-        if let Some(traded) = traded {
+            let Some(traded) = traded else { break };
             drop(traded);
             self.start_connect(Purpose::Pool);
         }
@@ -685,6 +688,8 @@ impl Actor {
         } else {
             tracing::debug!(serving, %reason, "one more channel is still not served");
         }
+        // A retry counted on this channel: it may need another one now.
+        self.dispatch();
     }
 
     /// No byte from the site for `response_idle_timeout`.

@@ -27,6 +27,17 @@
 //! way) joins the busy channel with the fewest queries in flight, up to
 //! `pipeline_depth` each. A `COMMAND`, or a query sent again, only ever
 //! takes an idle channel, and nothing joins a channel while it carries one.
+//!
+//! Retries. A query sent again (a channel lost to a bad query ahead of it,
+//! or a stale one) needs a channel that never carried anything. A new
+//! channel goes to a waiting retry before anyone else (the heartbeat
+//! included); a retry with none on its way gets a connect, for the least
+//! recently used idle channel when the pool is full; and with the pool full
+//! and no channel idle, nobody else gets a channel or a place on one until
+//! a channel comes free to be traded. A retry so waits for one reconnect
+//! (and, when more retries wait than the pool has channels, for a retry
+//! ahead of it), never for `channel_timeout` while other queries keep every
+//! channel busy (issue 28).
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
@@ -448,9 +459,13 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     }
 
     /// The channel for the scheduled heartbeat: the least recently used
-    /// idle one (it is away until the heartbeat ends).
+    /// idle one (it is away until the heartbeat ends), but never one that
+    /// never carried anything while a retry waits for such a channel (the
+    /// heartbeat would use it up; it waits for the next one instead).
     pub(crate) fn take_for_heartbeat(&mut self, now: SystemTime) -> Option<C> {
-        let Idle { channel, since } = self.idle.pop_front()?;
+        let retry_waits = self.fresh_waiting() > 0;
+        let pos = self.idle.iter().position(|i| i.channel.used() || !retry_waits)?;
+        let Idle { channel, since } = self.idle.remove(pos)?;
         let lent = Lent {
             channel: None,
             what: Use::Heartbeat,
@@ -545,47 +560,70 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// for a `GET` while the pool is at its limit, a place behind the
     /// fewest queries on a busy channel that `shareable` allows. Queries
     /// that stopped waiting are dropped on the way.
+    ///
+    /// Retries come first: a channel that never carried anything goes to
+    /// the first retry waiting, whoever came before it. And while the pool
+    /// is at its limit with retries waiting that no such channel is on its
+    /// way for ([`Pool::fresh_connect`] has none to trade), nobody else is
+    /// given a channel or a place on one: the busy channels drain, and the
+    /// first one idle is traded for a new connection. (Else the queries
+    /// that keep coming keep every channel busy, and a retry waits until
+    /// `channel_timeout`.)
     pub(crate) fn next_lend(&mut self, now: SystemTime, shareable: impl Fn(&C) -> bool) -> Option<(W, u64)> {
+        if let Some(pos) = self.idle.iter().rposition(|c| !c.channel.used())
+            && let Some(i) = self.waiters.iter().position(|w| w.wants() == Want::Fresh && !w.gone())
+        {
+            return self.lend_waiter(i, pos, now);
+        }
+        if self.open() >= self.limit() && self.fresh_short() > 0 {
+            return None;
+        }
         let mut i = 0;
         while i < self.waiters.len() {
             if self.waiters[i].gone() {
                 self.waiters.remove(i);
                 continue;
             }
-            let want = self.waiters[i].wants();
-            let pick = match want {
-                Want::Fresh => self.idle.iter().rposition(|c| !c.channel.used()),
-                Want::Get | Want::Alone => self.idle.len().checked_sub(1),
-            };
-            if let Some(pos) = pick {
-                let (Some(w), Some(idle)) = (self.waiters.remove(i), self.idle.remove(pos)) else { break };
-                // A retry is alone on its channel: nothing can go wrong ahead of it.
-                let what = if want == Want::Get { Use::Query } else { Use::Alone };
-                let id = idle.channel.id();
-                let lent = Lent {
-                    channel: Some(idle.channel),
-                    what,
-                    since: now,
-                    in_flight: 1,
-                    back: Back::Reuse,
-                    idle_since: None,
-                };
-                self.busy.insert(id, lent);
-                return Some((w, id));
-            }
-            if want == Want::Get
-                && let Some(id) = self.pipeline_slot(&shareable)
-                && let Some(w) = self.waiters.remove(i)
-            {
-                if let Some(l) = self.busy.get_mut(&id) {
-                    l.in_flight += 1;
+            match self.waiters[i].wants() {
+                // Served above, or a channel is on its way for it.
+                Want::Fresh => {
+                    i += 1;
+                    continue;
                 }
-                self.pipelined += 1;
-                return Some((w, id));
+                Want::Alone => {}
+                Want::Get => {
+                    if self.idle.is_empty()
+                        && let Some(id) = self.pipeline_slot(&shareable)
+                        && let Some(w) = self.waiters.remove(i)
+                    {
+                        if let Some(l) = self.busy.get_mut(&id) {
+                            l.in_flight += 1;
+                        }
+                        self.pipelined += 1;
+                        return Some((w, id));
+                    }
+                }
+            }
+            if let Some(pos) = self.idle.len().checked_sub(1) {
+                return self.lend_waiter(i, pos, now);
             }
             i += 1;
         }
         None
+    }
+
+    /// Lend the idle channel at `pos` to the waiter at `i`.
+    fn lend_waiter(&mut self, i: usize, pos: usize, now: SystemTime) -> Option<(W, u64)> {
+        let w = self.waiters.remove(i)?;
+        let idle = self.idle.remove(pos)?;
+        let want = w.wants();
+        // A retry is alone on its channel: nothing can go wrong ahead of it.
+        let what = if want == Want::Get { Use::Query } else { Use::Alone };
+        let id = idle.channel.id();
+        let lent =
+            Lent { channel: Some(idle.channel), what, since: now, in_flight: 1, back: Back::Reuse, idle_since: None };
+        self.busy.insert(id, lent);
+        Some((w, id))
     }
 
     /// A busy channel a `GET` may be pipelined on: only while the pool is
@@ -617,11 +655,26 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         Some((l.channel?, l.back))
     }
 
-    /// A retry waits for a never-used channel and none is on its way: start
-    /// a connect, trading the least recently used idle channel for it when
-    /// the pool is full. `Some(traded)` means connect (and close `traded`).
+    /// Retries waiting (that still want an answer).
+    fn fresh_waiting(&self) -> usize {
+        self.waiters.iter().filter(|w| w.wants() == Want::Fresh && !w.gone()).count()
+    }
+
+    /// Retries waiting beyond the channels that never carried anything,
+    /// idle or on their way (a connect or an admission in flight: a new
+    /// channel goes to a retry first).
+    fn fresh_short(&self) -> usize {
+        let fresh_idle = self.idle.iter().filter(|i| !i.channel.used()).count();
+        self.fresh_waiting().saturating_sub(self.connecting + self.admitting + fresh_idle)
+    }
+
+    /// A retry waits for a never-used channel and none is on its way for
+    /// it: start a connect, trading the least recently used idle channel
+    /// for it when the pool is full (with none idle, [`Pool::next_lend`]
+    /// lets the busy ones drain). `Some(traded)` means connect (and close
+    /// `traded`); ask again after the connect started, for the next retry.
     pub(crate) fn fresh_connect(&mut self) -> Option<Option<C>> {
-        if self.connecting > 0 || !self.waiters.iter().any(|w| w.wants() == Want::Fresh && !w.gone()) {
+        if self.fresh_short() == 0 {
             return None;
         }
         if self.open() < self.limit() {

@@ -310,3 +310,101 @@ async fn running_out_of_descriptors_is_not_the_sites_fault_and_connects_wait_con
     assert_eq!(f.handle.status().generation, 0, "never down");
     f.stop().await;
 }
+
+/// Good queries and their exact answers.
+const GOOD: &[(&str, &str)] = &[
+    ("GET hosts\nColumns: name\nFilter: name = host-0007", "host-0007\n"),
+    ("GET status\nColumns: num_hosts", "100\n"),
+    ("GET hosts\nColumns: name state\nFilter: name = host-0042", "host-0042;0\n"),
+    ("GET services\nStats: state >= 0", "1000\n"),
+];
+
+/// Bad queries, as issue 28 mixed them in (an unknown table, an unknown
+/// column, a bad filter), and their error answers. Without `mk_headers`
+/// the simulated site closes a keep-alive connection after an error
+/// answer, as Icinga 2 does; with it, it keeps it, as Naemon does.
+const BAD: &[(&str, u16, &str)] = &[
+    ("GET nosuchtable\nColumns: name", 404, "Table 'nosuchtable' does not exist.\n"),
+    ("GET hosts\nColumns: nosuchcolumn", 400, "Table 'hosts' has no column 'nosuchcolumn'\n"),
+    ("GET hosts\nColumns: name\nFilter: name ~~~ x", 400, "invalid operator '~~~' in 'name ~~~ x'\n"),
+];
+
+#[tokio::test(start_paused = true)]
+async fn good_queries_pipelined_with_bad_ones_that_cost_their_channel_wait_at_most_a_reconnect() {
+    // Issue 28's setup: one channel kept, two at most, four queries per
+    // channel, 20 clients looping over good queries, and now and then a bad
+    // one among them, further apart than channel_timeout. Each bad answer
+    // costs its channel and sends the queries pipelined behind it to
+    // channels of their own. Those used to wait for a channel that never
+    // came (the GETs that kept coming kept both channels busy) until
+    // channel_timeout: `503 no channel to site 'mem' became free within 3s`.
+    for mk in [false, true] {
+        let params = SiteParams {
+            channels: 1,
+            channels_max: 2,
+            pipeline_depth: 4,
+            heartbeat_interval: secs(1),
+            channel_timeout: secs(3),
+            ..SiteParams::default()
+        };
+        let f = Fixture::start(params).await;
+        f.at(MS).await;
+        // A round trip per answer (pipelined ones travel together), so that
+        // queries queue up and pipeline; a new connection's first answer
+        // takes two (its handshake).
+        let rtt = MS * 10;
+        f.site.set_knobs(|k| {
+            k.rtt = rtt;
+            k.mk_headers = mk;
+        });
+        let bad_every = secs(4);
+        let end = f.t0 + bad_every * (BAD.len() as u32 + 1);
+        let mut clients = tokio::task::JoinSet::new();
+        for client in 0..20usize {
+            let h = f.handle.clone();
+            clients.spawn(async move {
+                let (mut longest, mut wrong, mut round) = (Duration::ZERO, Vec::new(), 0);
+                while Instant::now() < end {
+                    let (q, want) = GOOD[(client + round) % GOOD.len()];
+                    let started = Instant::now();
+                    let got = ask(&h, q).await.map_err(|e| e.to_string());
+                    longest = longest.max(started.elapsed());
+                    if got != Ok((200, want.to_owned())) {
+                        wrong.push(format!("client {client}, round {round}, {q:?}: {got:?}"));
+                    }
+                    round += 1;
+                }
+                (longest, wrong)
+            });
+        }
+        let bad = tokio::spawn({
+            let (h, t0) = (f.handle.clone(), f.t0);
+            async move {
+                let mut answers = Vec::new();
+                for (n, (q, code, msg)) in BAD.iter().enumerate() {
+                    sleep_until(t0 + bad_every * (n as u32 + 1)).await;
+                    answers.push((ask(&h, q).await.map_err(|e| e.to_string()), Ok((*code, msg.to_string()))));
+                }
+                answers
+            }
+        });
+        let (mut longest, mut wrong) = (Duration::ZERO, Vec::new());
+        while let Some(r) = clients.join_next().await {
+            let (l, w) = r.expect("a client");
+            longest = longest.max(l);
+            wrong.extend(w);
+        }
+        for (got, want) in bad.await.expect("the bad client") {
+            assert_eq!(got, want, "mk_headers {mk}");
+        }
+        assert_eq!(wrong, Vec::<String>::new(), "mk_headers {mk}: every good query answered, exactly");
+        // A GET waits 3 round trips here without bad queries (20 clients,
+        // 8 places). A retry waits for its new connection (2 round trips)
+        // and, with three retries and two channels, the third for the
+        // first one's answer; the GETs meanwhile for the retries' channels
+        // (80 ms in all). Far from channel_timeout (300 round trips).
+        assert!(longest <= rtt * 10, "mk_headers {mk}: a good query waited {longest:?}");
+        assert_eq!(f.handle.status().generation, 0, "never down");
+        f.stop().await;
+    }
+}

@@ -56,6 +56,7 @@ on_both_cores!(
     pipelined_answers_equal_direct_ones_with_bad_queries_among_them,
     the_pool_grows_under_waiting_queries_and_shrinks_back_when_idle,
     a_core_without_inventory_columns_switches_the_sync_off_and_nothing_else,
+    good_queries_behind_bad_ones_that_cost_their_channel_never_wait_channel_timeout,
 );
 
 fn params() -> SiteParams {
@@ -603,6 +604,92 @@ async fn the_pool_grows_under_waiting_queries_and_shrinks_back_when_idle(core: C
     assert!((2..=3).contains(&snap.channels_peak), "grew, within channels_max: {snap:?}");
     assert_eq!(snap.queries_pipelined, 0);
     eventually_snapshot(&p, "rs", "back to one channel", |s| s.channels.len() == 1).await;
+    assert_eq!(p.site("rs").status().generation, 0, "never declared down");
+    p.shutdown().await;
+}
+
+async fn good_queries_behind_bad_ones_that_cost_their_channel_never_wait_channel_timeout(core: Core) {
+    // Issue 28, with the settings it was seen with: one channel kept, two
+    // at most, four queries pipelined on each, 20 keep-alive clients
+    // looping over good queries, and a bad one (unknown table, unknown
+    // column, bad filter) now and then, further apart than channel_timeout.
+    // Icinga 2 closes the channel after the error answer (or without one);
+    // Naemon keeps it, but the queries pipelined behind a bad one go
+    // elsewhere all the same. They are sent again on channels of their
+    // own, which used to never come while the other queries kept both
+    // channels busy: `503 no channel to site 'rs' became free within 3s`.
+    // Every good query is answered exactly, none waits channel_timeout.
+    let Some(rs) = site(core, 200, 5).await else { return };
+    let params = SiteParams {
+        channels: 1,
+        channels_max: 2,
+        pipeline_depth: 4,
+        heartbeat_interval: Duration::from_secs(1),
+        channel_timeout: Duration::from_secs(3),
+        ..SiteParams::default()
+    };
+    let channel_timeout = params.channel_timeout;
+    let p = Proxy::start(vec![("rs", rs.tcp_address(), params)]).await;
+    p.wait_state("rs", SiteState::Ready).await;
+    let mut want = Vec::new();
+    for q in GOOD {
+        let d = direct_raw(&rs, &format!("{q}ResponseHeader: fixed16\n\n")).await;
+        let (status, body) = fixed16(&mut d.as_slice()).await;
+        assert_eq!(status, 200, "{q:?}");
+        want.push(normalise(core, status, &body, false));
+    }
+    let bad: Vec<(&str, String)> = bad_requests(0)
+        .into_iter()
+        .filter(|(what, _)| ["unknown table", "unknown column", "bad filter"].contains(what))
+        .collect();
+    let mut bad_want = Vec::new();
+    for (what, q) in &bad {
+        bad_want.push(expected_bad_answer(core, &rs, what, q).await);
+    }
+    let every = Duration::from_secs(4);
+    let start = tokio::time::Instant::now();
+    let end = start + every * (bad.len() as u32 + 1);
+    let want = std::sync::Arc::new(want);
+    let mut clients = tokio::task::JoinSet::new();
+    for client in 0..20usize {
+        let (path, want) = (p.socket("rs"), want.clone());
+        clients.spawn(async move {
+            let mut c = UnixStream::connect(path).await.unwrap();
+            let (mut longest, mut answered, mut wrong) = (Duration::ZERO, 0u64, Vec::new());
+            for round in 0usize.. {
+                if tokio::time::Instant::now() >= end {
+                    break;
+                }
+                let i = (client + round) % GOOD.len();
+                let started = tokio::time::Instant::now();
+                let (status, body) =
+                    ask(&mut c, &format!("{}ResponseHeader: fixed16\nKeepAlive: on\n\n", GOOD[i])).await;
+                longest = longest.max(started.elapsed());
+                answered += 1;
+                let got = normalise(core, status, body.as_bytes(), false);
+                if got != want[i] {
+                    wrong.push(format!("client {client}, round {round}, {:?}: {got:?}", GOOD[i]));
+                }
+            }
+            (longest, answered, wrong)
+        });
+    }
+    for (n, ((what, q), want)) in bad.iter().zip(&bad_want).enumerate() {
+        tokio::time::sleep_until(start + every * (n as u32 + 1)).await;
+        let (status, body) = ask(&mut p.client("rs").await, &format!("{q}ResponseHeader: fixed16\n\n")).await;
+        assert_eq!(&normalise(core, status, body.as_bytes(), false), want, "{what}");
+    }
+    let (mut longest, mut answered, mut wrong) = (Duration::ZERO, 0, Vec::new());
+    while let Some(r) = clients.join_next().await {
+        let (l, n, w) = r.unwrap();
+        longest = longest.max(l);
+        answered += n;
+        wrong.extend(w);
+    }
+    assert_eq!(wrong, Vec::<String>::new(), "every good query answered, exactly ({answered} in all)");
+    assert!(longest < channel_timeout, "a good query waited {longest:?}");
+    let snap = p.site("rs").snapshot(Duration::from_secs(1)).await.unwrap();
+    assert!(snap.queries_pipelined > 0, "queries were pipelined: {snap:?}");
     assert_eq!(p.site("rs").status().generation, 0, "never declared down");
     p.shutdown().await;
 }

@@ -77,7 +77,7 @@ fn queries_get_the_most_recently_used_idle_channel_in_arrival_order() {
     assert_eq!(lend_all(&mut p), [(1, 3), (2, 2)]);
     assert_eq!((p.serving(), p.open(), p.connects_wanted()), (3, 3, 0));
     assert!(p.queries_in_flight());
-    assert_eq!(p.left(3, Back::Reuse), Some((c(3), Back::Reuse)));
+    assert_eq!(p.left(3, Back::Reuse).map(|(c, back)| (c.id, back)), Some((3, Back::Reuse)));
     p.push_idle(c(3), Instant::now());
     assert_eq!(p.left(2, Back::Reuse), Some((c(2), Back::Reuse)));
     assert!(!p.queries_in_flight());
@@ -209,9 +209,95 @@ fn commands_and_retries_are_never_pipelined_and_nothing_joins_a_command() {
     assert_eq!(lend_all(&mut p), [], "nothing behind a COMMAND");
     assert_eq!(p.left(1, Back::Reuse), Some((c(1), Back::Reuse)));
     p.push_idle(c(1), Instant::now());
-    assert_eq!(lend_all(&mut p), [(2, 1)]);
+    // The retry needs a channel that never carried anything: the idle one
+    // is traded for a new connection, which the retry gets for itself.
+    assert_eq!(lend_all(&mut p), []);
+    assert_eq!(p.fresh_connect(), Some(Some(c(1))));
+    p.connect_started();
+    p.connect_finished();
+    p.push_idle(C { id: 2, used: false }, Instant::now());
+    assert_eq!(lend_all(&mut p), [(3, 2)], "the GET is not pipelined behind the retry");
     p.wait(W { n: 4, want: Want::Alone, gone: false });
-    assert_eq!(lend_all(&mut p), [], "a COMMAND never joins a busy channel, nor a retry");
+    assert_eq!(lend_all(&mut p), [], "a COMMAND never joins a busy channel, nor a retry's");
+}
+
+#[test]
+fn a_never_used_channel_goes_to_a_retry_before_queries_that_came_earlier() {
+    let mut p = pool(1, 2, 4);
+    p.wait(w(1));
+    p.wait(W { n: 2, want: Want::Alone, gone: false });
+    p.wait(W { n: 3, want: Want::Fresh, gone: false });
+    p.push_idle(C { id: 2, used: false }, Instant::now());
+    assert_eq!(lend_all(&mut p), [(3, 2), (1, 1)], "the retry first; the COMMAND waits for an idle channel");
+}
+
+#[test]
+fn the_heartbeat_leaves_a_never_used_channel_to_a_waiting_retry() {
+    let mut p: Pool<C, W> = Pool::new(sizes(2, 2, 4));
+    p.push_idle(C { id: 1, used: false }, Instant::now());
+    p.wait(W { n: 1, want: Want::Fresh, gone: false });
+    assert_eq!(p.take_for_heartbeat(T), None, "it would use up the retry's channel");
+    p.push_idle(c(2), Instant::now());
+    assert_eq!(p.take_for_heartbeat(T), Some(c(2)), "a used one is the heartbeat's");
+    assert_eq!(lend_all(&mut p), [(1, 1)]);
+}
+
+#[test]
+fn retries_short_of_a_channel_in_a_full_busy_pool_stop_the_pipelining_until_one_comes_free_to_trade() {
+    // Issue 28: two channels, both busy with pipelined GETs that keep
+    // coming. Three retries wait for channels of their own. Without a stop
+    // the GETs kept both channels busy forever, and the retries waited
+    // until channel_timeout.
+    let mut p = pool(2, 2, 4);
+    for n in 0..8 {
+        p.wait(w(n));
+    }
+    assert_eq!(lend_all(&mut p).len(), 8, "both channels full");
+    for n in 10..13 {
+        p.wait(W { n, want: Want::Fresh, gone: false });
+    }
+    p.wait(w(20));
+    assert_eq!(p.fresh_connect(), None, "nothing idle to trade, no room to connect");
+    // A GET leaves: its place is not given to the next GET.
+    assert_eq!(p.left(1, Back::Reuse), None);
+    assert_eq!(lend_all(&mut p), [], "the busy channels drain for the retries");
+    for _ in 0..2 {
+        assert_eq!(p.left(1, Back::Reuse), None);
+    }
+    assert_eq!(p.left(1, Back::Reuse), Some((c(1), Back::Reuse)));
+    p.push_idle(c(1), Instant::now());
+    assert_eq!(lend_all(&mut p), [], "the idle channel is to be traded");
+    assert_eq!(p.fresh_connect(), Some(Some(c(1))), "traded for a new connection");
+    p.connect_started();
+    assert_eq!(p.fresh_connect(), None, "nothing else to trade");
+    assert_eq!(lend_all(&mut p), [], "two retries still short, the pool full");
+    // The new channel goes to the first retry, alone.
+    p.connect_finished();
+    p.push_idle(C { id: 3, used: false }, Instant::now());
+    assert_eq!(lend_all(&mut p), [(10, 3)]);
+    // Channel 2 drains and is traded for the second retry; the first
+    // retry's channel, when it is done, for the third.
+    for _ in 0..4 {
+        let _ = p.left(2, Back::Reuse);
+    }
+    p.push_idle(c(2), Instant::now());
+    assert_eq!((lend_all(&mut p), p.fresh_connect()), (vec![], Some(Some(c(2)))));
+    p.connect_started();
+    assert_eq!(p.left(3, Back::Reuse).map(|(c, back)| (c.id, back)), Some((3, Back::Reuse)));
+    p.push_idle(c(3), Instant::now());
+    assert_eq!((lend_all(&mut p), p.fresh_connect()), (vec![], Some(Some(c(3)))));
+    p.connect_started();
+    // Every retry has a connection on its way: the GETs go on meanwhile.
+    assert_eq!(lend_all(&mut p), [], "no channel open: nothing to pipeline on yet");
+    p.connect_finished();
+    p.push_idle(C { id: 4, used: false }, Instant::now());
+    assert_eq!(lend_all(&mut p), [(11, 4)]);
+    p.connect_finished();
+    p.push_idle(C { id: 5, used: false }, Instant::now());
+    assert_eq!(lend_all(&mut p), [(12, 5)]);
+    assert_eq!(p.left(4, Back::Reuse).map(|(c, back)| (c.id, back)), Some((4, Back::Reuse)));
+    p.push_idle(c(4), Instant::now());
+    assert_eq!(lend_all(&mut p), [(20, 4)], "the waiting GET is served again");
 }
 
 #[test]
