@@ -62,28 +62,6 @@ impl std::fmt::Display for ReloadReport {
     }
 }
 
-/// Global keys that differ and only a restart applies.
-fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    let mut check = |differs: bool, key: &'static str| {
-        if differs {
-            keys.push(key);
-        }
-    };
-    check(old.socket_dir != new.socket_dir, "socket_dir");
-    check(old.state_file != new.state_file, "state_file");
-    check(old.state_interval != new.state_interval, "state_interval");
-    check(old.worker_threads != new.worker_threads, "worker_threads");
-    check(old.spool != new.spool, "spool_*");
-    check(old.cache_budget != new.cache_budget, "cache_budget");
-    check(old.cache_max_entry != new.cache_max_entry, "cache_max_entry");
-    check(old.inventory != new.inventory, "inventory");
-    check(old.pid_file != new.pid_file, "pid_file");
-    check(old.metrics_listen != new.metrics_listen, "metrics_listen");
-    check(old.federation_sort_budget != new.federation_sort_budget, "federation_sort_budget");
-    keys
-}
-
 impl App {
     /// Apply the reloaded `[[federation]]` tables (after the sites, whose
     /// handles they take): an unchanged federation keeps its socket and
@@ -182,7 +160,8 @@ impl App {
     /// are done (up to `shutdown_grace`). Global keys that need a restart
     /// are reported and otherwise ignored. One log line says what happened.
     pub async fn reload(&mut self, new: Config) -> ReloadReport {
-        let mut report = ReloadReport { needs_restart: restart_keys(&self.config, &new), ..Default::default() };
+        let mut report =
+            ReloadReport { needs_restart: crate::config::restart_keys(&self.config, &new), ..Default::default() };
         // Removed sites first: their names (and sockets) may be reused.
         let keep: std::collections::HashSet<&str> = new.sites.iter().map(|s| s.name.as_str()).collect();
         let (gone, stay): (Vec<SiteRuntime>, Vec<SiteRuntime>) =
@@ -255,7 +234,7 @@ impl App {
             .remove(0);
         let site = &mut self.sites[i];
         let old = site.config.clone();
-        let reconnect = old.address != cfg.address || old.params.tls != cfg.params.tls;
+        let reconnect = crate::config::replaces_channels(&old, &cfg);
         // The TCP listener: rebind on a new address, else settings in place.
         match (&mut site.tcp, cfg.listen.clone()) {
             (Some(t), Some(listen)) if t.addr == listen.addr => {

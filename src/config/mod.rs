@@ -555,6 +555,36 @@ impl Default for Config {
 
 mod suggest;
 pub use suggest::known_keys;
+pub mod reference;
+
+/// Global keys that differ between `old` and `new` and only a restart
+/// applies (a reload names them and keeps the old values).
+pub fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut check = |differs: bool, key: &'static str| {
+        if differs {
+            keys.push(key);
+        }
+    };
+    check(old.socket_dir != new.socket_dir, "socket_dir");
+    check(old.state_file != new.state_file, "state_file");
+    check(old.state_interval != new.state_interval, "state_interval");
+    check(old.worker_threads != new.worker_threads, "worker_threads");
+    check(old.spool != new.spool, "spool_*");
+    check(old.cache_budget != new.cache_budget, "cache_budget");
+    check(old.cache_max_entry != new.cache_max_entry, "cache_max_entry");
+    check(old.inventory != new.inventory, "inventory");
+    check(old.pid_file != new.pid_file, "pid_file");
+    check(old.metrics_listen != new.metrics_listen, "metrics_listen");
+    check(old.federation_sort_budget != new.federation_sort_budget, "federation_sort_budget");
+    keys
+}
+
+/// Whether a site changed from `old` to `new` needs new channels: its
+/// address or its TLS settings toward the site differ.
+pub fn replaces_channels(old: &SiteConfig, new: &SiteConfig) -> bool {
+    old.address != new.address || old.params.tls != new.params.tls
+}
 
 /// Keys as paths through the file, for unknown keys.
 mod keys {

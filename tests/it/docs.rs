@@ -127,3 +127,30 @@ fn the_toml_key_reader_reads_keys_not_comments() {
         "```toml\nname = \"a\"            # x = 1\ntls = { cert_file = \"c\", key_file = \"k\" }\n# y = 2\n```\n";
     assert_eq!(toml_keys(text), ["cert_file", "key_file", "name", "tls"].map(str::to_owned).into());
 }
+
+const KEYS_BEGIN: &str = "<!-- key tables: generated from src/config/reference.rs; tests/it/docs.rs checks them -->\n";
+const KEYS_END: &str = "<!-- end of key tables -->\n";
+
+/// docs/CONFIGURATION.md's key tables are `livemux::config::reference`'s
+/// (whose defaults, ranges and reload behaviour are tested against the
+/// validator). `LIVEMUX_WRITE_DOCS=1` writes them in place.
+#[test]
+fn the_configuration_key_tables_are_the_ones_the_code_generates() {
+    let path = format!("{ROOT}/docs/CONFIGURATION.md");
+    let doc = read("docs/CONFIGURATION.md");
+    let (Some(begin), Some(end)) = (doc.find(KEYS_BEGIN), doc.find(KEYS_END)) else {
+        panic!("docs/CONFIGURATION.md lacks the markers {KEYS_BEGIN:?} and {KEYS_END:?}");
+    };
+    let written = &doc[begin + KEYS_BEGIN.len()..end];
+    let generated = livemux::config::reference::markdown();
+    if written != generated && std::env::var_os("LIVEMUX_WRITE_DOCS").is_some() {
+        let fresh = format!("{}{KEYS_BEGIN}{generated}{}", &doc[..begin], &doc[end..]);
+        std::fs::write(&path, fresh).expect("write docs/CONFIGURATION.md");
+        return;
+    }
+    assert!(
+        written == generated,
+        "docs/CONFIGURATION.md's key tables differ from src/config/reference.rs; rerun with LIVEMUX_WRITE_DOCS=1 \
+         to write them"
+    );
+}
