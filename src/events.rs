@@ -154,3 +154,85 @@ impl ClientRefused {
         tracing::warn!(peer = %self.peer, "refused TCP client {}: not in only_from", self.peer);
     }
 }
+
+/// The command audit: one line per `COMMAND` forwarded or refused.
+pub struct CommandAudit<'a> {
+    /// The site or sites it went (or would have gone) to.
+    pub sites: &'a str,
+    /// Who sent it (`unix#3 uid=33 gid=33 pid=4242`, an address).
+    pub client: &'a dyn std::fmt::Display,
+    /// The command line without `COMMAND `: `[<time>] NAME;args...`.
+    pub line: &'a [u8],
+    /// Log the arguments too (`audit_command_arguments`).
+    pub arguments: bool,
+    /// `forwarded`, or why not.
+    pub outcome: &'a str,
+}
+
+impl CommandAudit<'_> {
+    /// The command's name: after the timestamp, up to the first `;`.
+    pub fn name(line: &[u8]) -> &[u8] {
+        let rest = match line.iter().position(|b| *b == b']') {
+            Some(i) if line.first() == Some(&b'[') => &line[i + 1..],
+            _ => line,
+        };
+        let rest = rest.trim_ascii_start();
+        &rest[..rest.iter().position(|b| *b == b';').unwrap_or(rest.len())]
+    }
+
+    /// Write the log line (target `livemux::audit`, info).
+    pub fn emit(self) {
+        let name = String::from_utf8_lossy(Self::name(self.line));
+        let (sites, client, outcome) = (self.sites, self.client, self.outcome);
+        if self.arguments {
+            let line = String::from_utf8_lossy(self.line);
+            tracing::info!(target: "livemux::audit", sites, client = %client, command = %name, outcome,
+                "COMMAND {name} from {client} to {sites}: {outcome}; {line}");
+        } else {
+            tracing::info!(target: "livemux::audit", sites, client = %client, command = %name, outcome,
+                "COMMAND {name} from {client} to {sites}: {outcome}");
+        }
+    }
+}
+
+/// A query answered slower than `slow_query_threshold`.
+pub struct SlowQuery<'a> {
+    /// The site (or federation) that answered.
+    pub site: &'a str,
+    /// From the request's arrival to the answer's last byte.
+    pub took: std::time::Duration,
+    /// Bytes of the answer sent.
+    pub bytes: u64,
+    /// Who asked.
+    pub client: &'a dyn std::fmt::Display,
+    /// The request's first line (`GET services`).
+    pub first_line: &'a str,
+    /// Its headers: names only, or whole lines with `slow_query_log_values`.
+    pub headers: &'a str,
+}
+
+impl SlowQuery<'_> {
+    /// Write the log line (target `livemux::slow`, info).
+    pub fn emit(self) {
+        let took = crate::error::fmt_duration(self.took);
+        let (site, bytes, client, first, headers) = (self.site, self.bytes, self.client, self.first_line, self.headers);
+        tracing::info!(target: "livemux::slow", site, took_ms = self.took.as_millis() as u64, bytes, client = %client,
+            "slow query: {first} took {took}, {bytes} bytes, for {client} ({headers})");
+    }
+}
+
+/// The request's first line and its headers for the slow-query log: each
+/// header's name, or with `values` the whole line (so `AuthUser` and
+/// filter values appear only with `slow_query_log_values`).
+pub fn describe_request(request: &[u8], values: bool) -> (String, String) {
+    let text = String::from_utf8_lossy(request);
+    let mut lines = text.lines().filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("").to_owned();
+    let headers: Vec<String> = lines
+        .map(|l| {
+            let name = l.split(':').next().unwrap_or(l).trim();
+            if values { l.trim().to_owned() } else { name.to_owned() }
+        })
+        .collect();
+    (first, headers.join(", "))
+}

@@ -328,9 +328,16 @@ pub async fn serve_unix(listener: UnixListener, ctx: Accepting) {
         match accepted {
             Ok((s, _)) => {
                 ctx.accepted();
-                // UNIX clients have no address: they are numbered.
+                // UNIX clients have no address: they are numbered, and
+                // named by the credentials the kernel recorded (read when
+                // first needed; at once where debug logging makes the
+                // session's span now).
                 clients += 1;
-                ctx.admit(s, Peer::Unix(clients), None);
+                let peer = match tracing::enabled!(tracing::Level::DEBUG) {
+                    true => Peer::of_unix(&s, clients),
+                    false => Peer::Unix { n: clients, cred: None },
+                };
+                ctx.admit(s, peer, None);
             }
             Err(e) if ctx.backoff(&e).await => continue,
             Err(_) => break,

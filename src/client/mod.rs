@@ -5,6 +5,8 @@
 //!   one refused), the accept loop, the `max_clients` bound.
 //! - [`session`]: one client connection: read a request, answer it, repeat
 //!   while `KeepAlive: on`.
+//! - [`peer`]: who a client is (`SO_PEERCRED` on UNIX sockets, the address
+//!   on TCP), for log lines, the command audit and the fair share.
 //! - [`reader`]: receiving requests, every buffer within the daemon-wide
 //!   `request_memory_budget` (federated sockets use it too).
 //!
@@ -12,6 +14,7 @@
 //! uses it while it writes, so it sits below both.
 
 pub mod listener;
+pub mod peer;
 pub mod reader;
 pub mod session;
 

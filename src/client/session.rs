@@ -57,10 +57,19 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn poll_sent(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
+
+    /// The client process's credentials (UNIX sockets: `SO_PEERCRED`).
+    fn peer_cred(&self) -> Option<super::peer::Cred> {
+        None
+    }
 }
 
 impl ClientStream for tokio::net::UnixStream {
     const SHUTDOWN_BEFORE_CLOSE: bool = false;
+
+    fn peer_cred(&self) -> Option<super::peer::Cred> {
+        super::peer::Cred::of(self)
+    }
 
     fn poll_sent(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         self.poll_read_ready(cx)
@@ -73,23 +82,7 @@ impl ClientStream for tokio::net::TcpStream {
 }
 impl ClientStream for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
 
-/// Who a client is, for its log lines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Peer {
-    /// A UNIX socket client: they have no address, so they are numbered.
-    Unix(u64),
-    /// A TCP client.
-    Tcp(std::net::SocketAddr),
-}
-
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Peer::Unix(n) => write!(f, "unix#{n}"),
-            Peer::Tcp(a) => write!(f, "{a}"),
-        }
-    }
-}
+pub use super::peer::Peer;
 
 /// The span of a client session: every log line of it names the site and
 /// the client, `client{site=berlin peer=unix#17}`.
@@ -119,8 +112,14 @@ pub struct Session<S> {
     dead: bool,
     /// How the current request ended (for the metrics).
     outcome: Outcome,
-    /// Who the client is.
-    peer: Peer,
+    /// Who the client is; a UNIX client's credentials are read when
+    /// first needed (a log line, a command, a wait for a channel): a
+    /// client that only asks and reads costs no system call for them.
+    peer: std::cell::Cell<Peer>,
+    /// Its credentials were asked for (or came with it).
+    cred_read: std::cell::Cell<bool>,
+    /// Bytes of the current request's answer sent (for the slow-query log).
+    sent: u64,
     /// The session's span, made when it first logs (see `Session::log`).
     span: std::cell::OnceCell<tracing::Span>,
 }
@@ -152,7 +151,9 @@ impl<S: ClientStream> Session<S> {
             shutdown,
             dead: false,
             outcome: Outcome::Ok,
-            peer,
+            cred_read: std::cell::Cell::new(peer.cred().is_some()),
+            peer: std::cell::Cell::new(peer),
+            sent: 0,
             span: span.map(std::cell::OnceCell::from).unwrap_or_default(),
         }
     }
@@ -161,7 +162,17 @@ impl<S: ClientStream> Session<S> {
     /// now if this is the session's first line: a client that only asks
     /// and reads costs no span at all.
     fn log(&self, emit: impl FnOnce()) {
-        self.span.get_or_init(|| client_span(&self.site, &self.peer)).in_scope(emit);
+        self.span.get_or_init(|| client_span(&self.site, &self.peer())).in_scope(emit);
+    }
+
+    /// Who the client is (its credentials read now if not yet).
+    fn peer(&self) -> Peer {
+        if !self.cred_read.replace(true)
+            && let Peer::Unix { n, cred: None } = self.peer.get()
+        {
+            self.peer.set(Peer::Unix { n, cred: self.stream.peer_cred() });
+        }
+        self.peer.get()
     }
 
     /// Serve the connection until the client leaves or must be dropped.
@@ -213,6 +224,7 @@ impl<S: ClientStream> Session<S> {
             }
             self.site.note_query();
             self.outcome = Outcome::Ok;
+            self.sent = 0;
             // A GET is written for the site as it is parsed, into the
             // session's buffer for it.
             let parsed = Request::parse_for_site(self.reader.request(at.clone()), &mut self.wire);
@@ -220,17 +232,21 @@ impl<S: ClientStream> Session<S> {
             // daemon holds tens of thousands of idle clients).
             let keep = match parsed {
                 Ok(ForSite::Get(q)) => Box::pin(self.answer(q, params)).await,
-                Ok(ForSite::Command(c)) => Box::pin(self.command(&c)).await,
+                Ok(ForSite::Command(c)) => Box::pin(self.command(&c, params)).await,
                 Err(e) => {
                     self.site.note_error();
                     self.outcome = Outcome::BadRequest;
                     self.log(|| events::RequestRejected { status: e.status(), error: &e }.emit());
-                    let style = ReplyStyle::sniff(self.reader.request(at));
+                    let style = ReplyStyle::sniff(self.reader.request(at.clone()));
                     self.write_error(e.status(), &e.to_string(), style, deadline).await;
                     style.keepalive && style.fixed16
                 }
             };
-            self.site.metrics().query(self.outcome, arrived.elapsed());
+            let took = arrived.elapsed();
+            self.site.metrics().query(self.outcome, took);
+            if params.slow_query_threshold.is_some_and(|t| took > t) {
+                self.slow_query(self.reader.request(at), took, params.slow_query_log_values);
+            }
             if self.wire.capacity() > UNBUDGETED_BYTES {
                 // A large request's copy goes with it (kept up to the size
                 // the request budget leaves free; beyond, it was charged
@@ -244,6 +260,20 @@ impl<S: ClientStream> Session<S> {
         if !self.dead && S::SHUTDOWN_BEFORE_CLOSE {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
         }
+    }
+
+    /// Count an answer's bytes: from the site, and sent to the client.
+    fn note_bytes(&mut self, from_site: u64, to_client: u64) {
+        self.site.metrics().bytes(from_site, to_client);
+        self.sent += to_client;
+    }
+
+    /// The slow-query log line for `request`.
+    fn slow_query(&self, request: &[u8], took: std::time::Duration, values: bool) {
+        let (first_line, headers) = events::describe_request(request, values);
+        let (first_line, headers) = (first_line.as_str(), headers.as_str());
+        let (site, bytes, client) = (self.site.name(), self.sent, &self.peer());
+        self.log(|| events::SlowQuery { site, took, bytes, client, first_line, headers }.emit());
     }
 
     /// The current query's deadline.
@@ -286,7 +316,7 @@ impl<S: ClientStream> Session<S> {
             w.start();
         }
         let result = send(&mut self.stream, &mut out, &mut sent, deadline, self.watchdog.as_mut()).await;
-        self.site.metrics().bytes(0, sent);
+        self.note_bytes(0, sent);
         match result {
             Ok(()) => style.keepalive && (style.fixed16 || entry.status == Status::Ok),
             Err(end) => {
@@ -358,7 +388,7 @@ impl<S: ClientStream> Session<S> {
             Relayed::NothingSent(_) => 0,
             Relayed::ClientGone { sent, .. } | Relayed::Reaped { sent, .. } | Relayed::Cut { sent, .. } => *sent,
         };
-        self.site.metrics().bytes(from_site, to_client);
+        self.note_bytes(from_site, to_client);
         match relayed {
             Relayed::Complete => style.keepalive && (style.fixed16 || status == Status::Ok),
             Relayed::NothingSent(e) => self.query_failed(&e, style, deadline).await,
@@ -398,7 +428,7 @@ impl<S: ClientStream> Session<S> {
         let deadline = self.deadline();
         let result = send(&mut self.stream, &mut &out[..], &mut sent, deadline, self.watchdog.as_mut()).await;
         crate::site::exchange::recycle(read);
-        self.site.metrics().bytes(length, sent);
+        self.note_bytes(length, sent);
         match result {
             Ok(()) => style.keepalive && (style.fixed16 || status == Status::Ok),
             Err(end) => {
@@ -415,20 +445,35 @@ impl<S: ClientStream> Session<S> {
         self.write_error(e.status(), &e.to_string(), style, deadline).await
     }
 
-    /// Forward `COMMAND`s. Like a core, the proxy sends no answer, except the
-    /// empty `200` that a client asking for fixed16 expects (as Icinga 2
-    /// sends). The connection stays open, as a core keeps it.
-    async fn command(&mut self, c: &CommandRequest) -> bool {
+    /// Forward `COMMAND`s, if this client may send them (`commands`,
+    /// `commands_from_uids`/`groups`; a refusal is a 403 with fixed16, an
+    /// error line otherwise, and nothing reaches the site). Like a core, the
+    /// proxy sends no answer to forwarded ones, except the empty `200` that
+    /// a client asking for fixed16 expects (as Icinga 2 sends). The
+    /// connection stays open, as a core keeps it. Each command is audited.
+    async fn command(&mut self, c: &CommandRequest, params: &SiteParams) -> bool {
         let deadline = self.deadline();
+        if let Err(why) = crate::client::peer::may_command(&params.commands, &self.peer()) {
+            self.outcome = Outcome::BadRequest;
+            self.audit(c, params, &format!("refused: {why}"));
+            let message = format!("COMMAND refused: {why}");
+            return self.write_error(Status::Forbidden, &message, c.style, deadline).await;
+        }
         self.wire.clear();
         c.encode_for_site(&mut self.wire);
-        match Box::pin(send_commands(&self.site, &self.wire, deadline)).await {
-            Ok(()) if c.style.fixed16 => {
-                let ok = ResponseHeader::new(Status::Ok, 0).encode();
-                self.write_by(&ok, deadline).await
+        let sent = Box::pin(send_commands(&self.site, &self.wire, deadline)).await;
+        match sent {
+            Ok(()) => {
+                self.audit(c, params, "forwarded");
+                if c.style.fixed16 {
+                    let ok = ResponseHeader::new(Status::Ok, 0).encode();
+                    self.write_by(&ok, deadline).await
+                } else {
+                    true
+                }
             }
-            Ok(()) => true,
             Err(e) => {
+                self.audit(c, params, &format!("failed: {e}"));
                 self.log(|| events::CommandFailed { commands: c.commands.len(), error: &e }.emit());
                 if c.style.fixed16 {
                     self.write_error(e.status(), &e.to_string(), c.style, deadline).await
@@ -436,6 +481,23 @@ impl<S: ClientStream> Session<S> {
                     true
                 }
             }
+        }
+    }
+
+    /// The audit line of each command of `c`.
+    fn audit(&self, c: &CommandRequest, params: &SiteParams, outcome: &str) {
+        for line in &c.commands {
+            let line = line.strip_prefix(b"COMMAND ").unwrap_or(line);
+            self.log(|| {
+                events::CommandAudit {
+                    sites: self.site.name(),
+                    client: &self.peer(),
+                    line,
+                    arguments: params.audit_command_arguments,
+                    outcome,
+                }
+                .emit()
+            });
         }
     }
 

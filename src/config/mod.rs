@@ -285,6 +285,44 @@ pub struct SiteParams {
     pub coalesce: bool,
     /// Sync this site's HW/SW inventory (when `[inventory]` is configured).
     pub inventory: bool,
+    /// Who may send `COMMAND`s through the site's socket and listener (a
+    /// federation's: through its own).
+    pub commands: CommandPolicy,
+    /// The command audit logs each command's arguments (else its name only).
+    pub audit_command_arguments: bool,
+    /// Queries answered slower than this are logged (none: off).
+    pub slow_query_threshold: Option<Duration>,
+    /// The slow-query log shows `AuthUser` and filter values (else their
+    /// header names only).
+    pub slow_query_log_values: bool,
+}
+
+/// Who may send `COMMAND`s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandPolicy {
+    /// `commands = "allow"` on the UNIX socket.
+    pub allow: bool,
+    /// `listen_commands`: on the TCP listener (default: as `commands`).
+    pub listen_allow: bool,
+    /// `commands_from_uids`: if any (or any group) is set, only these local
+    /// users may send commands on the UNIX socket, and TCP clients none.
+    pub from_uids: Vec<u32>,
+    /// `commands_from_groups`: likewise, by group (the process's group or
+    /// one its user is a member of).
+    pub from_gids: Vec<u32>,
+}
+
+impl Default for CommandPolicy {
+    fn default() -> Self {
+        CommandPolicy { allow: true, listen_allow: true, from_uids: Vec::new(), from_gids: Vec::new() }
+    }
+}
+
+impl CommandPolicy {
+    /// Whether commands are restricted to named local users or groups.
+    pub fn restricted_to_local_users(&self) -> bool {
+        !self.from_uids.is_empty() || !self.from_gids.is_empty()
+    }
 }
 
 impl Default for SiteParams {
@@ -314,6 +352,10 @@ impl Default for SiteParams {
             cache_max_age: None,
             coalesce: false,
             inventory: true,
+            commands: CommandPolicy::default(),
+            audit_command_arguments: true,
+            slow_query_threshold: None,
+            slow_query_log_values: false,
         }
     }
 }

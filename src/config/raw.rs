@@ -76,6 +76,13 @@ pub(crate) struct RawSite {
     pub cache_max_age: Field,
     pub coalesce: Field,
     pub inventory: Field,
+    pub commands: Field,
+    pub listen_commands: Field,
+    pub commands_from_uids: Option<Spanned<Vec<Spanned<Scalar>>>>,
+    pub commands_from_groups: Option<Spanned<Vec<Spanned<Scalar>>>>,
+    pub audit_command_arguments: Field,
+    pub slow_query_threshold: Field,
+    pub slow_query_log_values: Field,
 }
 
 /// A `[[federation]]` table as written.
@@ -85,6 +92,10 @@ pub(crate) struct RawFederation {
     pub sites: Option<Spanned<Vec<Spanned<Scalar>>>>,
     pub on_site_error: Field,
     pub dialect: Field,
+    pub commands: Field,
+    pub listen_commands: Field,
+    pub commands_from_uids: Option<Spanned<Vec<Spanned<Scalar>>>>,
+    pub commands_from_groups: Option<Spanned<Vec<Spanned<Scalar>>>>,
     pub listen: Field,
     pub only_from: Option<Spanned<Vec<Spanned<Scalar>>>>,
     pub tls: Option<Spanned<RawListenerTls>>,

@@ -329,6 +329,56 @@ pub const KEYS: &[KeyDoc] = &[
         .default("false"),
     key(Site, "inventory", "boolean", Now, "sync this site's HW/SW inventory (when `[inventory]` is set)")
         .default("true"),
+    key(
+        Site,
+        "commands",
+        "string",
+        Now,
+        "`\"allow\"` or `\"deny\"`: whether clients of the site's socket may send `COMMAND`s",
+    )
+    .default("\"allow\""),
+    key(Site, "listen_commands", "string", Now, "likewise on its TCP listener").absent("as `commands`"),
+    key(
+        Site,
+        "commands_from_uids",
+        "list",
+        Now,
+        "users (names or uids): only they (and `commands_from_groups`) may send commands, on the UNIX socket only",
+    )
+    .absent("anyone"),
+    key(
+        Site,
+        "commands_from_groups",
+        "list",
+        Now,
+        "groups (names or gids) whose members may send commands, on the UNIX socket only",
+    )
+    .absent("anyone"),
+    key(
+        Site,
+        "audit_command_arguments",
+        "boolean",
+        Now,
+        "the command audit logs each command's arguments (else its name only)",
+    )
+    .default("true"),
+    key(
+        Site,
+        "slow_query_threshold",
+        "duration",
+        Now,
+        "queries answered slower than this are logged (site, time, bytes, client, request)",
+    )
+    .absent("off")
+    .range("\"1ms\"", "\"7d\""),
+    key(
+        Site,
+        "slow_query_log_values",
+        "boolean",
+        Now,
+        "the slow-query log shows header values (`AuthUser`, filters); else names only",
+    )
+    .default("false"),
     // [[federation]].
     key(Federation, "name", "string", Identity, "the federated socket's name (`<socket_dir>/<name>`)")
         .absent("required"),
@@ -343,6 +393,11 @@ pub const KEYS: &[KeyDoc] = &[
     .default("\"partial\""),
     key(Federation, "dialect", "string", Now, "`\"lmd\"` (for Thruk): a column a site lacks answers `\"\"` from it")
         .default("\"livestatus\""),
+    key(Federation, "commands", "string", Now, "`\"allow\"` or `\"deny\"` `COMMAND`s on the federated socket")
+        .absent("as `[defaults]`"),
+    key(Federation, "listen_commands", "string", Now, "likewise on its TCP listener").absent("as `commands`"),
+    key(Federation, "commands_from_uids", "list", Now, "as for a site").absent("as `[defaults]`"),
+    key(Federation, "commands_from_groups", "list", Now, "as for a site").absent("as `[defaults]`"),
     key(Federation, "listen", "address", Rebind, "a TCP listener for the federation").absent("none"),
     key(Federation, "only_from", "list", Now, "addresses or networks allowed on `listen`")
         .absent("any (loopback listen only)"),
@@ -511,6 +566,7 @@ mod tests {
                 (_, Some((lo, _))) if Some(lo) != k.default => lo.to_owned(),
                 (_, Some((_, hi))) => hi.to_owned(),
                 ("address", _) if k.key == "listen" => "\"127.0.0.1:0\"".to_owned(),
+                _ if k.key.ends_with("commands") => "\"deny\"".to_owned(),
                 ("address", _) => "\"tcp://127.0.0.1:2\"".to_owned(),
                 _ => "\"/elsewhere\"".to_owned(),
             };

@@ -354,6 +354,14 @@ impl<'a> Validator<'a> {
                 }
             }
         }
+        let mut client = base.clone();
+        let raw_commands = Commands {
+            commands: &f.commands,
+            listen_commands: &f.listen_commands,
+            uids: &f.commands_from_uids,
+            groups: &f.commands_from_groups,
+        };
+        self.commands(&mut client.commands, raw_commands, &prefix);
         let as_site = RawSite {
             listen: f.listen.clone(),
             only_from: f.only_from.clone(),
@@ -361,14 +369,7 @@ impl<'a> Validator<'a> {
             ..RawSite::default()
         };
         let listen = self.listen(&as_site, &prefix, span)?;
-        Some(super::FederationConfig {
-            name: name?,
-            sites,
-            fail_on_site_error: fail,
-            listen,
-            dialect,
-            client: base.clone(),
-        })
+        Some(super::FederationConfig { name: name?, sites, fail_on_site_error: fail, listen, dialect, client })
     }
 
     fn inventory(&mut self, raw: &RawInventory, span: Range<usize>) -> Option<InventoryConfig> {
@@ -592,7 +593,11 @@ impl<'a> Validator<'a> {
             cache_max_age: some_duration,
             coalesce: flag,
             inventory: flag,
+            audit_command_arguments: flag,
+            slow_query_threshold: some_duration,
+            slow_query_log_values: flag,
         );
+        self.commands(&mut p.commands, Commands::of_site(raw), prefix);
         set!(self, raw, p.limits, prefix;
             max_request_bytes: byte_count(1024..=1 << 30),
             max_header_lines: count(1..=10_000_000),
@@ -661,6 +666,102 @@ impl<'a> Validator<'a> {
         }
         p
     }
+}
+
+/// The command keys of a table as written.
+struct Commands<'r> {
+    commands: &'r Field,
+    listen_commands: &'r Field,
+    uids: &'r Option<Spanned<Vec<Spanned<Scalar>>>>,
+    groups: &'r Option<Spanned<Vec<Spanned<Scalar>>>>,
+}
+
+impl<'r> Commands<'r> {
+    fn of_site(raw: &'r RawSite) -> Self {
+        Commands {
+            commands: &raw.commands,
+            listen_commands: &raw.listen_commands,
+            uids: &raw.commands_from_uids,
+            groups: &raw.commands_from_groups,
+        }
+    }
+}
+
+impl Validator<'_> {
+    /// `"allow"` or `"deny"`.
+    fn allow(&mut self, v: &Field, key: &str) -> Option<bool> {
+        let t = self.text(v, key)?;
+        match t.as_str() {
+            "allow" => Some(true),
+            "deny" => Some(false),
+            _ => {
+                self.err(v.as_ref()?.span(), key, format!("'{t}' must be \"allow\" or \"deny\""));
+                None
+            }
+        }
+    }
+
+    /// Who may send commands: `commands`, `listen_commands` (default: as
+    /// `commands`), and the local users and groups, resolved here (an
+    /// unknown name is an error with its line).
+    fn commands(&mut self, c: &mut super::CommandPolicy, raw: Commands<'_>, prefix: &str) {
+        if let Some(a) = self.allow(raw.commands, &key_of(prefix, "commands")) {
+            c.allow = a;
+            c.listen_allow = a;
+        }
+        if let Some(a) = self.allow(raw.listen_commands, &key_of(prefix, "listen_commands")) {
+            c.listen_allow = a;
+        }
+        if let Some(list) = raw.uids {
+            let key = key_of(prefix, "commands_from_uids");
+            c.from_uids = list.get_ref().iter().filter_map(|v| self.local_id(v, &key, Id::User)).collect();
+        }
+        if let Some(list) = raw.groups {
+            let key = key_of(prefix, "commands_from_groups");
+            c.from_gids = list.get_ref().iter().filter_map(|v| self.local_id(v, &key, Id::Group)).collect();
+        }
+    }
+
+    /// A user or group by name or number (a number need not exist).
+    fn local_id(&mut self, v: &Spanned<Scalar>, key: &str, what: Id) -> Option<u32> {
+        let noun = if what == Id::User { "user" } else { "group" };
+        match v.get_ref() {
+            Scalar::Int(n) => match u32::try_from(*n) {
+                Ok(id) => Some(id),
+                Err(_) => {
+                    self.err(v.span(), key, format!("{n} is not a {noun} id"));
+                    None
+                }
+            },
+            Scalar::Text(name) => {
+                let found = match what {
+                    Id::User => nix::unistd::User::from_name(name).map(|u| u.map(|u| u.uid.as_raw())),
+                    Id::Group => nix::unistd::Group::from_name(name).map(|g| g.map(|g| g.gid.as_raw())),
+                };
+                match found {
+                    Ok(Some(id)) => Some(id),
+                    Ok(None) => {
+                        self.err(v.span(), key, format!("no {noun} '{name}' on this system"));
+                        None
+                    }
+                    Err(e) => {
+                        self.err(v.span(), key, format!("cannot look up {noun} '{name}': {e}"));
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.wrong_type(v, key, &format!("a {noun} name or id"));
+                None
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Id {
+    User,
+    Group,
 }
 
 /// `prefix.field`, or `field` at the top level.

@@ -25,6 +25,7 @@ use std::io::{Read, Seek, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client::peer::{Peer, may_command};
 use crate::client::reader::{ReadError, ReadTimeouts, RequestBudget, RequestReader};
 use livemux_protocol::{FIXED16_LEN, ReplyStyle, ResponseHeader, Status, error_response};
 use serde_json::Value;
@@ -209,14 +210,15 @@ pub async fn serve_tcp(
         let (fed, stop) = (fed.clone(), shutdown.clone());
         match tls {
             None => {
-                tracker.spawn(tracing::Instrument::instrument(session(stream, fed, stop), span));
+                let client = Peer::Tcp(peer);
+                tracker.spawn(tracing::Instrument::instrument(session(stream, fed, stop, client), span));
             }
             Some(acceptor) => {
                 let after = Duration::from_secs(10);
                 tracker.spawn(tracing::Instrument::instrument(
                     async move {
                         match tokio::time::timeout(after, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => session(s, fed, stop).await,
+                            Ok(Ok(s)) => session(s, fed, stop, Peer::Tcp(peer)).await,
                             Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake with client {peer} failed"),
                             Err(_) => tracing::info!("TLS handshake with client {peer} did not finish in time"),
                         }
@@ -239,10 +241,10 @@ pub async fn serve(listener: UnixListener, fed: Arc<Federation>, shutdown: Cance
         match accepted {
             Ok((s, _)) => {
                 n += 1;
-                let span =
-                    tracing::info_span!(parent: None, "client", federation = %fed.name, peer = %format!("unix#{n}"));
+                let peer = Peer::of_unix(&s, n);
+                let span = tracing::info_span!(parent: None, "client", federation = %fed.name, peer = %peer);
                 let (fed, stop) = (fed.clone(), shutdown.clone());
-                tracker.spawn(tracing::Instrument::instrument(session(s, fed, stop), span));
+                tracker.spawn(tracing::Instrument::instrument(session(s, fed, stop, peer), span));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -252,7 +254,7 @@ pub async fn serve(listener: UnixListener, fed: Arc<Federation>, shutdown: Cance
     }
 }
 
-async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: CancellationToken) {
+async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: CancellationToken, peer: Peer) {
     let mut reader = RequestReader::new(fed.requests.clone());
     // As on a site's socket: `[defaults]`' request limits and client timeouts.
     let client = fed.setup().cfg.client.clone();
@@ -281,7 +283,7 @@ async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: Cance
         // core, and as LMD takes them from Thruk): a COMMAND does not end it.
         let is_command = text.starts_with("COMMAND ");
         let ok = if is_command {
-            command(&fed, &block, style, &mut stream).await
+            command(&fed, &block, style, &mut stream, &peer).await
         } else {
             get(&fed, &text, style, &mut stream).await
         };
@@ -292,8 +294,9 @@ async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: Cance
     }
 }
 
-/// Fan a `COMMAND` out to every site of the federation.
-async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, stream: &mut S) -> bool {
+/// Fan a `COMMAND` out to every site of the federation (if this client
+/// may send commands here: see [`may_command`]); each command is audited.
+async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, stream: &mut S, peer: &Peer) -> bool {
     let req = match livemux_protocol::Request::parse(block) {
         Ok(livemux_protocol::Request::Command(c)) => c,
         Ok(_) => return false,
@@ -301,6 +304,20 @@ async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, s
             return stream.write_all(&error_response(e.status(), &e.to_string(), style.fixed16)).await.is_ok();
         }
     };
+    let policy = &fed.setup().cfg.client;
+    let audit = |sites: &str, outcome: &str| {
+        for line in &req.commands {
+            let line = line.strip_prefix(b"COMMAND ").unwrap_or(line);
+            let arguments = policy.audit_command_arguments;
+            crate::events::CommandAudit { sites, client: peer, line, arguments, outcome }.emit();
+        }
+    };
+    if let Err(why) = may_command(&policy.commands, peer) {
+        audit(&format!("federation {}", fed.name), &format!("refused: {why}"));
+        let answer = error_response(Status::Forbidden, &format!("COMMAND refused: {why}"), style.fixed16);
+        let _ = stream.write_all(&answer).await;
+        return false;
+    }
     let mut wire = Vec::new();
     req.encode_for_site(&mut wire);
     let mut failed = Vec::new();
@@ -322,6 +339,8 @@ async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, s
     for n in backends.iter().flatten().filter(|n| !setup.sites.iter().any(|s| s.name() == **n)) {
         failed.push(format!("{n}: bad request: backend {n} does not exist"));
     }
+    let names: Vec<&str> = targets.iter().map(|s| s.name()).collect();
+    audit(&names.join(","), "forwarded");
     let mut jobs = tokio::task::JoinSet::new();
     for site in targets {
         let wire = wire.clone();

@@ -25,6 +25,7 @@
 
 mod support;
 
+mod access;
 mod backpressure;
 mod cache;
 mod cli;

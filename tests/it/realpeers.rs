@@ -19,7 +19,7 @@ use crate::support::realsite::{Core, RealSite};
 use crate::support::*;
 use livemux::config::SiteParams;
 use livemux::site::SiteState;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 /// Instantiate each named test (`async fn name(core: Core)`) once per core.
@@ -48,6 +48,7 @@ on_both_cores!(
     a_battery_of_queries_gets_the_same_answers_through_livemux,
     no_bad_request_changes_what_another_client_receives,
     commands_reach_the_core_and_take_effect,
+    a_denied_command_gets_403_and_never_reaches_the_core,
     many_keepalive_clients_on_two_channels_get_complete_correct_answers,
     a_stopped_core_fails_fast_the_other_is_unaffected_and_a_restart_heals,
     a_frozen_core_is_detected_by_the_heartbeat,
@@ -342,6 +343,46 @@ async fn commands_reach_the_core_and_take_effect(core: Core) {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "commands had no effect: {state:?} {comments:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.shutdown().await;
+}
+
+/// `commands = "deny"`: the client gets a 403 (fixed16) and the core never
+/// sees the command; the same core through a socket that allows commands
+/// takes the next one, and once that one shows, the denied one still does
+/// not (livemux returns from a forwarded COMMAND only when the core has
+/// read it: a heartbeat follows it on its channel).
+async fn a_denied_command_gets_403_and_never_reaches_the_core(core: Core) {
+    let Some(rs) = site(core, 20, 2).await else { return };
+    let mut deny = params();
+    deny.commands.allow = false;
+    let p = Proxy::start(vec![("ro", rs.unix_address(), deny), ("rw", rs.unix_address(), params())]).await;
+    p.wait_state("ro", SiteState::Ready).await;
+    p.wait_state("rw", SiteState::Ready).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let comment = |author: &str| format!("COMMAND [{now}] ADD_HOST_COMMENT;host-0005;1;{author};via livemux\n");
+    let mut c = p.client("ro").await;
+    c.write_all(format!("{}ResponseHeader: fixed16\n\n", comment("denied-test")).as_bytes()).await.unwrap();
+    let (code, body) = read_answer(&mut c).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("COMMAND refused: commands are denied on this socket"), "{body}");
+    // Without fixed16: the error line, and the connection closes.
+    let mut c = p.client("ro").await;
+    c.write_all(format!("{}\n", comment("denied-test")).as_bytes()).await.unwrap();
+    let mut line = String::new();
+    c.read_to_string(&mut line).await.unwrap();
+    assert!(line.starts_with("COMMAND refused: commands are denied on this socket"), "{line:?}");
+    let mut c = p.client("rw").await;
+    c.write_all(format!("{}\n", comment("allowed-test")).as_bytes()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, authors) = query(&p, "rw", "GET comments\nColumns: author\nFilter: host_name = host-0005").await;
+        if authors.contains("allowed-test") {
+            assert!(!authors.contains("denied-test"), "a denied command reached the core: {authors:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the allowed command had no effect: {authors:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     p.shutdown().await;

@@ -20,6 +20,9 @@ pub enum Status {
     Ok,
     /// 400: a header has a bad value (mk-livestatus).
     BadRequest,
+    /// 403: the request is not allowed on this socket (proxy: a `COMMAND`
+    /// where `commands = "deny"`).
+    Forbidden,
     /// 404: no such table (mk-livestatus, Icinga 2).
     NotFound,
     /// 413: the request is larger than the proxy's limits (mk-livestatus
@@ -51,6 +54,7 @@ impl Status {
         match self {
             Status::Ok => 200,
             Status::BadRequest => 400,
+            Status::Forbidden => 403,
             Status::NotFound => 404,
             Status::PayloadTooLarge => 413,
             Status::Incomplete => 451,
@@ -69,6 +73,7 @@ impl Status {
         match code {
             200 => Status::Ok,
             400 => Status::BadRequest,
+            403 => Status::Forbidden,
             404 => Status::NotFound,
             413 => Status::PayloadTooLarge,
             451 => Status::Incomplete,
