@@ -1,4 +1,4 @@
-//! TCP socket options, in one place.
+//! Socket options, in one place: TCP's, and a UNIX peer's credentials.
 //!
 //! Every TCP socket livemux has gets `TCP_NODELAY` (a query or an answer
 //! chunk goes out at once) and keepalive with the site's `keepalive_idle`,
@@ -41,4 +41,16 @@ pub fn tune_site(s: &TcpStream, p: &SiteParams) -> io::Result<()> {
     #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
     sock.set_tcp_user_timeout(Some(p.tcp_user_timeout))?;
     Ok(())
+}
+
+/// A UNIX socket peer's credentials as the kernel recorded them at connect
+/// (`SO_PEERCRED`): uid, gid, pid.
+pub fn peer_cred(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(u32, u32, i32)> {
+    let c = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials)?;
+    Ok((c.uid(), c.gid(), c.pid()))
+}
+
+/// One local process as the pool's fair share counts clients.
+pub fn share_key(uid: u32, pid: i32) -> u64 {
+    (u64::from(uid) << 32) | u64::from(pid as u32)
 }

@@ -62,7 +62,7 @@ impl Peer {
     /// (uid and pid), or one remote address (every port of it).
     pub fn share_key(&self) -> u64 {
         match self {
-            Peer::Unix { cred: Some(c), .. } => (u64::from(c.uid) << 32) | u64::from(c.pid as u32),
+            Peer::Unix { cred: Some(c), .. } => crate::sockopt::share_key(c.uid, c.pid),
             // Without credentials each connection is its own client.
             Peer::Unix { n, cred: None } => (1 << 63) | n,
             Peer::Tcp(a) => {

@@ -62,6 +62,24 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn peer_cred(&self) -> Option<super::peer::Cred> {
         None
     }
+
+    /// The socket, where credentials can be read from it (UNIX sockets).
+    fn unix_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+}
+
+/// The client for the pool's fair share: its number, or (a UNIX client
+/// whose credentials were not read yet) its socket, to read them from
+/// only if the query has to wait.
+fn asker<'a, S: ClientStream>(
+    stream: &'a S,
+    peer: &std::cell::Cell<Peer>,
+    cred_read: &std::cell::Cell<bool>,
+) -> crate::site::Asker<'a> {
+    let peer = peer.get();
+    let unix = if cred_read.get() { None } else { stream.unix_fd() };
+    crate::site::Asker { unix, key: peer.share_key() }
 }
 
 impl ClientStream for tokio::net::UnixStream {
@@ -69,6 +87,10 @@ impl ClientStream for tokio::net::UnixStream {
 
     fn peer_cred(&self) -> Option<super::peer::Cred> {
         super::peer::Cred::of(self)
+    }
+
+    fn unix_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(self))
     }
 
     fn poll_sent(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
@@ -352,8 +374,9 @@ impl<S: ClientStream> Session<S> {
     async fn fetch(&mut self, q: GetSummary, params: &SiteParams, capture: Option<Capture>) -> bool {
         let style = q.style;
         let Some(timer) = self.timer.as_mut() else { return false };
+        let asker = asker(&self.stream, &self.peer, &self.cred_read);
         // (Inside the boxed answer: an idle session's own state stays small.)
-        let resp = match send_query_with(&self.site, &self.wire, q.pipelinable, timer, params).await {
+        let resp = match send_query_with(&self.site, &self.wire, q.pipelinable, timer, params, &asker).await {
             Ok(r) => r,
             Err(e) => return self.query_failed(&e, style, self.deadline()).await,
         };
@@ -461,7 +484,8 @@ impl<S: ClientStream> Session<S> {
         }
         self.wire.clear();
         c.encode_for_site(&mut self.wire);
-        let sent = Box::pin(send_commands(&self.site, &self.wire, deadline)).await;
+        let asker = asker(&self.stream, &self.peer, &self.cred_read);
+        let sent = Box::pin(send_commands(&self.site, &self.wire, deadline, &asker)).await;
         match sent {
             Ok(()) => {
                 self.audit(c, params, "forwarded");

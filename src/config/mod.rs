@@ -295,6 +295,10 @@ pub struct SiteParams {
     /// The slow-query log shows `AuthUser` and filter values (else their
     /// header names only).
     pub slow_query_log_values: bool,
+    /// Queries waiting for a channel are served by client in turn, and a
+    /// client with queries on channels leaves one channel for the others
+    /// (else: arrival order); see `site/pool.rs`.
+    pub fair_share: bool,
 }
 
 /// Who may send `COMMAND`s.
@@ -356,6 +360,7 @@ impl Default for SiteParams {
             audit_command_arguments: true,
             slow_query_threshold: None,
             slow_query_log_values: false,
+            fair_share: true,
         }
     }
 }

@@ -83,6 +83,7 @@ pub(crate) struct RawSite {
     pub audit_command_arguments: Field,
     pub slow_query_threshold: Field,
     pub slow_query_log_values: Field,
+    pub fair_share: Field,
 }
 
 /// A `[[federation]]` table as written.

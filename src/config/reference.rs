@@ -373,6 +373,14 @@ pub const KEYS: &[KeyDoc] = &[
     .range("\"1ms\"", "\"7d\""),
     key(
         Site,
+        "fair_share",
+        "boolean",
+        Now,
+        "queries waiting for a channel are served by client in turn (false: in arrival order)",
+    )
+    .default("true"),
+    key(
+        Site,
         "slow_query_log_values",
         "boolean",
         Now,

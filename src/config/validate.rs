@@ -596,6 +596,7 @@ impl<'a> Validator<'a> {
             audit_command_arguments: flag,
             slow_query_threshold: some_duration,
             slow_query_log_values: flag,
+            fair_share: flag,
         );
         self.commands(&mut p.commands, Commands::of_site(raw), prefix);
         set!(self, raw, p.limits, prefix;

@@ -346,7 +346,7 @@ async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, s
         let wire = wire.clone();
         jobs.spawn(async move {
             let deadline = Instant::now() + site.params().query_timeout;
-            (site.name().to_owned(), send_commands(&site, &wire, deadline).await)
+            (site.name().to_owned(), send_commands(&site, &wire, deadline, &crate::site::Asker::INTERNAL).await)
         });
     }
     while let Some(r) = jobs.join_next().await {

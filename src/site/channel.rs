@@ -453,11 +453,14 @@ pub struct Lease {
     done: bool,
     /// Where it goes back: the desk, or through it to the actor.
     desk: Arc<Desk>,
+    /// The query's client as the pool's fair share counted it
+    /// (`pool::UNCOUNTED`: not counted).
+    client: u64,
     down: CancellationToken,
 }
 
 impl Lease {
-    pub(crate) fn new(channel: &mut Channel, desk: Arc<Desk>, down: CancellationToken) -> Lease {
+    pub(crate) fn new(channel: &mut Channel, desk: Arc<Desk>, down: CancellationToken, client: u64) -> Lease {
         let reused = channel.uses > 0;
         channel.uses += 1;
         channel.since = SystemTime::now();
@@ -474,6 +477,7 @@ impl Lease {
             done: false,
             desk,
             down,
+            client,
         }
     }
 
@@ -617,11 +621,12 @@ impl Lease {
         self.done = true;
         // A clean channel goes back to the desk while nobody waits for one;
         // everything else is the actor's to settle.
-        if how == Return::Reuse && self.desk.give_back(self.id) {
+        if how == Return::Reuse && self.desk.give_back(self.id, self.client) {
             return;
         }
         // If the actor is gone the channel is simply closed with it.
-        let _ = self.desk.report(Event::Returned { id: self.id, how, reason: reason.map(String::into_boxed_str) });
+        let (id, client) = (self.id, self.client);
+        let _ = self.desk.report(Event::Returned { id, how, reason: reason.map(Box::new), client });
     }
 }
 

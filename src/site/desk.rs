@@ -44,10 +44,11 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::Asker;
 use super::actor::{Event, Waiter};
 use super::channel::{Channel, Lease, looks_alive};
 use super::inbox::Outbox;
-use super::pool::{Pool, Want};
+use super::pool::{Pool, UNCOUNTED, Want};
 
 /// A site's pool, shared by its actor and the queries.
 pub(crate) struct Desk {
@@ -118,7 +119,7 @@ impl Desk {
     /// Lend the most recently used idle channel for `want` without asking
     /// the actor, if the desk is open, nobody waits, and the channel looks
     /// alive; `None` sends the query to the actor.
-    pub(crate) fn take_idle(self: &Arc<Desk>, want: Want) -> Option<Lease> {
+    pub(crate) fn take_idle(self: &Arc<Desk>, want: Want, asker: &Asker<'_>) -> Option<Lease> {
         if want == Want::Fresh {
             return None;
         }
@@ -126,30 +127,32 @@ impl Desk {
         if !st.open || st.pool.has_waiters() {
             return None;
         }
-        let id = match st.pool.lend_idle(want, SystemTime::now(), looks_alive) {
-            Some(id) => id,
+        let (id, client) = match st.pool.lend_idle(want, SystemTime::now(), looks_alive) {
+            Some(id) => (id, UNCOUNTED),
             // Every channel busy and the pool at its limit: a place behind
-            // others, as the actor would give a waiting GET.
+            // others, as the actor would give a waiting GET (the client
+            // named now: the fair share counts it).
             None if want == Want::Get && st.pool.idle_count() == 0 => {
-                st.pool.lend_pipelined(|c: &Channel| c.link.poisoned().is_none())?
+                let client = asker.key();
+                (st.pool.lend_pipelined(|c: &Channel| c.link.poisoned().is_none(), client)?, client)
             }
             None => return None,
         };
         let down = st.down.clone();
         let ch = st.pool.channel_mut(id)?;
-        Some(Lease::new(ch, self.clone(), down))
+        Some(Lease::new(ch, self.clone(), down, client))
     }
 
     /// Take back a channel a query left clean, if the desk is open, nobody
     /// waits and it belongs to the current generation (idle again, or still
     /// the pipelined queries' behind it); false sends it to the actor.
-    pub(crate) fn give_back(&self, id: u64) -> bool {
+    pub(crate) fn give_back(&self, id: u64, client: u64) -> bool {
         let mut st = self.lock();
         if !st.open || st.pool.has_waiters() {
             return false;
         }
         let generation = st.generation;
-        let Some(idle) = st.pool.give_back_clean(id, Instant::now(), |c| c.generation == generation) else {
+        let Some(idle) = st.pool.give_back_clean(id, Instant::now(), |c| c.generation == generation, client) else {
             return false;
         };
         // An idle channel is watched for its death with the actor's waker,

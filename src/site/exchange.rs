@@ -14,9 +14,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-use super::SiteHandle;
 use super::channel::Lease;
 use super::pool::Want;
+use super::{Asker, SiteHandle};
 use crate::config::SiteParams;
 use crate::deadline::Deadline;
 use crate::error::{QueryError, SiteError};
@@ -299,7 +299,7 @@ pub async fn send_query(
     pipelinable: bool,
     deadline: Instant,
 ) -> Result<SiteResponse, QueryError> {
-    send_query_with(site, wire, pipelinable, &mut Deadline::new(deadline), &site.params()).await
+    send_query_with(site, wire, pipelinable, &mut Deadline::new(deadline), &site.params(), &Asker::INTERNAL).await
 }
 
 /// [`send_query`] for a caller that keeps its own [`Deadline`] (a session:
@@ -310,13 +310,14 @@ pub async fn send_query_with(
     pipelinable: bool,
     deadline: &mut Deadline,
     params: &SiteParams,
+    asker: &Asker<'_>,
 ) -> Result<SiteResponse, QueryError> {
     // A query a core might choke on goes alone (see `Query::pipelinable`).
     let mut want = if pipelinable { Want::Get } else { Want::Alone };
     let mut retried = false;
     let mut read = take_buffer();
     loop {
-        let mut lease = match site.acquire(want, deadline.at()).await {
+        let mut lease = match site.acquire(want, asker, deadline.at()).await {
             Ok(l) => l,
             Err(e) => {
                 recycle(read);
@@ -398,8 +399,13 @@ pub async fn send_query_with(
 /// [`QueryError::Refused`], and the channel is closed (the heartbeat's
 /// answer is still on it), as it is whenever the heartbeat is not answered
 /// cleanly.
-pub async fn send_commands(site: &SiteHandle, wire: &[u8], deadline: Instant) -> Result<(), QueryError> {
-    let mut lease = site.acquire(Want::Alone, deadline).await?;
+pub async fn send_commands(
+    site: &SiteHandle,
+    wire: &[u8],
+    deadline: Instant,
+    asker: &Asker<'_>,
+) -> Result<(), QueryError> {
+    let mut lease = site.acquire(Want::Alone, asker, deadline).await?;
     match tokio::time::timeout_at(deadline, lease.send_unanswered(wire)).await {
         Ok(Ok(())) => {
             let until = deadline.min(Instant::now() + site.params().heartbeat_timeout);

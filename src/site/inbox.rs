@@ -101,7 +101,7 @@ mod tests {
     use crate::site::channel::Return;
 
     fn returned(id: u64) -> Event {
-        Event::Returned { id, how: Return::Reuse, reason: None }
+        Event::Returned { id, how: Return::Reuse, reason: None, client: 0 }
     }
 
     fn id(ev: Event) -> u64 {

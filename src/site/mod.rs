@@ -41,6 +41,33 @@ pub use channel::Lease;
 pub use exchange::{SiteResponse, send_commands, send_query, send_query_with};
 pub use pool::Want;
 
+/// Who asks, for the pool's fair share (see `pool`): named only when a
+/// query must wait or join a busy channel, so a query that finds an idle
+/// channel costs no system call for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker<'a> {
+    /// A UNIX client whose credentials are not read yet: its socket.
+    pub unix: Option<std::os::fd::BorrowedFd<'a>>,
+    /// The client's number otherwise (and when they cannot be read).
+    pub key: u64,
+}
+
+impl Asker<'static> {
+    /// livemux's own queries (inventory, federated fan-out): not counted
+    /// by the fair share (they take turns in the queue as one client).
+    pub const INTERNAL: Asker<'static> = Asker { unix: None, key: pool::UNCOUNTED };
+}
+
+impl Asker<'_> {
+    /// The client's number.
+    pub fn key(&self) -> u64 {
+        match self.unix.map(crate::sockopt::peer_cred) {
+            Some(Ok((uid, _, pid))) => crate::sockopt::share_key(uid, pid),
+            _ => self.key,
+        }
+    }
+}
+
 /// Capacity of a site's request queue. Requests are tiny and the actor
 /// answers each at once; the bound only matters if it is stuck.
 const REQUEST_QUEUE: usize = 256;
@@ -344,9 +371,9 @@ impl SiteHandle {
 
     /// Borrow a channel (or a place on one) for `want`: at most
     /// `channel_timeout`, and not past `deadline`.
-    pub async fn acquire(&self, want: Want, deadline: Instant) -> Result<Lease, QueryError> {
+    pub async fn acquire(&self, want: Want, asker: &Asker<'_>, deadline: Instant) -> Result<Lease, QueryError> {
         // The everyday case: an idle channel, nobody waiting.
-        if let Some(lease) = self.inner.desk.take_idle(want) {
+        if let Some(lease) = self.inner.desk.take_idle(want, asker) {
             self.inner.metrics.waited(Duration::ZERO);
             return Ok(lease);
         }
@@ -354,7 +381,10 @@ impl SiteHandle {
         let start = Instant::now();
         let wait_until = deadline.min(start + params.channel_timeout);
         let (reply, rx) = oneshot::channel();
-        let sent = tokio::time::timeout_at(wait_until, self.inner.requests.send(Request::Acquire { want, reply }));
+        let sent = tokio::time::timeout_at(
+            wait_until,
+            self.inner.requests.send(Request::Acquire { want, client: asker.key(), reply }),
+        );
         match sent.await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(QueryError::ShuttingDown),

@@ -38,8 +38,17 @@
 //! (and, when more retries wait than the pool has channels, for a retry
 //! ahead of it), never for `channel_timeout` while other queries keep every
 //! channel busy (issue 28).
+//!
+//! Fair share (`fair_share`, issue 26). Waiting queries are served by
+//! client in turn ([`queue`]). And a client that has queries on channels
+//! (counted where queries wait or join busy channels: the desk's lending
+//! of an idle channel is not counted) is pipelined only onto the busy
+//! channels other than the one with the fewest queries, which so stays
+//! for a client that has none there: its query waits behind at most the
+//! queries on that channel, not behind another client's backlog. With one
+//! channel there is no such reserve. livemux's own queries are not counted.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -58,6 +67,9 @@ pub(crate) trait Waiting {
     fn wants(&self) -> Want;
     /// It stopped waiting (its client gave up).
     fn gone(&self) -> bool;
+    /// Its client, for the fair share (one local process, or one remote
+    /// address).
+    fn client(&self) -> u64;
 }
 
 /// What a query may be given.
@@ -142,6 +154,8 @@ pub(crate) struct Sizes {
     pub idle_timeout: Duration,
     /// How often one more channel is tried while the site serves fewer.
     pub channel_retry: Duration,
+    /// Fair share between clients (`fair_share`): see the module.
+    pub fair: bool,
 }
 
 /// A channel that is lent (its channel value is away during a heartbeat).
@@ -223,8 +237,10 @@ pub(crate) struct Pool<C, W> {
     grow_at: Option<Instant>,
     /// The smallest capacity warned about so far.
     warned: Option<usize>,
-    /// Queries waiting for a channel, in arrival order.
-    waiters: VecDeque<W>,
+    /// Queries waiting for a channel, in the order they are served.
+    waiters: Queue<W>,
+    /// Queries on channels per client (fair share: see `pipeline_slot`).
+    in_flight: HashMap<u64, u32>,
     /// Queries pipelined behind others so far.
     pipelined: u64,
     /// The most channels serving at once so far.
@@ -242,7 +258,8 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
             capacity: None,
             grow_at: None,
             warned: None,
-            waiters: VecDeque::new(),
+            waiters: Queue::new(sizes.fair),
+            in_flight: HashMap::new(),
             pipelined: 0,
             peak: 0,
         }
@@ -505,12 +522,33 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// the channel with the fewest queries below the depth, one that
     /// `shareable` allows): the desk's lending when no channel is idle,
     /// which the caller allows only while nobody waits.
-    pub(crate) fn lend_pipelined(&mut self, shareable: impl Fn(&C) -> bool) -> Option<u64> {
-        let id = self.pipeline_slot(&shareable)?;
+    pub(crate) fn lend_pipelined(&mut self, shareable: impl Fn(&C) -> bool, client: u64) -> Option<u64> {
+        let id = self.pipeline_slot(&shareable, client)?;
         let l = self.busy.get_mut(&id)?;
         l.in_flight += 1;
         self.pipelined += 1;
+        self.count(client);
         Some(id)
+    }
+
+    // === the fair share's count of queries on channels, per client ===
+
+    /// A query of `client` got a channel or a place on one (counted only
+    /// where it matters: while queries wait or join busy channels).
+    fn count(&mut self, client: u64) {
+        if self.sizes.fair && client != UNCOUNTED {
+            *self.in_flight.entry(client).or_default() += 1;
+        }
+    }
+
+    /// A counted query of `client` left its channel.
+    fn uncount(&mut self, client: u64) {
+        if let Some(n) = self.in_flight.get_mut(&client) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(&client);
+            }
+        }
     }
 
     /// Take back a channel a query left clean, if `current` says it may
@@ -520,19 +558,27 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// worse return by a query before, not current), which is then the
     /// actor's to settle with [`Pool::left`]. `Some(true)`: the channel is
     /// idle again (the last idle one).
-    pub(crate) fn give_back_clean(&mut self, id: u64, now: Instant, current: impl FnOnce(&C) -> bool) -> Option<bool> {
+    pub(crate) fn give_back_clean(
+        &mut self,
+        id: u64,
+        now: Instant,
+        current: impl FnOnce(&C) -> bool,
+        client: u64,
+    ) -> Option<bool> {
         let l = self.busy.get_mut(&id)?;
         if !matches!(l.what, Use::Query | Use::Alone) || l.back != Back::Reuse {
             return None;
         }
         if l.in_flight > 1 {
             l.in_flight -= 1;
+            self.uncount(client);
             return Some(false);
         }
         if !(l.in_flight == 1 && l.channel.as_ref().is_some_and(current)) {
             return None;
         }
         let c = self.unlend(id).and_then(|l| l.channel)?;
+        self.uncount(client);
         self.idle.push_back(Idle { channel: c, since: now });
         Some(true)
     }
@@ -549,9 +595,9 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
 
     // === waiting queries ===
 
-    /// A query waits for a channel (first come, first served).
+    /// A query waits for a channel (in its turn: see [`queue`]).
     pub(crate) fn wait(&mut self, w: W) {
-        self.waiters.push_back(w);
+        self.waiters.push(w);
     }
 
     /// The next waiting query that can be served now, and the channel it
@@ -571,7 +617,7 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// `channel_timeout`.)
     pub(crate) fn next_lend(&mut self, now: SystemTime, shareable: impl Fn(&C) -> bool) -> Option<(W, u64)> {
         if let Some(pos) = self.idle.iter().rposition(|c| !c.channel.used())
-            && let Some(i) = self.waiters.iter().position(|w| w.wants() == Want::Fresh && !w.gone())
+            && let Some(i) = self.first_fresh()
         {
             return self.lend_waiter(i, pos, now);
         }
@@ -579,12 +625,12 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
             return None;
         }
         let mut i = 0;
-        while i < self.waiters.len() {
-            if self.waiters[i].gone() {
-                self.waiters.remove(i);
+        while let Some((gone, client, want)) = self.waiters.get(i).map(|q| (q.gone(), q.client(), q.wants())) {
+            if gone {
+                self.waiters.drop_at(i);
                 continue;
             }
-            match self.waiters[i].wants() {
+            match want {
                 // Served above, or a channel is on its way for it.
                 Want::Fresh => {
                     i += 1;
@@ -593,13 +639,14 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
                 Want::Alone => {}
                 Want::Get => {
                     if self.idle.is_empty()
-                        && let Some(id) = self.pipeline_slot(&shareable)
-                        && let Some(w) = self.waiters.remove(i)
+                        && let Some(id) = self.pipeline_slot(&shareable, client)
+                        && let Some(w) = self.waiters.serve(i)
                     {
                         if let Some(l) = self.busy.get_mut(&id) {
                             l.in_flight += 1;
                         }
                         self.pipelined += 1;
+                        self.count(client);
                         return Some((w, id));
                     }
                 }
@@ -614,7 +661,8 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
 
     /// Lend the idle channel at `pos` to the waiter at `i`.
     fn lend_waiter(&mut self, i: usize, pos: usize, now: SystemTime) -> Option<(W, u64)> {
-        let w = self.waiters.remove(i)?;
+        let w = self.waiters.serve(i)?;
+        self.count(w.client());
         let idle = self.idle.remove(pos)?;
         let want = w.wants();
         // A retry is alone on its channel: nothing can go wrong ahead of it.
@@ -626,33 +674,58 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         Some((w, id))
     }
 
-    /// A busy channel a `GET` may be pipelined on: only while the pool is
-    /// at its limit, the one with the fewest queries below the depth.
-    fn pipeline_slot(&self, shareable: &impl Fn(&C) -> bool) -> Option<u64> {
+    /// A busy channel a `GET` of `client` may be pipelined on: only while
+    /// the pool is at its limit, the one with the fewest queries below the
+    /// depth. With fair share, a client that has queries on channels
+    /// already leaves the channel with the fewest alone (the reserve): a
+    /// client that has none gets it, behind at most the queries on it.
+    /// (With a single channel there is no reserve.)
+    fn pipeline_slot(&self, shareable: &impl Fn(&C) -> bool, client: u64) -> Option<u64> {
         if self.sizes.pipeline_depth <= 1 || self.open() < self.limit() {
             return None;
         }
-        self.busy
+        let open = self
+            .busy
             .iter()
             .filter(|(_, l)| l.what == Use::Query && l.back == Back::Reuse && l.in_flight < self.sizes.pipeline_depth)
-            .filter_map(|(id, l)| Some((*id, l.in_flight, l.channel.as_ref()?)))
-            .filter(|(_, _, c)| shareable(c))
-            .min_by_key(|(id, n, _)| (*n, *id))
-            .map(|(id, ..)| id)
+            .filter_map(|(id, l)| Some(((l.in_flight, *id), l.channel.as_ref()?)))
+            .filter(|(_, c)| shareable(c))
+            .map(|(key, _)| key);
+        // The fewest and the next fewest, in one pass.
+        let (mut first, mut second) = (None::<(usize, u64)>, None::<(usize, u64)>);
+        for key in open {
+            if first.is_none_or(|f| key < f) {
+                second = first;
+                first = Some(key);
+            } else if second.is_none_or(|s| key < s) {
+                second = Some(key);
+            }
+        }
+        // (With one channel there is nothing to keep: all share it.)
+        let reserve =
+            self.sizes.fair && client != UNCOUNTED && self.in_flight.contains_key(&client) && self.busy.len() > 1;
+        if reserve { second } else { first }.map(|(_, id)| id)
     }
 
-    /// A query left a channel (`back`: how). When it was the last one on
-    /// it, the channel comes out with the worst way any query left it, for
-    /// the caller to make idle, verify or close.
-    pub(crate) fn left(&mut self, id: u64, back: Back) -> Option<(C, Back)> {
+    /// A query of `client` left a channel (`back`: how). When it was the
+    /// last one on it, the channel comes out with the worst way any query
+    /// left it, for the caller to make idle, verify or close.
+    pub(crate) fn left(&mut self, id: u64, back: Back, client: u64) -> Option<(C, Back)> {
         let l = self.busy.get_mut(&id)?;
         l.back = l.back.max(back);
         l.in_flight = l.in_flight.saturating_sub(1);
-        if l.in_flight > 0 {
+        let last = l.in_flight == 0;
+        self.uncount(client);
+        if !last {
             return None;
         }
         let l = self.unlend(id)?;
         Some((l.channel?, l.back))
+    }
+
+    /// The first retry waiting, if any.
+    fn first_fresh(&self) -> Option<usize> {
+        self.waiters.iter().position(|w| w.wants() == Want::Fresh && !w.gone())
     }
 
     /// Retries waiting (that still want an answer).
@@ -685,12 +758,12 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
 
     /// Forget queries that stopped waiting.
     pub(crate) fn drop_gone_waiters(&mut self) {
-        self.waiters.retain(|w| !w.gone());
+        self.waiters.retain_waiting();
     }
 
     /// Every waiting query, to be answered otherwise (site down, shutdown).
     pub(crate) fn take_waiters(&mut self) -> VecDeque<W> {
-        std::mem::take(&mut self.waiters)
+        self.waiters.take()
     }
 
     // === the site went down, or the daemon stops ===
@@ -702,6 +775,7 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     pub(crate) fn reset(&mut self) -> (VecDeque<W>, Vec<C>) {
         let mut gone: Vec<C> = self.idle.drain(..).map(|i| i.channel).collect();
         gone.extend(std::mem::take(&mut self.busy.0).into_iter().filter_map(|(_, l)| l.channel));
+        self.in_flight.clear();
         self.capacity = None;
         self.grow_at = None;
         self.warned = None;
@@ -718,6 +792,10 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
     /// for fewer); a larger pool grows as usual.
     pub(crate) fn resize(&mut self, sizes: Sizes) -> Vec<C> {
         self.sizes = sizes;
+        self.waiters.set_fair(sizes.fair);
+        if !sizes.fair {
+            self.in_flight.clear();
+        }
         let keep = self.sizes.channels.saturating_sub(self.busy.len());
         let mut closed = Vec::new();
         while self.idle.len() > keep {
@@ -752,6 +830,13 @@ impl<C: Conn, W: Waiting> Pool<C, W> {
         all
     }
 }
+
+/// The client of a query the fair share does not count (the desk's
+/// lending of an idle channel, livemux's own queries).
+pub(crate) const UNCOUNTED: u64 = 0;
+
+mod queue;
+use queue::Queue;
 
 #[cfg(test)]
 mod tests;

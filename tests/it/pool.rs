@@ -162,3 +162,72 @@ async fn a_hung_core_on_every_channel_a_limited_site_serves_is_down_after_respon
     }
     p.shutdown().await;
 }
+
+/// Issue 26: one process keeps both channels busy with slow queries and a
+/// backlog waiting behind them; another process's small query overtakes
+/// the backlog with fair share (a greedy query or two finish first: the
+/// ones on the channels), where in arrival order (`fair_share = false`) it
+/// waits behind all of it. Counted in answers, not timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clients_query_overtakes_a_greedy_clients_backlog() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let s = sim("s1").await;
+    s.set_knobs(|k| {
+        k.delay = Duration::from_millis(100);
+        k.fault_table = Some("hosts".into());
+    });
+    let fair = SiteParams {
+        channel_timeout: Duration::from_secs(30),
+        query_timeout: Duration::from_secs(60),
+        ..fast_params()
+    };
+    let fifo = SiteParams { fair_share: false, ..fair.clone() };
+    let p = Proxy::start(vec![("fair", s.address(), fair), ("fifo", s.address(), fifo)]).await;
+    for site in ["fair", "fifo"] {
+        p.wait_state(site, SiteState::Ready).await;
+        let answered = Arc::new(AtomicUsize::new(0));
+        let mut greedy = tokio::task::JoinSet::new();
+        for _ in 0..12 {
+            let (path, answered) = (p.socket(site), answered.clone());
+            greedy.spawn(async move {
+                let mut c = tokio::net::UnixStream::connect(path).await.unwrap();
+                for _ in 0..3 {
+                    let q = "GET hosts\nColumns: name\nLimit: 1\nKeepAlive: on\nResponseHeader: fixed16\n\n";
+                    c.write_all(q.as_bytes()).await.unwrap();
+                    assert_eq!(read_answer(&mut c).await, (200, "host-0000\n".to_owned()));
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        // The backlog: both channels busy, at least eight queries waiting.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let snap = p.site(site).snapshot(Duration::from_secs(1)).await.unwrap();
+            if snap.clients_waiting >= 8 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{site}: no backlog formed: {snap:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = answered.load(Ordering::SeqCst);
+        let socket = p.socket(site).display().to_string();
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_livemux"))
+                .args(["query", "--socket", &socket, "GET status\\nColumns: program_version"])
+                .output()
+                .expect("run livemux query")
+        });
+        let overtaken = answered.load(Ordering::SeqCst) - before;
+        assert!(out.status.success(), "{site}: {}", String::from_utf8_lossy(&out.stderr));
+        match site {
+            // The two on the channels, and at most one more as they turn over.
+            "fair" => assert!(overtaken <= 3, "fair share: {overtaken} greedy answers came first"),
+            _ => assert!(overtaken >= 8, "arrival order: only {overtaken} greedy answers came first"),
+        }
+        while let Some(r) = greedy.join_next().await {
+            r.unwrap();
+        }
+    }
+    p.shutdown().await;
+}

@@ -60,7 +60,7 @@ mod health;
 /// Requests from [`SiteHandle`](super::SiteHandle)s.
 pub(crate) enum Request {
     /// Lend a channel (or a place on one) for `want`.
-    Acquire { want: Want, reply: oneshot::Sender<Result<Lease, AcquireError>> },
+    Acquire { want: Want, client: u64, reply: oneshot::Sender<Result<Lease, AcquireError>> },
     /// Describe the site for the state file.
     Snapshot { reply: oneshot::Sender<PoolReport> },
     /// New settings (a configuration reload), see [`Reconfigure`].
@@ -106,7 +106,9 @@ pub(crate) enum Purpose {
 /// site's 24); the rare, large reports are boxed.
 pub(crate) enum Event {
     /// A lease ended.
-    Returned { id: u64, how: Return, reason: Option<Box<str>> },
+    // A thin pointer for the rare reason keeps the event at 32 bytes.
+    #[allow(clippy::box_collection)]
+    Returned { id: u64, how: Return, reason: Option<Box<String>>, client: u64 },
     /// A helper finished.
     Helper(Box<HelperDone>),
 }
@@ -126,12 +128,17 @@ pub(crate) enum HelperDone {
 /// A query waiting for a channel.
 pub(crate) struct Waiter {
     want: Want,
+    /// Its client, for the fair share.
+    client: u64,
     reply: oneshot::Sender<Result<Lease, AcquireError>>,
 }
 
 impl Waiting for Waiter {
     fn wants(&self) -> Want {
         self.want
+    }
+    fn client(&self) -> u64 {
+        self.client
     }
 
     fn gone(&self) -> bool {
@@ -216,6 +223,7 @@ impl Actor {
             pipeline_depth: p.pipeline_depth,
             idle_timeout: p.channel_idle_timeout,
             channel_retry: p.channel_retry,
+            fair: p.fair_share,
         });
         let desk = Desk::new(pool, events_tx.clone());
         let schedule = Schedule::new(p.heartbeat_interval, p.heartbeat_timeout);
@@ -314,8 +322,8 @@ impl Actor {
         while self.desk().pool.queries_in_flight() {
             tokio::select! {
                 ev = self.events.recv() => {
-                    if let Event::Returned { id, .. } = ev {
-                        let _ = self.desk().pool.left(id, Back::Close);
+                    if let Event::Returned { id, client, .. } = ev {
+                        let _ = self.desk().pool.left(id, Back::Close, client);
                     }
                 }
                 req = self.requests.recv() => match req {
@@ -365,14 +373,14 @@ impl Actor {
                 let _ = reply.send(self.report());
             }
             Request::Reconfigure(r) => self.reconfigure(*r),
-            Request::Acquire { want, reply } => {
+            Request::Acquire { want, client, reply } => {
                 if self.state == SiteState::Down
                     && let Some(cause) = &self.last_error
                 {
                     let _ = reply.send(Err(AcquireError::Down(cause.clone())));
                     return;
                 }
-                self.desk().pool.wait(Waiter { want, reply });
+                self.desk().pool.wait(Waiter { want, client, reply });
                 self.dispatch();
                 // Queries that found no idle channel may grow the pool.
                 self.ensure_channels();
@@ -389,6 +397,7 @@ impl Actor {
             pipeline_depth: p.pipeline_depth,
             idle_timeout: p.channel_idle_timeout,
             channel_retry: p.channel_retry,
+            fair: p.fair_share,
         });
         if !closed.is_empty() {
             tracing::debug!(closed = closed.len(), "idle channels closed: the reload asked for fewer");
@@ -441,7 +450,8 @@ impl Actor {
                 let shareable = |c: &Channel| c.link.poisoned().is_none();
                 while let Some((w, id)) = d.pool.next_lend(SystemTime::now(), shareable) {
                     let Some(ch) = d.pool.channel_mut(id) else { continue };
-                    lent.push((w, Lease::new(ch, self.desk.clone(), down.clone())));
+                    let client = w.client;
+                    lent.push((w, Lease::new(ch, self.desk.clone(), down.clone(), client)));
                 }
                 if self.state == SiteState::Ready { d.pool.fresh_connect() } else { None }
             };
@@ -461,7 +471,7 @@ impl Actor {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Returned { id, how, reason } => self.on_returned(id, how, reason),
+            Event::Returned { id, how, reason, client } => self.on_returned(id, how, reason, client),
             Event::Helper(done) => match *done {
                 HelperDone::Connected { generation, purpose, result } => self.on_connected(generation, purpose, result),
                 HelperDone::Heartbeat { generation, id, purpose, channel, result } => {
@@ -475,7 +485,8 @@ impl Actor {
         }
     }
 
-    fn on_returned(&mut self, id: u64, how: Return, reason: Option<Box<str>>) {
+    #[allow(clippy::box_collection)]
+    fn on_returned(&mut self, id: u64, how: Return, reason: Option<Box<String>>, client: u64) {
         let back = match how {
             Return::Reuse => Back::Reuse,
             Return::Verify => Back::Verify,
@@ -485,7 +496,7 @@ impl Actor {
             tracing::debug!(channel = id, %reason, "a query left its channel");
         }
         // The channel comes out when its last query left.
-        let left = self.desk().pool.left(id, back);
+        let left = self.desk().pool.left(id, back, client);
         if let Some((channel, back)) = left {
             let current = channel.generation == self.generation && self.state != SiteState::Down;
             match back {

@@ -22,6 +22,8 @@ struct W {
     n: u32,
     want: Want,
     gone: bool,
+    /// Its client (each waiter its own unless a test says otherwise).
+    client: u64,
 }
 
 impl Waiting for W {
@@ -31,10 +33,22 @@ impl Waiting for W {
     fn gone(&self) -> bool {
         self.gone
     }
+    fn client(&self) -> u64 {
+        self.client
+    }
 }
 
 fn w(n: u32) -> W {
-    W { n, want: Want::Get, gone: false }
+    W { n, want: Want::Get, gone: false, client: 1000 + u64::from(n) }
+}
+
+impl W {
+    fn wanting(self, want: Want) -> W {
+        W { want, ..self }
+    }
+    fn gone_if(self, gone: bool) -> W {
+        W { gone, ..self }
+    }
 }
 
 fn c(id: u64) -> C {
@@ -51,6 +65,7 @@ fn sizes(channels: usize, channels_max: usize, depth: usize) -> Sizes {
         pipeline_depth: depth,
         idle_timeout: Duration::from_secs(60),
         channel_retry: Duration::from_secs(60),
+        fair: true,
     }
 }
 
@@ -77,9 +92,9 @@ fn queries_get_the_most_recently_used_idle_channel_in_arrival_order() {
     assert_eq!(lend_all(&mut p), [(1, 3), (2, 2)]);
     assert_eq!((p.serving(), p.open(), p.connects_wanted()), (3, 3, 0));
     assert!(p.queries_in_flight());
-    assert_eq!(p.left(3, Back::Reuse).map(|(c, back)| (c.id, back)), Some((3, Back::Reuse)));
+    assert_eq!(p.left(3, Back::Reuse, UNCOUNTED).map(|(c, back)| (c.id, back)), Some((3, Back::Reuse)));
     p.push_idle(c(3), Instant::now());
-    assert_eq!(p.left(2, Back::Reuse), Some((c(2), Back::Reuse)));
+    assert_eq!(p.left(2, Back::Reuse, UNCOUNTED), Some((c(2), Back::Reuse)));
     assert!(!p.queries_in_flight());
 }
 
@@ -95,7 +110,7 @@ fn the_heartbeat_takes_the_least_recently_used_channel() {
 #[test]
 fn queries_that_stopped_waiting_are_skipped_and_forgotten() {
     let mut p = pool(1, 1, 1);
-    p.wait(W { n: 1, want: Want::Get, gone: true });
+    p.wait(W { client: 1000 + 1, ..w(1).wanting(Want::Get).gone_if(true) });
     p.wait(w(2));
     assert_eq!(p.waiting(), 1);
     assert_eq!(lend_all(&mut p), [(2, 1)]);
@@ -105,7 +120,7 @@ fn queries_that_stopped_waiting_are_skipped_and_forgotten() {
 #[test]
 fn a_retry_gets_only_a_never_used_channel_and_trades_an_idle_one_for_it_when_full() {
     let mut p = pool(2, 2, 4);
-    p.wait(W { n: 1, want: Want::Fresh, gone: false });
+    p.wait(W { client: 1000 + 1, ..w(1).wanting(Want::Fresh).gone_if(false) });
     assert_eq!(lend_all(&mut p), [], "every idle channel was used, and a retry is never pipelined");
     // The pool is at its limit: the least recently used idle channel is traded.
     assert_eq!(p.fresh_connect(), Some(Some(c(1))));
@@ -195,19 +210,19 @@ fn gets_are_pipelined_only_when_the_pool_is_at_its_limit_behind_the_fewest() {
     let described: Vec<_> = p.describe(|_| T).iter().map(|(id, s, _, n)| (*id, *s, *n)).collect();
     assert_eq!(described, [(1, "busy", 3), (2, "busy", 3)]);
     // One leaves: its place goes to the next waiter.
-    assert_eq!(p.left(1, Back::Reuse), None, "two queries are still on it");
+    assert_eq!(p.left(1, Back::Reuse, UNCOUNTED), None, "two queries are still on it");
     assert_eq!(lend_all(&mut p), [(6, 1)]);
 }
 
 #[test]
 fn commands_and_retries_are_never_pipelined_and_nothing_joins_a_command() {
     let mut p = pool(1, 1, 4);
-    p.wait(W { n: 1, want: Want::Alone, gone: false });
+    p.wait(W { client: 1000 + 1, ..w(1).wanting(Want::Alone).gone_if(false) });
     assert_eq!(lend_all(&mut p), [(1, 1)]);
     p.wait(w(2));
-    p.wait(W { n: 3, want: Want::Fresh, gone: false });
+    p.wait(W { client: 1000 + 3, ..w(3).wanting(Want::Fresh).gone_if(false) });
     assert_eq!(lend_all(&mut p), [], "nothing behind a COMMAND");
-    assert_eq!(p.left(1, Back::Reuse), Some((c(1), Back::Reuse)));
+    assert_eq!(p.left(1, Back::Reuse, UNCOUNTED), Some((c(1), Back::Reuse)));
     p.push_idle(c(1), Instant::now());
     // The retry needs a channel that never carried anything: the idle one
     // is traded for a new connection, which the retry gets for itself.
@@ -217,7 +232,7 @@ fn commands_and_retries_are_never_pipelined_and_nothing_joins_a_command() {
     p.connect_finished();
     p.push_idle(C { id: 2, used: false }, Instant::now());
     assert_eq!(lend_all(&mut p), [(3, 2)], "the GET is not pipelined behind the retry");
-    p.wait(W { n: 4, want: Want::Alone, gone: false });
+    p.wait(W { client: 1000 + 4, ..w(4).wanting(Want::Alone).gone_if(false) });
     assert_eq!(lend_all(&mut p), [], "a COMMAND never joins a busy channel, nor a retry's");
 }
 
@@ -225,8 +240,8 @@ fn commands_and_retries_are_never_pipelined_and_nothing_joins_a_command() {
 fn a_never_used_channel_goes_to_a_retry_before_queries_that_came_earlier() {
     let mut p = pool(1, 2, 4);
     p.wait(w(1));
-    p.wait(W { n: 2, want: Want::Alone, gone: false });
-    p.wait(W { n: 3, want: Want::Fresh, gone: false });
+    p.wait(W { client: 1000 + 2, ..w(2).wanting(Want::Alone).gone_if(false) });
+    p.wait(W { client: 1000 + 3, ..w(3).wanting(Want::Fresh).gone_if(false) });
     p.push_idle(C { id: 2, used: false }, Instant::now());
     assert_eq!(lend_all(&mut p), [(3, 2), (1, 1)], "the retry first; the COMMAND waits for an idle channel");
 }
@@ -235,7 +250,7 @@ fn a_never_used_channel_goes_to_a_retry_before_queries_that_came_earlier() {
 fn the_heartbeat_leaves_a_never_used_channel_to_a_waiting_retry() {
     let mut p: Pool<C, W> = Pool::new(sizes(2, 2, 4));
     p.push_idle(C { id: 1, used: false }, Instant::now());
-    p.wait(W { n: 1, want: Want::Fresh, gone: false });
+    p.wait(W { client: 1000 + 1, ..w(1).wanting(Want::Fresh).gone_if(false) });
     assert_eq!(p.take_for_heartbeat(T), None, "it would use up the retry's channel");
     p.push_idle(c(2), Instant::now());
     assert_eq!(p.take_for_heartbeat(T), Some(c(2)), "a used one is the heartbeat's");
@@ -254,17 +269,17 @@ fn retries_short_of_a_channel_in_a_full_busy_pool_stop_the_pipelining_until_one_
     }
     assert_eq!(lend_all(&mut p).len(), 8, "both channels full");
     for n in 10..13 {
-        p.wait(W { n, want: Want::Fresh, gone: false });
+        p.wait(w(n).wanting(Want::Fresh));
     }
     p.wait(w(20));
     assert_eq!(p.fresh_connect(), None, "nothing idle to trade, no room to connect");
     // A GET leaves: its place is not given to the next GET.
-    assert_eq!(p.left(1, Back::Reuse), None);
+    assert_eq!(p.left(1, Back::Reuse, UNCOUNTED), None);
     assert_eq!(lend_all(&mut p), [], "the busy channels drain for the retries");
     for _ in 0..2 {
-        assert_eq!(p.left(1, Back::Reuse), None);
+        assert_eq!(p.left(1, Back::Reuse, UNCOUNTED), None);
     }
-    assert_eq!(p.left(1, Back::Reuse), Some((c(1), Back::Reuse)));
+    assert_eq!(p.left(1, Back::Reuse, UNCOUNTED), Some((c(1), Back::Reuse)));
     p.push_idle(c(1), Instant::now());
     assert_eq!(lend_all(&mut p), [], "the idle channel is to be traded");
     assert_eq!(p.fresh_connect(), Some(Some(c(1))), "traded for a new connection");
@@ -278,12 +293,12 @@ fn retries_short_of_a_channel_in_a_full_busy_pool_stop_the_pipelining_until_one_
     // Channel 2 drains and is traded for the second retry; the first
     // retry's channel, when it is done, for the third.
     for _ in 0..4 {
-        let _ = p.left(2, Back::Reuse);
+        let _ = p.left(2, Back::Reuse, UNCOUNTED);
     }
     p.push_idle(c(2), Instant::now());
     assert_eq!((lend_all(&mut p), p.fresh_connect()), (vec![], Some(Some(c(2)))));
     p.connect_started();
-    assert_eq!(p.left(3, Back::Reuse).map(|(c, back)| (c.id, back)), Some((3, Back::Reuse)));
+    assert_eq!(p.left(3, Back::Reuse, UNCOUNTED).map(|(c, back)| (c.id, back)), Some((3, Back::Reuse)));
     p.push_idle(c(3), Instant::now());
     assert_eq!((lend_all(&mut p), p.fresh_connect()), (vec![], Some(Some(c(3)))));
     p.connect_started();
@@ -295,7 +310,7 @@ fn retries_short_of_a_channel_in_a_full_busy_pool_stop_the_pipelining_until_one_
     p.connect_finished();
     p.push_idle(C { id: 5, used: false }, Instant::now());
     assert_eq!(lend_all(&mut p), [(12, 5)]);
-    assert_eq!(p.left(4, Back::Reuse).map(|(c, back)| (c.id, back)), Some((4, Back::Reuse)));
+    assert_eq!(p.left(4, Back::Reuse, UNCOUNTED).map(|(c, back)| (c.id, back)), Some((4, Back::Reuse)));
     p.push_idle(c(4), Instant::now());
     assert_eq!(lend_all(&mut p), [(20, 4)], "the waiting GET is served again");
 }
@@ -307,11 +322,11 @@ fn a_channel_a_query_left_badly_takes_no_more_and_comes_out_with_the_worst() {
         p.wait(w(n));
     }
     assert_eq!(lend_all(&mut p).len(), 3);
-    assert_eq!(p.left(1, Back::Verify), None);
+    assert_eq!(p.left(1, Back::Verify, UNCOUNTED), None);
     p.wait(w(9));
     assert_eq!(lend_all(&mut p), [], "not shareable after a bad answer");
-    assert_eq!(p.left(1, Back::Reuse), None);
-    assert_eq!(p.left(1, Back::Close), Some((c(1), Back::Close)), "the worst of all");
+    assert_eq!(p.left(1, Back::Reuse, UNCOUNTED), None);
+    assert_eq!(p.left(1, Back::Close, UNCOUNTED), Some((c(1), Back::Close)), "the worst of all");
 }
 
 #[test]
@@ -420,26 +435,153 @@ fn the_desk_lends_what_a_waiting_query_would_get_and_takes_back_only_clean_curre
     assert_eq!(p.lend_idle(Want::Get, T, |_| true), None, "none idle");
     // Both busy, the pool at its limit: a place behind the fewest, by the
     // pipelining rules (not behind COMMANDs: channel 1 is Alone).
-    assert_eq!(p.lend_pipelined(ANY), Some(2));
-    assert_eq!(p.lend_pipelined(ANY), None, "pipeline_depth 2 reached");
+    assert_eq!(p.lend_pipelined(ANY, UNCOUNTED), Some(2));
+    assert_eq!(p.lend_pipelined(ANY, UNCOUNTED), None, "pipeline_depth 2 reached");
     assert_eq!(p.pipelined(), 1);
     // Given back: the first query of two leaves the channel to the other,
     // the last makes it idle.
-    assert_eq!(p.give_back_clean(2, now, |_| true), Some(false), "still the other query's");
+    assert_eq!(p.give_back_clean(2, now, |_| true, UNCOUNTED), Some(false), "still the other query's");
     assert_eq!(p.describe(|_| T).iter().find(|d| d.0 == 2).map(|d| (d.1, d.3)), Some(("busy", 1)));
-    assert_eq!(p.give_back_clean(2, now, |_| true), Some(true), "idle again");
+    assert_eq!(p.give_back_clean(2, now, |_| true, UNCOUNTED), Some(true), "idle again");
     assert_eq!(p.idle_count(), 1);
     // Not current (an older generation): the actor's.
-    assert_eq!(p.give_back_clean(1, now, |_| false), None);
+    assert_eq!(p.give_back_clean(1, now, |_| false, UNCOUNTED), None);
     // A pool that may still grow does not pipeline: the actor opens a
     // channel instead.
     let mut q = pool(1, 2, 2);
     assert_eq!(q.lend_idle(Want::Get, T, |_| true), Some(1));
-    assert_eq!(q.lend_pipelined(ANY), None);
+    assert_eq!(q.lend_pipelined(ANY, UNCOUNTED), None);
     // After a worse return by a query before it, the channel is the actor's.
     assert_eq!(p.lend_idle(Want::Get, T, |_| true), Some(2));
-    assert_eq!(p.lend_pipelined(ANY), Some(2));
-    assert_eq!(p.left(2, Back::Verify), None, "the other query is still on it");
-    assert_eq!(p.give_back_clean(2, now, |_| true), None);
-    assert_eq!(p.left(2, Back::Reuse), Some((c(2), Back::Verify)));
+    assert_eq!(p.lend_pipelined(ANY, UNCOUNTED), Some(2));
+    assert_eq!(p.left(2, Back::Verify, UNCOUNTED), None, "the other query is still on it");
+    assert_eq!(p.give_back_clean(2, now, |_| true, UNCOUNTED), None);
+    assert_eq!(p.left(2, Back::Reuse, UNCOUNTED), Some((c(2), Back::Verify)));
+}
+
+/// A waiter of client `client`.
+fn of(client: u64, n: u32) -> W {
+    W { client, ..w(n) }
+}
+
+const GREEDY: u64 = 7;
+const OTHER: u64 = 8;
+
+/// Every channel lent (the pool at `channels`, no pipelining), ten more
+/// queries of the greedy client waiting, then one of another client;
+/// channels come back one at a time. Returns the order waiters are served.
+fn serve_order(fair: bool) -> Vec<u32> {
+    let mut p = pool(2, 2, 1);
+    p.resize(Sizes { fair, ..sizes(2, 2, 1) });
+    for n in 1..=2 {
+        p.wait(of(GREEDY, n));
+    }
+    let mut lent: VecDeque<u64> = lend_all(&mut p).into_iter().map(|(_, id)| id).collect();
+    for n in 3..=12 {
+        p.wait(of(GREEDY, n));
+    }
+    p.wait(of(OTHER, 100));
+    let mut order = Vec::new();
+    while let Some(id) = lent.pop_front() {
+        let (ch, _) = p.left(id, Back::Reuse, GREEDY).expect("the channel comes back");
+        p.push_idle(ch, Instant::now());
+        for (n, id) in lend_all(&mut p) {
+            order.push(n);
+            lent.push_back(id);
+        }
+    }
+    order
+}
+
+#[test]
+fn with_fair_share_a_client_with_many_queries_waiting_delays_another_by_one_query_at_most() {
+    let order = serve_order(true);
+    // The greedy client had its turn (two queries on the channels): the
+    // other client's query is next, then the backlog.
+    assert_eq!(order, [100, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    // Without fair share: arrival order, behind the whole backlog.
+    assert_eq!(serve_order(false), [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 100]);
+}
+
+#[test]
+fn with_fair_share_clients_take_turns_and_each_keeps_its_own_order() {
+    let mut p = pool(1, 1, 1);
+    p.wait(of(GREEDY, 1));
+    let (_, id) = p.next_lend(T, ANY).expect("lent");
+    for n in 2..=4 {
+        p.wait(of(GREEDY, n));
+    }
+    for n in 10..=12 {
+        p.wait(of(OTHER, n));
+    }
+    let mut order = Vec::new();
+    let mut id = id;
+    let mut client = GREEDY;
+    loop {
+        let (ch, _) = p.left(id, Back::Reuse, client).expect("back");
+        p.push_idle(ch, Instant::now());
+        let Some((w, next)) = p.next_lend(T, ANY) else { break };
+        order.push(w.n);
+        (id, client) = (next, w.client);
+    }
+    // The greedy client's first query had its turn: then one each.
+    assert_eq!(order, [10, 2, 11, 3, 12, 4]);
+}
+
+#[test]
+fn with_fair_share_a_client_with_queries_on_channels_leaves_the_least_busy_one_to_others() {
+    // Two channels, pipelines four deep; the greedy client has one query
+    // on each and six more waiting.
+    let mut p = pool(2, 2, 4);
+    for n in 1..=2 {
+        p.wait(of(GREEDY, n));
+    }
+    assert_eq!(lend_all(&mut p).len(), 2);
+    for n in 3..=8 {
+        p.wait(of(GREEDY, n));
+    }
+    // Its queries join one channel only: the other keeps one query.
+    let joined = lend_all(&mut p);
+    assert_eq!(joined.len(), 3, "{joined:?}");
+    assert!(joined.iter().all(|(_, id)| *id == joined[0].1), "{joined:?}");
+    let reserve = 3 - joined[0].1;
+    assert_eq!(p.waiting(), 3);
+    // Another client's query goes behind that one query at once.
+    p.wait(of(OTHER, 100));
+    assert_eq!(lend_all(&mut p), [(100, reserve)]);
+    // Without fair share the greedy client fills both pipelines.
+    let mut p = pool(2, 2, 4);
+    p.resize(Sizes { fair: false, ..sizes(2, 2, 4) });
+    for n in 1..=8 {
+        p.wait(of(GREEDY, n));
+    }
+    assert_eq!(lend_all(&mut p).len(), 8);
+    p.wait(of(OTHER, 100));
+    assert_eq!(lend_all(&mut p), [], "the other client waits behind four queries");
+}
+
+#[test]
+fn the_desk_counts_what_it_pipelines_for_the_fair_share() {
+    let mut p = pool(2, 2, 2);
+    p.wait(of(GREEDY, 1));
+    p.wait(of(GREEDY, 2));
+    assert_eq!(lend_all(&mut p), [(1, 2), (2, 1)]);
+    // The greedy client joins one channel, never both: the other is kept.
+    assert_eq!(p.lend_pipelined(ANY, GREEDY), Some(2));
+    assert_eq!(p.lend_pipelined(ANY, GREEDY), None, "channel 1 is the reserve");
+    assert_eq!(p.lend_pipelined(ANY, OTHER), Some(1));
+    // The other client now has a query on a channel too: the reserve is
+    // gone for it (both channels are full anyway).
+    assert_eq!(p.lend_pipelined(ANY, OTHER), None);
+    // Its query leaves (clean, behind the greedy one): counted out.
+    assert_eq!(p.give_back_clean(1, Instant::now(), |_| true, OTHER), Some(false));
+    assert!(!p.in_flight.contains_key(&OTHER));
+}
+
+#[test]
+fn with_one_channel_every_client_shares_it() {
+    let mut p = pool(1, 1, 4);
+    p.wait(of(GREEDY, 1));
+    assert_eq!(lend_all(&mut p).len(), 1);
+    assert_eq!(p.lend_pipelined(ANY, GREEDY), Some(1), "nothing to keep: pipelined as without fair share");
 }
