@@ -165,7 +165,7 @@ fn bind_federation(config: &Config, f: &crate::config::FederationConfig) -> Resu
         )),
         None => None,
     };
-    let (unix, file) = listener::bind(&config.socket_path(&f.name))?;
+    let (unix, file) = listener::bind(&config.socket_path(&f.name), &f.client.socket)?;
     match f.listen.as_ref().map(listener::bind_tcp).transpose() {
         Ok(tcp) => Ok((unix, file, tcp, tls)),
         Err(e) => {
@@ -203,7 +203,7 @@ type Bound = (tokio::net::UnixListener, listener::SocketFile, Option<tokio::net:
 /// Bind a site's UNIX socket and its TCP listener (both or neither).
 fn bind_site(config: &Config, site: &SiteConfig) -> Result<Bound, BindError> {
     let path = config.socket_path(&site.name);
-    let (unix, file) = listener::bind(&path)?;
+    let (unix, file) = listener::bind(&path, &site.params.socket)?;
     match site.listen.as_ref().map(listener::bind_tcp).transpose() {
         Ok(tcp) => Ok((unix, file, tcp)),
         Err(e) => {
