@@ -93,9 +93,16 @@ fn prepare_tls(config: &Config) -> Result<Vec<SiteTlsParts>, StartError> {
         .collect()
 }
 
-/// Check what can be checked without binding anything: TLS files.
+/// Check what can be checked without binding anything: TLS files (the
+/// sites' and their listeners', the federations' listeners').
 pub fn check(config: &Config) -> Result<(), StartError> {
-    prepare_tls(config).map(|_| ())
+    prepare_tls(config)?;
+    for f in &config.federations {
+        if let Some(t) = f.listen.as_ref().and_then(|l| l.tls.as_ref()) {
+            crate::tls::server_config(t).map_err(|source| StartError::Tls { site: f.name.clone(), source })?;
+        }
+    }
+    Ok(())
 }
 
 /// The running daemon.

@@ -71,3 +71,34 @@ async fn sockets_get_their_mode_and_group_at_bind_and_a_reload_changes_them_in_p
     p.shutdown().await;
     assert!(!site.exists() && !fed.exists(), "sockets removed at exit");
 }
+
+#[test]
+fn check_config_names_an_unknown_group_and_a_world_writable_mode_with_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("livemux.toml");
+    let site = "socket_group = \"no-such-group-lmx\"\nsocket_mode = \"0666\"";
+    std::fs::write(&config, text(dir.path(), "tcp://127.0.0.1:1", site, "socket_mode = \"0642\"")).unwrap();
+    let out = std::process::Command::new(crate::support::process::BIN)
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = config.display();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert_eq!(
+        lines[0],
+        format!(
+            "livemux: {file}: line 7: site[1].socket_group: there is no group 'no-such-group-lmx' on this machine \
+             (`getent group no-such-group-lmx` finds none)"
+        )
+    );
+    assert!(
+        lines[1].starts_with(&format!(
+            "livemux: {file}: line 8: site[1].socket_mode: \"0666\" lets every local user connect to the socket"
+        )),
+        "{err}"
+    );
+    assert!(lines[2].starts_with(&format!("livemux: {file}: line 11: federation[1].socket_mode: \"0642\"")), "{err}");
+}

@@ -621,3 +621,30 @@ async fn a_federation_s_listener_asks_for_client_certificates_too() {
     assert_eq!(ask_as(&pki, addr, Some(&pki.thruk_client)).await.expect("served"), STATUS_ANSWER);
     p.shutdown().await;
 }
+
+#[test]
+fn check_config_loads_a_federation_listener_s_client_ca() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("livemux.toml");
+    let missing = dir.path().join("no-such-ca.pem");
+    std::fs::write(
+        &config,
+        format!(
+            "socket_dir = \"/tmp/x\"\n[[site]]\nname = \"a\"\naddress = \"tcp://127.0.0.1:6557\"\n\
+             [[federation]]\nname = \"all\"\nlisten = \"127.0.0.1:6560\"\n\
+             tls = {{ cert_file = \"{}\", key_file = \"{}\", tls_client_ca = \"{}\" }}\n",
+            pki.server.cert.display(),
+            pki.server.key.display(),
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::support::process::BIN)
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("'all': tls_client_ca file {}: ", missing.display())), "{err}");
+}
