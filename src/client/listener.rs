@@ -46,9 +46,13 @@ pub enum BindError {
     },
     /// The socket file's mode or group could not be set.
     #[error(
-        "cannot give {path} mode {mode:04o}{}: {source} (to give a socket a group, livemux must run as root or \
-         be a member of that group)",
-        group.map_or_else(String::new, |g| format!(" and group {g}"))
+        "cannot give {path} mode {mode:04o}{}: {source}{}",
+        group.map_or_else(String::new, |g| format!(" and group {g}")),
+        if group.is_some() {
+            " (to give a socket a group, livemux must run as root or be a member of that group)"
+        } else {
+            ""
+        }
     )]
     Ownership {
         /// Socket path.

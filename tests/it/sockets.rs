@@ -102,3 +102,39 @@ fn check_config_names_an_unknown_group_and_a_world_writable_mode_with_key_and_li
     );
     assert!(lines[2].starts_with(&format!("livemux: {file}: line 11: federation[1].socket_mode: \"0642\"")), "{err}");
 }
+
+#[test]
+fn a_group_livemux_may_not_give_is_a_clear_start_error_and_leaves_no_socket_behind() {
+    const TEST: &str = "sockets::a_group_livemux_may_not_give_is_a_clear_start_error_and_leaves_no_socket_behind";
+    if !nix::unistd::geteuid().is_root() {
+        skip(TEST, "needs root to start livemux as user nobody");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    // livemux as nobody (not a member of group daemon: std drops root's
+    // supplementary groups), in a directory of its own.
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let daemon = nix::unistd::Group::from_name("daemon").unwrap().expect("group daemon").gid.as_raw();
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(nobody.uid.as_raw()), Some(nobody.gid.as_raw())).unwrap();
+    let config = dir.path().join("livemux.toml");
+    std::fs::write(&config, text(dir.path(), "tcp://127.0.0.1:1", "socket_group = \"daemon\"", "")).unwrap();
+    let out = std::process::Command::new(crate::support::process::BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .uid(nobody.uid.as_raw())
+        .gid(nobody.gid.as_raw())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let socket = dir.path().join("s/s1");
+    assert!(
+        err.contains(&format!(
+            "cannot give {} mode 0660 and group {daemon}: Operation not permitted (os error 1) (to give a socket a \
+             group, livemux must run as root or be a member of that group)",
+            socket.display()
+        )),
+        "{err}"
+    );
+    assert!(!socket.exists(), "no socket file left behind");
+}
