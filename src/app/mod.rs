@@ -93,9 +93,16 @@ fn prepare_tls(config: &Config) -> Result<Vec<SiteTlsParts>, StartError> {
         .collect()
 }
 
-/// Check what can be checked without binding anything: TLS files.
+/// Check what can be checked without binding anything: TLS files (the
+/// sites' and their listeners', the federations' listeners').
 pub fn check(config: &Config) -> Result<(), StartError> {
-    prepare_tls(config).map(|_| ())
+    prepare_tls(config)?;
+    for f in &config.federations {
+        if let Some(t) = f.listen.as_ref().and_then(|l| l.tls.as_ref()) {
+            crate::tls::server_config(t).map_err(|source| StartError::Tls { site: f.name.clone(), source })?;
+        }
+    }
+    Ok(())
 }
 
 /// The running daemon.
@@ -165,7 +172,7 @@ fn bind_federation(config: &Config, f: &crate::config::FederationConfig) -> Resu
         )),
         None => None,
     };
-    let (unix, file) = listener::bind(&config.socket_path(&f.name))?;
+    let (unix, file) = listener::bind(&config.socket_path(&f.name), &f.client.socket)?;
     match f.listen.as_ref().map(listener::bind_tcp).transpose() {
         Ok(tcp) => Ok((unix, file, tcp, tls)),
         Err(e) => {
@@ -203,7 +210,7 @@ type Bound = (tokio::net::UnixListener, listener::SocketFile, Option<tokio::net:
 /// Bind a site's UNIX socket and its TCP listener (both or neither).
 fn bind_site(config: &Config, site: &SiteConfig) -> Result<Bound, BindError> {
     let path = config.socket_path(&site.name);
-    let (unix, file) = listener::bind(&path)?;
+    let (unix, file) = listener::bind(&path, &site.params.socket)?;
     match site.listen.as_ref().map(listener::bind_tcp).transpose() {
         Ok(tcp) => Ok((unix, file, tcp)),
         Err(e) => {

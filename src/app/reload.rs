@@ -84,6 +84,13 @@ impl App {
                 Some(i) => {
                     let old = self.federations[i].fed.setup().cfg.clone();
                     if old != *cfg {
+                        if old.client.socket != cfg.client.socket
+                            && let Err(e) =
+                                self.federations[i].socket.set_ownership(&old.client.socket, &cfg.client.socket)
+                        {
+                            report.failed.push((format!("federation {}", cfg.name), e.to_string()));
+                            continue;
+                        }
                         if old.listen != cfg.listen
                             && let Err(why) = self.move_federation_tcp(i, cfg)
                         {
@@ -235,6 +242,11 @@ impl App {
         let site = &mut self.sites[i];
         let old = site.config.clone();
         let reconnect = crate::config::replaces_channels(&old, &cfg);
+        // The socket's mode and group, in place (first: a failure leaves
+        // the site as it was).
+        if old.params.socket != cfg.params.socket {
+            site.socket.set_ownership(&old.params.socket, &cfg.params.socket).map_err(|e| e.to_string())?;
+        }
         // The TCP listener: rebind on a new address, else settings in place.
         match (&mut site.tcp, cfg.listen.clone()) {
             (Some(t), Some(listen)) if t.addr == listen.addr => {

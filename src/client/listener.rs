@@ -15,12 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::session::{ClientStream, Peer, Session, client_span};
-use crate::config::TcpListen;
+use crate::config::{SocketOwnership, TcpListen};
 use crate::site::SiteHandle;
 use livemux_protocol::{Status, error_response};
-
-/// Mode of the per-site sockets: owner and group may connect.
-pub const SOCKET_MODE: u32 = 0o660;
 
 /// Pause after a failed `accept()` (e.g. out of file descriptors), so the
 /// loop does not spin while the condition lasts.
@@ -47,6 +44,30 @@ pub enum BindError {
         #[source]
         source: io::Error,
     },
+    /// The socket file's mode or group could not be set.
+    #[error(
+        "cannot give {path} mode {mode:04o}{}: {source}{}",
+        group.map_or_else(String::new, |g| format!(" and group {g}")),
+        if group.is_some() {
+            " (to give a socket a group, livemux must run as root or be a member of that group)"
+        } else {
+            ""
+        }
+    )]
+    Ownership {
+        /// Socket path.
+        path: PathBuf,
+        /// The mode asked for.
+        mode: u32,
+        /// The group id asked for.
+        group: Option<u32>,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket file is no longer the one this daemon bound.
+    #[error("{0} was replaced by another process since livemux bound it; its mode and group are left alone")]
+    Replaced(PathBuf),
     /// The OS refused.
     #[error("cannot bind {path}: {source}")]
     Io {
@@ -74,6 +95,24 @@ impl SocketFile {
         &self.path
     }
 
+    /// Give the socket file a new mode and group (a reload), if it is still
+    /// the one this daemon bound. `was` is what it has now: a group set
+    /// before and now unset goes back to livemux's own.
+    pub fn set_ownership(&mut self, was: &SocketOwnership, now: &SocketOwnership) -> Result<(), BindError> {
+        let io_err = |source| BindError::Io { path: self.path.clone(), source };
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if identity(&m) == self.id => {}
+            Ok(_) => return Err(BindError::Replaced(self.path.clone())),
+            Err(e) => return Err(io_err(e)),
+        }
+        let group = now.group.or_else(|| was.group.map(|_| nix::unistd::getegid().as_raw()));
+        apply(&self.path, now.mode, group)?;
+        // chmod and chown change the file's ctime, part of its identity.
+        let meta = std::fs::symlink_metadata(&self.path).map_err(io_err)?;
+        self.id = identity(&meta);
+        Ok(())
+    }
+
     /// Remove the file if it is still the one this daemon bound.
     pub fn remove(&self) {
         match std::fs::symlink_metadata(&self.path) {
@@ -88,9 +127,27 @@ impl SocketFile {
     }
 }
 
-/// Bind `path`, replacing a stale socket file (nobody listening: the
-/// connect is refused) but never a live one, nor one whose state is unclear.
-pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), BindError> {
+/// Set a socket file's mode and (when given) group; the owner stays.
+fn apply(path: &Path, mode: u32, group: Option<u32>) -> Result<(), BindError> {
+    let err = |source| BindError::Ownership { path: path.to_owned(), mode, group, source };
+    // The group first: while it changes, the mode is still the one the
+    // socket was made with, or the old one. No chown when the file has the
+    // group already (made in a set-group-ID directory of that group, say):
+    // a sandbox may forbid the system call.
+    if let Some(gid) = group {
+        use std::os::unix::fs::MetadataExt;
+        let has = std::fs::symlink_metadata(path).map_err(err)?.gid();
+        if has != gid {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+        }
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+/// Bind `path` with `owner`'s mode and group, replacing a stale socket
+/// file (nobody listening: the connect is refused) but never a live one,
+/// nor one whose state is unclear.
+pub fn bind(path: &Path, owner: &SocketOwnership) -> Result<(UnixListener, SocketFile), BindError> {
     let io_err = |source| BindError::Io { path: path.to_owned(), source };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match probe(path) {
@@ -103,9 +160,15 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), BindError> {
         Err(e) => return Err(io_err(e)),
     }
     let listener = UnixListener::bind(path).map_err(io_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)).map_err(io_err)?;
-    let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
-    Ok((listener, SocketFile { path: path.to_owned(), id: identity(&meta) }))
+    let made = apply(path, owner.mode, owner.group).and_then(|()| std::fs::symlink_metadata(path).map_err(io_err));
+    match made {
+        Ok(meta) => Ok((listener, SocketFile { path: path.to_owned(), id: identity(&meta) })),
+        Err(e) => {
+            // Nobody serves it: a file left behind would only be stale.
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
+    }
 }
 
 fn identity(m: &std::fs::Metadata) -> (u64, u64, i64, i64) {
@@ -395,11 +458,21 @@ pub async fn serve_tcp(listener: TcpListener, settings: SharedTcpSettings, stop:
             ctx.log_busy();
             continue;
         };
-        let (ctx2, after, span) = (ctx.clone(), params.tls.handshake_timeout, ctx.span(&Peer::Tcp(peer)));
+        // As `client_span`, with room for the subject of a verified client
+        // certificate (`tls_client_ca`).
+        let span = tracing::info_span!(parent: None, "client", site = %ctx.site.name(), peer = %peer,
+            cert = tracing::field::Empty);
+        let (ctx2, after) = (ctx.clone(), params.tls.handshake_timeout);
         let handshake = async move {
             match tokio::time::timeout(after, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => ctx2.spawn_session(s, Peer::Tcp(peer), Some(tracing::Span::current()), watchdog, permit),
-                Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake with client {peer} failed"),
+                Ok(Ok(s)) => {
+                    let span = tracing::Span::current();
+                    if let Some(subject) = crate::tls::client_subject(s.get_ref().1) {
+                        span.record("cert", tracing::field::display(&subject));
+                    }
+                    ctx2.spawn_session(s, Peer::Tcp(peer), Some(span), watchdog, permit)
+                }
+                Ok(Err(e)) => crate::tls::client_handshake_failed(peer, &e),
                 Err(_) => tracing::info!("TLS handshake with client {peer} did not finish in time"),
             }
         };

@@ -1,8 +1,9 @@
 //! The local side: one UNIX socket per site (and optionally a cascading TCP
 //! listener), one session per connection.
 //!
-//! - [`listener`]: binding the socket (mode 0660, stale file replaced, a live
-//!   one refused), the accept loop, the `max_clients` bound.
+//! - [`listener`]: binding the socket (`socket_mode`, `socket_group`; stale
+//!   file replaced, a live one refused), the accept loop, the `max_clients`
+//!   bound.
 //! - [`session`]: one client connection: read a request, answer it, repeat
 //!   while `KeepAlive: on`.
 //! - [`peer`]: who a client is (`SO_PEERCRED` on UNIX sockets, the address

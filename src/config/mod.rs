@@ -177,13 +177,50 @@ pub struct TcpListen {
     pub tls: Option<ListenerTls>,
 }
 
-/// Certificate and key of a TLS listener (PEM).
+/// Certificate and key of a TLS listener (PEM), and what it asks of its
+/// clients' certificates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerTls {
     /// Certificate chain.
     pub cert_file: PathBuf,
     /// Private key.
     pub key_file: PathBuf,
+    /// `tls_client_ca`: a client must present a certificate that chains to
+    /// a CA of this PEM bundle (mutual TLS); none: no certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+    /// `tls_client_names`: with `client_ca`, the certificate's subject CN or
+    /// one of its DNS names must be one of these (ASCII case ignored);
+    /// empty: any certificate the CA signed.
+    pub client_names: Vec<String>,
+}
+
+impl ListenerTls {
+    /// A listener's certificate and key, no client certificates asked for.
+    pub fn new(cert_file: PathBuf, key_file: PathBuf) -> Self {
+        ListenerTls { cert_file, key_file, client_ca: None, client_names: Vec::new() }
+    }
+}
+
+/// Mode and group of a UNIX socket livemux binds (a site's, a federation's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketOwnership {
+    /// `socket_mode`: permission bits, at most 0o777.
+    pub mode: u32,
+    /// `socket_group`: the group id the socket file is given; none: the
+    /// group it gets when it is made (livemux's own).
+    pub group: Option<u32>,
+    /// `allow_world_writable`: a mode that lets every local user connect
+    /// (o+w) is meant.
+    pub allow_world_writable: bool,
+}
+
+/// `socket_mode` unless set: owner and group may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+
+impl Default for SocketOwnership {
+    fn default() -> Self {
+        SocketOwnership { mode: DEFAULT_SOCKET_MODE, group: None, allow_world_writable: false }
+    }
 }
 
 /// TLS toward a `tls://` site.
@@ -299,6 +336,8 @@ pub struct SiteParams {
     /// client with queries on channels leaves one channel for the others
     /// (else: arrival order); see `site/pool.rs`.
     pub fair_share: bool,
+    /// Mode and group of the site's UNIX socket.
+    pub socket: SocketOwnership,
 }
 
 /// Who may send `COMMAND`s.
@@ -361,6 +400,7 @@ impl Default for SiteParams {
             slow_query_threshold: None,
             slow_query_log_values: false,
             fair_share: true,
+            socket: SocketOwnership::default(),
         }
     }
 }
@@ -471,7 +511,9 @@ pub struct FederationConfig {
     /// `dialect`: plain Livestatus, or LMD's where the two differ.
     pub dialect: Dialect,
     /// Its clients' `client_idle_timeout`, `client_request_timeout` and
-    /// request limits: those of `[defaults]`.
+    /// request limits: those of `[defaults]`; and its socket's ownership
+    /// (`socket`): the federation's own `socket_mode`, `socket_group` and
+    /// `allow_world_writable`, else those of `[defaults]`.
     pub client: SiteParams,
 }
 

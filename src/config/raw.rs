@@ -84,6 +84,9 @@ pub(crate) struct RawSite {
     pub slow_query_threshold: Field,
     pub slow_query_log_values: Field,
     pub fair_share: Field,
+    pub socket_mode: Field,
+    pub socket_group: Field,
+    pub allow_world_writable: Field,
 }
 
 /// A `[[federation]]` table as written.
@@ -100,6 +103,9 @@ pub(crate) struct RawFederation {
     pub listen: Field,
     pub only_from: Option<Spanned<Vec<Spanned<Scalar>>>>,
     pub tls: Option<Spanned<RawListenerTls>>,
+    pub socket_mode: Field,
+    pub socket_group: Field,
+    pub allow_world_writable: Field,
 }
 
 /// The `[inventory]` section as written.
@@ -111,11 +117,14 @@ pub(crate) struct RawInventory {
     pub max_file_bytes: Field,
 }
 
-/// `tls = { cert_file = "...", key_file = "..." }` of a TCP listener.
+/// `tls = { cert_file = "...", key_file = "...", tls_client_ca = "...",
+/// tls_client_names = [...] }` of a TCP listener.
 #[derive(Debug, Default, Clone, Deserialize)]
 pub(crate) struct RawListenerTls {
     pub cert_file: Field,
     pub key_file: Field,
+    pub tls_client_ca: Field,
+    pub tls_client_names: Option<Spanned<Vec<Spanned<Scalar>>>>,
 }
 
 /// The file as written.

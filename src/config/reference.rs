@@ -80,7 +80,7 @@ pub struct KeyDoc {
     /// Only in a `[[site]]`, not in `[defaults]`.
     pub site_only: bool,
     /// What is written: `duration`, `size`, `integer`, `boolean`, `string`,
-    /// `path`, `address`, `list`, `table`.
+    /// `path`, `address`, `list`, `table`, `mode` (a socket's permissions), `group`.
     pub kind: &'static str,
     /// The value a missing key gets, as TOML (`"5s"`, `5`, `true`); `None`
     /// when it has none (see [`KeyDoc::absent`]).
@@ -309,9 +309,15 @@ pub const KEYS: &[KeyDoc] = &[
     key(Site, "only_from", "list", Now, "addresses or networks allowed on `listen`; required unless it is loopback")
         .absent("any (loopback listen only)")
         .site_only(),
-    key(Site, "tls", "table", NewConnections, "TLS on `listen`: `{ cert_file, key_file }`")
-        .absent("plain TCP")
-        .site_only(),
+    key(
+        Site,
+        "tls",
+        "table",
+        NewConnections,
+        "TLS on `listen`: `{ cert_file, key_file }`, optionally `tls_client_ca`, `tls_client_names`",
+    )
+    .absent("plain TCP")
+    .site_only(),
     key(Site, "ca_file", "path", NewChannels, "`tls://` sites: PEM bundle of trusted CAs (required while `verify`)")
         .absent("none"),
     key(Site, "verify", "boolean", NewChannels, "false: encrypt without verifying the site").default("true"),
@@ -387,6 +393,34 @@ pub const KEYS: &[KeyDoc] = &[
         "the slow-query log shows header values (`AuthUser`, filters); else names only",
     )
     .default("false"),
+    key(
+        Site,
+        "socket_mode",
+        "mode",
+        Now,
+        "the site socket's permissions: `\"0660\"` (octal digits, as chmod takes them) or `0o660`; \
+         a reload changes the socket file in place",
+    )
+    .default("\"0660\"")
+    .range("\"0000\"", "\"0777\"")
+    .range_with("allow_world_writable = true"),
+    key(
+        Site,
+        "socket_group",
+        "group",
+        Now,
+        "the site socket's group: a name (looked up at start and by check-config) or a numeric id; \
+         a reload changes the socket file in place",
+    )
+    .absent("livemux's own group"),
+    key(
+        Site,
+        "allow_world_writable",
+        "boolean",
+        Now,
+        "permit a `socket_mode` that lets every local user connect (o+w)",
+    )
+    .default("false"),
     // [[federation]].
     key(Federation, "name", "string", Identity, "the federated socket's name (`<socket_dir>/<name>`)")
         .absent("required"),
@@ -409,7 +443,34 @@ pub const KEYS: &[KeyDoc] = &[
     key(Federation, "listen", "address", Rebind, "a TCP listener for the federation").absent("none"),
     key(Federation, "only_from", "list", Now, "addresses or networks allowed on `listen`")
         .absent("any (loopback listen only)"),
-    key(Federation, "tls", "table", NewConnections, "TLS on `listen`: `{ cert_file, key_file }`").absent("plain TCP"),
+    key(
+        Federation,
+        "tls",
+        "table",
+        NewConnections,
+        "TLS on `listen`: `{ cert_file, key_file }`, optionally `tls_client_ca`, `tls_client_names`",
+    )
+    .absent("plain TCP"),
+    key(
+        Federation,
+        "socket_mode",
+        "mode",
+        Now,
+        "the federated socket's permissions (as a site's; `[defaults]`' unless set here); a reload changes the \
+         socket file in place",
+    )
+    .default("\"0660\"")
+    .range("\"0000\"", "\"0777\"")
+    .range_with("allow_world_writable = true"),
+    key(
+        Federation,
+        "socket_group",
+        "group",
+        Now,
+        "the federated socket's group (as a site's); a reload changes the socket file in place",
+    )
+    .absent("`[defaults]`' (else livemux's own group)"),
+    key(Federation, "allow_world_writable", "boolean", Now, "permit a `socket_mode` with o+w").default("false"),
     // [inventory].
     key(Inventory, "dir", "path", Restart, "the central site's inventory directory").absent("required"),
     key(Inventory, "interval", "duration", Restart, "how often each site is asked whether anything changed")
@@ -432,6 +493,22 @@ pub const KEYS: &[KeyDoc] = &[
     // tls = { ... }.
     key(ListenerTls, "cert_file", "path", NewConnections, "the listener's certificate chain (PEM)").absent("required"),
     key(ListenerTls, "key_file", "path", NewConnections, "its private key (PEM)").absent("required"),
+    key(
+        ListenerTls,
+        "tls_client_ca",
+        "path",
+        NewConnections,
+        "mutual TLS: clients must present a certificate signed by a CA of this PEM bundle",
+    )
+    .absent("no client certificate asked for"),
+    key(
+        ListenerTls,
+        "tls_client_names",
+        "list",
+        NewConnections,
+        "with `tls_client_ca`: the client certificate's CN or a DNS name must be one of these",
+    )
+    .absent("any certificate the CA signed"),
 ];
 
 /// The keys of `table`, in the reference's order.
@@ -576,6 +653,7 @@ mod tests {
                 ("address", _) if k.key == "listen" => "\"127.0.0.1:0\"".to_owned(),
                 _ if k.key.ends_with("commands") => "\"deny\"".to_owned(),
                 ("address", _) => "\"tcp://127.0.0.1:2\"".to_owned(),
+                ("group", _) => "0".to_owned(),
                 _ => "\"/elsewhere\"".to_owned(),
             };
             let with = match k.key {

@@ -136,7 +136,7 @@ mod tests {
         assert!(t[0].keys.contains(&"socket_dir") && t[0].keys.contains(&"federation_sort_budget"));
         assert!(t[1].keys.contains(&"channel_timeout") && t[1].keys.contains(&"inventory"));
         assert!(t[2].keys.contains(&"dialect") && t[3].keys.contains(&"full_interval"));
-        assert_eq!(t[4].keys, ["cert_file", "key_file"]);
+        assert_eq!(t[4].keys, ["cert_file", "key_file", "tls_client_ca", "tls_client_names"]);
     }
 
     #[test]

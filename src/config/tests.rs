@@ -401,3 +401,111 @@ fn request_memory_budget_must_hold_the_largest_request_and_its_copies() {
     assert!(e.message.contains("max_request_bytes of site 'a' (33554432 bytes)"), "{e}");
     assert!(e.message.ends_with("raise it"), "{e}");
 }
+
+/// A site `a` with `extra` lines, after `[defaults]` with `defaults`.
+fn site_with(defaults: &str, extra: &str) -> String {
+    format!("[defaults]\n{defaults}\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n{extra}\n")
+}
+
+#[test]
+fn socket_mode_is_octal_digits_or_an_octal_number_and_never_ambiguous() {
+    let mode = |extra: &str| Config::from_toml(&site_with("", extra)).map(|c| c.sites[0].params.socket.mode);
+    assert_eq!(mode(""), Ok(0o660), "the default");
+    assert_eq!(mode("socket_mode = \"0640\""), Ok(0o640));
+    assert_eq!(mode("socket_mode = \"600\""), Ok(0o600));
+    assert_eq!(mode("socket_mode = 0o620"), Ok(0o620));
+    let e = error(&site_with("", "socket_mode = 660"));
+    assert_eq!((e.line, e.key.as_deref()), (Some(6), Some("site[1].socket_mode")));
+    assert_eq!(
+        e.message,
+        "the decimal number 660 is ambiguous as a mode (660 is not 0o660): write it as a string of octal digits such \
+         as \"0660\" (as chmod takes it) or as a TOML octal number such as 0o660"
+    );
+    assert!(error(&site_with("", "socket_mode = \"0680\"")).message.starts_with("\"0680\" is not a mode"));
+    assert!(error(&site_with("", "socket_mode = \"rw-rw----\"")).message.starts_with("\"rw-rw----\" is not a mode"));
+    assert!(error(&site_with("", "socket_mode = \"4660\"")).message.contains("special bits"));
+    assert!(error(&site_with("", "socket_mode = 0o1660")).message.contains("go up to 0o777"));
+    assert!(error(&site_with("", "socket_mode = 0x1b0")).message.contains("ambiguous"));
+}
+
+#[test]
+fn a_world_writable_socket_must_be_allowed_in_so_many_words() {
+    let e = error(&site_with("", "socket_mode = \"0666\""));
+    assert_eq!((e.line, e.key.as_deref()), (Some(6), Some("site[1].socket_mode")));
+    assert!(e.message.starts_with("\"0666\" lets every local user connect to the socket"), "{}", e.message);
+    assert!(e.message.contains("allow_world_writable = true"), "{}", e.message);
+    let c = Config::from_toml(&site_with("", "socket_mode = \"0666\"\nallow_world_writable = true")).unwrap();
+    assert_eq!(c.sites[0].params.socket.mode, 0o666);
+    // Read (o+r) alone lets nobody connect: no objection.
+    assert!(Config::from_toml(&site_with("", "socket_mode = \"0664\"")).is_ok());
+    // Allowed in [defaults], withdrawn in the site: the site's line is named.
+    let e = error(&site_with("socket_mode = \"0666\"\nallow_world_writable = true", "allow_world_writable = false"));
+    assert_eq!((e.line, e.key.as_deref()), (Some(7), Some("site[1].allow_world_writable")));
+    assert!(e.message.starts_with("socket_mode \"0666\" (from [defaults]) lets every local user"), "{}", e.message);
+    // [defaults] refused once, not again for every site (nor for a site's
+    // own mode that was refused for its syntax).
+    let all = Config::from_toml(&site_with("socket_mode = \"0666\"", "")).unwrap_err();
+    assert_eq!(all.0.len(), 1, "{all}");
+    assert_eq!(all.0[0].key.as_deref(), Some("defaults.socket_mode"));
+    let all = Config::from_toml(&site_with("socket_mode = \"0666\"", "socket_mode = 660")).unwrap_err();
+    assert_eq!(all.0.len(), 2, "{all}");
+    assert!(all.0[1].message.starts_with("the decimal number 660"), "{all}");
+}
+
+#[test]
+fn socket_group_is_a_known_name_or_a_number() {
+    let group = |extra: &str| Config::from_toml(&site_with("", extra)).map(|c| c.sites[0].params.socket.group);
+    assert_eq!(group(""), Ok(None), "the default: livemux's own group");
+    assert_eq!(group("socket_group = 4242"), Ok(Some(4242)), "a number is used as it is");
+    assert_eq!(group("socket_group = \"4242\""), Ok(Some(4242)));
+    assert_eq!(group("socket_group = \"root\""), Ok(Some(0)), "root is group 0 everywhere");
+    let e = error(&site_with("", "socket_group = \"no-such-group-lmx\""));
+    assert_eq!((e.line, e.key.as_deref()), (Some(6), Some("site[1].socket_group")));
+    assert_eq!(
+        e.message,
+        "there is no group 'no-such-group-lmx' on this machine (`getent group no-such-group-lmx` finds none)"
+    );
+    assert!(error(&site_with("", "socket_group = -1")).message.contains("is not a group id"));
+    assert!(error(&site_with("", "socket_group = true")).message.starts_with("expected a group name"));
+}
+
+#[test]
+fn federations_take_the_socket_settings_of_defaults_unless_they_have_their_own() {
+    let text = format!(
+        "{}[[federation]]\nname = \"all\"\n[[federation]]\nname = \"mine\"\nsocket_mode = 0o600\n\
+         socket_group = 7\n",
+        site_with("socket_mode = \"0640\"\nsocket_group = 5", "")
+    );
+    let c = Config::from_toml(&text).unwrap();
+    let all = c.federations[0].client.socket;
+    assert_eq!((all.mode, all.group), (0o640, Some(5)));
+    let mine = c.federations[1].client.socket;
+    assert_eq!((mine.mode, mine.group), (0o600, Some(7)));
+    let e = error(&format!("{}[[federation]]\nname = \"all\"\nsocket_mode = \"0602\"\n", site_with("", "")));
+    assert_eq!((e.line, e.key.as_deref()), (Some(9), Some("federation[1].socket_mode")));
+}
+
+#[test]
+fn listener_client_certificates_need_a_ca_and_names_if_any() {
+    let listen = |tls: &str| site_with("", &format!("listen = \"127.0.0.1:1\"\ntls = {{ {tls} }}"));
+    let c = Config::from_toml(&listen(
+        "cert_file = \"/l.pem\", key_file = \"/l.key\", tls_client_ca = \"/ca.pem\", tls_client_names = [\"thruk\", \
+         \"nagvis\"]",
+    ))
+    .unwrap();
+    let t = c.sites[0].listen.as_ref().unwrap().tls.clone().unwrap();
+    assert_eq!(t.client_ca, Some(PathBuf::from("/ca.pem")));
+    assert_eq!(t.client_names, ["thruk", "nagvis"]);
+    let plain = Config::from_toml(&listen("cert_file = \"/l.pem\", key_file = \"/l.key\"")).unwrap();
+    let t = plain.sites[0].listen.as_ref().unwrap().tls.clone().unwrap();
+    assert_eq!((t.client_ca, t.client_names.len()), (None, 0), "no client certificate asked for");
+    let e = error(&listen("cert_file = \"/l.pem\", key_file = \"/l.key\", tls_client_names = [\"thruk\"]"));
+    assert_eq!((e.line, e.key.as_deref()), (Some(7), Some("site[1].tls.tls_client_names")));
+    assert!(e.message.starts_with("needs tls_client_ca"), "{}", e.message);
+    let e = error(&listen(
+        "cert_file = \"/l.pem\", key_file = \"/l.key\", tls_client_ca = \"/ca.pem\", tls_client_names = []",
+    ));
+    assert!(e.message.starts_with("must name at least one name"), "{}", e.message);
+    let e = error(&listen("cert_file = \"/l.pem\", key_file = \"/l.key\", tls_client_ca = \"\""));
+    assert_eq!((e.key.as_deref(), e.message.as_str()), (Some("site[1].tls.tls_client_ca"), "must not be empty"));
+}

@@ -17,6 +17,8 @@ use super::{
     SpoolConfig, TcpListen,
 };
 
+mod sockets;
+
 /// Durations anywhere: 1 ms to 7 days.
 const DURATIONS: RangeInclusive<Duration> = Duration::from_millis(1)..=Duration::from_secs(7 * 86400);
 /// TCP keepalive times: the kernel takes whole seconds, 1..=32767
@@ -366,10 +368,21 @@ impl<'a> Validator<'a> {
             listen: f.listen.clone(),
             only_from: f.only_from.clone(),
             tls: f.tls.clone(),
+            socket_mode: f.socket_mode.clone(),
+            socket_group: f.socket_group.clone(),
+            allow_world_writable: f.allow_world_writable.clone(),
             ..RawSite::default()
         };
+        let socket = self.socket(&as_site, &base.socket, &prefix);
         let listen = self.listen(&as_site, &prefix, span)?;
-        Some(super::FederationConfig { name: name?, sites, fail_on_site_error: fail, listen, dialect, client })
+        Some(super::FederationConfig {
+            name: name?,
+            sites,
+            fail_on_site_error: fail,
+            listen,
+            dialect,
+            client: SiteParams { socket, ..client },
+        })
     }
 
     fn inventory(&mut self, raw: &RawInventory, span: Range<usize>) -> Option<InventoryConfig> {
@@ -557,8 +570,11 @@ impl<'a> Validator<'a> {
                         self.err(t_span.clone(), &format!("{tls_key}.{what}"), "is required");
                     }
                 }
-                match (cert, key_file) {
-                    (Some(cert_file), Some(key_file)) => Some(ListenerTls { cert_file, key_file }),
+                let clients = self.client_certificates(t, &tls_key);
+                match (cert, key_file, clients) {
+                    (Some(cert_file), Some(key_file), Some((client_ca, client_names))) => {
+                        Some(ListenerTls { cert_file, key_file, client_ca, client_names })
+                    }
                     _ => {
                         ok = false;
                         None
@@ -567,6 +583,53 @@ impl<'a> Validator<'a> {
             }
         };
         ok.then_some(Some(TcpListen { addr, only_from, tls }))
+    }
+
+    /// `tls_client_ca` and `tls_client_names` of a listener's `tls = { .. }`.
+    fn client_certificates(
+        &mut self,
+        t: &super::raw::RawListenerTls,
+        tls_key: &str,
+    ) -> Option<(Option<PathBuf>, Vec<String>)> {
+        let ca_key = format!("{tls_key}.tls_client_ca");
+        let ca = match &t.tls_client_ca {
+            None => None,
+            Some(_) => Some(self.path(&t.tls_client_ca, &ca_key)?),
+        };
+        let names_key = format!("{tls_key}.tls_client_names");
+        let Some(list) = &t.tls_client_names else { return Some((ca, Vec::new())) };
+        let mut names = Vec::new();
+        let mut ok = true;
+        for v in list.get_ref() {
+            match v.get_ref() {
+                Scalar::Text(n) if !n.trim().is_empty() => names.push(n.trim().to_owned()),
+                Scalar::Text(_) => {
+                    self.err(v.span(), &names_key, "a name must not be empty");
+                    ok = false;
+                }
+                _ => {
+                    self.wrong_type(v, &names_key, "a name (a certificate's CN or DNS name) as a string");
+                    ok = false;
+                }
+            }
+        }
+        if list.get_ref().is_empty() {
+            self.err(
+                list.span(),
+                &names_key,
+                "must name at least one name (leave it out to accept every certificate tls_client_ca signed)",
+            );
+            ok = false;
+        }
+        if ca.is_none() && t.tls_client_ca.is_none() {
+            self.err(
+                list.span(),
+                &names_key,
+                "needs tls_client_ca: the names are checked on client certificates a CA of tls_client_ca signed",
+            );
+            ok = false;
+        }
+        ok.then_some((ca, names))
     }
 
     fn params(&mut self, raw: &RawSite, base: &SiteParams, prefix: &str) -> SiteParams {
@@ -636,6 +699,7 @@ impl<'a> Validator<'a> {
             }
             _ => {}
         }
+        p.socket = self.socket(raw, &base.socket, prefix);
         // Unless set anywhere, channels_max follows channels up.
         if prefix == "defaults" {
             self.defaults_set_channels_max = raw.channels_max.is_some();

@@ -206,7 +206,9 @@ pub async fn serve_tcp(
             crate::events::ClientRefused { peer }.emit();
             continue;
         }
-        let span = tracing::info_span!(parent: None, "client", federation = %fed.name, peer = %peer);
+        // `cert`: the subject of a verified client certificate (`tls_client_ca`).
+        let span = tracing::info_span!(parent: None, "client", federation = %fed.name, peer = %peer,
+            cert = tracing::field::Empty);
         let (fed, stop) = (fed.clone(), shutdown.clone());
         match tls {
             None => {
@@ -218,8 +220,13 @@ pub async fn serve_tcp(
                 tracker.spawn(tracing::Instrument::instrument(
                     async move {
                         match tokio::time::timeout(after, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => session(s, fed, stop, Peer::Tcp(peer)).await,
-                            Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake with client {peer} failed"),
+                            Ok(Ok(s)) => {
+                                if let Some(subject) = crate::tls::client_subject(s.get_ref().1) {
+                                    tracing::Span::current().record("cert", tracing::field::display(&subject));
+                                }
+                                session(s, fed, stop, Peer::Tcp(peer)).await
+                            }
+                            Ok(Err(e)) => crate::tls::client_handshake_failed(peer, &e),
                             Err(_) => tracing::info!("TLS handshake with client {peer} did not finish in time"),
                         }
                     },

@@ -1,4 +1,5 @@
-//! TLS toward sites (`tls://` addresses) and on cascading TCP listeners.
+//! TLS toward sites (`tls://` addresses) and on cascading TCP listeners
+//! (with client certificates on request: `clients`).
 //!
 //! rustls with the ring provider, TLS 1.2 and 1.3 only, no OpenSSL.
 //!
@@ -38,7 +39,10 @@ use crate::config::{ListenerTls, TlsSettings};
 use crate::error::SiteError;
 use words::{Described, describe, reason};
 
+mod clients;
 mod words;
+
+pub use clients::{client_handshake_failed, client_subject};
 
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -238,15 +242,19 @@ fn client_config(s: &TlsSettings) -> Result<ClientConfig, TlsSetupError> {
     })
 }
 
-/// The server side of a TLS listener.
+/// The server side of a TLS listener; with `tls_client_ca`, clients must
+/// present a certificate it signed (and, with `tls_client_names`, one of
+/// those names).
 pub fn server_config(l: &ListenerTls) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let certs = load_certs("certificate file", &l.cert_file)?;
     let key = load_key(&l.key_file)?;
-    let config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    Ok(Arc::new(config))
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match &l.client_ca {
+        Some(ca) => builder.with_client_cert_verifier(clients::verifier(ca, &l.client_names)?),
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(builder.with_single_cert(certs, key)?))
 }
 
 /// Verifies the chain against the CA bundle; the host name only on request.

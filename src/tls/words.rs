@@ -45,15 +45,68 @@ fn when(t: &UnixTime) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
-/// What is wrong with a certificate, and what to do about it.
-pub(super) fn reason(e: &CertificateError) -> String {
-    use CertificateError as C;
-    match e {
-        C::Expired => {
-            "it has expired: renew the site's certificate (or correct this machine's clock if it is wrong)".into()
+/// Whose certificate failed: a site's (livemux the client) or a client's
+/// of a listener with `tls_client_ca` (livemux the server). The advice
+/// names the holder, the file of trusted CAs and the certificate's purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Whose {
+    /// A `tls://` site's server certificate, verified against `ca_file`.
+    Site,
+    /// A listener's client, verified against `tls_client_ca`.
+    Client,
+}
+
+impl Whose {
+    /// Who holds the certificate.
+    fn holder(self) -> &'static str {
+        match self {
+            Whose::Site => "the site",
+            Whose::Client => "the client",
         }
+    }
+
+    /// The key naming the trusted CAs.
+    fn file(self) -> &'static str {
+        match self {
+            Whose::Site => "ca_file",
+            Whose::Client => "tls_client_ca",
+        }
+    }
+
+    /// What the certificate is for.
+    fn role(self) -> &'static str {
+        match self {
+            Whose::Site => "server",
+            Whose::Client => "client",
+        }
+    }
+
+    /// Its extended key usage.
+    fn eku(self) -> &'static str {
+        match self {
+            Whose::Site => "serverAuth",
+            Whose::Client => "clientAuth",
+        }
+    }
+}
+
+/// What is wrong with a site's certificate, and what to do about it.
+pub(super) fn reason(e: &CertificateError) -> String {
+    reason_of(e, Whose::Site)
+}
+
+/// What is wrong with a certificate, and what to do about it.
+pub(super) fn reason_of(e: &CertificateError, whose: Whose) -> String {
+    use CertificateError as C;
+    let (holder, file, role) = (whose.holder(), whose.file(), whose.role());
+    let renew = match whose {
+        Whose::Site => "renew the site's certificate".to_owned(),
+        Whose::Client => format!("give the client a new certificate signed by a CA of {file}"),
+    };
+    match e {
+        C::Expired => format!("it has expired: {renew} (or correct this machine's clock if it is wrong)"),
         C::ExpiredContext { time, not_after } => format!(
-            "it expired at {} (now is {}): renew the site's certificate (or correct this machine's clock if it is wrong)",
+            "it expired at {} (now is {}): {renew} (or correct this machine's clock if it is wrong)",
             when(not_after),
             when(time)
         ),
@@ -65,13 +118,20 @@ pub(super) fn reason(e: &CertificateError) -> String {
             when(not_before),
             when(time)
         ),
-        C::UnknownIssuer => "it was issued by a CA that is not in ca_file: add the certificate of the CA that \
-                             signed it (on a Checkmk site, its site CA) to ca_file"
-            .into(),
-        C::BadSignature => "its signature does not verify with its issuer's key: ca_file may hold another CA of the \
-                            same name, or the certificate is damaged; compare the CA certificates"
-            .into(),
-        C::Revoked => "its CA has revoked it: the site needs a new certificate".into(),
+        C::UnknownIssuer => match whose {
+            Whose::Site => "it was issued by a CA that is not in ca_file: add the certificate of the CA that \
+                            signed it (on a Checkmk site, its site CA) to ca_file"
+                .into(),
+            Whose::Client => "it was issued by a CA that is not in tls_client_ca (the wrong CA, or one this \
+                              listener does not trust): give the client a certificate signed by a CA of \
+                              tls_client_ca, or add the CA that signed it to tls_client_ca"
+                .into(),
+        },
+        C::BadSignature => format!(
+            "its signature does not verify with its issuer's key: {file} may hold another CA of the same name, or \
+             the certificate is damaged; compare the CA certificates"
+        ),
+        C::Revoked => format!("its CA has revoked it: {holder} needs a new certificate"),
         C::BadEncoding => "it is not a well-formed X.509 certificate (bad DER): reissue it".into(),
         #[allow(deprecated)] // still reported by some paths of rustls 0.23
         C::UnsupportedSignatureAlgorithm
@@ -90,11 +150,11 @@ pub(super) fn reason(e: &CertificateError) -> String {
             expected.to_str(),
             if presented.is_empty() { "no host at all".to_owned() } else { presented.join(", ") }
         ),
-        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
-            "it is not meant for a TLS server (its extended key usage lacks serverAuth): reissue it with \
-             extendedKeyUsage = serverAuth"
-                .into()
-        }
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => format!(
+            "it is not meant for a TLS {role} (its extended key usage lacks {eku}): reissue it with \
+             extendedKeyUsage = {eku}",
+            eku = whose.eku()
+        ),
         C::UnhandledCriticalExtension => {
             "it carries a critical extension livemux cannot check: reissue it without that extension".into()
         }
@@ -103,32 +163,42 @@ pub(super) fn reason(e: &CertificateError) -> String {
         }
         C::ApplicationVerificationFailure => "livemux's own checks rejected it".into(),
         C::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
-            Some(w) => webpki_reason(w),
-            None => format!("it failed verification ({other}): reissue it as an X.509 v3 TLS server certificate"),
+            Some(w) => webpki_reason(w, whose),
+            None => format!("it failed verification ({other}): reissue it as an X.509 v3 TLS {role} certificate"),
         },
         other => format!(
-            "it failed verification ({}): reissue it as an X.509 v3 TLS server certificate",
+            "it failed verification ({}): reissue it as an X.509 v3 TLS {role} certificate",
             rustls::Error::InvalidCertificate(other.clone())
         ),
     }
 }
 
 /// Failures webpki reports that rustls passes on as `Other`.
-fn webpki_reason(e: &webpki::Error) -> String {
+fn webpki_reason(e: &webpki::Error, whose: Whose) -> String {
     use webpki::Error as W;
+    let (holder, file, role) = (whose.holder(), whose.file(), whose.role());
     match e {
-        W::UnsupportedCertVersion => "it is an X.509 version 1 certificate (no extensions), and livemux needs \
-                                      version 3: reissue it with extensions, e.g. `openssl x509 -req ... -extfile \
-                                      ext.cnf` where ext.cnf holds `basicConstraints=CA:FALSE` and \
-                                      `subjectAltName=DNS:<site>` (OpenSSL-based clients accept version 1; rustls \
-                                      does not)"
-            .into(),
-        W::CaUsedAsEndEntity => "it is a CA certificate, not a server certificate: the site must present a \
-                                 certificate issued by its CA"
-            .into(),
-        W::EndEntityUsedAsCa => "the chain uses a server certificate as a CA: ca_file or the site's chain holds \
-                                 the wrong certificate"
-            .into(),
+        W::UnsupportedCertVersion => format!(
+            "it is an X.509 version 1 certificate (no extensions), and livemux needs version 3: reissue it with \
+             extensions, e.g. `openssl x509 -req ... -extfile ext.cnf` where ext.cnf holds \
+             `basicConstraints=CA:FALSE` and {} (OpenSSL-based {}s accept version 1; rustls does not)",
+            match whose {
+                Whose::Site => "`subjectAltName=DNS:<site>`",
+                Whose::Client => "`extendedKeyUsage=clientAuth`",
+            },
+            match whose {
+                Whose::Site => "client",
+                Whose::Client => "server",
+            }
+        ),
+        W::CaUsedAsEndEntity => format!(
+            "it is a CA certificate, not a {role} certificate: {holder} must present a certificate issued by its CA"
+        ),
+        W::EndEntityUsedAsCa => {
+            format!(
+                "the chain uses a {role} certificate as a CA: {file} or {holder}'s chain holds the wrong certificate"
+            )
+        }
         W::MalformedExtensions | W::ExtensionValueInvalid | W::EmptyEkuExtension => {
             "its extensions are malformed: reissue it".into()
         }
@@ -141,14 +211,15 @@ fn webpki_reason(e: &webpki::Error) -> String {
                 .into()
         }
         W::MaximumPathDepthExceeded | W::MaximumPathBuildCallsExceeded | W::MaximumSignatureChecksExceeded => {
-            "the chain from it to a CA in ca_file is too long or too tangled to verify: put the issuing CA itself \
-             into ca_file"
-                .into()
+            format!(
+                "the chain from it to a CA in {file} is too long or too tangled to verify: put the issuing CA \
+                 itself into {file}"
+            )
         }
         W::InvalidSerialNumber => "its serial number is invalid: reissue it".into(),
         W::CertDistrusted => "its CA is distrusted: have it issued by another CA".into(),
         W::SignatureAlgorithmMismatch => "its signature algorithm fields disagree with each other: reissue it".into(),
-        other => format!("it failed verification ({other:?}): reissue it as an X.509 v3 TLS server certificate"),
+        other => format!("it failed verification ({other:?}): reissue it as an X.509 v3 TLS {role} certificate"),
     }
 }
 

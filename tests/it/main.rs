@@ -16,6 +16,7 @@
 //! - `realpeers`: real Icinga 2 and Naemon sites, Monitoring::Livestatus,
 //!   and Thruk's requests (`tests/thruk/corpus.txt`) through a federation;
 //! - `reload`: configuration reload in the running daemon;
+//! - `sockets`: the UNIX sockets' mode and group (root);
 //! - `cli`: the `livemux` binary (SIGHUP, pid file, systemd notify, status);
 //! - `fuzz_corpus`: the fuzz targets' corpora, replayed on stable;
 //! - `hotpath`: system calls and heap allocations per query, counted
@@ -45,4 +46,5 @@ mod pool;
 mod proxy;
 mod realpeers;
 mod reload;
+mod sockets;
 mod tls;

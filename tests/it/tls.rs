@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use crate::support::process::ProxyProcess;
 use crate::support::realsite::{Core, RealSite};
-use crate::support::tls::{Pki, Stunnel};
+use crate::support::tls::{Pair, Pki, Stunnel};
 use crate::support::*;
 use livemux::config::{SiteParams, TcpListen, TlsSettings};
 use livemux::site::SiteState;
@@ -102,10 +103,10 @@ async fn queries_already_waiting_when_a_certificate_fails_get_495_too() {
     let pki = Pki::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let server = livemux::tls::server_config(&livemux::config::ListenerTls {
-        cert_file: pki.rogue_server.cert.clone(),
-        key_file: pki.rogue_server.key.clone(),
-    })
+    let server = livemux::tls::server_config(&livemux::config::ListenerTls::new(
+        pki.rogue_server.cert.clone(),
+        pki.rogue_server.key.clone(),
+    ))
     .unwrap();
     let (go, held) = tokio::sync::oneshot::channel::<()>();
     let site = tokio::spawn(async move {
@@ -282,10 +283,7 @@ async fn tls_listener(pki: &Pki, s: &livemux_simsite::SimSite) -> (Proxy, std::n
     config.sites[0].listen = Some(TcpListen {
         addr: "127.0.0.1:0".parse().unwrap(),
         only_from: vec![],
-        tls: Some(livemux::config::ListenerTls {
-            cert_file: pki.server.cert.clone(),
-            key_file: pki.server.key.clone(),
-        }),
+        tls: Some(livemux::config::ListenerTls::new(pki.server.cert.clone(), pki.server.key.clone())),
     });
     let p = Proxy::start_config(dir, config).await;
     p.wait_state("s1", SiteState::Ready).await;
@@ -392,4 +390,261 @@ async fn a_keepalive_tls_client_reading_slowly_gets_every_byte() {
         assert!(check.is_complete(size), "round {round}: complete and exact");
     }
     p.shutdown().await;
+}
+
+// === mutual TLS on the listener (tls_client_ca, tls_client_names) ===
+
+/// A Rust TLS client that trusts the test CA and presents `cert`, if any.
+fn client_config(pki: &Pki, cert: Option<&Pair>) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+    std::sync::Arc::new(match cert {
+        Some(p) => {
+            let chain =
+                rustls::pki_types::CertificateDer::pem_file_iter(&p.cert).unwrap().map(Result::unwrap).collect();
+            builder
+                .with_client_auth_cert(chain, rustls::pki_types::PrivateKeyDer::from_pem_file(&p.key).unwrap())
+                .unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// One `GET status` (fixed16, no keep-alive) over TLS as a client with
+/// `cert`: every byte until the end, or the error that ended the exchange
+/// (in TLS 1.3 the client's side of the handshake is done before the
+/// server has looked at its certificate: a refusal arrives as an alert on
+/// the first read).
+async fn ask_as(pki: &Pki, addr: std::net::SocketAddr, cert: Option<&Pair>) -> std::io::Result<Vec<u8>> {
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = tokio_rustls::TlsConnector::from(client_config(pki, cert)).connect(name, tcp).await?;
+        c.write_all(b"GET status\nColumns: num_hosts num_services\nResponseHeader: fixed16\n\n").await?;
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await?;
+        Ok(got)
+    };
+    tokio::time::timeout(PATIENCE, exchange).await.expect("the exchange ends in time")
+}
+
+/// The TLS alert that ended an exchange.
+fn alert(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
+}
+
+/// What the simulated site answers `GET status` with, fixed16.
+const STATUS_ANSWER: &[u8] = b"200           9\n100;1000\n";
+
+/// The listener's address, from its "TCP listener ready" log line.
+fn listener_addr(line: &str) -> std::net::SocketAddr {
+    let at = line.find("addr=").unwrap_or_else(|| panic!("no addr= in {line:?}")) + "addr=".len();
+    line[at..].split_whitespace().next().unwrap().trim_end_matches(':').parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_ca_listener_refuses_clients_without_its_certificate_and_says_why_in_the_log() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
+    let site = format!(
+        "listen = \"127.0.0.1:0\"\ntls = {{ cert_file = \"{}\", key_file = \"{}\", tls_client_ca = \"{}\" }}\n",
+        pki.server.cert.display(),
+        pki.server.key.display(),
+        pki.client_ca.display()
+    );
+    let mut p = tokio::task::block_in_place(|| {
+        ProxyProcess::start_with_sites(dir.path(), "", "", &[("s1", s.address(), site.as_str())])
+    });
+    let addr = listener_addr(&tokio::task::block_in_place(|| p.log.find("TCP listener ready")));
+
+    // No certificate, one from another CA, an expired one: each refused at
+    // the handshake with the alert that fits, and not one byte of an answer.
+    let refusals = [
+        (None, rustls::AlertDescription::CertificateRequired),
+        (Some(&pki.rogue_client), rustls::AlertDescription::UnknownCA),
+        (Some(&pki.expired_client), rustls::AlertDescription::CertificateExpired),
+    ];
+    for (cert, expected) in refusals {
+        let e = ask_as(&pki, addr, cert).await.expect_err("refused");
+        assert_eq!(alert(&e), Some(expected), "{:?}: {e}", cert.map(|c| &c.cert));
+    }
+    // Each refusal says in words which certificate and why.
+    let lines = tokio::task::block_in_place(|| {
+        [
+            p.log.find("it presented no certificate"),
+            p.log.find("'CN=intruder' issued by 'CN=rogue CA'"),
+            p.log.find("'CN=old-gui' issued by 'CN=client CA'"),
+        ]
+    });
+    assert!(
+        lines[0].contains(
+            "TLS client refused: it presented no certificate, and this listener requires one signed by \
+                           a CA of its tls_client_ca"
+        ),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("it was issued by a CA that is not in tls_client_ca"), "{}", lines[1]);
+    assert!(lines[2].contains("it expired at 2021-01-01T00:00:00Z (now is "), "{}", lines[2]);
+    for l in &lines {
+        assert!(l.contains("INFO") && l.contains("client{site=s1 peer=127.0.0.1:"), "level and client: {l}");
+    }
+
+    // A certificate the CA signed: served, byte for byte.
+    assert_eq!(ask_as(&pki, addr, Some(&pki.client)).await.expect("served"), STATUS_ANSWER);
+    // Its session's log lines name the certificate's subject.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut c =
+        tokio_rustls::TlsConnector::from(client_config(&pki, Some(&pki.client))).connect(name, tcp).await.unwrap();
+    c.write_all(b"GOT status\n\n").await.unwrap();
+    let _ = tokio::time::timeout(PATIENCE, read_to_eof(&mut c)).await;
+    let line = tokio::task::block_in_place(|| p.log.find("client request rejected"));
+    assert!(line.contains("cert=livemux-central"), "{line}");
+    tokio::task::block_in_place(|| p.stop());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_names_refuse_a_good_certificate_with_another_name() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
+    let site = format!(
+        "listen = \"127.0.0.1:0\"\ntls = {{ cert_file = \"{}\", key_file = \"{}\", tls_client_ca = \"{}\", \
+         tls_client_names = [\"thruk\", \"nagvis.example\"] }}\n",
+        pki.server.cert.display(),
+        pki.server.key.display(),
+        pki.client_ca.display()
+    );
+    let mut p = tokio::task::block_in_place(|| {
+        ProxyProcess::start_with_sites(dir.path(), "", "", &[("s1", s.address(), site.as_str())])
+    });
+    let addr = listener_addr(&tokio::task::block_in_place(|| p.log.find("TCP listener ready")));
+    // Signed by the right CA, but for `livemux-central`: access denied.
+    let e = ask_as(&pki, addr, Some(&pki.client)).await.expect_err("refused");
+    assert_eq!(alert(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+    let line = tokio::task::block_in_place(|| p.log.find("its name is not allowed here"));
+    assert!(
+        line.contains("TLS client refused: its certificate 'CN=livemux-central' issued by 'CN=client CA' (valid ")
+            && line.contains(
+                "its name is not allowed here: it names CN 'livemux-central', DNS 'localhost', and tls_client_names \
+             allows 'thruk', 'nagvis.example'"
+            ),
+        "{line}"
+    );
+    // `thruk`, on the list: served.
+    assert_eq!(ask_as(&pki, addr, Some(&pki.thruk_client)).await.expect("served"), STATUS_ANSWER);
+    tokio::task::block_in_place(|| p.stop());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_gives_the_listener_its_new_client_ca_in_place() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
+    let mut config = test_config(dir.path(), vec![("s1", s.address(), fast_params())]);
+    let tls = |ca: &std::path::Path| livemux::config::ListenerTls {
+        client_ca: Some(ca.to_owned()),
+        ..livemux::config::ListenerTls::new(pki.server.cert.clone(), pki.server.key.clone())
+    };
+    config.sites[0].listen =
+        Some(TcpListen { addr: "127.0.0.1:0".parse().unwrap(), only_from: vec![], tls: Some(tls(&pki.client_ca)) });
+    let mut p = Proxy::start_config(dir, config.clone()).await;
+    p.wait_state("s1", SiteState::Ready).await;
+    let addr = p.site("s1").listen_addr().unwrap();
+    assert_eq!(ask_as(&pki, addr, Some(&pki.client)).await.expect("served"), STATUS_ANSWER);
+    // A client connected before the reload keeps its session.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut kept =
+        tokio_rustls::TlsConnector::from(client_config(&pki, Some(&pki.client))).connect(name, tcp).await.unwrap();
+    kept.write_all(b"GET status\nColumns: num_hosts\nKeepAlive: on\nResponseHeader: fixed16\n\n").await.unwrap();
+    assert_eq!(read_answer(&mut kept).await, (200, "100\n".to_owned()));
+
+    // Now only the rogue CA's clients: on the same address, at once.
+    let mut new = config.clone();
+    new.sites[0].listen.as_mut().unwrap().tls = Some(tls(&pki.rogue_ca));
+    let report = p.app.as_mut().unwrap().reload(new.clone()).await;
+    assert_eq!(report.changed, ["s1"], "{report}");
+    assert!(report.failed.is_empty() && report.reconnected.is_empty(), "{report}");
+    p.config = new;
+    assert_eq!(p.site("s1").listen_addr(), Some(addr), "not rebound");
+    let e = ask_as(&pki, addr, Some(&pki.client)).await.expect_err("refused now");
+    assert_eq!(alert(&e), Some(rustls::AlertDescription::UnknownCA), "{e}");
+    assert_eq!(ask_as(&pki, addr, Some(&pki.rogue_client)).await.expect("served now"), STATUS_ANSWER);
+    kept.write_all(b"GET status\nColumns: num_hosts\nKeepAlive: on\nResponseHeader: fixed16\n\n").await.unwrap();
+    assert_eq!(read_answer(&mut kept).await, (200, "100\n".to_owned()), "the earlier client stays");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federation_s_listener_asks_for_client_certificates_too() {
+    let pki = Pki::new();
+    let s = sim("s1").await;
+    let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
+    let mut config = test_config(dir.path(), vec![("s1", s.address(), fast_params())]);
+    config.federations = vec![livemux::config::FederationConfig {
+        name: "all".into(),
+        sites: vec!["s1".into()],
+        fail_on_site_error: false,
+        listen: Some(TcpListen {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            only_from: vec![],
+            tls: Some(livemux::config::ListenerTls {
+                client_ca: Some(pki.client_ca.clone()),
+                client_names: vec!["thruk".into()],
+                ..livemux::config::ListenerTls::new(pki.server.cert.clone(), pki.server.key.clone())
+            }),
+        }),
+        dialect: livemux::config::Dialect::Livestatus,
+        client: SiteParams::default(),
+    }];
+    let p = Proxy::start_config(dir, config).await;
+    p.wait_state("s1", SiteState::Ready).await;
+    let addr = p.app.as_ref().unwrap().federation_addr("all").unwrap();
+    let e = ask_as(&pki, addr, None).await.expect_err("no certificate: refused");
+    assert_eq!(alert(&e), Some(rustls::AlertDescription::CertificateRequired), "{e}");
+    let e = ask_as(&pki, addr, Some(&pki.client)).await.expect_err("another name: refused");
+    assert_eq!(alert(&e), Some(rustls::AlertDescription::AccessDenied), "{e}");
+    assert_eq!(ask_as(&pki, addr, Some(&pki.thruk_client)).await.expect("served"), STATUS_ANSWER);
+    p.shutdown().await;
+}
+
+#[test]
+fn check_config_loads_a_federation_listener_s_client_ca() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("livemux.toml");
+    let missing = dir.path().join("no-such-ca.pem");
+    std::fs::write(
+        &config,
+        format!(
+            "socket_dir = \"/tmp/x\"\n[[site]]\nname = \"a\"\naddress = \"tcp://127.0.0.1:6557\"\n\
+             [[federation]]\nname = \"all\"\nlisten = \"127.0.0.1:6560\"\n\
+             tls = {{ cert_file = \"{}\", key_file = \"{}\", tls_client_ca = \"{}\" }}\n",
+            pki.server.cert.display(),
+            pki.server.key.display(),
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::support::process::BIN)
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("'all': tls_client_ca file {}: ", missing.display())), "{err}");
 }

@@ -33,6 +33,10 @@ pub struct Pki {
     pub client: Pair,
     /// A client certificate signed by the rogue CA.
     pub rogue_client: Pair,
+    /// Client certificates signed by `client_ca`: expired, and for the
+    /// name `thruk`.
+    pub expired_client: Pair,
+    pub thruk_client: Pair,
 }
 
 struct Ca {
@@ -96,6 +100,8 @@ impl Pki {
             client_ca: write(d, "client-ca.pem", &cca_pem),
             client: pair(d, "client", cca.sign("livemux-central", false)),
             rogue_client: pair(d, "rogue-client", rogue.sign("intruder", false)),
+            expired_client: pair(d, "expired-client", cca.sign("old-gui", true)),
+            thruk_client: pair(d, "thruk-client", cca.sign("thruk", false)),
             dir,
         }
     }
