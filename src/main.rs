@@ -150,6 +150,10 @@ fn main() -> ExitCode {
             Job::Run(path, config) => run(path, *config).await,
             Job::Other(Command::CheckConfig { config }) => match Config::load(&config) {
                 Ok(c) => match livemux::app::check(&c) {
+                    Ok(()) if c.sites.is_empty() => {
+                        println!("{}: OK (no [[site]]: the daemon starts and serves nothing)", config.display());
+                        ExitCode::SUCCESS
+                    }
                     Ok(()) => {
                         println!("{}: OK ({} sites)", config.display(), c.sites.len());
                         ExitCode::SUCCESS

@@ -325,6 +325,54 @@ fn the_daemon_speaks_systemds_notify_protocol_in_order() {
     assert_eq!(order, ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]);
 }
 
+/// The package's default configuration, dist/livemux.toml, has no
+/// `[[site]]`: check-config accepts it, the daemon starts, tells systemd it
+/// is ready, says it has nothing to serve and what to add, and serves a
+/// site once one is added and the file reloaded.
+#[test]
+fn with_the_packaged_configuration_the_daemon_starts_says_what_to_add_and_serves_a_site_added_later() {
+    const DIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/livemux.toml");
+    let ok = |path: &str| format!("{path}: OK (no [[site]]: the daemon starts and serves nothing)\n");
+    let out = livemux(&["check-config", "--config", DIST]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), ok(DIST), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The same file with this test's directories in place of /run and /var/lib.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("livemux.toml");
+    let d = dir.path().display();
+    let text = format!(
+        "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nspool_dir = \"{d}/spool\"\npid_file = \"{d}/livemux.pid\"\n{}",
+        std::fs::read_to_string(DIST).unwrap()
+    );
+    std::fs::write(&config, text).unwrap();
+    let cfg = config.to_str().unwrap();
+    let out = livemux(&["check-config", "--config", cfg]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), ok(cfg), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut notify = NotifySocket::bind(dir.path());
+    let (child, mut log) = spawn_run(&config, &[("NOTIFY_SOCKET", notify.path.display().to_string())]);
+    let idle = log.wait_for("nothing to serve");
+    assert!(idle.contains("WARN") && idle.contains("add a [[site]] table") && idle.contains(cfg), "{idle}");
+    let ready = notify.wait_for("READY=1");
+    assert!(ready.contains("STATUS=0 sites:"), "{ready}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt.block_on(sim("later"));
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}[[site]]\nname = \"later\"\naddress = \"{}\"\n", s.address())).unwrap();
+    let out = livemux(&["reload", "--config", cfg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    log.wait_for("configuration reloaded: added: later");
+    log.find("site is ready");
+    let socket = dir.path().join("s/later");
+    let out = livemux(&["query", "--socket", socket.to_str().unwrap(), "GET status\\nColumns: num_hosts"]);
+    assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()), (Some(0), "100\n"));
+
+    let mut child = child;
+    interrupt(&child.0, nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_exit(&mut child.0).success());
+}
+
 #[test]
 fn a_reload_with_an_invalid_file_keeps_the_daemon_serving_on_the_old_configuration() {
     let dir = tempfile::tempdir().unwrap();
