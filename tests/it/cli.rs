@@ -114,7 +114,7 @@ async fn run_logs_one_line_per_state_change_and_none_per_query_and_stops_cleanly
     std::fs::write(
         &config,
         format!(
-            "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nstate_interval = \"100ms\"\n\
+            "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nstate_interval = \"100ms\"\nspool_dir = \"{d}/spool\"\n\
              [defaults]\nheartbeat_interval = \"300ms\"\nheartbeat_timeout = \"200ms\"\nconnect_retry = \"300ms\"\n\
              [[site]]\nname = \"s1\"\naddress = \"{a}\"\n",
             d = dir.path().display(),
@@ -172,7 +172,7 @@ fn run_refuses_a_bad_config_and_a_socket_in_use() {
     std::fs::write(
         &config,
         format!(
-            "socket_dir = \"{0}/s\"\nstate_file = \"{0}/st.json\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
+            "socket_dir = \"{0}/s\"\nstate_file = \"{0}/st.json\"\nspool_dir = \"{0}/spool\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
             dir.path().display()
         ),
     )
@@ -186,7 +186,7 @@ fn run_refuses_a_bad_config_and_a_socket_in_use() {
     std::fs::write(
         &config,
         format!(
-            "socket_dir = \"{0}/s2\"\nstate_file = \"/proc/livemux-state.json\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
+            "socket_dir = \"{0}/s2\"\nstate_file = \"/proc/livemux-state.json\"\nspool_dir = \"{0}/spool\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
             dir.path().display()
         ),
     )
@@ -231,7 +231,7 @@ fn demo_serves_three_sites_until_interrupted() {
 /// A configuration for `livemux run` in `dir` with one site per address.
 fn run_config(dir: &std::path::Path, top: &str, sites: &[(&str, String)], defaults: &str) -> std::path::PathBuf {
     let mut text = format!(
-        "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nstate_interval = \"100ms\"\npid_file = \"{d}/livemux.pid\"\n{top}\n[defaults]\nheartbeat_interval = \"300ms\"\nheartbeat_timeout = \"200ms\"\nconnect_retry = \"300ms\"\n{defaults}\n",
+        "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nstate_interval = \"100ms\"\npid_file = \"{d}/livemux.pid\"\nspool_dir = \"{d}/spool\"\n{top}\n[defaults]\nheartbeat_interval = \"300ms\"\nheartbeat_timeout = \"200ms\"\nconnect_retry = \"300ms\"\n{defaults}\n",
         d = dir.display()
     );
     for (name, addr) in sites {
@@ -395,7 +395,7 @@ fn a_reload_with_an_invalid_file_keeps_the_daemon_serving_on_the_old_configurati
     interrupt(&child.0, nix::sys::signal::Signal::SIGHUP);
     log.wait_for("configuration not reloaded, still running on the previous one");
     let line = log.wait_for("defaults.heartbeat_interval");
-    assert!(line.contains("line 7"), "{line}");
+    assert!(line.contains("line 8"), "{line}");
     log.wait_for("defaults.chanels: unknown key");
     let socket = dir.path().join("s/ia");
     let (code, body) = rt.block_on(async {
@@ -679,7 +679,7 @@ fn start_up_refusals_on_a_read_only_file_system() {
     std::fs::write(
         &config,
         format!(
-            "socket_dir = \"{}\"\nstate_file = \"{}/st.json\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
+            "socket_dir = \"{}\"\nstate_file = \"{1}/st.json\"\nspool_dir = \"{1}/spool\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
             ro.display(),
             dir.path().display()
         ),
