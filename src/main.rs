@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 use livemux::config::Config;
 
 #[derive(Parser)]
-#[command(version, about = "A Livestatus proxy daemon")]
+// The version, the commit built from and the features compiled in (build.rs).
+#[command(version = env!("LIVEMUX_VERSION"), about = "A Livestatus proxy daemon")]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `livemux=debug` (default: $LIVEMUX_LOG or info).
     #[arg(long, global = true)]

@@ -158,6 +158,28 @@ async fn run_logs_one_line_per_state_change_and_none_per_query_and_stops_cleanly
     assert!(state["sites"][0]["heartbeats_received"].as_u64().unwrap() >= 1, "{state}");
 }
 
+/// `livemux --version` names the version, the commit it was built from
+/// (in a git checkout) and the features compiled in.
+#[test]
+fn version_names_the_commit_and_the_features() {
+    let out = livemux(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let features = if cfg!(feature = "demo") { "features: demo)" } else { "features: none)" };
+    assert!(text.starts_with(&format!("livemux {} (", env!("CARGO_PKG_VERSION"))), "{text}");
+    assert!(text.trim_end().ends_with(features), "{text}");
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success() && std::env::var_os("LIVEMUX_GIT_COMMIT").is_none());
+    if let Some(head) = head {
+        let commit = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+        assert!(text.contains(&format!("(commit {commit}; ")), "{text}");
+    }
+}
+
 #[test]
 fn run_refuses_a_bad_config_and_a_socket_in_use() {
     let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
