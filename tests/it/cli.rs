@@ -180,6 +180,54 @@ fn version_names_the_commit_and_the_features() {
     }
 }
 
+/// `livemux man` and `livemux completions` come from the same definitions
+/// the binary parses with: a page for every command, and bash completes
+/// a command's name (zsh and fish: scripts/package-test.sh).
+#[test]
+fn man_pages_and_completions_cover_every_command() {
+    let help = String::from_utf8_lossy(&livemux(&["--help"]).stdout).into_owned();
+    let commands: Vec<&str> = help
+        .split("\nCommands:\n")
+        .nth(1)
+        .and_then(|s| s.split("\n\n").next())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.contains(&"run") && commands.contains(&"man"), "{help}");
+
+    let page = livemux(&["man"]);
+    assert!(page.status.success());
+    assert!(String::from_utf8_lossy(&page.stdout).contains("\n.TH livemux 1 "), "not a roff page");
+    let dir = tempfile::tempdir().unwrap();
+    let out = livemux(&["man", "--dir", dir.path().join("man1").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path().join("man1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    let mut want: Vec<String> = commands.iter().map(|c| format!("livemux-{c}.1")).collect();
+    want.push("livemux.1".to_owned());
+    want.sort();
+    assert_eq!(pages, want);
+
+    let script = dir.path().join("livemux.bash");
+    let out = livemux(&["completions", "bash"]);
+    assert!(out.status.success());
+    std::fs::write(&script, &out.stdout).unwrap();
+    let completed = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && COMP_WORDS=(livemux che) COMP_CWORD=1 && _livemux livemux che livemux && echo \"${{COMPREPLY[@]}}\"",
+            script.display()
+        ))
+        .output()
+        .expect("bash");
+    assert_eq!(String::from_utf8_lossy(&completed.stdout), "check-config\n");
+}
+
 #[test]
 fn run_refuses_a_bad_config_and_a_socket_in_use() {
     let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
