@@ -5,7 +5,9 @@
 # benchmark's comparison proxy), stunnel4 and openssl (TLS tests),
 # systemd-analyze (checks the shipped unit file), and the
 # tools to build the second real server, Naemon with naemon-livestatus, from
-# third_party/naemon (built once by scripts/naemon-site.sh into ~/.cache).
+# third_party/naemon (built once by scripts/naemon-site.sh into ~/.cache);
+# for scripts/package-test.sh: cargo-deb (builds the .deb), man-db, zsh
+# and fish (the man pages and completions are tried in them).
 # Needs root (or sudo) and apt-get. Safe to run repeatedly and concurrently.
 set -euo pipefail
 say() { printf 'install-test-deps: %s\n' "$*" >&2; }
@@ -28,11 +30,33 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
 pkg-config --exists glib-2.0 2>/dev/null || missing+=(libglib2.0-dev)
+# scripts/package-test.sh
+command -v man >/dev/null 2>&1 || missing+=(man-db)
+command -v zsh >/dev/null 2>&1 || missing+=(zsh)
+command -v fish >/dev/null 2>&1 || missing+=(fish)
+
+# cargo-deb, pinned: the package's layout and maintainer scripts come from
+# it, so a new release is taken on purpose (about a minute to build, once
+# per machine).
+CARGO_DEB_VERSION=3.8.0
+install_cargo_deb() {
+    case "$(cargo deb --version 2>/dev/null)" in
+    *" $CARGO_DEB_VERSION") return 0 ;;
+    esac
+    exec 8>>/tmp/.livemux-cargo-install.lock
+    flock -w 900 8
+    case "$(cargo deb --version 2>/dev/null)" in
+    *" $CARGO_DEB_VERSION") return 0 ;;
+    esac
+    say "installing cargo-deb $CARGO_DEB_VERSION"
+    cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION" >&2
+}
 
 build_naemon() {
     "$(dirname "$0")/naemon-site.sh" build >/dev/null
 }
 if [ ${#missing[@]} -eq 0 ]; then
+    install_cargo_deb
     build_naemon
     exit 0
 fi
@@ -55,5 +79,6 @@ if ! $sudo "${apt[@]}" "${missing[@]}" >&2; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q -o DPkg::Lock::Timeout=600 >&2
     $sudo "${apt[@]}" "${missing[@]}" >&2
 fi
+install_cargo_deb
 build_naemon
 say "done"

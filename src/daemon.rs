@@ -146,6 +146,7 @@ pub async fn run(path: PathBuf, config: Config) -> Result<(), RunError> {
             return Err(e.into());
         }
     };
+    say_if_idle(&app, &path);
     notify(&[NotifyState::Ready, NotifyState::Status(&status_line(&app))]);
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut beat = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -168,6 +169,19 @@ pub async fn run(path: PathBuf, config: Config) -> Result<(), RunError> {
     Ok(())
 }
 
+/// With no `[[site]]` the daemon runs and serves nothing: say so, and what
+/// to add (the packaged default configuration starts this way).
+fn say_if_idle(app: &App, path: &Path) {
+    if app.sites().is_empty() {
+        tracing::warn!(
+            "no [[site]] is configured, so there is nothing to serve: add a [[site]] table with its name and \
+             address (name = \"berlin\", address = \"tcp://10.0.1.5:6557\") to {} and reload (systemctl reload \
+             livemux, or SIGHUP)",
+            path.display()
+        );
+    }
+}
+
 /// SIGHUP: read and validate the file, then apply it (or keep the old one).
 async fn reload(app: &mut App, path: &Path) {
     let mut states = vec![NotifyState::Reloading];
@@ -182,6 +196,7 @@ async fn reload(app: &mut App, path: &Path) {
         Ok(Ok(new)) => {
             let report = app.reload(new).await;
             app.note_reload(Ok(&report));
+            say_if_idle(app, path);
         }
         Ok(Err(errors)) => {
             let lines: Vec<String> = errors.0.iter().map(|e| format!("{}: {e}", path.display())).collect();

@@ -4,11 +4,22 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use livemux::config::Config;
 
+/// `livemux --help` and the DESCRIPTION of livemux(1).
+const LONG_ABOUT: &str = "A Livestatus proxy daemon. The central site's Livestatus clients talk to one \
+local UNIX socket per remote site (<socket_dir>/<site name>); livemux hands each query to one of a few \
+persistent connections to that site, watches every site with heartbeats, and answers at once with an \
+error for a site that is down.
+
+The package's configuration is /etc/livemux/livemux.toml, run by the systemd unit livemux.service \
+(`systemctl reload livemux` re-reads it); every key is in /usr/share/doc/livemux/CONFIGURATION.md, \
+running it in /usr/share/doc/livemux/OPERATIONS.md.";
+
 #[derive(Parser)]
-#[command(version, about = "A Livestatus proxy daemon")]
+// The version, the commit built from and the features compiled in (build.rs).
+#[command(version = env!("LIVEMUX_VERSION"), about = "A Livestatus proxy daemon", long_about = LONG_ABOUT)]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `livemux=debug` (default: $LIVEMUX_LOG or info).
     #[arg(long, global = true)]
@@ -74,6 +85,18 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, ...).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page livemux(1), or write it and one page per command
+    /// (livemux-run(1), ...) into a directory.
+    Man {
+        /// Write the pages into this directory instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Send one query to a Livestatus socket and print the answer.
     Query {
         /// The socket, e.g. /run/livemux/berlin.
@@ -129,6 +152,29 @@ fn main() -> ExitCode {
                 Err(e) => config_failed(&config, &e),
             };
         }
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "livemux", &mut script);
+            return write_stdout(&script);
+        }
+        Command::Man { dir: None } => {
+            let mut page = Vec::new();
+            return match man_page(man_cli()).render(&mut page) {
+                Ok(()) => write_stdout(&page),
+                Err(e) => fail(format_args!("cannot render the man page: {e}")),
+            };
+        }
+        Command::Man { dir: Some(dir) } => {
+            let cli = man_cli();
+            let commands = cli.get_subcommands().filter(|c| !c.is_hide_set()).cloned().collect::<Vec<_>>();
+            let written = std::fs::create_dir_all(&dir).and_then(|()| {
+                std::iter::once(cli).chain(commands).try_for_each(|c| man_page(c).generate_to(&dir).map(drop))
+            });
+            return match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format_args!("cannot write the man pages into {}: {e}", dir.display())),
+            };
+        }
         other => (Job::Other(other), 1),
     };
     // One worker thread: tokio's single-threaded scheduler, which does the
@@ -150,6 +196,10 @@ fn main() -> ExitCode {
             Job::Run(path, config) => run(path, *config).await,
             Job::Other(Command::CheckConfig { config }) => match Config::load(&config) {
                 Ok(c) => match livemux::app::check(&c) {
+                    Ok(()) if c.sites.is_empty() => {
+                        println!("{}: OK (no [[site]]: the daemon starts and serves nothing)", config.display());
+                        ExitCode::SUCCESS
+                    }
                     Ok(()) => {
                         println!("{}: OK ({} sites)", config.display(), c.sites.len());
                         ExitCode::SUCCESS
@@ -175,7 +225,9 @@ fn main() -> ExitCode {
                 Command::Run { .. }
                 | Command::Reload { .. }
                 | Command::Status { .. }
-                | Command::ImportLiveproxyd { .. },
+                | Command::ImportLiveproxyd { .. }
+                | Command::Completions { .. }
+                | Command::Man { .. },
             ) => ExitCode::FAILURE,
         }
     })
@@ -316,6 +368,30 @@ fn config_failed(path: &std::path::Path, errors: &livemux::config::ConfigErrors)
         eprintln!("livemux: {}: {e}", path.display());
     }
     ExitCode::FAILURE
+}
+
+/// The command line as the man pages show it: built (so each command is
+/// named livemux-run and so on, as clap_mangen's `generate_to` does), and
+/// without the `help` command.
+fn man_cli() -> clap::Command {
+    let mut cli = Cli::command().disable_help_subcommand(true);
+    cli.build();
+    cli
+}
+
+/// The page of `cmd` (livemux(1), livemux-run(1), ...), footed "livemux <version>".
+fn man_page(cmd: clap::Command) -> clap_mangen::Man {
+    clap_mangen::Man::new(cmd).source(format!("livemux {}", env!("CARGO_PKG_VERSION"))).manual("livemux manual")
+}
+
+/// Write `bytes` to stdout; a closed stdout (`| head`) is a failure, not a panic.
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
 }
 
 fn fail(msg: std::fmt::Arguments<'_>) -> ExitCode {

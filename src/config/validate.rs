@@ -242,14 +242,9 @@ impl<'a> Validator<'a> {
         }
         let base = self.params(&defaults, &SiteParams::default(), "defaults");
 
+        // No [[site]] is valid: the daemon starts and says what to add
+        // (the packaged default configuration has none).
         let raw_sites = raw.site.unwrap_or_default();
-        if raw_sites.is_empty() {
-            self.errors.push(ConfigError {
-                line: None,
-                key: Some("site".into()),
-                message: "no [[site]] is configured".into(),
-            });
-        }
         let mut names = Vec::new();
         for (i, s) in raw_sites.into_iter().enumerate() {
             let span = s.span();

@@ -114,7 +114,7 @@ async fn run_logs_one_line_per_state_change_and_none_per_query_and_stops_cleanly
     std::fs::write(
         &config,
         format!(
-            "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nstate_interval = \"100ms\"\n\
+            "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nstate_interval = \"100ms\"\nspool_dir = \"{d}/spool\"\n\
              [defaults]\nheartbeat_interval = \"300ms\"\nheartbeat_timeout = \"200ms\"\nconnect_retry = \"300ms\"\n\
              [[site]]\nname = \"s1\"\naddress = \"{a}\"\n",
             d = dir.path().display(),
@@ -158,6 +158,76 @@ async fn run_logs_one_line_per_state_change_and_none_per_query_and_stops_cleanly
     assert!(state["sites"][0]["heartbeats_received"].as_u64().unwrap() >= 1, "{state}");
 }
 
+/// `livemux --version` names the version, the commit it was built from
+/// (in a git checkout) and the features compiled in.
+#[test]
+fn version_names_the_commit_and_the_features() {
+    let out = livemux(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let features = if cfg!(feature = "demo") { "features: demo)" } else { "features: none)" };
+    assert!(text.starts_with(&format!("livemux {} (", env!("CARGO_PKG_VERSION"))), "{text}");
+    assert!(text.trim_end().ends_with(features), "{text}");
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success() && std::env::var_os("LIVEMUX_GIT_COMMIT").is_none());
+    if let Some(head) = head {
+        let commit = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+        assert!(text.contains(&format!("(commit {commit}; ")), "{text}");
+    }
+}
+
+/// `livemux man` and `livemux completions` come from the same definitions
+/// the binary parses with: a page for every command, and bash completes
+/// a command's name (zsh and fish: scripts/package-test.sh).
+#[test]
+fn man_pages_and_completions_cover_every_command() {
+    let help = String::from_utf8_lossy(&livemux(&["--help"]).stdout).into_owned();
+    let commands: Vec<&str> = help
+        .split("\nCommands:\n")
+        .nth(1)
+        .and_then(|s| s.split("\n\n").next())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.contains(&"run") && commands.contains(&"man"), "{help}");
+
+    let page = livemux(&["man"]);
+    assert!(page.status.success());
+    assert!(String::from_utf8_lossy(&page.stdout).contains("\n.TH livemux 1 "), "not a roff page");
+    let dir = tempfile::tempdir().unwrap();
+    let out = livemux(&["man", "--dir", dir.path().join("man1").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path().join("man1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    let mut want: Vec<String> = commands.iter().map(|c| format!("livemux-{c}.1")).collect();
+    want.push("livemux.1".to_owned());
+    want.sort();
+    assert_eq!(pages, want);
+
+    let script = dir.path().join("livemux.bash");
+    let out = livemux(&["completions", "bash"]);
+    assert!(out.status.success());
+    std::fs::write(&script, &out.stdout).unwrap();
+    let completed = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && COMP_WORDS=(livemux che) COMP_CWORD=1 && _livemux livemux che livemux && echo \"${{COMPREPLY[@]}}\"",
+            script.display()
+        ))
+        .output()
+        .expect("bash");
+    assert_eq!(String::from_utf8_lossy(&completed.stdout), "check-config\n");
+}
+
 #[test]
 fn run_refuses_a_bad_config_and_a_socket_in_use() {
     let dir = tempfile::Builder::new().prefix("lmx").tempdir_in("/tmp").unwrap();
@@ -172,7 +242,7 @@ fn run_refuses_a_bad_config_and_a_socket_in_use() {
     std::fs::write(
         &config,
         format!(
-            "socket_dir = \"{0}/s\"\nstate_file = \"{0}/st.json\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
+            "socket_dir = \"{0}/s\"\nstate_file = \"{0}/st.json\"\nspool_dir = \"{0}/spool\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
             dir.path().display()
         ),
     )
@@ -186,7 +256,7 @@ fn run_refuses_a_bad_config_and_a_socket_in_use() {
     std::fs::write(
         &config,
         format!(
-            "socket_dir = \"{0}/s2\"\nstate_file = \"/proc/livemux-state.json\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
+            "socket_dir = \"{0}/s2\"\nstate_file = \"/proc/livemux-state.json\"\nspool_dir = \"{0}/spool\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
             dir.path().display()
         ),
     )
@@ -231,7 +301,7 @@ fn demo_serves_three_sites_until_interrupted() {
 /// A configuration for `livemux run` in `dir` with one site per address.
 fn run_config(dir: &std::path::Path, top: &str, sites: &[(&str, String)], defaults: &str) -> std::path::PathBuf {
     let mut text = format!(
-        "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nstate_interval = \"100ms\"\npid_file = \"{d}/livemux.pid\"\n{top}\n[defaults]\nheartbeat_interval = \"300ms\"\nheartbeat_timeout = \"200ms\"\nconnect_retry = \"300ms\"\n{defaults}\n",
+        "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nstate_interval = \"100ms\"\npid_file = \"{d}/livemux.pid\"\nspool_dir = \"{d}/spool\"\n{top}\n[defaults]\nheartbeat_interval = \"300ms\"\nheartbeat_timeout = \"200ms\"\nconnect_retry = \"300ms\"\n{defaults}\n",
         d = dir.display()
     );
     for (name, addr) in sites {
@@ -325,6 +395,54 @@ fn the_daemon_speaks_systemds_notify_protocol_in_order() {
     assert_eq!(order, ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]);
 }
 
+/// The package's default configuration, dist/livemux.toml, has no
+/// `[[site]]`: check-config accepts it, the daemon starts, tells systemd it
+/// is ready, says it has nothing to serve and what to add, and serves a
+/// site once one is added and the file reloaded.
+#[test]
+fn with_the_packaged_configuration_the_daemon_starts_says_what_to_add_and_serves_a_site_added_later() {
+    const DIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/livemux.toml");
+    let ok = |path: &str| format!("{path}: OK (no [[site]]: the daemon starts and serves nothing)\n");
+    let out = livemux(&["check-config", "--config", DIST]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), ok(DIST), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The same file with this test's directories in place of /run and /var/lib.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("livemux.toml");
+    let d = dir.path().display();
+    let text = format!(
+        "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nspool_dir = \"{d}/spool\"\npid_file = \"{d}/livemux.pid\"\n{}",
+        std::fs::read_to_string(DIST).unwrap()
+    );
+    std::fs::write(&config, text).unwrap();
+    let cfg = config.to_str().unwrap();
+    let out = livemux(&["check-config", "--config", cfg]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), ok(cfg), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut notify = NotifySocket::bind(dir.path());
+    let (child, mut log) = spawn_run(&config, &[("NOTIFY_SOCKET", notify.path.display().to_string())]);
+    let idle = log.wait_for("nothing to serve");
+    assert!(idle.contains("WARN") && idle.contains("add a [[site]] table") && idle.contains(cfg), "{idle}");
+    let ready = notify.wait_for("READY=1");
+    assert!(ready.contains("STATUS=0 sites:"), "{ready}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt.block_on(sim("later"));
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}[[site]]\nname = \"later\"\naddress = \"{}\"\n", s.address())).unwrap();
+    let out = livemux(&["reload", "--config", cfg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    log.wait_for("configuration reloaded: added: later");
+    log.find("site is ready");
+    let socket = dir.path().join("s/later");
+    let out = livemux(&["query", "--socket", socket.to_str().unwrap(), "GET status\\nColumns: num_hosts"]);
+    assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()), (Some(0), "100\n"));
+
+    let mut child = child;
+    interrupt(&child.0, nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_exit(&mut child.0).success());
+}
+
 #[test]
 fn a_reload_with_an_invalid_file_keeps_the_daemon_serving_on_the_old_configuration() {
     let dir = tempfile::tempdir().unwrap();
@@ -347,7 +465,7 @@ fn a_reload_with_an_invalid_file_keeps_the_daemon_serving_on_the_old_configurati
     interrupt(&child.0, nix::sys::signal::Signal::SIGHUP);
     log.wait_for("configuration not reloaded, still running on the previous one");
     let line = log.wait_for("defaults.heartbeat_interval");
-    assert!(line.contains("line 7"), "{line}");
+    assert!(line.contains("line 8"), "{line}");
     log.wait_for("defaults.chanels: unknown key");
     let socket = dir.path().join("s/ia");
     let (code, body) = rt.block_on(async {
@@ -631,7 +749,7 @@ fn start_up_refusals_on_a_read_only_file_system() {
     std::fs::write(
         &config,
         format!(
-            "socket_dir = \"{}\"\nstate_file = \"{}/st.json\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
+            "socket_dir = \"{}\"\nstate_file = \"{1}/st.json\"\nspool_dir = \"{1}/spool\"\n[[site]]\nname = \"a\"\naddress = \"tcp://h:1\"\n",
             ro.display(),
             dir.path().display()
         ),
