@@ -1020,6 +1020,52 @@ def scenario11(b, targets):
               "(the answer goes through a spooled file: 4 MiB in memory, the rest on disk).\n")
 
 
+def scenario12(b, targets):
+    """Fair share: an interactive client beside a greedy one that keeps every channel busy."""
+    slow = "GET hosts\\nColumns: name\\nLimit: 1"
+    rtt, service, greedy_clients = 20, 200, 64
+    _, (addr,) = b.sims(1, knobs=[f"rtt_ms={rtt}", f"delay_ms={service}", "fault_table=hosts"], name="fair")
+    secs = b.secs if b.quick else max(b.secs, 30)
+    pool = 'channels = 4\nchannels_max = 4\nchannel_timeout = "60s"\n'
+    rows, res = [], {}
+    for label, defaults in (("livemux, fair share", "fair_share = true"), ("livemux, FIFO", "fair_share = false"),
+                            ("direct", None)):
+        if defaults is None:
+            proc, target = None, f"tcp:{addr}"
+        else:
+            proc, socks = b.livemux([("site", addr)], defaults=pool + defaults)
+        target = target if defaults is None else socks["site"]
+        # The interactive client: one small query a second, beside the
+        # greedy process's 64 connections asking slow queries back to back.
+        interactive = dict(label=f"s12 {label} interactive", targets=[target], query=SMALL, clients=1,
+                           extra=["--every", "1s"])
+        j = b.load(f"s12 {label} greedy", [target], query=slow, clients=greedy_clients, secs=secs, proxy=proc,
+                   beside=interactive)
+        res[label] = j
+        i = j["beside"]
+        rows.append([label, f"{j['rate']:.1f}", f"{i['requests']}", fmt_us(i["p50_us"]), fmt_us(i["p99_us"]),
+                     fmt_us(i["max_us"]), str(j.get("errors", 0) + i.get("errors", 0))])
+        if proc:
+            b.drop(proc)
+    fair, fifo = res["livemux, fair share"], res["livemux, FIFO"]
+    bound = 2 * (service + rtt)
+    targets.append((f"scenario 12: interactive p99 with fair share ≤ 2 × (slow query + round trip) = {bound} ms",
+                    f"{fmt_us(fair['beside']['p99_us'])} ms (FIFO {fmt_us(fifo['beside']['p99_us'])} ms)",
+                    fair["beside"]["p99_us"] <= bound * 1000))
+    targets.append(("scenario 12: greedy throughput with fair share within 10% of FIFO's",
+                    f"{fair['rate']:.1f} vs {fifo['rate']:.1f}/s ({fair['rate'] / max(fifo['rate'], 1e-9):.2f}×)",
+                    fair["rate"] >= 0.9 * fifo["rate"]))
+    return (f"### 12. Fair share: an interactive client beside a greedy one\n\n"
+            f"One simulated site with a {rtt} ms round trip whose `GET hosts` takes {service} ms; livemux with "
+            f"`channels_max = 4` (and `pipeline_depth` 8). One greedy process with {greedy_clients} keep-alive "
+            f"connections asks `GET hosts` back to back; beside it one interactive client asks `GET status` once a "
+            f"second. With fair share its query goes behind at most one greedy query (the channel with the fewest "
+            f"is kept for clients with none there); in arrival order it waits behind the greedy backlog. Direct: "
+            f"each connection its own (the site serves them all at once).\n\n" +
+            table(["path", "greedy rate/s", "interactive queries", "interactive p50 ms", "interactive p99 ms",
+                   "interactive max ms", "errors"], rows) + "\n")
+
+
 def criterion(b, targets):
     subprocess.run(["cargo", "bench", "-q", "-p", "livemux-protocol", "--bench", "protocol"], cwd=ROOT,
                    capture_output=True, text=True, timeout=900)
@@ -1080,7 +1126,7 @@ def main():
     built = time.monotonic() - started
     started = time.monotonic()
     scenarios = [scenario1, scenario2, scenario3, scenario4, scenario5, scenario6, scenario7, scenario8, scenario9,
-                 scenario10, scenario11]
+                 scenario10, scenario11, scenario12]
     wanted = {int(x) for x in args.only.split(",")} if args.only else None
     sections, targets = [], []
     if args.livemux:

@@ -82,6 +82,10 @@ struct Args {
     /// without session reuse does), instead of resuming sessions.
     #[arg(long)]
     no_resumption: bool,
+    /// Each client sends a query this often (an interactive user), instead
+    /// of the next one as soon as an answer is in.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    every: Option<Duration>,
     /// A label for the output.
     #[arg(long, default_value = "")]
     label: String,
@@ -311,7 +315,12 @@ async fn client(args: Args, target: String, tls: Option<Tls>, start: Instant, en
     let mut out = Outcome::new();
     let mut conn: Option<Conn> = None;
     let mut buf = vec![0u8; 256 * 1024];
+    let mut next = Instant::now();
     loop {
+        if let Some(every) = args.every {
+            tokio::time::sleep_until(next).await;
+            next += every;
+        }
         let t0 = Instant::now();
         if t0 >= end {
             break;
