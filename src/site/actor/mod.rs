@@ -217,14 +217,7 @@ impl Actor {
     ) -> (Actor, Arc<Desk>) {
         let (events_tx, events) = inbox();
         let p = &cfg.params;
-        let pool = Pool::new(Sizes {
-            channels: p.channels,
-            channels_max: p.channels_max,
-            pipeline_depth: p.pipeline_depth,
-            idle_timeout: p.channel_idle_timeout,
-            channel_retry: p.channel_retry,
-            fair: p.fair_share,
-        });
+        let pool = Pool::new(sizes(p));
         let desk = Desk::new(pool, events_tx.clone());
         let schedule = Schedule::new(p.heartbeat_interval, p.heartbeat_timeout);
         let closing = Arc::new(Closing::new(closing_limit(p)));
@@ -391,14 +384,7 @@ impl Actor {
     /// Apply a reload's settings (see [`Reconfigure`]).
     fn reconfigure(&mut self, r: Reconfigure) {
         let p = &r.cfg.params;
-        let closed = self.desk().pool.resize(Sizes {
-            channels: p.channels,
-            channels_max: p.channels_max,
-            pipeline_depth: p.pipeline_depth,
-            idle_timeout: p.channel_idle_timeout,
-            channel_retry: p.channel_retry,
-            fair: p.fair_share,
-        });
+        let closed = self.desk().pool.resize(sizes(p));
         if !closed.is_empty() {
             tracing::debug!(closed = closed.len(), "idle channels closed: the reload asked for fewer");
         }
@@ -593,4 +579,16 @@ fn closing_limit(p: &crate::config::SiteParams) -> usize {
 /// A deadline that never comes (the actor's timer while nothing is due).
 fn far_future() -> Instant {
     Instant::now() + std::time::Duration::from_secs(365 * 86_400)
+}
+
+/// The pool's sizes and rules from a site's settings.
+fn sizes(p: &crate::config::SiteParams) -> Sizes {
+    Sizes {
+        channels: p.channels,
+        channels_max: p.channels_max,
+        pipeline_depth: p.pipeline_depth,
+        idle_timeout: p.channel_idle_timeout,
+        channel_retry: p.channel_retry,
+        fair: p.fair_share,
+    }
 }
