@@ -261,7 +261,9 @@ pub async fn serve(listener: UnixListener, fed: Arc<Federation>, shutdown: Cance
     }
 }
 
-async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: CancellationToken, peer: Peer) {
+async fn session<S: Client>(stream: S, fed: Arc<Federation>, shutdown: CancellationToken, peer: Peer) {
+    // Counts the bytes of each answer, for the slow-query log.
+    let mut stream = Counted { inner: stream, sent: 0 };
     let mut reader = RequestReader::new(fed.requests.clone());
     // As on a site's socket: `[defaults]`' request limits and client timeouts.
     let client = fed.setup().cfg.client.clone();
@@ -292,12 +294,91 @@ async fn session<S: Client>(mut stream: S, fed: Arc<Federation>, shutdown: Cance
         let ok = if is_command {
             command(&fed, &block, style, &mut stream, &peer).await
         } else {
-            get(&fed, &text, style, &mut stream).await
+            let (started, sent) = (Instant::now(), stream.sent);
+            let ok = get(&fed, &text, style, &mut stream).await;
+            let took = started.elapsed();
+            let client = &fed.setup().cfg.client;
+            if client.slow_query_threshold.is_some_and(|t| took > t) {
+                let (first_line, headers) = crate::events::describe_request(&block, client.slow_query_log_values);
+                let site = format!("federation {}", fed.name);
+                let bytes = stream.sent - sent;
+                let (first_line, headers) = (first_line.as_str(), headers.as_str());
+                crate::events::SlowQuery { site: &site, took, bytes, client: &peer, first_line, headers }.emit();
+            }
+            ok
         };
         if !ok || !(style.keepalive || is_command) || reader.at_eof() {
             let _ = stream.shutdown().await;
             return;
         }
+    }
+}
+
+/// A client's stream that counts the bytes written to it.
+struct Counted<S> {
+    inner: S,
+    sent: u64,
+}
+
+impl<S: Client> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: Client> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.sent += n as u64;
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.sent += n as u64;
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: Client> crate::client::session::ClientStream for Counted<S> {
+    const SHUTDOWN_BEFORE_CLOSE: bool = S::SHUTDOWN_BEFORE_CLOSE;
+
+    fn poll_sent(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.inner.poll_sent(cx)
     }
 }
 

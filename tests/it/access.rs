@@ -109,3 +109,32 @@ async fn commands_from_uids_and_groups_let_the_named_users_through_and_no_other(
     assert!(got.iter().all(|c| !c.contains("refused")), "a refused command reached the site: {got:?}");
     tokio::task::block_in_place(|| p.stop());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_federated_query_is_logged_with_its_client_and_bytes() {
+    let site = SimSite::start(SimConfig::tcp("s1")).await.expect("simulated site");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let text = format!(
+        "socket_dir = \"{d}/s\"\nstate_file = \"{d}/state.json\"\nspool_dir = \"{d}/spool\"\n\
+         [defaults]\nslow_query_threshold = \"50ms\"\n\
+         [[site]]\nname = \"a\"\naddress = \"{addr}\"\n[[site]]\nname = \"b\"\naddress = \"{addr}\"\n\
+         [[federation]]\nname = \"all\"\n",
+        addr = site.address()
+    );
+    let mut p = tokio::task::block_in_place(|| ProxyProcess::start_text(dir.path(), &text, 2));
+    site.set_knobs(|k| {
+        k.delay = Duration::from_millis(120);
+        k.fault_table = Some("hosts".into());
+    });
+    let q = "GET hosts\nColumns: name\nFilter: name = host-0003\nAuthUser: alice\n\n";
+    let answer = tokio::task::block_in_place(|| exchange(&p.socket("all"), q));
+    assert_eq!(answer, "host-0003\nhost-0003\n");
+    let line = tokio::task::block_in_place(|| p.log.wait_for("slow query: GET hosts took"));
+    let (uid, gid, _) = me();
+    assert!(line.contains("federation all"), "{line}");
+    assert!(line.contains(&format!("uid={uid} gid={gid} pid={}", std::process::id())), "{line}");
+    assert!(line.contains(", 20 bytes, ") && line.contains("(Columns, Filter, AuthUser)"), "{line}");
+    assert!(!line.contains("alice"), "{line}");
+    tokio::task::block_in_place(|| p.stop());
+}
