@@ -14,7 +14,8 @@ use tokio::time::Instant;
 
 use super::plan::{Pass, Plan};
 use super::rows::{CsvSplitter, RowSplitter};
-use crate::site::{SiteHandle, send_query};
+use crate::deadline::Deadline;
+use crate::site::{Asker, SiteHandle, send_query_with};
 
 /// What a site's reader hands the merger.
 pub(super) enum Part {
@@ -41,11 +42,13 @@ struct Feed {
     json: RowSplitter,
     csv: CsvSplitter,
     tx: tokio::sync::mpsc::Sender<Part>,
+    /// The federated client, for the sites' fair share.
+    client: u64,
 }
 
 impl Feed {
-    fn new(i: usize, pass: Pass, tx: tokio::sync::mpsc::Sender<Part>, missing: Box<[usize]>) -> Self {
-        Feed { i, pass, json: RowSplitter::default(), csv: CsvSplitter::default(), tx, missing }
+    fn new(i: usize, pass: Pass, tx: tokio::sync::mpsc::Sender<Part>, missing: Box<[usize]>, client: u64) -> Self {
+        Feed { i, pass, json: RowSplitter::default(), csv: CsvSplitter::default(), tx, missing, client }
     }
 
     /// The rows complete in `bytes` go to the merger; false when it is
@@ -179,6 +182,7 @@ pub(super) struct SiteRequest {
 /// site's `cache` on) or the site's `coalesce`, the answer may come from the
 /// cache or an identical query in flight, and is shared as a site socket's
 /// would be.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn ask_site(
     i: usize,
     site: SiteHandle,
@@ -187,9 +191,10 @@ pub(super) async fn ask_site(
     cache: Arc<crate::cache::Cache>,
     cache_reload: bool,
     pass: Pass,
+    client: u64,
 ) {
     let deadline = Instant::now() + site.params().query_timeout;
-    let mut feed = Feed::new(i, pass, tx.clone(), Box::default());
+    let mut feed = Feed::new(i, pass, tx.clone(), Box::default(), client);
     let result = attempt(&site, &wire, &mut feed, &cache, cache_reload, deadline).await;
     let _ = tx.send(Part::Done(i, result)).await;
 }
@@ -207,9 +212,10 @@ pub(super) async fn ask_site_lmd(
     cache_reload: bool,
     pass: Pass,
     lmd: Arc<Lmd>,
+    client: u64,
 ) {
     let deadline = Instant::now() + site.params().query_timeout;
-    let result = lacking_columns(i, &site, req, &tx, &cache, cache_reload, pass, &lmd, deadline).await;
+    let result = lacking_columns(i, &site, req, &tx, &cache, cache_reload, pass, &lmd, deadline, client).await;
     let _ = tx.send(Part::Done(i, result)).await;
 }
 
@@ -225,11 +231,12 @@ async fn lacking_columns(
     pass: Pass,
     lmd: &Lmd,
     deadline: Instant,
+    client: u64,
 ) -> Result<(), String> {
     loop {
         // Rows with columns put in are parsed (and asked as JSON).
         let pass = if req.missing.is_empty() { pass } else { Pass::Parse };
-        let mut feed = Feed::new(i, pass, tx.clone(), std::mem::take(&mut req.missing).into_boxed_slice());
+        let mut feed = Feed::new(i, pass, tx.clone(), std::mem::take(&mut req.missing).into_boxed_slice(), client);
         let result = attempt(site, &req.wire, &mut feed, cache, cache_reload, deadline).await;
         let again = match &result {
             Err(why) => lacked_column(why).filter(|c| lmd.plan.asks(c)).and_then(|c| {
@@ -285,7 +292,10 @@ async fn attempt(
             crate::cache::Plan::TimedOut => return Err(site.timeout_error().to_string()),
         }
     }
-    let resp = send_query(site, wire, true, deadline).await.map_err(|e| e.to_string())?;
+    let asker = Asker { unix: None, key: feed.client };
+    let resp = send_query_with(site, wire, true, &mut Deadline::new(deadline), &site.params(), &asker)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut capture = capture.filter(|c| c.accepts(resp.header.length));
     let raw_header = resp.raw_header;
     let status = resp.header.status;

@@ -295,7 +295,7 @@ async fn session<S: Client>(stream: S, fed: Arc<Federation>, shutdown: Cancellat
             command(&fed, &block, style, &mut stream, &peer).await
         } else {
             let (started, sent) = (Instant::now(), stream.sent);
-            let ok = get(&fed, &text, style, &mut stream).await;
+            let ok = get(&fed, &text, style, &mut stream, peer.share_key()).await;
             let took = started.elapsed();
             let client = &fed.setup().cfg.client;
             if client.slow_query_threshold.is_some_and(|t| took > t) {
@@ -430,11 +430,13 @@ async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, s
     let names: Vec<&str> = targets.iter().map(|s| s.name()).collect();
     audit(&names.join(","), "forwarded");
     let mut jobs = tokio::task::JoinSet::new();
+    let key = peer.share_key();
     for site in targets {
         let wire = wire.clone();
         jobs.spawn(async move {
             let deadline = Instant::now() + site.params().query_timeout;
-            (site.name().to_owned(), send_commands(&site, &wire, deadline, &crate::site::Asker::INTERNAL).await)
+            let asker = crate::site::Asker { unix: None, key };
+            (site.name().to_owned(), send_commands(&site, &wire, deadline, &asker).await)
         });
     }
     while let Some(r) = jobs.join_next().await {
@@ -464,8 +466,9 @@ async fn command<S: Client>(fed: &Federation, block: &[u8], style: ReplyStyle, s
 /// A rendered answer, in memory up to [`SPOOL_MEMORY`], then in a file.
 type Spooled = tempfile::SpooledTempFile;
 
-/// Answer a federated `GET`; false if the client is gone.
-async fn get<S: Client>(fed: &Federation, text: &str, style: ReplyStyle, stream: &mut S) -> bool {
+/// Answer a federated `GET` for `client` (its number for the sites' fair
+/// share); false if the client is gone.
+async fn get<S: Client>(fed: &Federation, text: &str, style: ReplyStyle, stream: &mut S, client: u64) -> bool {
     let plan = match plan::plan(text) {
         Ok(p) => p,
         Err(Refused { status, message }) => {
@@ -499,7 +502,7 @@ async fn get<S: Client>(fed: &Federation, text: &str, style: ReplyStyle, stream:
     } else {
         Sink::Spool(tempfile::spooled_tempfile_in(SPOOL_MEMORY, &fed.spool_dir))
     };
-    let result = answer(fed, &setup.cfg, &plan, &sites, unknown, &mut sink).await;
+    let result = answer(fed, &setup.cfg, &plan, &sites, unknown, &mut sink, client).await;
     fed.note(&result);
     match (result, sink) {
         (Ok(()), Sink::Spool(body)) => send_spooled(stream, Status::Ok, body, style.fixed16).await,
@@ -557,6 +560,7 @@ async fn answer<S: Client>(
     sites: &[SiteHandle],
     unknown: Vec<(String, String)>,
     sink: &mut Sink<'_, S>,
+    client: u64,
 ) -> Result<(), Failure> {
     if sites.is_empty() && unknown.is_empty() {
         return Err(Failure::Answer(Status::NotFound, "no site of this federation is selected".into()));
@@ -599,7 +603,7 @@ async fn answer<S: Client>(
         let (site, wire, tx) = ((*site).clone(), wire.clone(), tx.clone());
         let (cache, reload, pass) = (fed.cache.clone(), plan.cache_reload, plan.pass);
         let Some(lmd) = &lmd else {
-            readers.spawn(ask_site(i, site, wire, tx, cache, reload, pass));
+            readers.spawn(ask_site(i, site, wire, tx, cache, reload, pass, client));
             continue;
         };
         let mut req = SiteRequest { wire, missing: Vec::new() };
@@ -609,7 +613,7 @@ async fn answer<S: Client>(
         {
             req = SiteRequest { wire: encode(&text)?, missing };
         }
-        readers.spawn(ask_site_lmd(i, site, req, tx, cache, reload, pass, lmd.clone()));
+        readers.spawn(ask_site_lmd(i, site, req, tx, cache, reload, pass, lmd.clone(), client));
     }
     drop(tx);
     let name = |i: usize| asked[i].0.name();

@@ -53,7 +53,7 @@ pub struct Asker<'a> {
 }
 
 impl Asker<'static> {
-    /// livemux's own queries (inventory, federated fan-out): not counted
+    /// livemux's own queries (the inventory sync): not counted
     /// by the fair share (they take turns in the queue as one client).
     pub const INTERNAL: Asker<'static> = Asker { unix: None, key: pool::UNCOUNTED };
 }

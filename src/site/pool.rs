@@ -46,7 +46,8 @@
 //! channels other than the one with the fewest queries, which so stays
 //! for a client that has none there: its query waits behind at most the
 //! queries on that channel, not behind another client's backlog. With one
-//! channel there is no such reserve. livemux's own queries are not counted.
+//! channel there is no such reserve. livemux's own queries are not counted
+//! (a federated query counts as the client that sent it).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
